@@ -1,0 +1,9 @@
+//! The public async API (tokio): [`Node`], [`Peer`], [`Channel`].
+
+mod driver;
+mod node;
+mod peer;
+mod shared;
+
+pub use node::{Node, NodeBuilder};
+pub use peer::{Channel, ChannelSnapshot, Message, Peer, PeerStats};

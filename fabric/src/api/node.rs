@@ -1,0 +1,540 @@
+//! [`Node`]: a named endpoint with transports; it listens, connects and accepts peers, and runs
+//! one task per peer session that survives reconnections.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::driver::{ConnDriver, ConnEnd};
+use super::peer::Peer;
+use super::shared::{PeerShared, PeerState};
+use crate::config::Config;
+use crate::core::{Handshake, HelloStatus, PeerParams, Role, Session};
+use crate::error::{Error, ProtocolError, Result};
+use crate::frame::Frame;
+use crate::transport::{split_url, Connection, Transport};
+
+/// Sessions accepted and not yet taken by [`Node::accept`].
+const ACCEPT_BACKLOG: usize = 1024;
+/// Longest wait between two reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Builds a [`Node`].
+pub struct NodeBuilder {
+    name: String,
+    config: Config,
+    transports: Vec<Arc<dyn Transport>>,
+}
+
+impl NodeBuilder {
+    /// Adds a transport; its scheme (`tcp`, `mem`…) selects it in addresses.
+    pub fn transport(mut self, t: impl Transport) -> Self {
+        self.transports.push(Arc::new(t));
+        self
+    }
+
+    /// Sets the configuration of every session of the node (default: [`Config::default`]).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Builds the node. Must be called inside a tokio runtime's context when the node is used.
+    pub fn build(self) -> Result<Node> {
+        self.config.validate().map_err(Error::Config)?;
+        if self.name.is_empty() || self.name.len() > crate::core::handshake::MAX_NAME {
+            return Err(Error::Config(format!(
+                "node name must be 1 to {} bytes",
+                crate::core::handshake::MAX_NAME
+            )));
+        }
+        let mut transports = HashMap::new();
+        for t in self.transports {
+            transports.insert(t.scheme(), t);
+        }
+        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                name: self.name,
+                config: self.config,
+                transports,
+                sessions: Mutex::new(HashMap::new()),
+                incoming_tx: tx,
+                incoming_rx: tokio::sync::Mutex::new(rx),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+struct SessionEntry {
+    shared: Weak<PeerShared>,
+    /// Acceptor side: where resumed connections go.
+    resume: Option<mpsc::Sender<Connection>>,
+}
+
+struct NodeInner {
+    name: String,
+    config: Config,
+    transports: HashMap<&'static str, Arc<dyn Transport>>,
+    sessions: Mutex<HashMap<u64, SessionEntry>>,
+    incoming_tx: mpsc::Sender<Peer>,
+    incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Peer>>,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl NodeInner {
+    fn params(&self) -> PeerParams {
+        PeerParams {
+            recv_window: self.config.recv_window,
+        }
+    }
+
+    fn track(&self, h: AbortHandle) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        for (_, e) in self
+            .sessions
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            if let Some(s) = e.shared.upgrade() {
+                s.lock().kill(Error::Closed);
+            }
+        }
+    }
+}
+
+/// A named endpoint of the fabric. Cheap to clone; when the last clone is dropped, its tasks stop,
+/// its connections close and every session fails with [`Error::Closed`] on this side.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Starts building a node called `name` (1–255 bytes; peers see it).
+    pub fn builder(name: impl Into<String>) -> NodeBuilder {
+        NodeBuilder {
+            name: name.into(),
+            config: Config::default(),
+            transports: Vec::new(),
+        }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    fn transport_for<'u>(&self, url: &'u str) -> Result<(Arc<dyn Transport>, &'u str)> {
+        let (scheme, addr) = split_url(url)
+            .ok_or_else(|| Error::InvalidAddress(format!("{url:?} has no scheme:// prefix")))?;
+        let t = self
+            .inner
+            .transports
+            .get(scheme)
+            .ok_or_else(|| Error::UnknownTransport(scheme.to_owned()))?;
+        Ok((t.clone(), addr))
+    }
+
+    /// Listens on `url` (e.g. `tcp://127.0.0.1:0`, `mem://name`) and accepts sessions in the
+    /// background; take them with [`Node::accept`]. Returns the address peers should use.
+    pub async fn listen(&self, url: &str) -> Result<String> {
+        let (t, addr) = self.transport_for(url)?;
+        let mut listener = t.listen(addr).await.map_err(|e| Error::transport(&e))?;
+        let local = listener.local_addr();
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(async move {
+            loop {
+                let conn = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        if e.kind() == io::ErrorKind::NotConnected {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let Some(inner) = weak.upgrade() else { return };
+                let t = t.clone();
+                let handle = tokio::spawn(accept_connection(Arc::downgrade(&inner), t, conn));
+                inner.track(handle.abort_handle());
+            }
+        });
+        self.inner.track(task.abort_handle());
+        Ok(local)
+    }
+
+    /// Connects to the node at `url` and opens a session. Fails with a transport error when the
+    /// peer cannot be reached, or [`Error::Protocol`] when the handshake is refused or malformed.
+    pub async fn connect(&self, url: &str) -> Result<Peer> {
+        let (t, addr) = self.transport_for(url)?;
+        let session_id = rand::random::<u64>() | 1;
+        let timeout = self.inner.config.peer_timeout.max(Duration::from_secs(1));
+        let hello = Handshake {
+            session_id,
+            status: HelloStatus::New,
+            name: self.inner.name.clone(),
+            params: self.inner.params(),
+        };
+        let (conn, ack, leftover) = tokio::time::timeout(timeout, dial(&*t, addr, &hello))
+            .await
+            .map_err(|_| Error::Transport {
+                kind: io::ErrorKind::TimedOut,
+                message: format!("no handshake answer from {url} within {timeout:?}"),
+            })??;
+        if ack.status != HelloStatus::Accepted {
+            return Err(ProtocolError::BadHandshake(format!("{url} refused the session")).into());
+        }
+        let session = Session::new(
+            Role::Initiator,
+            self.inner.config.clone(),
+            ack.params,
+            t.reliable(),
+            Instant::now(),
+        );
+        let shared = Arc::new(PeerShared {
+            remote_name: ack.name,
+            session_id,
+            state: Mutex::new(PeerState::new(session, url.to_owned())),
+        });
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                session_id,
+                SessionEntry {
+                    shared: Arc::downgrade(&shared),
+                    resume: None,
+                },
+            );
+        let mode = Mode::Initiator {
+            transport: t,
+            addr: addr.to_owned(),
+            hello: Handshake {
+                status: HelloStatus::Resume,
+                ..hello
+            },
+        };
+        let task = tokio::spawn(run_session(
+            Arc::downgrade(&self.inner),
+            shared.clone(),
+            conn,
+            leftover,
+            mode,
+        ));
+        self.inner.track(task.abort_handle());
+        Ok(Peer { shared })
+    }
+
+    /// Waits for the next session a peer opened with this node (after [`Node::listen`]).
+    pub async fn accept(&self) -> Result<Peer> {
+        self.inner
+            .incoming_rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(Error::Closed)
+    }
+
+    /// Every live session of the node.
+    pub fn peers(&self) -> Vec<Peer> {
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        sessions
+            .values()
+            .filter_map(|e| e.shared.upgrade())
+            .map(|shared| Peer { shared })
+            .collect()
+    }
+}
+
+/// Connects and runs the initiator's side of the handshake.
+async fn dial(
+    t: &dyn Transport,
+    addr: &str,
+    hello: &Handshake,
+) -> Result<(Connection, Handshake, Vec<Frame>)> {
+    let mut conn = t.connect(addr).await.map_err(|e| Error::transport(&e))?;
+    conn.sink.push(hello.encode());
+    poll_fn(|cx| conn.sink.poll_flush(cx))
+        .await
+        .map_err(|e| Error::transport(&e))?;
+    let mut frames = recv_some(&mut conn).await?;
+    let ack = Handshake::decode(&frames[0])?;
+    frames.remove(0);
+    Ok((conn, ack, frames))
+}
+
+async fn recv_some(conn: &mut Connection) -> Result<Vec<Frame>> {
+    let mut frames = Vec::new();
+    poll_fn(|cx| conn.stream.poll_recv(cx, &mut frames))
+        .await
+        .map_err(|e| match e {
+            crate::transport::RecvError::Frame(f) => Error::from(f),
+            other => Error::Transport {
+                kind: io::ErrorKind::ConnectionAborted,
+                message: format!("during the handshake: {other}"),
+            },
+        })?;
+    Ok(frames)
+}
+
+/// The acceptor's side of the handshake for one incoming connection.
+async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut conn: Connection) {
+    let Some(timeout) = node.upgrade().map(|n| n.config.peer_timeout) else {
+        return;
+    };
+    let frames = match tokio::time::timeout(timeout, recv_some(&mut conn)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            tracing::warn!(remote = %conn.remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(remote = %conn.remote, "no handshake within {timeout:?}");
+            return;
+        }
+    };
+    let hello = match Handshake::decode(&frames[0]) {
+        Ok(h) if matches!(h.status, HelloStatus::New | HelloStatus::Resume) => h,
+        Ok(_) | Err(_) => {
+            tracing::warn!(remote = %conn.remote, "connection did not open with a Hello; closed");
+            return;
+        }
+    };
+    let leftover = frames[1..].to_vec();
+    let Some(inner) = node.upgrade() else { return };
+    let mut answer = Handshake {
+        session_id: hello.session_id,
+        status: HelloStatus::Accepted,
+        name: inner.name.clone(),
+        params: inner.params(),
+    };
+    if hello.status == HelloStatus::Resume {
+        let resume = {
+            let sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions
+                .get(&hello.session_id)
+                .filter(|e| {
+                    e.shared
+                        .upgrade()
+                        .is_some_and(|s| s.lock().session.dead().is_none())
+                })
+                .and_then(|e| e.resume.clone())
+        };
+        let Some(resume) = resume else {
+            answer.status = HelloStatus::UnknownSession;
+            conn.sink.push(answer.encode());
+            let _ = poll_fn(|cx| conn.sink.poll_flush(cx)).await;
+            return;
+        };
+        conn.sink.push(answer.encode());
+        if poll_fn(|cx| conn.sink.poll_flush(cx)).await.is_ok() {
+            let _ = resume.send(conn).await;
+        }
+        return;
+    }
+    conn.sink.push(answer.encode());
+    if poll_fn(|cx| conn.sink.poll_flush(cx)).await.is_err() {
+        return;
+    }
+    let session = Session::new(
+        Role::Acceptor,
+        inner.config.clone(),
+        hello.params,
+        t.reliable(),
+        Instant::now(),
+    );
+    let shared = Arc::new(PeerShared {
+        remote_name: hello.name,
+        session_id: hello.session_id,
+        state: Mutex::new(PeerState::new(session, conn.remote.clone())),
+    });
+    let (resume_tx, resume_rx) = mpsc::channel(4);
+    inner
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            hello.session_id,
+            SessionEntry {
+                shared: Arc::downgrade(&shared),
+                resume: Some(resume_tx),
+            },
+        );
+    let task = tokio::spawn(run_session(
+        node.clone(),
+        shared.clone(),
+        conn,
+        leftover,
+        Mode::Acceptor { resume: resume_rx },
+    ));
+    inner.track(task.abort_handle());
+    let tx = inner.incoming_tx.clone();
+    drop(inner);
+    let _ = tx.send(Peer { shared }).await;
+}
+
+enum Mode {
+    Initiator {
+        transport: Arc<dyn Transport>,
+        addr: String,
+        hello: Handshake,
+    },
+    Acceptor {
+        resume: mpsc::Receiver<Connection>,
+    },
+}
+
+/// Runs a session across connections until it dies.
+async fn run_session(
+    node: Weak<NodeInner>,
+    shared: Arc<PeerShared>,
+    mut conn: Connection,
+    mut leftover: Vec<Frame>,
+    mut mode: Mode,
+) {
+    loop {
+        let end = match &mut mode {
+            Mode::Acceptor { resume } => {
+                ConnDriver::new(shared.clone(), conn, leftover, Some(resume)).await
+            }
+            Mode::Initiator { .. } => ConnDriver::new(shared.clone(), conn, leftover, None).await,
+        };
+        let next = match end {
+            ConnEnd::SessionDead => break,
+            ConnEnd::Replaced(c) => Some((c, Vec::new())),
+            ConnEnd::Lost(why) => {
+                tracing::debug!(peer = %shared.remote_name, %why, "connection lost; resuming");
+                {
+                    let mut st = shared.lock();
+                    st.session.connection_lost(Instant::now());
+                    st.dispatch();
+                }
+                match &mut mode {
+                    Mode::Initiator {
+                        transport,
+                        addr,
+                        hello,
+                    } => until_dead(&shared, reconnect(&shared, &**transport, addr, hello)).await,
+                    Mode::Acceptor { resume } => {
+                        until_dead(&shared, async {
+                            resume.recv().await.map(|c| (c, Vec::new()))
+                        })
+                        .await
+                    }
+                }
+            }
+        };
+        let Some((c, lo)) = next else { break };
+        {
+            let mut st = shared.lock();
+            let now = Instant::now();
+            st.session.connection_lost(now);
+            st.session.connected(now);
+            st.connected_to = c.remote.clone();
+            st.dispatch();
+        }
+        conn = c;
+        leftover = lo;
+    }
+    if let Some(inner) = node.upgrade() {
+        inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&shared.session_id);
+    }
+}
+
+/// Runs `fut` until it yields or the session dies (peer timeout, close); `None` if it died.
+async fn until_dead<T>(
+    shared: &PeerShared,
+    fut: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        let deadline = {
+            let mut st = shared.lock();
+            st.session.handle_timeout(Instant::now());
+            st.dispatch();
+            if st.session.dead().is_some() {
+                return None;
+            }
+            st.session.poll_timeout()
+        };
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+        // Wake at least every 50 ms to notice a local close.
+        let deadline = deadline.min(Instant::now() + Duration::from_millis(50));
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+}
+
+/// Reconnects and resumes, retrying with backoff; `None` if the peer no longer knows the session.
+async fn reconnect(
+    shared: &PeerShared,
+    t: &dyn Transport,
+    addr: &str,
+    hello: &Handshake,
+) -> Option<(Connection, Vec<Frame>)> {
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        match dial(t, addr, hello).await {
+            Ok((conn, ack, leftover)) if ack.status == HelloStatus::Accepted => {
+                return Some((conn, leftover));
+            }
+            Ok(_) => {
+                shared.lock().kill(Error::PeerRestarted);
+                return None;
+            }
+            Err(e) => tracing::debug!(error = %e, "reconnect attempt failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

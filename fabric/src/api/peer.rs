@@ -1,0 +1,396 @@
+//! Application handles: [`Peer`] (a session with another node) and [`Channel`] (an ordered
+//! stream of messages inside it).
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
+
+use super::shared::PeerShared;
+use crate::class::{Class, Priority};
+use crate::core::{ChannelStats, SessionStats};
+use crate::error::{Error, Result};
+use crate::frame::{MSG_ERROR, MSG_REQUEST, MSG_RESPONSE};
+
+/// A session with another node. Cheap to clone; all clones are the same session.
+///
+/// The session survives transport reconnections: ordered channels resume with nothing lost and
+/// nothing repeated. It dies when nothing is heard from the peer for `Config::peer_timeout`
+/// (default 1 s), when either side closes it, or on a protocol violation; every pending and later
+/// operation then fails with that cause.
+#[derive(Clone)]
+pub struct Peer {
+    pub(crate) shared: Arc<PeerShared>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("name", &self.shared.remote_name)
+            .field("session", &self.shared.session_id)
+            .finish()
+    }
+}
+
+/// Counters and gauges of a peer session.
+#[derive(Debug, Clone)]
+pub struct PeerStats {
+    /// The peer's node name.
+    pub name: String,
+    /// Address of the current or last connection.
+    pub address: String,
+    /// Whether a transport connection carries the session now.
+    pub connected: bool,
+    /// The session's error, if it is dead.
+    pub error: Option<Error>,
+    /// Protocol counters: RTT, congestion window, queue depth, credit stalls, retransmits…
+    pub session: SessionStats,
+}
+
+impl Peer {
+    /// The peer's node name.
+    pub fn name(&self) -> &str {
+        &self.shared.remote_name
+    }
+
+    /// The session id (random, chosen by the side that connected).
+    pub fn session_id(&self) -> u64 {
+        self.shared.session_id
+    }
+
+    /// Opens a channel of `class` with `priority` 0 (lowest) to 7. The peer sees it (through
+    /// [`Peer::accept_channel`]) when the first message arrives.
+    pub fn channel(&self, class: Class, priority: u8) -> Result<Channel> {
+        let prio = Priority::new(priority).ok_or(Error::InvalidPriority(priority))?;
+        let id = self.shared.lock().session.open_channel(class, prio)?;
+        Ok(Channel {
+            peer: self.clone(),
+            id,
+            class,
+            priority: prio,
+        })
+    }
+
+    /// Waits for the next channel the peer opened. Fails with the session's error once it dies.
+    pub async fn accept_channel(&self) -> Result<Channel> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if let Some(id) = st.session.accept_channel() {
+                let (class, priority) = st
+                    .session
+                    .channel_class(id)
+                    .expect("accepted channel exists");
+                return Poll::Ready(Ok(Channel {
+                    peer: self.clone(),
+                    id,
+                    class,
+                    priority,
+                }));
+            }
+            if let Some(e) = st.session.dead() {
+                return Poll::Ready(Err(e.clone()));
+            }
+            st.accept_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Counters and gauges (RTT, window, queue depth, credit stalls, retransmits).
+    pub fn stats(&self) -> PeerStats {
+        let st = self.shared.lock();
+        PeerStats {
+            name: self.shared.remote_name.clone(),
+            address: st.connected_to.clone(),
+            connected: st.session.is_connected(),
+            error: st.session.dead().cloned(),
+            session: st.session.stats(),
+        }
+    }
+
+    /// The session's error if it is dead, `None` while it lives.
+    pub fn error(&self) -> Option<Error> {
+        self.shared.lock().session.dead().cloned()
+    }
+
+    /// Closes the session: the peer is told (with `reason`), and every pending operation on both
+    /// sides fails ([`Error::Closed`] here, [`Error::ClosedByPeer`] there). Messages still queued
+    /// are not sent; use [`Channel::flush`] first to be sure they arrived.
+    pub fn close(&self, reason: &str) {
+        let mut st = self.shared.lock();
+        st.session.close(reason);
+        st.dispatch();
+        st.wake_driver();
+    }
+
+    /// Breaks the current transport connection, as a network failure would. The session then
+    /// resumes on a new connection with nothing lost or repeated (the side that connected
+    /// reconnects). Meant for tests and failure drills.
+    pub fn drop_connection(&self) {
+        let mut st = self.shared.lock();
+        st.kill_connection = true;
+        st.wake_driver();
+    }
+}
+
+/// A received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The body (zero-copy for messages that fit one chunk).
+    pub body: Bytes,
+    /// `Some(id)` when the message is a request to answer with [`Channel::respond`].
+    pub request_id: Option<u64>,
+}
+
+/// An ordered, reliable stream of messages with a class and a priority, inside a peer session.
+/// Cheap to clone; clones share the channel.
+///
+/// Guarantees: messages sent on a channel are delivered to the peer's channel in the order sent,
+/// exactly once, while the session lives (across reconnections). Channels are independent: a
+/// slow reader on one never blocks another. Every queue is bounded: [`Channel::send`] waits when
+/// the send queue is full, [`Channel::try_send`] fails with [`Error::WouldBlock`].
+#[derive(Clone)]
+pub struct Channel {
+    peer: Peer,
+    id: u32,
+    class: Class,
+    priority: Priority,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("id", &self.id)
+            .field("class", &self.class)
+            .field("priority", &self.priority)
+            .finish()
+    }
+}
+
+impl Channel {
+    /// The channel id within its session.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The channel's class.
+    pub fn class(&self) -> Class {
+        self.class
+    }
+
+    /// The channel's priority within its class.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The peer this channel leads to.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    fn enqueue(
+        &self,
+        cx: Option<&mut std::task::Context<'_>>,
+        body: &Bytes,
+        msg_flags: u8,
+        tag: u64,
+    ) -> Poll<Result<()>> {
+        let mut st = self.peer.shared.lock();
+        match st.session.poll_capacity(self.id, body.len()) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(true) => {
+                let r = st
+                    .session
+                    .send(Instant::now(), self.id, body.clone(), msg_flags, tag);
+                st.wake_driver();
+                Poll::Ready(r)
+            }
+            Ok(false) => match cx {
+                Some(cx) => {
+                    st.send_wakers.insert(self.id, cx.waker().clone());
+                    Poll::Pending
+                }
+                None => Poll::Ready(Err(Error::WouldBlock)),
+            },
+        }
+    }
+
+    async fn send_with(&self, body: Bytes, msg_flags: u8, tag: u64) -> Result<()> {
+        poll_fn(|cx| self.enqueue(Some(cx), &body, msg_flags, tag)).await
+    }
+
+    /// Queues `body` for sending, waiting while the channel's send queue is full.
+    ///
+    /// Returns once the message is queued (not when it arrived: use [`Channel::flush`] for that).
+    /// A queued message is delivered unless the session dies, in which case every operation on
+    /// the session fails with the cause. Fails at once with [`Error::MessageTooLarge`] above
+    /// `Config::max_message`.
+    pub async fn send(&self, body: impl Into<Bytes>) -> Result<()> {
+        self.send_with(body.into(), 0, 0).await
+    }
+
+    /// Queues `body` without waiting: [`Error::WouldBlock`] when the send queue is full (nothing
+    /// is queued then).
+    pub fn try_send(&self, body: impl Into<Bytes>) -> Result<()> {
+        match self.enqueue(None, &body.into(), 0, 0) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(Error::WouldBlock),
+        }
+    }
+
+    /// Waits for the next message, in order. Fails with the session's error once it is dead and
+    /// nothing is left to read.
+    pub async fn recv(&self) -> Result<Message> {
+        poll_fn(|cx| {
+            let mut st = self.peer.shared.lock();
+            if let Some(m) = st.session.recv(self.id) {
+                st.wake_driver();
+                return Poll::Ready(Ok(Message {
+                    body: m.body,
+                    request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
+                }));
+            }
+            if let Some(e) = st.session.dead() {
+                return Poll::Ready(Err(e.clone()));
+            }
+            st.recv_wakers.insert(self.id, cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next message if one is ready.
+    pub fn try_recv(&self) -> Result<Option<Message>> {
+        let mut st = self.peer.shared.lock();
+        if let Some(m) = st.session.recv(self.id) {
+            st.wake_driver();
+            return Ok(Some(Message {
+                body: m.body,
+                request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
+            }));
+        }
+        match st.session.dead() {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until every message queued so far on this channel has been acknowledged by the peer
+    /// (received by its node, in order). Fails with the session's error if it dies first.
+    pub async fn flush(&self) -> Result<()> {
+        poll_fn(|cx| {
+            let mut st = self.peer.shared.lock();
+            match st.session.want_flush(self.id) {
+                Ok(true) => Poll::Ready(Ok(())),
+                Ok(false) => {
+                    st.flush_wakers.insert(self.id, cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+
+    /// Sends a request and waits for its response, at most `deadline`.
+    ///
+    /// Fails with [`Error::DeadlineExceeded`] when the deadline passes first (a late response is
+    /// discarded), [`Error::Remote`] when the peer's handler reports a failure, or the session's
+    /// error if it dies. Dropping the future cancels the wait. Requests on one channel are sent in
+    /// order; responses may come back in any order.
+    pub async fn request(&self, body: impl Into<Bytes>, deadline: Duration) -> Result<Bytes> {
+        let start = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let tag = {
+            let mut st = self.peer.shared.lock();
+            let tag = st.next_tag;
+            st.next_tag += 1;
+            st.responses.insert(tag, tx);
+            tag
+        };
+        // Forget the slot if this future is dropped or times out.
+        let guard = SlotGuard {
+            shared: &self.peer.shared,
+            tag,
+        };
+        let work = async {
+            self.send_with(body.into(), MSG_REQUEST, tag).await?;
+            rx.await.unwrap_or(Err(Error::Cancelled))
+        };
+        let result = match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::DeadlineExceeded),
+        };
+        drop(guard);
+        if result.is_ok() && self.peer.shared.lock().session.config().channel_histograms {
+            let us = start.elapsed().as_micros() as u64;
+            let mut st = self.peer.shared.lock();
+            st.request_rtt
+                .entry(self.id)
+                .or_insert_with(|| {
+                    Box::new(
+                        Histogram::new_with_bounds(1, 100_000_000, 2)
+                            .expect("static histogram bounds are valid"),
+                    )
+                })
+                .saturating_record(us.max(1));
+        }
+        result
+    }
+
+    /// Answers the request `req` (received on this channel) with `body`.
+    pub async fn respond(&self, req: &Message, body: impl Into<Bytes>) -> Result<()> {
+        let id = req.request_id.ok_or(Error::Config(
+            "respond: the message is not a request".into(),
+        ))?;
+        self.send_with(body.into(), MSG_RESPONSE, id).await
+    }
+
+    /// Answers the request `req` with a failure; the requester gets [`Error::Remote`] with
+    /// `reason`.
+    pub async fn respond_error(&self, req: &Message, reason: &str) -> Result<()> {
+        let id = req.request_id.ok_or(Error::Config(
+            "respond: the message is not a request".into(),
+        ))?;
+        self.send_with(
+            Bytes::copy_from_slice(reason.as_bytes()),
+            MSG_RESPONSE | MSG_ERROR,
+            id,
+        )
+        .await
+    }
+
+    /// A snapshot of the channel's counters and latency histograms.
+    pub fn stats(&self) -> Option<ChannelSnapshot> {
+        let st = self.peer.shared.lock();
+        let stats = st.session.channel_stats(self.id)?;
+        Some(ChannelSnapshot {
+            stats,
+            request_rtt_us: st.request_rtt.get(&self.id).map(|h| (**h).clone()),
+        })
+    }
+}
+
+/// Counters and latency histograms of one channel.
+#[derive(Debug, Clone)]
+pub struct ChannelSnapshot {
+    /// Protocol counters and the queueing-delay histogram.
+    pub stats: ChannelStats,
+    /// Request round trips on this channel, microseconds, if any were made.
+    pub request_rtt_us: Option<Histogram<u64>>,
+}
+
+struct SlotGuard<'a> {
+    shared: &'a PeerShared,
+    tag: u64,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().responses.remove(&self.tag);
+    }
+}

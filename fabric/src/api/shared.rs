@@ -1,0 +1,137 @@
+//! State shared by a peer's application handles and its driver task: the sans-IO session behind
+//! one mutex, plus the wakers that turn the session's events into progress for waiting futures.
+//!
+//! The lock is held only for short, allocation-free work (queue a message, take a message, drain
+//! frames); transport I/O happens outside it.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::task::Waker;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
+
+use crate::core::{Event, Session};
+use crate::error::Error;
+
+/// Where a response goes when it arrives.
+pub(crate) type ResponseSlot = oneshot::Sender<Result<Bytes, Error>>;
+
+pub(crate) struct PeerState {
+    pub(crate) session: Session,
+    pub(crate) driver: Option<Waker>,
+    pub(crate) recv_wakers: HashMap<u32, Waker>,
+    pub(crate) send_wakers: HashMap<u32, Waker>,
+    pub(crate) flush_wakers: HashMap<u32, Waker>,
+    pub(crate) accept_waker: Option<Waker>,
+    pub(crate) responses: HashMap<u64, ResponseSlot>,
+    pub(crate) next_tag: u64,
+    pub(crate) request_rtt: HashMap<u32, Box<Histogram<u64>>>,
+    /// Set by `Peer::drop_connection`: the driver closes the current connection.
+    pub(crate) kill_connection: bool,
+    pub(crate) connected_to: String,
+}
+
+impl PeerState {
+    pub(crate) fn new(session: Session, connected_to: String) -> PeerState {
+        PeerState {
+            session,
+            driver: None,
+            recv_wakers: HashMap::new(),
+            send_wakers: HashMap::new(),
+            flush_wakers: HashMap::new(),
+            accept_waker: None,
+            responses: HashMap::new(),
+            next_tag: 1,
+            request_rtt: HashMap::new(),
+            kill_connection: false,
+            connected_to,
+        }
+    }
+
+    /// Turns the session's events into wake-ups. Call after anything that may produce events.
+    pub(crate) fn dispatch(&mut self) {
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                Event::ChannelOpened(_) => {
+                    if let Some(w) = self.accept_waker.take() {
+                        w.wake();
+                    }
+                }
+                Event::Readable(ch) => {
+                    if let Some(w) = self.recv_wakers.remove(&ch) {
+                        w.wake();
+                    }
+                }
+                Event::Writable(ch) => {
+                    if let Some(w) = self.send_wakers.remove(&ch) {
+                        w.wake();
+                    }
+                }
+                Event::Flushed(ch) => {
+                    if let Some(w) = self.flush_wakers.remove(&ch) {
+                        w.wake();
+                    }
+                }
+                Event::Response { tag, result, .. } => {
+                    // A response nobody waits for (deadline passed, cancelled) is dropped.
+                    if let Some(slot) = self.responses.remove(&tag) {
+                        let _ = slot.send(result.map_err(Error::Remote));
+                    }
+                }
+                Event::Dead(err) => {
+                    tracing::debug!(error = %err, "session dead");
+                    self.fail_all(&err);
+                }
+            }
+        }
+    }
+
+    /// Wakes every waiting operation; they observe the session's error.
+    fn fail_all(&mut self, err: &Error) {
+        for (_, w) in self.recv_wakers.drain() {
+            w.wake();
+        }
+        for (_, w) in self.send_wakers.drain() {
+            w.wake();
+        }
+        for (_, w) in self.flush_wakers.drain() {
+            w.wake();
+        }
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        for (_, slot) in self.responses.drain() {
+            let _ = slot.send(Err(err.clone()));
+        }
+        self.wake_driver();
+    }
+
+    pub(crate) fn wake_driver(&self) {
+        if let Some(w) = &self.driver {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Kills the session with `err` (the node shuts down, the transport delivered garbage, the
+    /// peer refused to resume) and fails every waiter.
+    pub(crate) fn kill(&mut self, err: Error) {
+        self.session.abort(err);
+        self.dispatch();
+    }
+}
+
+/// Identity and state of one peer session.
+pub(crate) struct PeerShared {
+    pub(crate) remote_name: String,
+    pub(crate) session_id: u64,
+    pub(crate) state: Mutex<PeerState>,
+}
+
+impl PeerShared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, PeerState> {
+        // A panic while holding the lock leaves plain data behind; keep going with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

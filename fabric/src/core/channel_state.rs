@@ -1,0 +1,173 @@
+//! Per-channel protocol state: the send side (queue, sequence, credit, retransmission buffer) and
+//! the receive side (expected sequence, reorder buffer, reassembly, delivered messages, credit).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+
+use crate::class::{Class, Priority};
+use crate::frame::Frame;
+
+/// A message queued for sending.
+#[derive(Debug)]
+pub(crate) struct OutMsg {
+    pub(crate) body: Bytes,
+    pub(crate) tag: u64,
+    pub(crate) msg_flags: u8,
+    pub(crate) enqueued: Instant,
+}
+
+/// A chunk sent and not yet acknowledged, kept for retransmission (a refcount, not a copy).
+#[derive(Debug, Clone)]
+pub(crate) struct Sent {
+    pub(crate) seq: u64,
+    pub(crate) offset: u64,
+    pub(crate) flags: u16,
+    pub(crate) msg_flags: u8,
+    pub(crate) tag: u64,
+    pub(crate) payload: Bytes,
+}
+
+/// A message reassembled and ready for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The message body.
+    pub body: Bytes,
+    /// The message tag (request id for requests).
+    pub tag: u64,
+    /// `MSG_*` flags.
+    pub msg_flags: u8,
+    /// Receive-window bytes given back to the peer when the application takes the message.
+    pub(crate) credit: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Partial {
+    pub(crate) tag: u64,
+    pub(crate) msg_flags: u8,
+    pub(crate) chunks: Vec<Bytes>,
+    pub(crate) len: usize,
+    /// Bytes already given back as credit while reassembling (allowed when the application had
+    /// read everything, so a message larger than the window can complete).
+    pub(crate) prereleased: u64,
+}
+
+impl Partial {
+    /// Joins the chunks: the one copy a fragmented message costs.
+    pub(crate) fn assemble(self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.len);
+        for c in &self.chunks {
+            buf.extend_from_slice(c);
+        }
+        buf.freeze()
+    }
+}
+
+/// Counters and histograms of one channel.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ChanCounters {
+    pub(crate) messages_sent: u64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) messages_received: u64,
+    pub(crate) bytes_received: u64,
+    pub(crate) credit_stalls: u64,
+    /// Time from `send` to the first chunk on the wire, in microseconds (allocated on first use).
+    pub(crate) queue_delay: Option<Box<Histogram<u64>>>,
+}
+
+pub(crate) fn new_histogram() -> Box<Histogram<u64>> {
+    // 1 µs to 100 s with two significant digits: about 20 KiB per histogram.
+    Box::new(
+        Histogram::new_with_bounds(1, 100_000_000, 2).expect("static histogram bounds are valid"),
+    )
+}
+
+#[derive(Debug)]
+pub(crate) struct Chan {
+    pub(crate) class: Class,
+    pub(crate) prio: Priority,
+    // --- send side ---
+    pub(crate) queue: VecDeque<OutMsg>,
+    pub(crate) queued_bytes: usize,
+    /// Bytes of the front message already cut into chunks.
+    pub(crate) front_pos: usize,
+    pub(crate) next_seq: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) peer_credit: u64,
+    pub(crate) unacked: VecDeque<Sent>,
+    pub(crate) in_ready: bool,
+    pub(crate) send_blocked: bool,
+    pub(crate) want_flush: bool,
+    // --- receive side ---
+    pub(crate) expected_seq: u64,
+    pub(crate) expected_offset: u64,
+    pub(crate) reorder: BTreeMap<u64, Frame>,
+    pub(crate) partial: Option<Partial>,
+    pub(crate) delivered: VecDeque<Delivered>,
+    pub(crate) released: u64,
+    pub(crate) window: u64,
+    pub(crate) advertised: u64,
+    pub(crate) ack_pending: bool,
+    pub(crate) ack_queued: bool,
+    pub(crate) rx_since_ack: u64,
+    pub(crate) counters: ChanCounters,
+}
+
+impl Chan {
+    pub(crate) fn new(class: Class, prio: Priority, recv_window: u64, peer_credit: u64) -> Chan {
+        Chan {
+            class,
+            prio,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            front_pos: 0,
+            next_seq: 0,
+            next_offset: 0,
+            peer_credit,
+            unacked: VecDeque::new(),
+            in_ready: false,
+            send_blocked: false,
+            want_flush: false,
+            expected_seq: 0,
+            expected_offset: 0,
+            reorder: BTreeMap::new(),
+            partial: None,
+            delivered: VecDeque::new(),
+            released: 0,
+            window: recv_window,
+            advertised: recv_window,
+            ack_pending: false,
+            ack_queued: false,
+            rx_since_ack: 0,
+            counters: ChanCounters::default(),
+        }
+    }
+
+    /// Credit to advertise: the peer may send up to this byte offset.
+    pub(crate) fn credit_limit(&self) -> u64 {
+        self.released + self.window
+    }
+
+    /// Whether the next chunk can go out now (something queued and credit for it).
+    pub(crate) fn can_send(&self) -> bool {
+        match self.queue.front() {
+            None => false,
+            Some(m) if m.body.len() == self.front_pos => self.next_offset <= self.peer_credit,
+            Some(_) => self.next_offset < self.peer_credit,
+        }
+    }
+
+    /// Whether everything sent was acknowledged and nothing is queued.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.queue.is_empty() && self.unacked.is_empty()
+    }
+
+    /// The unacknowledged chunk with sequence `seq`, if it is still held.
+    pub(crate) fn unacked_chunk(&self, seq: u64) -> Option<&Sent> {
+        let first = self.unacked.front()?.seq;
+        let idx = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.unacked.get(idx)
+    }
+}

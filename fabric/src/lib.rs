@@ -1,0 +1,41 @@
+//! # agentfabric
+//!
+//! A low-latency message fabric for AI agents: ordered, prioritised, congestion-aware channels
+//! over pluggable transports (in-process, TCP; QUIC and verbs as separate crates).
+//!
+//! ```no_run
+//! use agentfabric::{Class, Node};
+//! # async fn demo() -> agentfabric::Result<()> {
+//! let net = agentfabric::mem::MemNetwork::new();
+//! let server = Node::builder("subagent").transport(net.transport()).build()?;
+//! let addr = server.listen("mem://subagent").await?;
+//! let client = Node::builder("orchestrator").transport(net.transport()).build()?;
+//! let peer = client.connect(&addr).await?;
+//! let plan = peer.channel(Class::Coordination, 5)?;
+//! plan.send("step 1: fetch the documents").await?;
+//! let theirs = server.accept().await?.accept_channel().await?;
+//! assert_eq!(&theirs.recv().await?.body[..], b"step 1: fetch the documents");
+//! # Ok(()) }
+//! ```
+//!
+//! Layers: [`frame`] (wire format) and [`core`] (the sans-IO session state machine) know nothing
+//! of sockets or time; [`transport`] is the small trait transports implement; [`Node`],
+//! [`Peer`] and [`Channel`] are the async API on tokio; [`mem`] is the in-process transport.
+
+#![warn(missing_docs)]
+
+mod api;
+pub mod class;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod frame;
+pub mod mem;
+pub mod sim;
+pub mod transport;
+
+pub use api::{Channel, ChannelSnapshot, Message, Node, NodeBuilder, Peer, PeerStats};
+pub use bytes::Bytes;
+pub use class::{Class, Priority};
+pub use config::{Config, CongestionConfig, PerClass};
+pub use error::{Error, ProtocolError, Result};

@@ -1,0 +1,403 @@
+//! The in-process transport, with an optionally impaired network: delay, jitter (which reorders),
+//! loss, partitions and forced disconnections. For tests, examples and single-process agents.
+//!
+//! Nodes that share a [`MemNetwork`] reach each other by name: `mem://NAME`. Frames move as
+//! values (the payload is a refcounted `Bytes`, never copied). With loss or jitter configured the
+//! transport reports itself unreliable, so sessions retransmit and reorder.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+
+use crate::frame::{Frame, OutFrame};
+use crate::transport::{
+    BoxFuture, Connection, FrameSink, FrameStream, Listener, RecvError, Transport,
+};
+
+/// Impairments applied to every frame on a [`MemNetwork`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinkConfig {
+    /// One-way delay added to every frame.
+    pub delay: Duration,
+    /// Extra random delay, uniform in `0..jitter`; frames may overtake each other.
+    pub jitter: Duration,
+    /// Probability that a frame is dropped.
+    pub loss: f64,
+}
+
+impl LinkConfig {
+    fn reliable(&self) -> bool {
+        self.loss == 0.0 && self.jitter.is_zero()
+    }
+}
+
+struct NetState {
+    listeners: HashMap<String, mpsc::Sender<Connection>>,
+    link: LinkConfig,
+    rng: StdRng,
+    live: Vec<Arc<ConnFlags>>,
+}
+
+/// A simulated network joining in-process nodes.
+#[derive(Clone)]
+pub struct MemNetwork {
+    state: Arc<Mutex<NetState>>,
+    partitioned: Arc<AtomicBool>,
+}
+
+impl Default for MemNetwork {
+    fn default() -> Self {
+        MemNetwork::new()
+    }
+}
+
+impl std::fmt::Debug for MemNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemNetwork").finish_non_exhaustive()
+    }
+}
+
+impl MemNetwork {
+    /// A perfect network: no delay, no loss.
+    pub fn new() -> MemNetwork {
+        MemNetwork::with_link(LinkConfig::default(), 1)
+    }
+
+    /// A network with impairments, and a seed for its random choices.
+    pub fn with_link(link: LinkConfig, seed: u64) -> MemNetwork {
+        MemNetwork {
+            state: Arc::new(Mutex::new(NetState {
+                listeners: HashMap::new(),
+                link,
+                rng: StdRng::seed_from_u64(seed),
+                live: Vec::new(),
+            })),
+            partitioned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A transport on this network, to give to a node.
+    pub fn transport(&self) -> MemTransport {
+        MemTransport { net: self.clone() }
+    }
+
+    /// While `true`, every frame is dropped (connections stay up, as in a real partition).
+    pub fn set_partitioned(&self, on: bool) {
+        self.partitioned.store(on, Ordering::SeqCst);
+    }
+
+    /// Breaks every open connection, as a network failure would; sessions then reconnect.
+    pub fn disconnect_all(&self) {
+        let mut st = self.lock();
+        for c in st.live.drain(..) {
+            c.broken.store(true, Ordering::SeqCst);
+            c.wake();
+        }
+    }
+
+    /// Makes `name` unreachable: new connections to it are refused.
+    pub fn unlisten(&self, name: &str) {
+        self.lock().listeners.remove(name);
+    }
+}
+
+/// The in-process transport (scheme `mem`).
+#[derive(Clone, Debug)]
+pub struct MemTransport {
+    net: MemNetwork,
+}
+
+struct ConnFlags {
+    broken: AtomicBool,
+    /// The receiving task of each side, woken when the connection breaks.
+    wakers: Mutex<[Option<std::task::Waker>; 2]>,
+}
+
+impl ConnFlags {
+    fn wake(&self) {
+        for w in self
+            .wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+        {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+struct Item {
+    at: Instant,
+    seq: u64,
+    frame: OutFrame,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct MemSink {
+    net: MemNetwork,
+    tx: mpsc::UnboundedSender<Item>,
+    queue: VecDeque<OutFrame>,
+    queued: usize,
+    seq: u64,
+    flags: Arc<ConnFlags>,
+}
+
+struct MemStream {
+    rx: mpsc::UnboundedReceiver<Item>,
+    heap: BinaryHeap<Reverse<Item>>,
+    timer: Pin<Box<Sleep>>,
+    flags: Arc<ConnFlags>,
+    side: usize,
+}
+
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "mem connection broken")
+}
+
+impl FrameSink for MemSink {
+    fn push(&mut self, frame: OutFrame) {
+        self.queued += frame.wire_len();
+        self.queue.push_back(frame);
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.queued
+    }
+
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.flags.broken.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(broken()));
+        }
+        let partitioned = self.net.partitioned.load(Ordering::SeqCst);
+        let now = Instant::now();
+        let mut st = self.net.lock();
+        let link = st.link.clone();
+        for frame in self.queue.drain(..) {
+            if partitioned || (link.loss > 0.0 && st.rng.gen_bool(link.loss.min(1.0))) {
+                continue;
+            }
+            let jitter = if link.jitter.is_zero() {
+                Duration::ZERO
+            } else {
+                link.jitter.mul_f64(st.rng.gen::<f64>())
+            };
+            self.seq += 1;
+            let item = Item {
+                at: now + link.delay + jitter,
+                seq: self.seq,
+                frame,
+            };
+            if self.tx.send(item).is_err() {
+                return Poll::Ready(Err(broken()));
+            }
+        }
+        self.queued = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.poll_flush(cx);
+        self.flags.broken.store(true, Ordering::SeqCst);
+        self.flags.wake();
+        r
+    }
+}
+
+impl FrameStream for MemStream {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        if self.flags.broken.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(RecvError::Io(broken())));
+        }
+        {
+            let mut w = self.flags.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            if !w[self.side]
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                w[self.side] = Some(cx.waker().clone());
+            }
+        }
+        let mut closed = false;
+        loop {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(item)) => self.heap.push(Reverse(item)),
+                Poll::Ready(None) => {
+                    closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let now = Instant::now();
+        let before = out.len();
+        while self.heap.peek().is_some_and(|Reverse(i)| i.at <= now) {
+            let Reverse(item) = self.heap.pop().expect("peeked");
+            match item.frame.decode() {
+                Ok(f) => out.push(f),
+                Err(e) => return Poll::Ready(Err(RecvError::Frame(e))),
+            }
+        }
+        if out.len() > before {
+            return Poll::Ready(Ok(()));
+        }
+        if closed && self.heap.is_empty() {
+            return Poll::Ready(Err(RecvError::Eof));
+        }
+        if let Some(Reverse(next)) = self.heap.peek() {
+            self.timer.as_mut().reset(next.at.into());
+            if self.timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
+    }
+}
+
+fn pair(net: &MemNetwork, a: &str, b: &str) -> (Connection, Connection) {
+    let flags = Arc::new(ConnFlags {
+        broken: AtomicBool::new(false),
+        wakers: Mutex::new([None, None]),
+    });
+    {
+        let mut st = net.lock();
+        st.live.retain(|c| !c.broken.load(Ordering::SeqCst));
+        st.live.push(flags.clone());
+    }
+    let (tx_ab, rx_ab) = mpsc::unbounded_channel();
+    let (tx_ba, rx_ba) = mpsc::unbounded_channel();
+    let mk = |tx, rx, remote: &str, side: usize| Connection {
+        sink: Box::new(MemSink {
+            net: net.clone(),
+            tx,
+            queue: VecDeque::new(),
+            queued: 0,
+            seq: 0,
+            flags: flags.clone(),
+        }),
+        stream: Box::new(MemStream {
+            rx,
+            heap: BinaryHeap::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            flags: flags.clone(),
+            side,
+        }),
+        remote: format!("mem://{remote}"),
+    };
+    (mk(tx_ab, rx_ba, b, 0), mk(tx_ba, rx_ab, a, 1))
+}
+
+struct MemListener {
+    name: String,
+    rx: mpsc::Receiver<Connection>,
+}
+
+impl Listener for MemListener {
+    fn local_addr(&self) -> String {
+        format!("mem://{}", self.name)
+    }
+
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Connection>> {
+        Box::pin(async move {
+            self.rx
+                .recv()
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "mem network gone"))
+        })
+    }
+}
+
+impl Transport for MemTransport {
+    fn scheme(&self) -> &'static str {
+        "mem"
+    }
+
+    fn reliable(&self) -> bool {
+        self.net.lock().link.reliable()
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>> {
+        Box::pin(async move {
+            let tx = self
+                .net
+                .lock()
+                .listeners
+                .get(addr)
+                .cloned()
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("nothing listens on mem://{addr}"),
+                    )
+                })?;
+            let (mine, theirs) = pair(&self.net, "client", addr);
+            tx.send(theirs).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("mem://{addr} closed"),
+                )
+            })?;
+            Ok(mine)
+        })
+    }
+
+    fn listen<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>> {
+        Box::pin(async move {
+            if addr.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "empty mem address",
+                ));
+            }
+            let mut st = self.net.lock();
+            if st.listeners.get(addr).is_some_and(|tx| !tx.is_closed()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("mem://{addr} is already listened on"),
+                ));
+            }
+            let (tx, rx) = mpsc::channel(64);
+            st.listeners.insert(addr.to_owned(), tx);
+            Ok(Box::new(MemListener {
+                name: addr.to_owned(),
+                rx,
+            }) as Box<dyn Listener>)
+        })
+    }
+}

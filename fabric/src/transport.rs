@@ -1,0 +1,122 @@
+//! The transport trait: move frames between two nodes. Small on purpose.
+//!
+//! A transport knows nothing of channels, priorities, credits or sessions: it carries the frames
+//! the session hands it, in the order handed, and reports what arrives. Reliability is optional
+//! ([`Transport::reliable`]): the session retransmits on transports that may lose frames.
+//!
+//! The data path is poll-based (no boxed future per call) so that a steady stream of messages
+//! costs no allocation; only connection set-up returns boxed futures.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::frame::{Frame, FrameError, OutFrame};
+
+/// A boxed, sendable future (used only on connection set-up).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A way to reach peers: TCP, QUIC, verbs, in-process...
+pub trait Transport: Send + Sync + 'static {
+    /// URL scheme that selects this transport, e.g. `"tcp"` for `tcp://127.0.0.1:7000`.
+    fn scheme(&self) -> &'static str;
+
+    /// Whether frames handed to a connection arrive complete, in order, and exactly once while
+    /// the connection lives (TCP, QUIC streams, verbs RC). When `false`, the session retransmits
+    /// on timeout and reorders what arrives.
+    fn reliable(&self) -> bool {
+        true
+    }
+
+    /// Connects to `addr` (the part after `scheme://`).
+    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>>;
+
+    /// Listens on `addr` (the part after `scheme://`).
+    fn listen<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>>;
+}
+
+/// Accepts incoming connections.
+pub trait Listener: Send {
+    /// The full address peers connect to, with its scheme (e.g. `tcp://127.0.0.1:41234`).
+    fn local_addr(&self) -> String;
+
+    /// Waits for the next connection.
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Connection>>;
+}
+
+/// One transport connection, split in its two directions.
+pub struct Connection {
+    /// Sends frames.
+    pub sink: Box<dyn FrameSink>,
+    /// Receives frames.
+    pub stream: Box<dyn FrameStream>,
+    /// A printable name of the remote end (address).
+    pub remote: String,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The sending half of a connection.
+pub trait FrameSink: Send {
+    /// Queues a frame. Never blocks: the caller bounds what it queues with [`queued_bytes`]
+    /// (the session's congestion window bounds it further).
+    ///
+    /// [`queued_bytes`]: FrameSink::queued_bytes
+    fn push(&mut self, frame: OutFrame);
+
+    /// Bytes queued and not yet handed to the network.
+    fn queued_bytes(&self) -> usize;
+
+    /// Writes queued frames. `Ready(Ok(()))` once everything queued has been handed to the
+    /// network (batched: one vectored write for many frames where the transport allows).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Flushes and closes the sending direction.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// The receiving half of a connection.
+pub trait FrameStream: Send {
+    /// Receives the frames that are ready into `out`: `Ready(Ok(()))` adds at least one.
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>>;
+}
+
+/// Why a connection stopped delivering frames.
+#[derive(Debug)]
+pub enum RecvError {
+    /// The remote end closed the connection cleanly.
+    Eof,
+    /// An I/O error.
+    Io(io::Error),
+    /// The bytes received are not a valid frame; the connection cannot be trusted further.
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for RecvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecvError::Eof => f.write_str("connection closed by the remote end"),
+            RecvError::Io(e) => write!(f, "i/o error: {e}"),
+            RecvError::Frame(e) => write!(f, "malformed frame: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RecvError {}
+
+/// Splits `scheme://rest` into its two parts.
+pub fn split_url(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    (!scheme.is_empty()).then_some((scheme, rest))
+}

@@ -1,0 +1,137 @@
+//! Receiving half: one read buffer, cut into zero-copy frames.
+
+use std::cmp;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use agentfabric::frame::{frame_len, Frame, FrameError, HEADER_LEN, MAGIC};
+use agentfabric::transport::{FrameStream, RecvError};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// The receiving half of a TCP connection (generic over the reader for tests).
+pub(crate) struct TcpFrameStream<R> {
+    io: R,
+    /// Bytes received and not yet delivered as frames (always a prefix of a frame's bytes).
+    pub(crate) buf: BytesMut,
+    /// Usual read size: reserved when the buffer runs low.
+    read_size: usize,
+    /// The remote end closed its direction: no more reads.
+    eof: bool,
+}
+
+impl<R> TcpFrameStream<R> {
+    pub(crate) fn new(io: R, read_size: usize) -> Self {
+        TcpFrameStream {
+            io,
+            buf: BytesMut::with_capacity(read_size),
+            read_size,
+            eof: false,
+        }
+    }
+
+    /// Cuts every whole frame at the front of the buffer into `out`. Returns the length of the
+    /// next, incomplete frame if its header is complete (validated), or `HEADER_LEN` otherwise.
+    fn cut_frames(&mut self, out: &mut Vec<Frame>) -> Result<usize, FrameError> {
+        loop {
+            // Check the magic as soon as it arrives: a peer speaking another protocol is refused
+            // at once, not after it happens to send 64 bytes.
+            if self.buf.len() >= MAGIC.len() && self.buf[..MAGIC.len()] != MAGIC {
+                return Err(FrameError::BadMagic([self.buf[0], self.buf[1]]));
+            }
+            if self.buf.len() < HEADER_LEN {
+                return Ok(HEADER_LEN);
+            }
+            // Validates the whole header, including its length against MAX_FRAME_PAYLOAD,
+            // before anything is sized by that length.
+            let len = frame_len(&self.buf)?;
+            if self.buf.len() < len {
+                return Ok(len);
+            }
+            let bytes = self.buf.split_to(len).freeze();
+            out.push(Frame::decode(bytes)?);
+        }
+    }
+
+    fn eof_error(&self, need: usize) -> RecvError {
+        let have = self.buf.len();
+        let msg = if have < HEADER_LEN {
+            format!(
+                "tcp connection closed in the middle of a frame header ({have} of {HEADER_LEN} bytes received)"
+            )
+        } else {
+            format!(
+                "tcp connection closed in the middle of a frame ({have} of {need} bytes received)"
+            )
+        };
+        RecvError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, msg))
+    }
+}
+
+impl<R: AsyncRead + Unpin> TcpFrameStream<R> {
+    /// Reads once into the spare capacity of `buf`; returns the number of bytes read (0 at EOF).
+    fn poll_read_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let spare = self.buf.spare_capacity_mut();
+        debug_assert!(!spare.is_empty());
+        let start = spare.as_ptr();
+        let mut read_buf = ReadBuf::uninit(spare);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read_buf))?;
+        let filled = read_buf.filled();
+        let n = filled.len();
+        // The reader cannot swap the buffer out (it only gets `&mut ReadBuf`), but check anyway:
+        // the `set_len` below relies on these bytes being the ones at the end of `buf`.
+        assert_eq!(
+            filled.as_ptr(),
+            start.cast::<u8>(),
+            "reader replaced the read buffer"
+        );
+        // SAFETY: `ReadBuf` guarantees its first `n` bytes are initialized, and they are the first
+        // `n` bytes of `buf`'s spare capacity (checked above), so `len + n` bytes are initialized.
+        unsafe { self.buf.set_len(self.buf.len() + n) };
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> FrameStream for TcpFrameStream<R> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        let before = out.len();
+        loop {
+            let need = match self.cut_frames(out) {
+                Ok(need) => need,
+                // Frames cut before the bad one are delivered first; the error (whose bytes are
+                // still at the front of the buffer) is reported on the next call.
+                Err(_) if out.len() > before => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(RecvError::Frame(e))),
+            };
+            if out.len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                return Poll::Ready(Err(if self.buf.is_empty() {
+                    RecvError::Eof
+                } else {
+                    self.eof_error(need)
+                }));
+            }
+            // Make room: the rest of the pending frame at least (its header is validated, so
+            // `need` is bounded by HEADER_LEN + MAX_FRAME_PAYLOAD), and a good read's worth when
+            // the spare space runs low. When the delivered frames have been dropped this reuses
+            // the buffer; otherwise it allocates a new one (once per buffer, not per frame).
+            let spare = self.buf.capacity() - self.buf.len();
+            let rest_of_frame = need - self.buf.len();
+            if spare < cmp::max(rest_of_frame, self.read_size / 8) {
+                self.buf.reserve(cmp::max(rest_of_frame, self.read_size));
+            }
+            match ready!(self.poll_read_buf(cx)) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(RecvError::Io(e))),
+            }
+        }
+    }
+}
