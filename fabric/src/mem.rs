@@ -168,7 +168,8 @@ impl Ord for Item {
 
 struct MemSink {
     net: MemNetwork,
-    tx: mpsc::UnboundedSender<Item>,
+    /// `None` once closed: the receiver then sees the end of the stream after what was sent.
+    tx: Option<mpsc::UnboundedSender<Item>>,
     queue: VecDeque<OutFrame>,
     queued: usize,
     seq: u64,
@@ -220,8 +221,9 @@ impl FrameSink for MemSink {
                 seq: self.seq,
                 frame,
             };
-            if self.tx.send(item).is_err() {
-                return Poll::Ready(Err(broken()));
+            match &self.tx {
+                Some(tx) if tx.send(item).is_ok() => {}
+                _ => return Poll::Ready(Err(broken())),
             }
         }
         self.queued = 0;
@@ -230,8 +232,7 @@ impl FrameSink for MemSink {
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = self.poll_flush(cx);
-        self.flags.broken.store(true, Ordering::SeqCst);
-        self.flags.wake();
+        self.tx = None;
         r
     }
 }
@@ -305,7 +306,7 @@ fn pair(net: &MemNetwork, a: &str, b: &str) -> (Connection, Connection) {
     let mk = |tx, rx, remote: &str, side: usize| Connection {
         sink: Box::new(MemSink {
             net: net.clone(),
-            tx,
+            tx: Some(tx),
             queue: VecDeque::new(),
             queued: 0,
             seq: 0,

@@ -1,1 +1,123 @@
+//! Fixtures for the cross-crate tests and the transport conformance suite.
+//!
+//! The suite in `tests/conformance.rs` is written once against [`Kind`]; each transport that
+//! joins the fabric adds a variant here and a line to the suite's `conformance!` invocation.
 
+use std::time::Duration;
+
+use agentfabric::mem::MemNetwork;
+use agentfabric::transport::Transport;
+use agentfabric::{Config, Node, Peer};
+
+/// A transport under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The in-process transport.
+    Mem,
+    /// TCP on loopback.
+    Tcp,
+}
+
+/// Two nodes joined by one session over a transport.
+pub struct Pair {
+    /// The transport.
+    pub kind: Kind,
+    /// The accepting node.
+    pub server: Node,
+    /// The connecting node.
+    pub client: Node,
+    /// The server's address.
+    pub addr: String,
+    /// The client's side of the session.
+    pub client_peer: Peer,
+    /// The server's side of the session.
+    pub server_peer: Peer,
+    /// The in-process network, for `Kind::Mem`.
+    pub net: Option<MemNetwork>,
+}
+
+/// A raw transport of `kind` (for tests that speak frames directly), and for mem the network.
+pub fn raw_transport(kind: Kind, net: &MemNetwork) -> Box<dyn Transport> {
+    match kind {
+        Kind::Mem => Box::new(net.transport()),
+        Kind::Tcp => Box::new(agentfabric_tcp::TcpTransport::new()),
+    }
+}
+
+/// Builds a node named `name` with the transport of `kind`.
+pub fn node(kind: Kind, name: &str, cfg: Config, net: &MemNetwork) -> Node {
+    let b = Node::builder(name).config(cfg);
+    let b = match kind {
+        Kind::Mem => b.transport(net.transport()),
+        Kind::Tcp => b.transport(agentfabric_tcp::TcpTransport::new()),
+    };
+    b.build().expect("valid node")
+}
+
+/// The address a server of `kind` should listen on; `tag` keeps mem names apart.
+pub fn listen_url(kind: Kind, tag: &str) -> String {
+    match kind {
+        Kind::Mem => format!("mem://{tag}"),
+        Kind::Tcp => "tcp://127.0.0.1:0".to_owned(),
+    }
+}
+
+/// A connected pair with configuration `cfg` on both sides.
+pub async fn pair(kind: Kind, cfg: Config) -> Pair {
+    let net = MemNetwork::new();
+    let server = node(kind, "server", cfg.clone(), &net);
+    let addr = server
+        .listen(&listen_url(kind, "server"))
+        .await
+        .expect("listen");
+    let client = node(kind, "client", cfg, &net);
+    let client_peer = client.connect(&addr).await.expect("connect");
+    let server_peer = within(Duration::from_secs(5), server.accept())
+        .await
+        .expect("accept");
+    Pair {
+        kind,
+        server,
+        client,
+        addr,
+        client_peer,
+        server_peer,
+        net: (kind == Kind::Mem).then_some(net),
+    }
+}
+
+/// Awaits `fut`, panicking with a clear message if it takes longer than `limit` (a hang is a
+/// failure, never a silent wait).
+pub async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("operation did not finish within {limit:?}"),
+    }
+}
+
+/// A message body that says which channel and sequence it is, padded to `len` bytes with a
+/// pattern derived from both, so corruption, loss, duplication and reordering are all visible.
+pub fn body(channel: u32, seq: u32, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len.max(8));
+    v.extend_from_slice(&channel.to_le_bytes());
+    v.extend_from_slice(&seq.to_le_bytes());
+    let mut x = channel.wrapping_mul(31).wrapping_add(seq);
+    while v.len() < len {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        v.push((x >> 16) as u8);
+    }
+    v
+}
+
+/// Checks a body made by [`body`]; returns its (channel, seq).
+pub fn check_body(b: &[u8]) -> (u32, u32) {
+    assert!(b.len() >= 8, "body of {} bytes is too short", b.len());
+    let channel = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+    let seq = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+    assert_eq!(
+        b,
+        &body(channel, seq, b.len())[..],
+        "corrupted body (channel {channel}, seq {seq})"
+    );
+    (channel, seq)
+}

@@ -1,0 +1,561 @@
+//! The transport conformance suite: one semantics on every transport. Each case is written once
+//! and instantiated per transport by `conformance!` at the bottom.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agentfabric::frame::{Header, Kind as FrameKind, OutFrame};
+use agentfabric::mem::MemNetwork;
+use agentfabric::{Class, Config, Error, ProtocolError};
+use agentfabric_tests::{body, check_body, listen_url, node, pair, raw_transport, within, Kind};
+use bytes::Bytes;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Many channels of every class, interleaved, random sizes (some fragmented): each channel
+/// receives exactly its messages, in order, byte for byte.
+async fn ordering_across_interleaved_channels(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const CHANNELS: u32 = 48;
+    const PER: u32 = 60;
+    let mut chans = Vec::new();
+    for i in 0..CHANNELS {
+        let class = Class::ALL[(i % 3) as usize];
+        chans.push(p.client_peer.channel(class, (i % 8) as u8).unwrap());
+    }
+    let sender = tokio::spawn(async move {
+        let mut rng = 0x2545_f491_u64;
+        for seq in 0..PER {
+            for (i, ch) in chans.iter().enumerate() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let len = 8 + (rng % 40_000) as usize;
+                ch.send(body(i as u32, seq, len)).await.unwrap();
+            }
+        }
+    });
+    let mut next: HashMap<u32, u32> = HashMap::new();
+    let mut readers = Vec::new();
+    for _ in 0..CHANNELS {
+        let ch = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..PER {
+                let m = within(LIMIT, ch.recv()).await.unwrap();
+                got.push(check_body(&m.body));
+            }
+            got
+        }));
+    }
+    for r in readers {
+        for (channel, seq) in r.await.unwrap() {
+            let n = next.entry(channel).or_insert(0);
+            assert_eq!(seq, *n, "channel {channel} out of order");
+            *n += 1;
+        }
+    }
+    sender.await.unwrap();
+    assert_eq!(next.len(), CHANNELS as usize);
+    assert!(next.values().all(|&n| n == PER));
+}
+
+/// Connections forced down repeatedly, from both ends, while messages flow both ways: every
+/// message arrives exactly once, in order, and the session resumed.
+async fn exactly_once_across_reconnects(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const N: u32 = 3_000;
+    let up = p.client_peer.channel(Class::Coordination, 4).unwrap();
+    let down = p.server_peer.channel(Class::Bulk, 2).unwrap();
+    let send_up = tokio::spawn({
+        let up = up.clone();
+        async move {
+            for i in 0..N {
+                up.send(body(0, i, 64 + (i as usize * 37) % 3000))
+                    .await
+                    .unwrap();
+            }
+            up.flush().await.unwrap();
+        }
+    });
+    let send_down = tokio::spawn({
+        let down = down.clone();
+        async move {
+            for i in 0..N / 10 {
+                down.send(body(1, i, 20_000 + (i as usize * 101) % 60_000))
+                    .await
+                    .unwrap();
+            }
+            down.flush().await.unwrap();
+        }
+    });
+    let breaker = tokio::spawn({
+        let (c, s) = (p.client_peer.clone(), p.server_peer.clone());
+        async move {
+            for i in 0..6 {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                if i % 2 == 0 {
+                    c.drop_connection();
+                } else {
+                    s.drop_connection();
+                }
+            }
+        }
+    });
+    let up_rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let down_rx = within(LIMIT, p.client_peer.accept_channel()).await.unwrap();
+    let r1 = tokio::spawn(async move {
+        for i in 0..N {
+            let m = within(LIMIT, up_rx.recv()).await.unwrap();
+            assert_eq!(check_body(&m.body), (0, i), "upstream");
+        }
+        // Nothing more (no duplicate) arrives.
+        assert!(up_rx.try_recv().unwrap().is_none());
+    });
+    let r2 = tokio::spawn(async move {
+        for i in 0..N / 10 {
+            let m = within(LIMIT, down_rx.recv()).await.unwrap();
+            assert_eq!(check_body(&m.body), (1, i), "downstream");
+        }
+        assert!(down_rx.try_recv().unwrap().is_none());
+    });
+    within(LIMIT, async {
+        send_up.await.unwrap();
+        send_down.await.unwrap();
+        breaker.await.unwrap();
+        r1.await.unwrap();
+        r2.await.unwrap();
+    })
+    .await;
+    assert!(p.client_peer.error().is_none());
+    assert!(
+        p.client_peer.stats().session.resumes >= 1,
+        "the session should have resumed at least once"
+    );
+}
+
+/// Coordination is never queued behind bulk: with tens of MiB of bulk queued first, a
+/// coordination message sent afterwards arrives while most of the bulk is still to come.
+async fn coordination_overtakes_saturating_bulk(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let bulk = p.client_peer.channel(Class::Bulk, 7).unwrap();
+    let coord = p.client_peer.channel(Class::Coordination, 0).unwrap();
+    const BULK_MSGS: u32 = 32;
+    let block = Bytes::from(vec![0xB5u8; 1 << 20]);
+    let sender = tokio::spawn({
+        let bulk = bulk.clone();
+        async move {
+            for _ in 0..BULK_MSGS {
+                bulk.send(block.clone()).await.unwrap();
+            }
+        }
+    });
+    // Let bulk start flowing so the link is saturated, then send coordination.
+    let bulk_rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    within(LIMIT, bulk_rx.recv()).await.unwrap();
+    coord.send("urgent").await.unwrap();
+    let coord_rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    assert_eq!(coord_rx.class(), Class::Coordination);
+    let m = within(LIMIT, coord_rx.recv()).await.unwrap();
+    assert_eq!(&m.body[..], b"urgent");
+    // Count the bulk that arrived before it (1 read above, plus what is buffered unread).
+    let unread = bulk_rx.stats().unwrap().stats.unread_messages as u32;
+    let before = 1 + unread;
+    assert!(
+        before < BULK_MSGS / 2,
+        "coordination waited behind {before} of {BULK_MSGS} bulk messages"
+    );
+    sender.abort();
+}
+
+/// Offered load far above what the receiver drains: `try_send` pushes back, queues stay within
+/// their bounds on both sides, and everything accepted arrives once drained.
+async fn bounded_memory_under_overload(kind: Kind) {
+    let cfg = Config::default();
+    let window = cfg.recv_window.bulk as usize;
+    let queue = cfg.send_queue_bytes.bulk;
+    let p = pair(kind, cfg.clone()).await;
+    let ch = p.client_peer.channel(Class::Bulk, 3).unwrap();
+    const SIZE: usize = 64 << 10;
+    let offered = 10 * (window + queue);
+    let mut accepted = 0u32;
+    let mut would_block = 0u32;
+    let mut max_queued = 0usize;
+    let start = Instant::now();
+    while (accepted as usize + would_block as usize) * SIZE < offered && start.elapsed() < LIMIT {
+        match ch.try_send(body(0, accepted, SIZE)) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock) => {
+                would_block += 1;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+        max_queued = max_queued.max(ch.stats().unwrap().stats.queued_bytes);
+    }
+    assert!(would_block > 0, "the sender was never pushed back");
+    assert!(
+        max_queued <= queue,
+        "send queue grew to {max_queued} > {queue}"
+    );
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let unread = rx.stats().unwrap().stats.unread_messages * SIZE;
+    assert!(
+        unread <= window + cfg.max_message.min(SIZE),
+        "receiver buffered {unread} bytes, window {window}"
+    );
+    for i in 0..accepted {
+        let m = within(LIMIT, rx.recv()).await.unwrap();
+        assert_eq!(check_body(&m.body), (0, i));
+    }
+}
+
+/// A 64 MiB message arrives intact.
+async fn message_of_64_mib(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let ch = p.client_peer.channel(Class::Bulk, 3).unwrap();
+    let big = body(9, 9, 64 << 20);
+    let sent = Bytes::from(big);
+    ch.send(sent.clone()).await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let m = within(LIMIT, rx.recv()).await.unwrap();
+    assert_eq!(m.body.len(), 64 << 20);
+    assert!(m.body == sent, "64 MiB message corrupted");
+}
+
+/// A message above the limit is refused locally with a typed error, and nothing is sent.
+async fn oversize_message_refused(kind: Kind) {
+    let cfg = Config {
+        max_message: 1 << 20,
+        ..Config::default()
+    };
+    let p = pair(kind, cfg).await;
+    let ch = p.client_peer.channel(Class::Bulk, 3).unwrap();
+    let e = ch.send(vec![0u8; (1 << 20) + 1]).await.unwrap_err();
+    assert_eq!(
+        e,
+        Error::MessageTooLarge {
+            len: (1 << 20) + 1,
+            max: 1 << 20
+        }
+    );
+    ch.send(vec![1u8; 1 << 20]).await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    assert_eq!(within(LIMIT, rx.recv()).await.unwrap().body.len(), 1 << 20);
+}
+
+/// 10,000 channels on one session, and 100 peers on one node.
+async fn ten_thousand_channels_and_a_hundred_peers(kind: Kind) {
+    let cfg = Config {
+        channel_histograms: false,
+        ..Config::default()
+    };
+    let p = pair(kind, cfg.clone()).await;
+    const CH: u32 = 10_000;
+    let mut chans = Vec::with_capacity(CH as usize);
+    for i in 0..CH {
+        let ch = p
+            .client_peer
+            .channel(Class::Coordination, (i % 8) as u8)
+            .unwrap();
+        ch.send(body(i, 0, 16)).await.unwrap();
+        chans.push(ch);
+    }
+    let mut seen = vec![false; CH as usize];
+    for _ in 0..CH {
+        let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        let (c, s) = check_body(&within(LIMIT, rx.recv()).await.unwrap().body);
+        assert_eq!(s, 0);
+        assert!(!seen[c as usize], "channel {c} delivered twice");
+        seen[c as usize] = true;
+    }
+    assert!(seen.iter().all(|&s| s));
+    assert_eq!(p.client_peer.stats().session.channels, CH as usize);
+
+    // 100 peers to the same server node, each with a request/response round trip.
+    let net = p.net.clone().unwrap_or_default();
+    let server = p.server.clone();
+    let echo = tokio::spawn(async move {
+        loop {
+            let Ok(peer) = server.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                while let Ok(ch) = peer.accept_channel().await {
+                    tokio::spawn(async move {
+                        while let Ok(m) = ch.recv().await {
+                            if ch.respond(&m, m.body.clone()).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let mut clients = Vec::new();
+    for i in 0..100u32 {
+        let n = node(kind, &format!("client-{i}"), cfg.clone(), &net);
+        let addr = p.addr.clone();
+        clients.push(tokio::spawn(async move {
+            let peer = n.connect(&addr).await.unwrap();
+            let ch = peer.channel(Class::ToolCall, 3).unwrap();
+            let r = ch
+                .request(body(i, 1, 100), Duration::from_secs(20))
+                .await
+                .unwrap();
+            assert_eq!(check_body(&r), (i, 1));
+            n
+        }));
+    }
+    let mut nodes = Vec::new();
+    for c in clients {
+        nodes.push(within(LIMIT, c).await.unwrap());
+    }
+    assert!(p.server.peers().len() > 100);
+    echo.abort();
+}
+
+/// A peer that dies (its node is dropped: connections close, nothing answers) is detected within
+/// the configured bound, and pending operations fail with a typed error.
+async fn peer_death_fails_pending_operations(kind: Kind) {
+    let cfg = Config {
+        peer_timeout: Duration::from_millis(800),
+        ..Config::default()
+    };
+    let p = pair(kind, cfg).await;
+    let ch = p.client_peer.channel(Class::ToolCall, 3).unwrap();
+    ch.send("first").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    within(LIMIT, rx.recv()).await.unwrap();
+    let pending_recv = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.recv().await }
+    });
+    let pending_request = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.request("are you there?", Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let pair_nodes = (p.server, p.server_peer, rx);
+    let died = Instant::now();
+    drop(pair_nodes);
+    if let Some(net) = &p.net {
+        net.unlisten("server");
+    }
+    // Both fail (bounded: a hang fails the test), with the peer-dead error.
+    let e1 = within(Duration::from_secs(10), pending_recv)
+        .await
+        .unwrap()
+        .unwrap_err();
+    let e2 = within(Duration::from_secs(10), pending_request)
+        .await
+        .unwrap()
+        .unwrap_err();
+    let detected = died.elapsed();
+    for e in [&e1, &e2] {
+        assert!(matches!(e, Error::PeerDead { .. }), "unexpected error {e}");
+    }
+    assert!(
+        detected < Duration::from_secs(5),
+        "death detected after {detected:?}"
+    );
+    assert!(matches!(ch.send("late").await, Err(Error::PeerDead { .. })));
+}
+
+/// Closing a session fails operations on both sides with the matching error.
+async fn close_is_seen_by_both_sides(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let ch = p.client_peer.channel(Class::Coordination, 3).unwrap();
+    ch.send("x").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    within(LIMIT, rx.recv()).await.unwrap();
+    p.client_peer.close("task finished");
+    let e = within(LIMIT, rx.recv()).await.unwrap_err();
+    assert_eq!(e, Error::ClosedByPeer("task finished".into()));
+    assert_eq!(ch.send("y").await.unwrap_err(), Error::Closed);
+}
+
+/// Speaks raw frames to a server node: after a valid handshake, `bad` is sent; the server must
+/// close that session with `expect`ed protocol error, while a well-behaved client is unaffected.
+async fn raw_violation(kind: Kind, bad: Vec<OutFrame>, expect: fn(&Error) -> bool) {
+    use agentfabric::core::{Handshake, HelloStatus, PeerParams};
+    use std::future::poll_fn;
+    let net = MemNetwork::new();
+    let server = node(kind, "server", Config::default(), &net);
+    let addr = server.listen(&listen_url(kind, "server")).await.unwrap();
+    // A good client first.
+    let good_node = node(kind, "good", Config::default(), &net);
+    let good = good_node.connect(&addr).await.unwrap();
+    let good_peer = within(LIMIT, server.accept()).await.unwrap();
+    // The bad client, frame by frame.
+    let t = raw_transport(kind, &net);
+    let raw_addr = addr.split_once("://").unwrap().1.to_owned();
+    let mut conn = t.connect(&raw_addr).await.unwrap();
+    let hello = Handshake {
+        session_id: 77,
+        status: HelloStatus::New,
+        name: "mallory".into(),
+        params: PeerParams {
+            recv_window: Config::default().recv_window,
+        },
+    };
+    conn.sink.push(hello.encode());
+    poll_fn(|cx| conn.sink.poll_flush(cx)).await.unwrap();
+    let bad_peer = within(LIMIT, server.accept()).await.unwrap();
+    assert_eq!(bad_peer.name(), "mallory");
+    for f in bad {
+        conn.sink.push(f);
+    }
+    let _ = poll_fn(|cx| conn.sink.poll_flush(cx)).await;
+    // The violation may come after a valid frame opened a channel: wait for the session's end.
+    let e = within(LIMIT, async {
+        loop {
+            if let Err(e) = bad_peer.accept_channel().await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(expect(&e), "unexpected error: {e:?}");
+    // The bad connection is closed by the server.
+    let closed = within(LIMIT, async {
+        let mut frames = Vec::new();
+        loop {
+            match poll_fn(|cx| conn.stream.poll_recv(cx, &mut frames)).await {
+                Ok(()) => frames.clear(),
+                Err(_) => return true,
+            }
+        }
+    })
+    .await;
+    assert!(closed);
+    // Other peers are unaffected.
+    let ch = good.channel(Class::Coordination, 3).unwrap();
+    ch.send("still fine").await.unwrap();
+    let rx = within(LIMIT, good_peer.accept_channel()).await.unwrap();
+    assert_eq!(
+        &within(LIMIT, rx.recv()).await.unwrap().body[..],
+        b"still fine"
+    );
+}
+
+fn data_frame(seq: u64, payload: &'static [u8]) -> OutFrame {
+    let mut h = Header::new(FrameKind::Data);
+    h.channel = 0;
+    h.flags = agentfabric::frame::FLAG_FIRST | agentfabric::frame::FLAG_LAST;
+    h.seq = seq;
+    h.len = payload.len() as u32;
+    h.credit = 1 << 20;
+    OutFrame {
+        header: h.encode(),
+        payload: Bytes::from_static(payload),
+    }
+}
+
+async fn garbage_frame_closes_session(kind: Kind) {
+    let mut f = data_frame(0, b"hi");
+    f.header[0] = b'X';
+    raw_violation(kind, vec![f], |e| {
+        matches!(
+            e,
+            Error::Protocol(ProtocolError::Frame(
+                agentfabric::frame::FrameError::BadMagic(_)
+            ))
+        )
+    })
+    .await;
+}
+
+async fn four_gib_frame_closes_session(kind: Kind) {
+    let mut h = Header::new(FrameKind::Data);
+    h.len = u32::MAX;
+    let f = OutFrame {
+        header: h.encode(),
+        payload: Bytes::new(),
+    };
+    raw_violation(kind, vec![f], |e| {
+        matches!(
+            e,
+            Error::Protocol(ProtocolError::Frame(
+                agentfabric::frame::FrameError::PayloadTooLarge { .. }
+            ))
+        )
+    })
+    .await;
+}
+
+async fn sequence_from_future_closes_session(kind: Kind) {
+    raw_violation(
+        kind,
+        vec![data_frame(0, b"ok"), data_frame(1_000, b"future")],
+        |e| {
+            matches!(
+                e,
+                Error::Protocol(ProtocolError::SequenceFromFuture { seq: 1_000, .. })
+                    | Error::Protocol(ProtocolError::OffsetMismatch { .. })
+            )
+        },
+    )
+    .await;
+}
+
+async fn frame_before_handshake_is_refused(kind: Kind) {
+    // A connection whose first frame is not a Hello never becomes a session.
+    use std::future::poll_fn;
+    let net = MemNetwork::new();
+    let server = node(kind, "server", Config::default(), &net);
+    let addr = server.listen(&listen_url(kind, "server")).await.unwrap();
+    let t = raw_transport(kind, &net);
+    let mut conn = t.connect(addr.split_once("://").unwrap().1).await.unwrap();
+    conn.sink.push(data_frame(0, b"no hello"));
+    poll_fn(|cx| conn.sink.poll_flush(cx)).await.unwrap();
+    let mut frames = Vec::new();
+    let r = within(LIMIT, poll_fn(|cx| conn.stream.poll_recv(cx, &mut frames))).await;
+    assert!(
+        r.is_err(),
+        "the server should close the connection, got {frames:?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), server.accept())
+            .await
+            .is_err(),
+        "no session should have been accepted"
+    );
+}
+
+macro_rules! conformance {
+    ($kind:ident: $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                super::$case(agentfabric_tests::Kind::$kind).await
+            }
+        )*
+    };
+}
+
+macro_rules! suite {
+    ($module:ident, $kind:ident) => {
+        mod $module {
+            conformance!($kind:
+                ordering_across_interleaved_channels,
+                exactly_once_across_reconnects,
+                coordination_overtakes_saturating_bulk,
+                bounded_memory_under_overload,
+                message_of_64_mib,
+                oversize_message_refused,
+                ten_thousand_channels_and_a_hundred_peers,
+                peer_death_fails_pending_operations,
+                close_is_seen_by_both_sides,
+                garbage_frame_closes_session,
+                four_gib_frame_closes_session,
+                sequence_from_future_closes_session,
+                frame_before_handshake_is_refused,
+            );
+        }
+    };
+}
+
+suite!(mem, Mem);
+suite!(tcp, Tcp);
