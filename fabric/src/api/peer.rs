@@ -123,8 +123,7 @@ impl Peer {
     pub fn close(&self, reason: &str) {
         let mut st = self.shared.lock();
         st.session.close(reason);
-        st.dispatch();
-        st.wake_driver();
+        st.kick();
     }
 
     /// Breaks the current transport connection, as a network failure would. The session then
@@ -206,7 +205,7 @@ impl Channel {
                 let r = st
                     .session
                     .send(Instant::now(), self.id, body.clone(), msg_flags, tag);
-                st.wake_driver();
+                st.kick();
                 Poll::Ready(r)
             }
             Ok(false) => match cx {
@@ -248,7 +247,7 @@ impl Channel {
         poll_fn(|cx| {
             let mut st = self.peer.shared.lock();
             if let Some(m) = st.session.recv(self.id) {
-                st.wake_driver();
+                st.kick();
                 return Poll::Ready(Ok(Message {
                     body: m.body,
                     request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
@@ -267,7 +266,7 @@ impl Channel {
     pub fn try_recv(&self) -> Result<Option<Message>> {
         let mut st = self.peer.shared.lock();
         if let Some(m) = st.session.recv(self.id) {
-            st.wake_driver();
+            st.kick();
             return Ok(Some(Message {
                 body: m.body,
                 request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every test of the project, from a fresh clone on a Debian machine with a Rust toolchain:
+#   1. the workspace's tests: unit and property tests of the protocol core, the simulated-network
+#      tests, the transport conformance suite over mem and tcp, the CLI and doc tests;
+#   2. the Soft-RoCE lab tests: the lab installs what it needs (apt packages, a Debian kernel
+#      cached outside the repo), boots a VM with an rxe device when the host kernel has none,
+#      and runs every test that needs an RDMA device.
+# A lab that cannot start is a failure here, never a silent pass; set AGENTFABRIC_LAB=skip to run
+# only the first part (the output then says plainly that the lab tests did not run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace --release
+
+if [ "${AGENTFABRIC_LAB:-}" = "skip" ]; then
+  echo "lab tests: did not run (AGENTFABRIC_LAB=skip)"
+  exit 0
+fi
+soft-roce/lab install
+soft-roce/lab test
