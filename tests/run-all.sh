@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test --workspace --release
+cargo test --workspace
 
 if [ "${AGENTFABRIC_LAB:-}" = "skip" ]; then
   echo "lab tests: did not run (AGENTFABRIC_LAB=skip)"

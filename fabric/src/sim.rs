@@ -48,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use crate::config::Config;
 use crate::core::{Event, PeerParams, Role, Session};
 use crate::error::Error;
-use crate::frame::OutFrame;
+use crate::frame::{Header, OutFrame};
 
 /// One end of the simulated session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,9 +231,10 @@ pub struct LinkStats {
     pub reordered: u64,
     /// Extra copies made by the duplicate probability.
     pub duplicated: u64,
-    /// Frames dropped because the link was partitioned when they were sent or due.
+    /// Frames dropped because the link was partitioned when they were sent or due (unreliable
+    /// sessions only; a reliable transport holds them).
     pub partition_drops: u64,
-    /// Frames in flight dropped by [`Sim::disconnect`].
+    /// Frames in flight (or held by a partition) dropped by [`Sim::disconnect`].
     pub disconnect_drops: u64,
     /// Frames dropped because the receiving session was already dead.
     pub dead_drops: u64,
@@ -353,8 +354,13 @@ pub struct Sim {
     last_timeout: [Option<(Instant, Instant)>; 2],
     wakes: BinaryHeap<Reverse<Instant>>,
     partitioned: bool,
+    /// Frames held by a partition of a reliable transport: (sending side, frame).
+    held: Vec<(usize, OutFrame)>,
+    reliable: bool,
     connected: bool,
     order: u64,
+    /// Headers of delivered frames, when recording.
+    trace: Option<Vec<(Instant, Side, Header)>>,
 }
 
 /// Most rounds of work at one instant before the simulator declares a livelock.
@@ -405,8 +411,11 @@ impl Sim {
             last_timeout: [None, None],
             wakes: BinaryHeap::new(),
             partitioned: false,
+            held: Vec::new(),
+            reliable: cfg.reliable,
             connected: true,
             order: 0,
+            trace: None,
         }
     }
 
@@ -492,6 +501,18 @@ impl Sim {
         })
     }
 
+    /// Starts (`true`) or stops recording the header of every frame handed to a session; see
+    /// [`Sim::delivered_frames`]. Starting again clears what was recorded.
+    pub fn record_frames(&mut self, on: bool) {
+        self.trace = on.then(Vec::new);
+    }
+
+    /// Headers of the frames delivered while recording: when, the side that sent the frame, and
+    /// its header.
+    pub fn delivered_frames(&self) -> &[(Instant, Side, Header)] {
+        self.trace.as_deref().unwrap_or(&[])
+    }
+
     /// Errors returned by `side`'s [`Session::handle_frame`], with when.
     pub fn frame_errors(&self, side: Side) -> &[(Instant, Error)] {
         &self.frame_errors[side.index()]
@@ -499,11 +520,21 @@ impl Sim {
 
     // ------------------------------------------------------------------ faults
 
-    /// Partitions the link in both directions (`true`) or heals it (`false`). While it is
-    /// partitioned, every frame sent is lost, and so is every frame in flight that falls due.
-    /// The sessions are not told: they find out by their timers.
+    /// Partitions the link in both directions (`true`) or heals it (`false`). The sessions are
+    /// not told: they find out by their timers.
+    ///
+    /// With unreliable sessions (a datagram-like transport) every frame sent while the link is
+    /// partitioned is lost, and so is every frame in flight that falls due. With reliable
+    /// sessions (a TCP-like transport, which retransmits underneath) frames are held instead
+    /// and delivered in order when the partition heals.
     pub fn partition(&mut self, on: bool) {
         self.partitioned = on;
+        if !on {
+            let now = self.now;
+            for (from, frame) in std::mem::take(&mut self.held) {
+                self.links[from].push(now, frame, &mut self.order);
+            }
+        }
     }
 
     /// Whether the link is partitioned.
@@ -522,6 +553,9 @@ impl Sim {
         let now = self.now;
         for l in &mut self.links {
             l.clear(now);
+        }
+        for (from, _) in std::mem::take(&mut self.held) {
+            self.links[from].stats.disconnect_drops += 1;
         }
         for s in &mut self.sessions {
             s.connection_lost(now);
@@ -643,7 +677,11 @@ impl Sim {
             let frame = self.links[from].pop().expect("peeked");
             let to = 1 - from;
             if self.partitioned {
-                self.links[from].stats.partition_drops += 1;
+                if self.reliable {
+                    self.held.push((from, frame));
+                } else {
+                    self.links[from].stats.partition_drops += 1;
+                }
                 continue;
             }
             if self.sessions[to].dead().is_some() {
@@ -654,6 +692,10 @@ impl Sim {
             let frame = frame
                 .decode()
                 .expect("a session emitted a frame that does not decode");
+            if let Some(t) = self.trace.as_mut() {
+                let side = if from == 0 { Side::A } else { Side::B };
+                t.push((now, side, frame.header));
+            }
             if let Err(e) = self.sessions[to].handle_frame(now, frame) {
                 self.frame_errors[to].push((now, e));
             }
@@ -692,7 +734,8 @@ impl Sim {
                     break;
                 };
                 any = true;
-                self.links[i].send(now, f, self.partitioned, &mut self.order);
+                let drop = self.partitioned && !self.reliable;
+                self.links[i].send(now, f, drop, &mut self.order);
             }
         }
         any
@@ -736,5 +779,161 @@ impl Sim {
             cands.push(w.0);
         }
         cands.into_iter().filter(|&t| t > now).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::class::{Class, Priority};
+    use crate::frame::HEADER_LEN;
+    use bytes::Bytes;
+
+    /// Sends `n` messages of `len` bytes from A on one bulk channel and runs until B has read
+    /// them all; returns the simulator.
+    fn transfer(cfg: SimConfig, n: usize, len: usize) -> Sim {
+        let mut sim = Sim::new(cfg);
+        let ch = sim
+            .a_mut()
+            .open_channel(Class::Bulk, Priority::DEFAULT)
+            .unwrap();
+        let mut sent = 0;
+        let mut got = 0;
+        let done = sim.run_until(
+            |s| {
+                let now = s.now();
+                while sent < n
+                    && s.a_mut()
+                        .send(now, ch, Bytes::from(vec![sent as u8; len]), 0, sent as u64)
+                        .is_ok()
+                {
+                    sent += 1;
+                }
+                while let Some(m) = s.b_mut().recv(ch) {
+                    assert_eq!(m.tag, got as u64);
+                    assert_eq!(m.body.len(), len);
+                    got += 1;
+                }
+                got == n
+            },
+            Duration::from_secs(60),
+        );
+        assert!(done);
+        sim
+    }
+
+    fn trace(sim: &Sim) -> Vec<(Duration, Side, Header)> {
+        sim.delivered_frames()
+            .iter()
+            .map(|(t, s, h)| (*t - sim.base(), *s, *h))
+            .collect()
+    }
+
+    #[test]
+    fn same_seed_same_run() {
+        let cfg = |seed| {
+            let mut c =
+                SimConfig::new(seed).link(LinkConfig::lossy(Duration::from_micros(100), 0.1));
+            c.a_to_b.bandwidth_bytes_per_sec = 1 << 30;
+            c
+        };
+        let run = |seed| {
+            let mut sim = Sim::new(cfg(seed));
+            sim.record_frames(true);
+            let ch = sim
+                .a_mut()
+                .open_channel(Class::Bulk, Priority::DEFAULT)
+                .unwrap();
+            let now = sim.now();
+            for i in 0..20 {
+                sim.a_mut()
+                    .send(now, ch, Bytes::from(vec![i; 100_000]), 0, 0)
+                    .unwrap();
+            }
+            sim.run_for(Duration::from_millis(200));
+            (trace(&sim), sim.link_stats(Side::A).clone())
+        };
+        let (t1, s1) = run(1);
+        let (t2, s2) = run(1);
+        assert_eq!(t1, t2);
+        assert_eq!(s1, s2);
+        assert!(s1.lost > 0);
+        let (t3, _) = run(2);
+        assert_ne!(t1, t3, "another seed, another run");
+    }
+
+    #[test]
+    fn bandwidth_serialises_frames() {
+        // 1 MiB in 64 KiB chunks on a 100 MB/s link with no delay: the last chunk arrives after
+        // exactly sixteen chunks' wire time (the initial window lets them all out at once).
+        let link = LinkConfig::default().bandwidth(100_000_000);
+        let chunk = Config::default().chunk_size.bulk as usize;
+        let sim = transfer(SimConfig::new(1).link(link.clone()), 1, 16 * chunk);
+        assert_eq!(sim.elapsed(), link.wire_time(HEADER_LEN + chunk) * 16);
+        assert_eq!(link.wire_time(1_000_000), Duration::from_millis(10));
+        assert_eq!(LinkConfig::default().wire_time(1 << 30), Duration::ZERO);
+    }
+
+    #[test]
+    fn loss_rate_is_as_configured() {
+        let link = LinkConfig {
+            loss: 0.2,
+            ..LinkConfig::with_delay(Duration::from_micros(50))
+        };
+        let sim = transfer(SimConfig::new(3).link(link).reliable(false), 300, 1000);
+        let st = sim.link_stats(Side::A);
+        let rate = st.lost as f64 / st.frames_sent as f64;
+        assert!((0.15..0.25).contains(&rate), "{st:?}");
+        assert_eq!(st.frames_delivered + st.lost, st.frames_sent);
+        assert!(sim.a().stats().retransmits >= st.lost / 2);
+    }
+
+    #[test]
+    fn wake_at_and_run_for_stop_on_time() {
+        let mut sim = Sim::new(SimConfig::new(1));
+        let t = sim.now() + Duration::from_micros(1234);
+        sim.wake_at(t);
+        let mut seen = Vec::new();
+        sim.run_until(
+            |s| {
+                seen.push(s.elapsed());
+                false
+            },
+            Duration::from_millis(2),
+        );
+        assert!(seen.contains(&Duration::from_micros(1234)), "{seen:?}");
+        assert_eq!(sim.elapsed(), Duration::from_millis(2));
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.elapsed(), Duration::from_millis(3002));
+        // Keepalives kept an idle session alive, and no timer was left in the past.
+        assert!(sim.a().dead().is_none() && sim.b().dead().is_none());
+        assert_eq!(sim.side_stats(Side::A).timer_spins, 0);
+        assert!(sim.side_stats(Side::A).timeouts_handled > 0);
+    }
+
+    #[test]
+    fn reliable_partition_holds_frames_in_order() {
+        let mut sim =
+            Sim::new(SimConfig::new(1).link(LinkConfig::with_delay(Duration::from_micros(10))));
+        let ch = sim
+            .a_mut()
+            .open_channel(Class::Coordination, Priority::DEFAULT)
+            .unwrap();
+        sim.partition(true);
+        let now = sim.now();
+        for i in 0..5u8 {
+            sim.a_mut()
+                .send(now, ch, Bytes::from(vec![i; 10]), 0, 0)
+                .unwrap();
+        }
+        sim.run_for(Duration::from_millis(100));
+        assert!(!sim.b().readable(ch));
+        sim.partition(false);
+        sim.run_for(Duration::from_millis(1));
+        for i in 0..5u8 {
+            assert_eq!(sim.b_mut().recv(ch).unwrap().body[0], i);
+        }
+        assert_eq!(sim.link_stats(Side::A).partition_drops, 0);
+        assert!(sim.frame_errors(Side::B).is_empty());
     }
 }

@@ -164,6 +164,11 @@ pub struct Session {
     last_rx_ts: u32,
     last_rx_at: Instant,
     progress_at: Instant,
+    /// A channel ran out of credit with data queued (unreliable transports only: a credit
+    /// update can be lost, so a stalled sender probes the receiver on the retransmission timer).
+    credit_probe: bool,
+    /// Retransmission timeouts in a row without progress: each doubles the next timeout.
+    rto_backoff: u32,
     connected: bool,
     state: State,
     ping_seq: u64,
@@ -202,6 +207,8 @@ impl Session {
             last_rx_ts: 0,
             last_rx_at: now,
             progress_at: now,
+            credit_probe: false,
+            rto_backoff: 0,
             connected: true,
             state: State::Open,
             ping_seq: 0,
@@ -420,6 +427,7 @@ impl Session {
         self.connected = true;
         self.last_rx = now;
         self.stats.resumes += 1;
+        self.rto_backoff = 0;
         self.retx.clear();
         let mut ids: Vec<u32> = self.channels.keys().copied().collect();
         ids.sort_unstable();
@@ -524,12 +532,14 @@ impl Session {
         if credit > c.peer_credit {
             c.peer_credit = credit;
             wake_ready = true;
+            self.rto_backoff = 0;
         }
         if c.want_flush && c.is_flushed() {
             c.want_flush = false;
             self.events.push_back(Event::Flushed(ch));
         }
         if acked > 0 {
+            self.rto_backoff = 0;
             self.inflight -= acked.min(self.inflight);
             self.progress_at = now;
             let chunk = u64::from(self.cfg.chunk_size.bulk);
@@ -638,6 +648,14 @@ impl Session {
         let first = h.flags & FLAG_FIRST != 0;
         let last = h.flags & FLAG_LAST != 0;
         let len = frame.payload.len();
+        if first && len > max_message {
+            // (Continuations are checked as they add up, below.)
+            return Err(ProtocolError::MessageTooLarge {
+                channel: id,
+                len,
+                max: max_message,
+            });
+        }
         let delivered = match (first, c.partial.take()) {
             (true, Some(_)) => return Err(ProtocolError::BadFragment { channel: id }),
             (false, None) => return Err(ProtocolError::BadFragment { channel: id }),
@@ -713,7 +731,10 @@ impl Session {
             }
         }
         Self::queue_ack(&mut self.ack_queue, id, c);
-        if c.rx_since_ack >= c.window / 4 || c.credit_limit() - c.advertised >= c.window / 4 {
+        // Ack at least every half minimum congestion window: a sender whose window is smaller
+        // than a quarter of our receive window would otherwise wait for the ack timer each round.
+        let ack_every = (c.window / 4).min(self.cfg.congestion.min_window / 2);
+        if c.rx_since_ack >= ack_every || c.credit_limit() - c.advertised >= c.window / 4 {
             self.ack_urgent = true;
         } else if self.ack_deadline.is_none() {
             self.ack_deadline = Some(now + self.cfg.ack_delay);
@@ -756,6 +777,14 @@ impl Session {
         }
         if let Some(deadline) = self.rto_deadline() {
             if now >= deadline {
+                self.rto_backoff = (self.rto_backoff + 1).min(16);
+            }
+            if now >= deadline && self.inflight == 0 {
+                // Only credit-stalled channels: probe them, without touching the window.
+                self.progress_at = now;
+                self.probe_credit(now);
+            } else if now >= deadline {
+                self.probe_credit(now);
                 self.cwnd.on_timeout();
                 self.progress_at = now;
                 self.retx.clear();
@@ -776,8 +805,53 @@ impl Session {
     }
 
     fn rto_deadline(&self) -> Option<Instant> {
-        (!self.reliable && self.connected && self.inflight > 0 && self.retx.is_empty())
-            .then(|| self.progress_at + self.rtt.rto(self.cfg.min_rto))
+        (!self.reliable
+            && self.connected
+            && (self.inflight > 0 || self.credit_probe)
+            && self.retx.is_empty())
+        .then(|| self.progress_at + self.rto())
+    }
+
+    /// The retransmission timeout, doubled for each timeout in a row without progress (as
+    /// RFC 6298 requires), up to a quarter of the peer timeout, so a partitioned or overloaded
+    /// path is not flooded with retransmissions and a healed one recovers quickly.
+    fn rto(&self) -> Duration {
+        let base = self.rtt.rto(self.cfg.min_rto);
+        let cap = (self.cfg.peer_timeout / 4).max(base);
+        base.saturating_mul(1 << self.rto_backoff).min(cap)
+    }
+
+    /// Zero-window probe (as TCP's persist timer): a channel with data queued, no credit and
+    /// nothing unacknowledged depends on a credit update that may have been lost. Its last chunk
+    /// was acknowledged, so sending that sequence number again, with no payload, is a duplicate
+    /// the receiver drops and answers with an ack carrying its current credit.
+    fn probe_credit(&mut self, now: Instant) {
+        let mut ids: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| !c.queue.is_empty() && !c.can_send())
+            .map(|(&id, _)| id)
+            .collect();
+        self.credit_probe = !ids.is_empty();
+        ids.sort_unstable();
+        for id in ids {
+            let c = &self.channels[&id];
+            if !c.unacked.is_empty() || c.next_seq == 0 {
+                continue; // the retransmission of unacked chunks brings the ack
+            }
+            let mut h = Header::new(Kind::Data);
+            h.flags = FLAG_RETRANSMIT;
+            h.class = c.class;
+            h.priority = c.prio;
+            h.channel = id;
+            h.seq = c.next_seq - 1;
+            h.offset = c.next_offset;
+            self.fill_ack(now, id, &mut h);
+            self.control.push_back(OutFrame {
+                header: h.encode(),
+                payload: Bytes::new(),
+            });
+        }
     }
 
     /// When [`Session::handle_timeout`] should next be called.
@@ -790,10 +864,10 @@ impl Session {
             let ka = self.last_rx.max(self.last_ping) + self.cfg.keepalive_interval;
             t = t.min(ka);
         }
-        for d in [self.ack_deadline, self.rto_deadline()]
-            .into_iter()
-            .flatten()
-        {
+        // Acks wait for a connection (`connected` sends them at once), so a passed ack deadline
+        // must not hold the timer in the past while disconnected.
+        let ack_deadline = self.ack_deadline.filter(|_| self.connected);
+        for d in [ack_deadline, self.rto_deadline()].into_iter().flatten() {
             t = t.min(d);
         }
         Some(t)
@@ -901,6 +975,7 @@ impl Session {
                 let class = c.class;
                 if !c.queue.is_empty() {
                     self.stats.credit_stalls += 1;
+                    self.credit_probe = !self.reliable;
                 }
                 if self.sched.priorities() {
                     self.sched.remove(id, class);
@@ -961,6 +1036,7 @@ impl Session {
         if !still && !c.queue.is_empty() {
             c.counters.credit_stalls += 1;
             self.stats.credit_stalls += 1;
+            self.credit_probe = !self.reliable;
         }
         c.in_ready = still;
         c.unacked.push_back(sent.clone());
@@ -1004,6 +1080,8 @@ impl Session {
         if !c.in_ready && c.can_send() {
             c.in_ready = true;
             self.sched.mark_ready(id, c.class, c.prio);
+        } else if !c.queue.is_empty() && !c.can_send() {
+            self.credit_probe = !self.reliable;
         }
     }
 
