@@ -30,6 +30,11 @@ pub(crate) enum ConnEnd {
     Replaced(Connection),
 }
 
+/// Bytes a driver moves in one poll before it yields its worker thread, so the application
+/// tasks it just woke (a coordination message that arrived amid bulk) run without waiting for a
+/// whole bulk transfer to drain.
+const POLL_BUDGET: usize = 512 << 10;
+
 pub(crate) struct ConnDriver<'a> {
     shared: Arc<PeerShared>,
     stream: Box<dyn FrameStream>,
@@ -61,15 +66,21 @@ impl<'a> ConnDriver<'a> {
         }
     }
 
-    /// Feeds received frames to the session.
-    fn ingest(&mut self, st: &mut PeerState) {
+    /// Feeds received frames to the session; returns the bytes received.
+    fn ingest(&mut self, st: &mut PeerState) -> usize {
         let now = Instant::now();
+        let bytes = self
+            .rx
+            .iter()
+            .map(|f| crate::frame::HEADER_LEN + f.payload.len())
+            .sum();
         for f in self.rx.drain(..) {
             if st.session.handle_frame(now, f).is_err() {
                 break;
             }
         }
         self.rx.clear();
+        bytes
     }
 
     fn end(&mut self, end: ConnEnd) -> Poll<ConnEnd> {
@@ -83,6 +94,7 @@ impl Future for ConnDriver<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ConnEnd> {
         let this = self.get_mut();
+        let mut work = 0usize;
         loop {
             let mut progress = false;
 
@@ -99,7 +111,7 @@ impl Future for ConnDriver<'_> {
             let mut st = shared.lock();
             match received {
                 Poll::Ready(Ok(())) => {
-                    this.ingest(&mut st);
+                    work += this.ingest(&mut st);
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
@@ -131,7 +143,12 @@ impl Future for ConnDriver<'_> {
                 st.timer_at = None;
             }
             match st.pump(cx) {
-                Poll::Ready(Ok(more)) => progress |= more,
+                Poll::Ready(Ok(more)) => {
+                    if more {
+                        progress = true;
+                        work += super::shared::SEND_BATCH;
+                    }
+                }
                 Poll::Ready(Err(e)) => {
                     st.dispatch();
                     st.sink = None;
@@ -173,6 +190,11 @@ impl Future for ConnDriver<'_> {
                 progress = true;
             }
             if !progress {
+                return Poll::Pending;
+            }
+            if work >= POLL_BUDGET {
+                // More to do, but let the tasks woken so far run first.
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
         }

@@ -244,14 +244,11 @@ impl Channel {
     /// Waits for the next message, in order. Fails with the session's error once it is dead and
     /// nothing is left to read.
     pub async fn recv(&self) -> Result<Message> {
-        poll_fn(|cx| {
+        let m = poll_fn(|cx| {
             let mut st = self.peer.shared.lock();
-            if let Some(m) = st.session.recv(self.id) {
+            if let Some(m) = st.session.recv_unassembled(self.id) {
                 st.kick();
-                return Poll::Ready(Ok(Message {
-                    body: m.body,
-                    request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
-                }));
+                return Poll::Ready(Ok(m));
             }
             if let Some(e) = st.session.dead() {
                 return Poll::Ready(Err(e.clone()));
@@ -259,18 +256,17 @@ impl Channel {
             st.recv_wakers.insert(self.id, cx.waker().clone());
             Poll::Pending
         })
-        .await
+        .await?;
+        Ok(message(m))
     }
 
     /// The next message if one is ready.
     pub fn try_recv(&self) -> Result<Option<Message>> {
         let mut st = self.peer.shared.lock();
-        if let Some(m) = st.session.recv(self.id) {
+        if let Some(m) = st.session.recv_unassembled(self.id) {
             st.kick();
-            return Ok(Some(Message {
-                body: m.body,
-                request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
-            }));
+            drop(st);
+            return Ok(Some(message(m)));
         }
         match st.session.dead() {
             Some(e) => Err(e.clone()),
@@ -381,6 +377,15 @@ pub struct ChannelSnapshot {
     pub stats: ChannelStats,
     /// Request round trips on this channel, microseconds, if any were made.
     pub request_rtt_us: Option<Histogram<u64>>,
+}
+
+/// Joins a fragmented message (outside the session's lock) and wraps it for the application.
+fn message(mut m: crate::core::Delivered) -> Message {
+    m.assemble();
+    Message {
+        body: m.body,
+        request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
+    }
 }
 
 struct SlotGuard<'a> {

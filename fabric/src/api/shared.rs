@@ -20,7 +20,7 @@ use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued
 /// while a batch is written waits for little; large enough to amortise the system call.
-const SEND_BATCH: usize = 256 << 10;
+pub(crate) const SEND_BATCH: usize = 256 << 10;
 
 /// Where a response goes when it arrives.
 pub(crate) type ResponseSlot = oneshot::Sender<Result<Bytes, Error>>;

@@ -30,10 +30,11 @@ pub(crate) struct Sent {
     pub(crate) payload: Bytes,
 }
 
-/// A message reassembled and ready for the application.
+/// A message received whole and ready for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
-    /// The message body.
+    /// The message body (empty until [`Delivered::assemble`] for a fragmented message taken
+    /// with [`Session::recv_unassembled`](super::Session::recv_unassembled)).
     pub body: Bytes,
     /// The message tag (request id for requests).
     pub tag: u64,
@@ -41,6 +42,35 @@ pub struct Delivered {
     pub msg_flags: u8,
     /// Receive-window bytes given back to the peer when the application takes the message.
     pub(crate) credit: u64,
+    /// The chunks of a fragmented message, not yet joined.
+    pub(crate) parts: Vec<Bytes>,
+}
+
+impl Delivered {
+    /// Joins a fragmented message's chunks into `body`: the one copy such a message costs. Done
+    /// by the application task, outside any lock, so a large message does not hold up the
+    /// session. A no-op for a message that came in one chunk.
+    pub fn assemble(&mut self) {
+        if self.parts.is_empty() {
+            return;
+        }
+        let len = self.parts.iter().map(Bytes::len).sum();
+        let mut buf = BytesMut::with_capacity(len);
+        for c in self.parts.drain(..) {
+            buf.extend_from_slice(&c);
+        }
+        self.body = buf.freeze();
+    }
+
+    /// Length of the message body in bytes.
+    pub fn len(&self) -> usize {
+        self.body.len() + self.parts.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Whether the message body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug)]
@@ -52,17 +82,6 @@ pub(crate) struct Partial {
     /// Bytes already given back as credit while reassembling (allowed when the application had
     /// read everything, so a message larger than the window can complete).
     pub(crate) prereleased: u64,
-}
-
-impl Partial {
-    /// Joins the chunks: the one copy a fragmented message costs.
-    pub(crate) fn assemble(self) -> Bytes {
-        let mut buf = BytesMut::with_capacity(self.len);
-        for c in &self.chunks {
-            buf.extend_from_slice(c);
-        }
-        buf.freeze()
-    }
 }
 
 /// Counters and histograms of one channel.

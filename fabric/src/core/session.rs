@@ -361,9 +361,17 @@ impl Session {
         Ok(false)
     }
 
-    /// Takes the next message received on `ch`, in order. Taking it gives its bytes back to the
-    /// peer as credit.
+    /// Takes the next message received on `ch`, in order, with its body joined. Taking it gives
+    /// its bytes back to the peer as credit.
     pub fn recv(&mut self, ch: u32) -> Option<Delivered> {
+        let mut m = self.recv_unassembled(ch)?;
+        m.assemble();
+        Some(m)
+    }
+
+    /// As [`Session::recv`], but a fragmented message's chunks are left for the caller to join
+    /// with [`Delivered::assemble`] (after releasing any lock around the session).
+    pub fn recv_unassembled(&mut self, ch: u32) -> Option<Delivered> {
         let c = self.channels.get_mut(&ch)?;
         let msg = c.delivered.pop_front()?;
         c.released += msg.credit;
@@ -664,6 +672,7 @@ impl Session {
                 tag: h.tag,
                 msg_flags: h.msg_flags,
                 credit: len as u64,
+                parts: Vec::new(),
             }),
             (true, None) => {
                 c.partial = Some(Partial {
@@ -689,10 +698,11 @@ impl Session {
                     let credit = p.len as u64 - p.prereleased;
                     let (tag, msg_flags) = (p.tag, p.msg_flags);
                     Some(Delivered {
-                        body: p.assemble(),
+                        body: Bytes::new(),
                         tag,
                         msg_flags,
                         credit,
+                        parts: p.chunks,
                     })
                 } else {
                     c.partial = Some(p);
@@ -710,8 +720,10 @@ impl Session {
         }
         if let Some(msg) = delivered {
             c.counters.messages_received += 1;
-            c.counters.bytes_received += msg.body.len() as u64;
+            c.counters.bytes_received += msg.len() as u64;
             if msg.msg_flags & MSG_RESPONSE != 0 {
+                let mut msg = msg;
+                msg.assemble();
                 c.released += msg.credit;
                 let result = if msg.msg_flags & MSG_ERROR != 0 {
                     Err(String::from_utf8_lossy(&msg.body).into_owned())
@@ -1139,7 +1151,7 @@ impl Session {
     /// unread messages): bounded by the window plus one message.
     pub fn buffered_bytes(&self, ch: u32) -> usize {
         self.channels.get(&ch).map_or(0, |c| {
-            c.delivered.iter().map(|m| m.body.len()).sum::<usize>()
+            c.delivered.iter().map(Delivered::len).sum::<usize>()
                 + c.partial.as_ref().map_or(0, |p| p.len)
                 + c.reorder.values().map(|f| f.payload.len()).sum::<usize>()
         })
