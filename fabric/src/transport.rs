@@ -29,6 +29,12 @@ pub trait Transport: Send + Sync + 'static {
         true
     }
 
+    /// Largest frame payload this transport carries (e.g. a verbs transport's receive buffer
+    /// size less the header). Sessions on it cut messages into chunks no larger than this.
+    fn max_frame_payload(&self) -> usize {
+        crate::frame::MAX_FRAME_PAYLOAD
+    }
+
     /// Connects to `addr` (the part after `scheme://`).
     fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>>;
 

@@ -21,6 +21,16 @@ use crate::transport::{split_url, Connection, Transport};
 
 /// Sessions accepted and not yet taken by [`Node::accept`].
 const ACCEPT_BACKLOG: usize = 1024;
+/// The node's configuration with chunks no larger than what transport `t` carries.
+fn session_config(cfg: &Config, t: &dyn Transport) -> Config {
+    let max = u32::try_from(t.max_frame_payload()).unwrap_or(u32::MAX).max(1);
+    let mut cfg = cfg.clone();
+    cfg.chunk_size.coordination = cfg.chunk_size.coordination.min(max);
+    cfg.chunk_size.toolcall = cfg.chunk_size.toolcall.min(max);
+    cfg.chunk_size.bulk = cfg.chunk_size.bulk.min(max);
+    cfg
+}
+
 /// Longest wait between two reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -224,7 +234,7 @@ impl Node {
         }
         let session = Session::new(
             Role::Initiator,
-            self.inner.config.clone(),
+            session_config(&self.inner.config, &*t),
             ack.params,
             t.reliable(),
             Instant::now(),
@@ -382,7 +392,7 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
     }
     let session = Session::new(
         Role::Acceptor,
-        inner.config.clone(),
+        session_config(&inner.config, &*t),
         hello.params,
         t.reliable(),
         Instant::now(),
