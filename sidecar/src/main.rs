@@ -1,1 +1,54 @@
-fn main() {}
+//! `agentfabric`: the fabric's command-line tool.
+//!
+//! Subcommands:
+//! - `bench`: measures the fabric against a raw baseline in the same process and prints latency
+//!   summaries (a table, or one JSON object with `--json`; see `notes/bench-json.md`).
+//!
+//! Everything here uses the public API of the `agentfabric` and `agentfabric-tcp` crates only.
+//! Standard output carries results only; progress and logs go to standard error.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+/// Command line of the `agentfabric` binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentfabric",
+    version,
+    about = "agentfabric: a low-latency message fabric for AI agents",
+    propagate_version = true
+)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure the fabric against a raw baseline (same process, same run).
+    Bench(bench::BenchArgs),
+}
+
+/// Sends `tracing` output (the library's warnings, `RUST_LOG` for more) to standard error, so
+/// that standard output holds results only.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Bench(args) => bench::main(args),
+    }
+}

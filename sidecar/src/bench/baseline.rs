@@ -1,0 +1,191 @@
+//! Raw baselines measured in the same run as the fabric, on the same runtime and sizes.
+//!
+//! - `raw-tcp`: a ping-pong between two tokio tasks over one loopback [`TcpStream`] with
+//!   `TCP_NODELAY`. Messages have a fixed size known to both sides, so there is no framing at all:
+//!   the client writes `size` bytes and reads `size` bytes back, the server reads `size` bytes and
+//!   writes them back. No allocation per round trip. This is the best a plain tokio program does.
+//! - `raw-tcp-stream`: one task writes `size`-byte blocks back to back, the other reads them
+//!   (256 KiB reads, as the fabric's TCP transport does) and counts bytes.
+//! - `tokio-mpsc`: for the in-process transport, two bounded tokio mpsc channels carrying
+//!   [`Bytes`] (refcounted, never copied), one each way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::BenchResult;
+
+/// Bytes per read of the streaming baseline's receiver.
+const STREAM_READ: usize = 256 << 10;
+
+/// The client side of a baseline ping-pong. Dropping it stops the echo task.
+pub struct BaselinePinger {
+    kind: Kind,
+    server: JoinHandle<()>,
+}
+
+enum Kind {
+    RawTcp {
+        stream: TcpStream,
+        payload: Vec<u8>,
+        buf: Vec<u8>,
+    },
+    Mpsc {
+        tx: mpsc::Sender<Bytes>,
+        rx: mpsc::Receiver<Bytes>,
+        payload: Bytes,
+    },
+}
+
+impl BaselinePinger {
+    /// The baseline's name in reports: `raw-tcp` or `tokio-mpsc`.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::RawTcp { .. } => "raw-tcp",
+            Kind::Mpsc { .. } => "tokio-mpsc",
+        }
+    }
+
+    /// A raw TCP ping-pong of `size`-byte messages over loopback, echo task included.
+    pub async fn raw_tcp(size: usize) -> BenchResult<BaselinePinger> {
+        let (client, mut server) = tcp_pair().await?;
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; size];
+            loop {
+                if server.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                if server.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(BaselinePinger {
+            kind: Kind::RawTcp {
+                stream: client,
+                payload: vec![0xa5u8; size],
+                buf: vec![0u8; size],
+            },
+            server,
+        })
+    }
+
+    /// A pair of tokio mpsc channels with an echo task between them.
+    pub fn mpsc(size: usize) -> BaselinePinger {
+        let (tx, mut srx) = mpsc::channel::<Bytes>(1024);
+        let (stx, rx) = mpsc::channel::<Bytes>(1024);
+        let server = tokio::spawn(async move {
+            while let Some(b) = srx.recv().await {
+                if stx.send(b).await.is_err() {
+                    return;
+                }
+            }
+        });
+        BaselinePinger {
+            kind: Kind::Mpsc {
+                tx,
+                rx,
+                payload: Bytes::from(vec![0xa5u8; size]),
+            },
+            server,
+        }
+    }
+
+    /// One round trip.
+    pub async fn round_trip(&mut self) -> BenchResult<()> {
+        match &mut self.kind {
+            Kind::RawTcp {
+                stream,
+                payload,
+                buf,
+            } => {
+                stream.write_all(payload).await?;
+                stream.read_exact(buf).await?;
+                Ok(())
+            }
+            Kind::Mpsc { tx, rx, payload } => {
+                tx.send(payload.clone())
+                    .await
+                    .map_err(|_| "mpsc echo task stopped")?;
+                rx.recv().await.ok_or("mpsc echo task stopped")?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for BaselinePinger {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Two connected loopback TCP streams with `TCP_NODELAY` set on both.
+async fn tcp_pair() -> BenchResult<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let client = client?;
+    let (server, _) = accepted?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    Ok((client, server))
+}
+
+/// Throughput in MB/s (10^6 bytes per second) of a raw stream of `block`-byte messages: raw TCP
+/// for `tcp`, a tokio mpsc channel of [`Bytes`] otherwise. Counted at the receiver over
+/// `duration`, after `warmup`.
+pub async fn stream_mb_s(
+    tcp: bool,
+    block: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> BenchResult<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let (writer, reader) = if tcp {
+        let (mut client, mut server) = tcp_pair().await?;
+        let writer = tokio::spawn(async move {
+            let data = vec![0x5au8; block];
+            while client.write_all(&data).await.is_ok() {}
+        });
+        let counter = received.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; STREAM_READ];
+            loop {
+                match server.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        (writer, reader)
+    } else {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let writer = tokio::spawn(async move {
+            let data = Bytes::from(vec![0x5au8; block]);
+            while tx.send(data.clone()).await.is_ok() {}
+        });
+        let counter = received.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+        });
+        (writer, reader)
+    };
+    tokio::time::sleep(warmup).await;
+    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(duration).await;
+    let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
+    writer.abort();
+    reader.abort();
+    Ok((b1 - b0) as f64 / (t1 - t0).as_secs_f64() / 1e6)
+}

@@ -1,0 +1,239 @@
+//! Workload `mixed`: 64-byte coordination round trips while a bulk channel to the same peer is
+//! kept saturated.
+//!
+//! Phases, each `warmup` then `duration` long:
+//! 1. `idle`: coordination round trips alone (default configuration);
+//! 2. bulk alone (`bulk_solo_mb_s`), then the raw streaming baseline of the same block size
+//!    (`bulk_baseline`: raw TCP for `tcp`, a tokio mpsc channel for `mem`);
+//! 3. `loaded`: round trips while one task keeps the bulk channel's send queue full with
+//!    `block`-byte messages (priorities on, the default); `bulk_mb_s` is counted at the receiver
+//!    over the measured part;
+//! 4. `fifo`: the same on a fresh pair of nodes built with `priorities: false`.
+//!
+//! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
+//! cumulative; each latency phase opens its own coordination channel, so the channel's
+//! queueing-delay histogram covers that phase (and its warm-up) only.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use agentfabric::{Bytes, Channel, Class, Config};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
+use super::{
+    baseline, fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Pinger,
+    Settings, TransportKind,
+};
+use super::{Output, Workload};
+
+/// Size of the coordination messages.
+pub const COORDINATION_SIZE: usize = 64;
+
+/// A task that keeps a bulk channel's send queue full.
+struct BulkLoad {
+    channel: Channel,
+    task: JoinHandle<BenchResult<()>>,
+}
+
+impl BulkLoad {
+    fn start(channel: &Channel, block: &Bytes) -> BulkLoad {
+        let ch = channel.clone();
+        let block = block.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                ch.send(block.clone()).await?;
+            }
+        });
+        BulkLoad {
+            channel: channel.clone(),
+            task,
+        }
+    }
+
+    /// Stops sending and waits until what was queued has been received, so that the next phase
+    /// starts on an empty link.
+    async fn stop(self) -> BenchResult<()> {
+        self.task.abort();
+        // Cancelled is the expected outcome; an error means the session failed first.
+        if let Ok(Err(e)) = self.task.await {
+            return Err(format!("bulk sender failed: {e}").into());
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.channel.flush())
+            .await
+            .map_err(|_| "the bulk channel did not drain within 30 s")??;
+        Ok(())
+    }
+}
+
+/// Bulk throughput in MB/s counted at the receiver between two snapshots.
+fn mb_s(pair: &FabricPair, start: (u64, Instant)) -> f64 {
+    let (b1, t1) = (pair.bulk_received.load(Ordering::Relaxed), Instant::now());
+    let secs = (t1 - start.1).as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    b1.saturating_sub(start.0) as f64 / secs / 1e6
+}
+
+fn snapshot(pair: &FabricPair) -> (u64, Instant) {
+    (pair.bulk_received.load(Ordering::Relaxed), Instant::now())
+}
+
+/// Runs coordination round trips while bulk runs: returns their summary and the bulk MB/s
+/// counted over the measured part.
+///
+/// A fresh coordination channel is opened for the phase, so that its statistics cover this
+/// phase only; they are returned with the summary.
+async fn loaded_phase(
+    pair: &FabricPair,
+    bulk: &Channel,
+    block: &Bytes,
+    s: &Settings,
+) -> BenchResult<(Summary, f64, serde_json::Value)> {
+    let fabric = pair.coordination_pinger(COORDINATION_SIZE).await?;
+    let mut coord = Pinger::Fabric(fabric);
+    let load = BulkLoad::start(bulk, block);
+    let work = async {
+        coord.run_until(Instant::now() + s.warmup, None).await?;
+        let start = snapshot(pair);
+        let mut h = new_histogram();
+        coord
+            .run_until(Instant::now() + s.duration, Some(&mut h))
+            .await?;
+        BenchResult::Ok((Summary::from_histogram(&h), mb_s(pair, start)))
+    };
+    let limit = s.phase_limit();
+    let r = tokio::time::timeout(limit, work).await;
+    load.stop().await?;
+    let (summary, mb_s) =
+        r.map_err(|_| format!("a loaded phase did not finish within {limit:?}"))??;
+    let stats = match coord.as_fabric() {
+        Some(f) => fabric_stats_json(pair, f),
+        None => serde_json::Value::Null,
+    };
+    Ok((summary, mb_s, stats))
+}
+
+/// Runs the workload and builds its report.
+pub async fn run(s: &Settings) -> BenchResult<Output> {
+    let block = Bytes::from(vec![0x5au8; s.size]);
+    let limit = s.phase_limit();
+
+    let pair = FabricPair::new(s.transport, Config::default(), "prio").await?;
+    let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
+    let bulk = pair.peer.channel(Class::Bulk, 3)?;
+
+    progress("phase idle: coordination round trips alone");
+    let idle = tokio::time::timeout(limit, coord.measure(s.warmup, s.duration))
+        .await
+        .map_err(|_| "the idle phase did not finish")??;
+    let idle = Summary::from_histogram(&idle);
+    drop(coord);
+
+    progress("phase bulk_solo: bulk alone");
+    let load = BulkLoad::start(&bulk, &block);
+    tokio::time::sleep(s.warmup).await;
+    let start = snapshot(&pair);
+    tokio::time::sleep(s.duration).await;
+    let bulk_solo = mb_s(&pair, start);
+    load.stop().await?;
+
+    let base_name = match s.transport {
+        TransportKind::Tcp => "raw-tcp-stream",
+        TransportKind::Mem => "tokio-mpsc",
+    };
+    progress(&format!("phase bulk_baseline: {base_name} streaming"));
+    let bulk_base = baseline::stream_mb_s(
+        s.transport == TransportKind::Tcp,
+        s.size,
+        s.warmup,
+        s.duration,
+    )
+    .await?;
+
+    progress("phase loaded: coordination round trips while bulk runs (priorities on)");
+    let (loaded, bulk_loaded, stats_loaded) = loaded_phase(&pair, &bulk, &block, s).await?;
+    drop(pair);
+
+    progress("phase fifo: the same with priorities off");
+    let fifo_config = Config {
+        priorities: false,
+        ..Default::default()
+    };
+    let pair = FabricPair::new(s.transport, fifo_config, "fifo").await?;
+    let bulk = pair.peer.channel(Class::Bulk, 3)?;
+    let (fifo, bulk_fifo, stats_fifo) = loaded_phase(&pair, &bulk, &block, s).await?;
+    drop(pair);
+
+    let r_loaded = ratio(loaded.p99_us, idle.p99_us);
+    let r_fifo = ratio(fifo.p99_us, idle.p99_us);
+    let r_bulk = ratio(bulk_loaded, bulk_solo);
+    let json = json!({
+        "transport": s.transport.name(),
+        "workload": Workload::Mixed.name(),
+        "size_bytes": COORDINATION_SIZE,
+        "block_bytes": s.size,
+        "duration_s": s.duration.as_secs_f64(),
+        "warmup_s": s.warmup.as_secs_f64(),
+        "threads": s.threads,
+        "version": env!("CARGO_PKG_VERSION"),
+        "idle": idle.to_json(None),
+        "loaded": loaded.to_json(None),
+        "fifo": fifo.to_json(None),
+        "bulk_mb_s": round2(bulk_loaded),
+        "bulk_solo_mb_s": round2(bulk_solo),
+        "ratio_loaded_idle_p99": r_loaded,
+        "ratio_fifo_idle_p99": r_fifo,
+        "ratio_bulk_loaded_solo": r_bulk,
+        "fifo_bulk_mb_s": round2(bulk_fifo),
+        "bulk_baseline": { "name": base_name, "mb_s": round2(bulk_base) },
+        "fabric_stats": { "loaded": stats_loaded, "fifo": stats_fifo },
+    });
+
+    let mut t = Table::new(&format!(
+        "agentfabric {} bench: transport={} workload=mixed coordination={} B bulk block={} B \
+         duration={:.2} s/phase warmup={:.2} s threads={}",
+        env!("CARGO_PKG_VERSION"),
+        s.transport,
+        COORDINATION_SIZE,
+        s.size,
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.threads
+    ));
+    t.row("idle", &idle, "");
+    t.row(
+        "loaded (priorities)",
+        &loaded,
+        &format!(
+            "p99 / idle p99 = {}; bulk {:.1} MB/s",
+            fmt_ratio(r_loaded),
+            bulk_loaded
+        ),
+    );
+    t.row(
+        "fifo (no priorities)",
+        &fifo,
+        &format!(
+            "p99 / idle p99 = {}; bulk {:.1} MB/s",
+            fmt_ratio(r_fifo),
+            bulk_fifo
+        ),
+    );
+    t.line(&format!(
+        "bulk: solo {:.1} MB/s, during loaded {:.1} MB/s (ratio {}), {} {:.1} MB/s",
+        bulk_solo,
+        bulk_loaded,
+        fmt_ratio(r_bulk.map(round3)),
+        base_name,
+        bulk_base
+    ));
+    t.line(&format!("fabric_stats loaded: {stats_loaded}"));
+    t.line(&format!("fabric_stats fifo: {stats_fifo}"));
+    Ok(Output {
+        json,
+        table: t.finish(),
+    })
+}

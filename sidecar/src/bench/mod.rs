@@ -1,0 +1,541 @@
+//! `agentfabric bench`: the fabric measured against a raw baseline in the same process and run.
+//!
+//! Both nodes live in this process and talk over loopback TCP (`tcp://127.0.0.1:0`) or an
+//! in-process [`MemNetwork`]. Workloads:
+//! - [`pingpong`]: coordination round trips of `--size` bytes, against raw TCP (or a pair of tokio
+//!   mpsc channels for `mem`), interleaved in slices so both see the same machine noise;
+//! - [`mixed`]: 64-byte coordination round trips while a bulk channel to the same peer is kept
+//!   saturated, with priorities on and off (FIFO), plus bulk throughput alone.
+//!
+//! Every sample after the warm-up goes into an HDR histogram in nanoseconds ([`report`]).
+
+use std::fmt;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentfabric::mem::MemNetwork;
+use agentfabric::{Bytes, Channel, Class, Config, Node, Peer};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use tokio::task::AbortHandle;
+
+pub mod baseline;
+pub mod mixed;
+pub mod pingpong;
+pub mod report;
+
+/// Errors of a benchmark run (fabric, socket or harness failures).
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Result of a benchmark step.
+pub type BenchResult<T> = Result<T, BenchError>;
+
+/// Transports this build can benchmark.
+const AVAILABLE_TRANSPORTS: &str = "mem, tcp";
+
+/// Largest message size accepted by `--size` (the fabric's default `max_message`).
+const MAX_SIZE: usize = 128 << 20;
+
+/// Longest `--duration` or `--warmup` accepted, in seconds.
+const MAX_SECONDS: f64 = 24.0 * 3600.0;
+
+/// The transport a benchmark runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// In-process transport ([`MemNetwork`]); baseline: a pair of tokio mpsc channels.
+    Mem,
+    /// Loopback TCP ([`agentfabric_tcp::TcpTransport`]); baseline: raw tokio `TcpStream`s.
+    Tcp,
+}
+
+impl TransportKind {
+    /// The name used on the command line and in the JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Mem => "mem",
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "mem" => Ok(TransportKind::Mem),
+            "tcp" => Ok(TransportKind::Tcp),
+            "quic" | "verbs" => Err(format!(
+                "the {s} transport is not supported by this build of agentfabric \
+                 (available transports: {AVAILABLE_TRANSPORTS})"
+            )),
+            _ => Err(format!(
+                "unknown transport {s:?} (available transports: {AVAILABLE_TRANSPORTS})"
+            )),
+        }
+    }
+}
+
+/// The benchmark workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Coordination-channel round trips against a raw baseline.
+    Pingpong,
+    /// Coordination round trips while bulk traffic saturates the same session.
+    Mixed,
+}
+
+impl Workload {
+    /// The name used on the command line and in the JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Pingpong => "pingpong",
+            Workload::Mixed => "mixed",
+        }
+    }
+}
+
+/// Arguments of `agentfabric bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Transport to measure: mem or tcp (quic and verbs are not in this build).
+    #[arg(long, value_parser = parse_transport, value_name = "mem|tcp")]
+    pub transport: TransportKind,
+    /// Workload to run.
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    /// Message size in bytes: the round-trip payload for pingpong (default 64), the bulk message
+    /// size for mixed (default 1048576; coordination messages stay 64 B).
+    #[arg(long, value_parser = parse_size, value_name = "BYTES")]
+    pub size: Option<usize>,
+    /// Measured seconds per measurement, after the warm-up (default 3 for pingpong, 2 per phase
+    /// for mixed).
+    #[arg(long, value_parser = parse_duration, value_name = "SECONDS")]
+    pub duration: Option<Duration>,
+    /// Warm-up seconds before each measurement (not recorded).
+    #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
+    pub warmup: Duration,
+    /// Worker threads of the tokio runtime that runs both nodes.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+    /// Print one JSON object on standard output instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_transport(s: &str) -> Result<TransportKind, String> {
+    s.parse()
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of bytes"))?;
+    if n == 0 || n > MAX_SIZE {
+        return Err(format!("the size must be 1 to {MAX_SIZE} bytes"));
+    }
+    Ok(n)
+}
+
+fn parse_seconds(s: &str, min_exclusive_zero: bool) -> Result<Duration, String> {
+    let x: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !x.is_finite() || x < 0.0 || (min_exclusive_zero && x == 0.0) || x > MAX_SECONDS {
+        let low = if min_exclusive_zero { "above 0" } else { "0" };
+        return Err(format!("expected {low} to {MAX_SECONDS} seconds"));
+    }
+    Duration::try_from_secs_f64(x).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, true)
+}
+
+fn parse_warmup(s: &str) -> Result<Duration, String> {
+    parse_seconds(s, false)
+}
+
+/// Resolved settings of one run (defaults applied).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Transport under test.
+    pub transport: TransportKind,
+    /// Workload.
+    pub workload: Workload,
+    /// Pingpong: payload bytes. Mixed: bulk message bytes.
+    pub size: usize,
+    /// Measured time of each measurement.
+    pub duration: Duration,
+    /// Warm-up before each measurement.
+    pub warmup: Duration,
+    /// Runtime worker threads.
+    pub threads: usize,
+}
+
+impl Settings {
+    /// Applies the per-workload defaults to the parsed arguments.
+    pub fn from_args(a: &BenchArgs) -> Settings {
+        let (size, duration) = match a.workload {
+            Workload::Pingpong => (64, Duration::from_secs(3)),
+            Workload::Mixed => (1 << 20, Duration::from_secs(2)),
+        };
+        Settings {
+            transport: a.transport,
+            workload: a.workload,
+            size: a.size.unwrap_or(size),
+            duration: a.duration.unwrap_or(duration),
+            warmup: a.warmup,
+            threads: usize::from(a.threads),
+        }
+    }
+
+    /// A bound on how long one phase (warm-up and measurement) may take before the run is
+    /// declared stuck.
+    pub fn phase_limit(&self) -> Duration {
+        (self.warmup + self.duration) * 3 + Duration::from_secs(30)
+    }
+}
+
+/// Runs `agentfabric bench` and returns the process exit code.
+pub fn main(args: BenchArgs) -> ExitCode {
+    let settings = Settings::from_args(&args);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .thread_name("bench-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let s = settings.clone();
+    let result = rt.block_on(async move {
+        // Run on a worker thread, like the nodes' own tasks, not on the main thread.
+        match tokio::spawn(run(s)).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("benchmark task failed: {e}").into()),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    progress("done");
+    match result {
+        Ok(out) => {
+            if args.json {
+                match serde_json::to_string_pretty(&out.json) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: cannot encode the result: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", out.table);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a workload produces: the JSON object and the readable table.
+pub struct Output {
+    /// The JSON object of `notes/bench-json.md`.
+    pub json: serde_json::Value,
+    /// The same, as a table for people.
+    pub table: String,
+}
+
+async fn run(s: Settings) -> BenchResult<Output> {
+    progress(&format!(
+        "bench: transport={} workload={} size={} B duration={:.2} s warmup={:.2} s threads={}",
+        s.transport,
+        s.workload.name(),
+        s.size,
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.threads
+    ));
+    match s.workload {
+        Workload::Pingpong => pingpong::run(&s).await,
+        Workload::Mixed => mixed::run(&s).await,
+    }
+}
+
+/// Prints a progress line on standard error.
+pub fn progress(msg: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[agentfabric bench +{t:.2}s] {msg}");
+}
+
+/// A histogram of round-trip times in nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// Something that performs one round trip at a time.
+pub enum Pinger {
+    /// An agentfabric channel whose peer echoes every message.
+    Fabric(FabricPinger),
+    /// A raw baseline (TCP stream or mpsc pair).
+    Baseline(baseline::BaselinePinger),
+}
+
+impl Pinger {
+    /// One round trip.
+    pub async fn round_trip(&mut self) -> BenchResult<()> {
+        match self {
+            Pinger::Fabric(p) => p.round_trip().await,
+            Pinger::Baseline(p) => p.round_trip().await,
+        }
+    }
+
+    /// The fabric pinger inside, if this is one.
+    pub fn as_fabric(&self) -> Option<&FabricPinger> {
+        match self {
+            Pinger::Fabric(p) => Some(p),
+            Pinger::Baseline(_) => None,
+        }
+    }
+
+    /// Round trips until `until`; each one is recorded (in nanoseconds) when `hist` is given.
+    /// Returns the number of round trips made.
+    pub async fn run_until(
+        &mut self,
+        until: Instant,
+        mut hist: Option<&mut Histogram<u64>>,
+    ) -> BenchResult<u64> {
+        let mut n = 0;
+        loop {
+            let t0 = Instant::now();
+            if t0 >= until {
+                return Ok(n);
+            }
+            self.round_trip().await?;
+            let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if let Some(h) = hist.as_deref_mut() {
+                h.saturating_record(ns.max(1));
+            }
+            n += 1;
+        }
+    }
+
+    /// Warm-up for `warmup` (not recorded), then round trips for `duration`, all recorded.
+    pub async fn measure(
+        &mut self,
+        warmup: Duration,
+        duration: Duration,
+    ) -> BenchResult<Histogram<u64>> {
+        let mut hist = new_histogram();
+        self.run_until(Instant::now() + warmup, None).await?;
+        self.run_until(Instant::now() + duration, Some(&mut hist))
+            .await?;
+        Ok(hist)
+    }
+}
+
+/// A client channel of a [`FabricPair`]: sends a payload and waits for the echo.
+pub struct FabricPinger {
+    channel: Channel,
+    payload: Bytes,
+}
+
+impl FabricPinger {
+    /// One round trip with plain `send` then `recv` (not `request`/`respond`).
+    pub async fn round_trip(&mut self) -> BenchResult<()> {
+        self.channel.send(self.payload.clone()).await?;
+        let m = self.channel.recv().await?;
+        if m.body.len() != self.payload.len() {
+            return Err(format!(
+                "echo of {} bytes came back as {} bytes",
+                self.payload.len(),
+                m.body.len()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Two nodes of one transport in this process, connected by one session. The server side
+/// echoes every message of a coordination or tool-call channel on the same channel, and drains
+/// bulk channels, counting their bytes.
+pub struct FabricPair {
+    /// The node that connected (kept alive with the pair).
+    _client: Node,
+    /// The node that listened (kept alive with the pair).
+    _server: Node,
+    /// The client's side of the session.
+    pub peer: Peer,
+    /// Bytes received so far on the server's bulk channels.
+    pub bulk_received: Arc<AtomicU64>,
+    /// The server's coordination and tool-call channels (the echoing side).
+    server_channels: Arc<Mutex<Vec<Channel>>>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl FabricPair {
+    /// Builds two nodes with `config` on `transport`; `tag` names them.
+    pub async fn new(transport: TransportKind, config: Config, tag: &str) -> BenchResult<Self> {
+        let (server, client, url) = match transport {
+            TransportKind::Tcp => {
+                let mk = |name: String| {
+                    Node::builder(name)
+                        .transport(agentfabric_tcp::TcpTransport::new())
+                        .config(config.clone())
+                        .build()
+                };
+                (
+                    mk(format!("bench-{tag}-server"))?,
+                    mk(format!("bench-{tag}-client"))?,
+                    "tcp://127.0.0.1:0".to_owned(),
+                )
+            }
+            TransportKind::Mem => {
+                let net = MemNetwork::new();
+                let mk = |name: String| {
+                    Node::builder(name)
+                        .transport(net.transport())
+                        .config(config.clone())
+                        .build()
+                };
+                (
+                    mk(format!("bench-{tag}-server"))?,
+                    mk(format!("bench-{tag}-client"))?,
+                    format!("mem://bench-{tag}-server"),
+                )
+            }
+        };
+        let addr = server.listen(&url).await?;
+        let peer = client.connect(&addr).await?;
+        let speer = tokio::time::timeout(Duration::from_secs(5), server.accept())
+            .await
+            .map_err(|_| "the server node saw no session within 5 s")??;
+        let bulk_received = Arc::new(AtomicU64::new(0));
+        let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::new(Mutex::new(Vec::new()));
+        let server_channels: Arc<Mutex<Vec<Channel>>> = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let tasks = tasks.clone();
+            let counter = bulk_received.clone();
+            let channels = server_channels.clone();
+            tokio::spawn(async move {
+                while let Ok(ch) = speer.accept_channel().await {
+                    let h = match ch.class() {
+                        Class::Bulk => tokio::spawn(drain(ch, counter.clone())),
+                        Class::Coordination | Class::ToolCall => {
+                            lock(&channels).push(ch.clone());
+                            tokio::spawn(echo(ch))
+                        }
+                    };
+                    lock(&tasks).push(h.abort_handle());
+                }
+            })
+        };
+        lock(&tasks).push(acceptor.abort_handle());
+        Ok(FabricPair {
+            _client: client,
+            _server: server,
+            peer,
+            bulk_received,
+            server_channels,
+            tasks,
+        })
+    }
+
+    /// Opens a coordination channel that round-trips `size`-byte messages, and makes one round
+    /// trip so the server's echo is running.
+    pub async fn coordination_pinger(&self, size: usize) -> BenchResult<FabricPinger> {
+        let channel = self.peer.channel(Class::Coordination, 7)?;
+        let mut p = FabricPinger {
+            channel,
+            payload: Bytes::from(vec![0xa5u8; size]),
+        };
+        tokio::time::timeout(Duration::from_secs(5), p.round_trip())
+            .await
+            .map_err(|_| "the first coordination round trip took over 5 s")??;
+        Ok(p)
+    }
+}
+
+impl Drop for FabricPair {
+    fn drop(&mut self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Server side: sends every message back on the same channel.
+async fn echo(ch: Channel) {
+    while let Ok(m) = ch.recv().await {
+        if ch.send(m.body).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Server side: reads every message, counting bytes.
+async fn drain(ch: Channel, counter: Arc<AtomicU64>) {
+    while let Ok(m) = ch.recv().await {
+        counter.fetch_add(m.body.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Peer counters worth showing next to latencies (RTT, window, stalls, retransmits) of the
+/// client's session, and the session-level queueing delay (from `send` until the driver took
+/// the message's first chunk for the wire, whole microseconds, since the channel opened, warm-up
+/// included) of `coord`'s coordination channel on both sides.
+pub fn fabric_stats_json(pair: &FabricPair, coord: &FabricPinger) -> serde_json::Value {
+    let st = pair.peer.stats();
+    let s = &st.session;
+    let us = |d: Option<Duration>| d.map(|d| report::round2(d.as_secs_f64() * 1e6));
+    let delay = |ch: Option<Channel>| {
+        ch.and_then(|c| c.stats())
+            .and_then(|c| c.stats.queue_delay_us)
+            .map(|h| report::Summary::from_histogram_us(&h).to_json(None))
+    };
+    let id = coord.channel.id();
+    let server = lock(&pair.server_channels)
+        .iter()
+        .find(|c| c.id() == id)
+        .cloned();
+    serde_json::json!({
+        "srtt_us": us(s.srtt),
+        "min_rtt_us": us(s.min_rtt),
+        "cwnd": s.cwnd,
+        "inflight": s.inflight,
+        "queued_bytes": s.queued_bytes,
+        "credit_stalls": s.credit_stalls,
+        "retransmits": s.retransmits,
+        "frames_sent": s.frames_sent,
+        "frames_received": s.frames_received,
+        "bytes_sent": s.bytes_sent,
+        "bytes_received": s.bytes_received,
+        "resumes": s.resumes,
+        "connected": st.connected,
+        "coordination_queue_delay_us": {
+            "client": delay(Some(coord.channel.clone())),
+            "server": delay(server),
+        },
+    })
+}

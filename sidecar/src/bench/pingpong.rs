@@ -1,0 +1,130 @@
+//! Workload `pingpong`: coordination-channel round trips of `size` bytes, fabric vs baseline.
+//!
+//! The client sends on a coordination channel with plain `send` and waits with `recv`; the
+//! server's task receives and sends the same bytes back on the same channel. The baseline (raw
+//! TCP for `tcp`, a tokio mpsc pair for `mem`) does the same with the same size.
+//!
+//! Both are warmed up for `warmup`, then measured in alternating slices of about half a second
+//! (fabric first, then baseline, then baseline first...) until each has been measured for
+//! `duration`, so slow drifts of a shared machine hit both alike. Every round trip after the
+//! warm-up is recorded.
+
+use std::time::{Duration, Instant};
+
+use agentfabric::Config;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::baseline::BaselinePinger;
+use super::report::{fmt_ratio, ratio, Summary, Table};
+use super::{
+    fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Output, Pinger, Settings,
+    TransportKind,
+};
+
+/// Longest measured slice before switching to the other side.
+const SLICE: Duration = Duration::from_millis(500);
+
+/// Runs the workload and builds its report.
+pub async fn run(s: &Settings) -> BenchResult<Output> {
+    let pair = FabricPair::new(s.transport, Config::default(), "pingpong").await?;
+    let mut fabric = Pinger::Fabric(pair.coordination_pinger(s.size).await?);
+    let base = match s.transport {
+        TransportKind::Tcp => BaselinePinger::raw_tcp(s.size).await?,
+        TransportKind::Mem => BaselinePinger::mpsc(s.size),
+    };
+    let base_name = base.name();
+    let mut base = Pinger::Baseline(base);
+
+    let work = async {
+        progress(&format!("warming up fabric and {base_name}"));
+        let t = Instant::now() + s.warmup;
+        fabric.run_until(t, None).await?;
+        let t = Instant::now() + s.warmup;
+        base.run_until(t, None).await?;
+
+        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64())
+            .ceil()
+            .max(1.0) as u32;
+        let slice = s.duration / slices;
+        progress(&format!(
+            "measuring {slices} interleaved slices of {:.3} s each",
+            slice.as_secs_f64()
+        ));
+        let mut hf = new_histogram();
+        let mut hb = new_histogram();
+        for i in 0..slices {
+            if i % 2 == 0 {
+                fabric
+                    .run_until(Instant::now() + slice, Some(&mut hf))
+                    .await?;
+                base.run_until(Instant::now() + slice, Some(&mut hb))
+                    .await?;
+            } else {
+                base.run_until(Instant::now() + slice, Some(&mut hb))
+                    .await?;
+                fabric
+                    .run_until(Instant::now() + slice, Some(&mut hf))
+                    .await?;
+            }
+        }
+        BenchResult::Ok((hf, hb))
+    };
+    let limit = s.phase_limit() * 2;
+    let (hf, hb): (Histogram<u64>, Histogram<u64>) = tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| format!("the pingpong measurement did not finish within {limit:?}"))??;
+
+    let fabric_sum = Summary::from_histogram(&hf);
+    let base_sum = Summary::from_histogram(&hb);
+    let stats = match fabric.as_fabric() {
+        Some(f) => fabric_stats_json(&pair, f),
+        None => serde_json::Value::Null,
+    };
+    let r50 = ratio(fabric_sum.p50_us, base_sum.p50_us);
+    let r99 = ratio(fabric_sum.p99_us, base_sum.p99_us);
+    let r999 = ratio(fabric_sum.p999_us, base_sum.p999_us);
+
+    let json = json!({
+        "transport": s.transport.name(),
+        "workload": "pingpong",
+        "size_bytes": s.size,
+        "duration_s": s.duration.as_secs_f64(),
+        "warmup_s": s.warmup.as_secs_f64(),
+        "threads": s.threads,
+        "version": env!("CARGO_PKG_VERSION"),
+        "fabric": fabric_sum.to_json(None),
+        "baseline": base_sum.to_json(Some(base_name)),
+        "ratio_p50": r50,
+        "ratio_p99": r99,
+        "ratio_p999": r999,
+        "fabric_stats": stats,
+    });
+
+    let mut t = Table::new(&format!(
+        "agentfabric {} bench: transport={} workload=pingpong size={} B duration={:.2} s \
+         warmup={:.2} s threads={}",
+        env!("CARGO_PKG_VERSION"),
+        s.transport,
+        s.size,
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.threads
+    ));
+    t.row(
+        "fabric",
+        &fabric_sum,
+        &format!(
+            "fabric/baseline: p50 {} p99 {} p99.9 {}",
+            fmt_ratio(r50),
+            fmt_ratio(r99),
+            fmt_ratio(r999)
+        ),
+    );
+    t.row(&format!("baseline {base_name}"), &base_sum, "");
+    t.line(&format!("fabric_stats: {stats}"));
+    Ok(Output {
+        json,
+        table: t.finish(),
+    })
+}

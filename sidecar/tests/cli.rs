@@ -1,0 +1,135 @@
+//! End-to-end tests of the `agentfabric` binary: short runs on the in-process transport.
+
+use std::process::{Command, Output};
+
+fn agentfabric(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agentfabric"))
+        .args(args)
+        .output()
+        .expect("the agentfabric binary runs")
+}
+
+/// Runs a bench with `--json` and returns the single JSON object it printed.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = agentfabric(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr:\n{stderr}",
+        out.status
+    );
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 on stdout");
+    // Exactly one JSON value on stdout, nothing else.
+    let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<serde_json::Value>();
+    let v = values
+        .next()
+        .expect("one JSON value on stdout")
+        .expect("valid JSON on stdout");
+    assert!(
+        values.next().is_none(),
+        "more than one JSON value: {stdout}"
+    );
+    assert!(v.is_object(), "not an object: {v}");
+    v
+}
+
+fn check_summary(v: &serde_json::Value, what: &str) {
+    for key in ["count", "p50_us", "p99_us", "p999_us", "max_us"] {
+        assert!(v[key].is_number(), "{what}.{key} missing in {v}");
+    }
+    assert!(v["count"].as_u64().unwrap() > 0, "{what}.count is 0");
+    let p50 = v["p50_us"].as_f64().unwrap();
+    let p99 = v["p99_us"].as_f64().unwrap();
+    let max = v["max_us"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{what}: {v}");
+}
+
+fn check_common(v: &serde_json::Value, workload: &str) {
+    assert_eq!(v["transport"], "mem");
+    assert_eq!(v["workload"], workload);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["size_bytes"].as_u64().unwrap() > 0);
+    assert!(v["duration_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["threads"], 2);
+    assert!(v["fabric_stats"].is_object());
+}
+
+#[test]
+fn pingpong_mem_prints_one_json_object() {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "pingpong",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--json",
+    ]);
+    check_common(&v, "pingpong");
+    assert_eq!(v["size_bytes"], 64);
+    check_summary(&v["fabric"], "fabric");
+    check_summary(&v["baseline"], "baseline");
+    assert_eq!(v["baseline"]["name"], "tokio-mpsc");
+    for key in ["ratio_p50", "ratio_p99", "ratio_p999"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {v}");
+    }
+}
+
+#[test]
+fn mixed_mem_prints_one_json_object() {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "mixed",
+        "--size",
+        "65536",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--json",
+    ]);
+    check_common(&v, "mixed");
+    assert_eq!(v["block_bytes"], 65536);
+    for phase in ["idle", "loaded", "fifo"] {
+        check_summary(&v[phase], phase);
+    }
+    assert!(v["bulk_mb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["bulk_solo_mb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ratio_loaded_idle_p99"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn unsupported_transport_exits_2_naming_the_available_ones() {
+    for t in ["quic", "carrier-pigeon"] {
+        let out = agentfabric(&["bench", "--transport", t, "--workload", "pingpong"]);
+        assert_eq!(out.status.code(), Some(2), "transport {t}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(t), "{stderr}");
+        assert!(stderr.contains("mem, tcp"), "{stderr}");
+    }
+}
+
+#[test]
+fn bad_numbers_are_refused_without_a_panic() {
+    for args in [
+        ["--duration", "-1"],
+        ["--duration", "1e300"],
+        ["--size", "0"],
+        ["--warmup", "nan"],
+        ["--threads", "0"],
+    ] {
+        let mut all = vec!["bench", "--transport", "mem", "--workload", "pingpong"];
+        all.extend(args);
+        let out = agentfabric(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
