@@ -246,6 +246,35 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
     Ok(HEADER_LEN + h.len as usize)
 }
 
+/// Which lane of a transport a frame should take, for transports that can carry more than one
+/// ordered lane per connection (several TCP connections, QUIC streams, queue pairs).
+///
+/// Bulk data rides its own lane so that coordination never queues behind bulk bytes already
+/// inside the transport (socket buffers, send queues): priority then holds below the fabric too.
+/// Frames of one channel always take the same lane, so per-channel order is kept; the session
+/// tolerates any interleaving between lanes. Transports with one lane ignore this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Everything but bulk data: coordination and tool-call data, acks, keepalives, handshake.
+    Latency = 0,
+    /// Data frames of bulk channels.
+    Bulk = 1,
+}
+
+impl Lane {
+    /// Number of lanes.
+    pub const COUNT: usize = 2;
+
+    /// The lane for an encoded header (any bytes: unknown or malformed headers take
+    /// [`Lane::Latency`], where the receiver will reject them).
+    pub fn of(header: &[u8]) -> Lane {
+        match Header::decode(header) {
+            Ok(h) if h.kind == Kind::Data && h.class == Class::Bulk => Lane::Bulk,
+            _ => Lane::Latency,
+        }
+    }
+}
+
 /// A decoded frame: header and payload. The payload is a zero-copy slice of the received buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -296,6 +325,11 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
+    /// The transport lane this frame should take.
+    pub fn lane(&self) -> Lane {
+        Lane::of(&self.header)
+    }
+
     /// Header plus payload length.
     pub fn wire_len(&self) -> usize {
         HEADER_LEN + self.payload.len()
