@@ -189,6 +189,16 @@ pub enum Error {
     Config(String),
     /// A channel priority outside 0..=7.
     InvalidPriority(u8),
+    /// Access to a region was refused (here or at the peer).
+    Region(crate::bulk::RegionError),
+    /// A transfer failed: the index of the block that failed (the number of blocks for the
+    /// notification), and why.
+    Transfer {
+        /// Index of the failed block.
+        block: usize,
+        /// The cause.
+        cause: Box<Error>,
+    },
     /// The operation was cancelled.
     Cancelled,
 }
@@ -240,6 +250,10 @@ impl std::fmt::Display for Error {
             Error::UnknownChannel(c) => write!(f, "channel {c} is not open"),
             Error::Config(m) => write!(f, "invalid configuration: {m}"),
             Error::InvalidPriority(p) => write!(f, "priority {p} is outside 0..=7"),
+            Error::Region(e) => write!(f, "region access refused: {e}"),
+            Error::Transfer { block, cause } => {
+                write!(f, "transfer failed at block {block}: {cause}")
+            }
             Error::Cancelled => f.write_str("cancelled"),
         }
     }

@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod bulk;
 pub mod class;
 pub mod config;
 pub mod core;
@@ -32,9 +33,11 @@ pub mod error;
 pub mod frame;
 pub mod mem;
 pub mod sim;
+pub mod tools;
 pub mod transport;
 
 pub use api::{Channel, ChannelSnapshot, Message, Node, NodeBuilder, Peer, PeerStats};
+pub use bulk::{Block, Region, RegionDescriptor};
 pub use bytes::Bytes;
 pub use class::{Class, Priority};
 pub use config::{Config, CongestionConfig, PerClass};

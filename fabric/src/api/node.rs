@@ -13,6 +13,7 @@ use tokio::task::AbortHandle;
 use super::driver::{ConnDriver, ConnEnd};
 use super::peer::Peer;
 use super::shared::{PeerShared, PeerState};
+use crate::bulk::{serve_transfers, AlignedBuf, Notification, Region, RegionTable};
 use crate::config::Config;
 use crate::core::{Handshake, HelloStatus, PeerParams, Role, Session};
 use crate::error::{Error, ProtocolError, Result};
@@ -21,9 +22,13 @@ use crate::transport::{split_url, Connection, Transport};
 
 /// Sessions accepted and not yet taken by [`Node::accept`].
 const ACCEPT_BACKLOG: usize = 1024;
+/// Transfer notifications not yet taken by [`Node::notification`].
+const NOTIFICATION_BACKLOG: usize = 1024;
 /// The node's configuration with chunks no larger than what transport `t` carries.
 fn session_config(cfg: &Config, t: &dyn Transport) -> Config {
-    let max = u32::try_from(t.max_frame_payload()).unwrap_or(u32::MAX).max(1);
+    let max = u32::try_from(t.max_frame_payload())
+        .unwrap_or(u32::MAX)
+        .max(1);
     let mut cfg = cfg.clone();
     cfg.chunk_size.coordination = cfg.chunk_size.coordination.min(max);
     cfg.chunk_size.toolcall = cfg.chunk_size.toolcall.min(max);
@@ -68,6 +73,7 @@ impl NodeBuilder {
             transports.insert(t.scheme(), t);
         }
         let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        let (notify_tx, notify_rx) = mpsc::channel(NOTIFICATION_BACKLOG);
         Ok(Node {
             inner: Arc::new(NodeInner {
                 name: self.name,
@@ -77,6 +83,9 @@ impl NodeBuilder {
                 incoming_tx: tx,
                 incoming_rx: tokio::sync::Mutex::new(rx),
                 tasks: Mutex::new(Vec::new()),
+                regions: Arc::new(RegionTable::default()),
+                notify_tx,
+                notify_rx: tokio::sync::Mutex::new(notify_rx),
             }),
         })
     }
@@ -96,9 +105,25 @@ struct NodeInner {
     incoming_tx: mpsc::Sender<Peer>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Peer>>,
     tasks: Mutex<Vec<AbortHandle>>,
+    regions: Arc<RegionTable>,
+    notify_tx: mpsc::Sender<Notification>,
+    notify_rx: tokio::sync::Mutex<mpsc::Receiver<Notification>>,
 }
 
 impl NodeInner {
+    /// Starts serving the peer's transfers on this node's regions.
+    fn serve_transfers(&self, shared: &Arc<PeerShared>) {
+        let peer = Peer {
+            shared: shared.clone(),
+        };
+        let task = tokio::spawn(serve_transfers(
+            peer,
+            self.regions.clone(),
+            self.notify_tx.clone(),
+        ));
+        self.track(task.abort_handle());
+    }
+
     fn params(&self) -> PeerParams {
         PeerParams {
             recv_window: self.config.recv_window,
@@ -271,6 +296,7 @@ impl Node {
             mode,
         ));
         self.inner.track(task.abort_handle());
+        self.inner.serve_transfers(&shared);
         Ok(Peer { shared })
     }
 
@@ -278,6 +304,29 @@ impl Node {
     pub async fn accept(&self) -> Result<Peer> {
         self.inner
             .incoming_rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(Error::Closed)
+    }
+
+    /// Registers `len` bytes of zeroed, page-aligned memory with the node, for peers to read and
+    /// write through the region's descriptor.
+    pub fn register(&self, len: usize) -> Result<Region> {
+        Ok(self.inner.regions.register(AlignedBuf::new(len)?))
+    }
+
+    /// Registers a buffer the application allocated (and may have filled).
+    pub fn register_buf(&self, buf: AlignedBuf) -> Region {
+        self.inner.regions.register(buf)
+    }
+
+    /// Waits for the next notification a peer attached to a transfer into one of this node's
+    /// regions. Notifications queue (boundedly: a full queue slows the writers down).
+    pub async fn notification(&self) -> Result<Notification> {
+        self.inner
+            .notify_rx
             .lock()
             .await
             .recv()
@@ -422,6 +471,7 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
         Mode::Acceptor { resume: resume_rx },
     ));
     inner.track(task.abort_handle());
+    inner.serve_transfers(&shared);
     let tx = inner.incoming_tx.clone();
     drop(inner);
     let _ = tx.send(Peer { shared }).await;

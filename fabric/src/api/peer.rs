@@ -100,6 +100,53 @@ impl Peer {
         .await
     }
 
+    /// Waits for the next system channel the peer opened (served by the node, not the
+    /// application).
+    pub(crate) async fn accept_system_channel(&self) -> Result<Channel> {
+        poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if let Some(id) = st.session.accept_system_channel() {
+                let (class, priority) = st
+                    .session
+                    .channel_class(id)
+                    .expect("accepted channel exists");
+                return Poll::Ready(Ok(Channel {
+                    peer: self.clone(),
+                    id,
+                    class,
+                    priority,
+                }));
+            }
+            if let Some(e) = st.session.dead() {
+                return Poll::Ready(Err(e.clone()));
+            }
+            st.system_accept_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// This side's system channel for bulk transfers (a bulk-class channel, opened on first use).
+    pub(crate) fn transfer_channel(&self) -> Result<Channel> {
+        let mut st = self.shared.lock();
+        let id = match st.transfer_channel {
+            Some(id) => id,
+            None => {
+                let id = st
+                    .session
+                    .open_system_channel(Class::Bulk, Priority::DEFAULT)?;
+                st.transfer_channel = Some(id);
+                id
+            }
+        };
+        Ok(Channel {
+            peer: self.clone(),
+            id,
+            class: Class::Bulk,
+            priority: Priority::DEFAULT,
+        })
+    }
+
     /// Counters and gauges (RTT, window, queue depth, credit stalls, retransmits).
     pub fn stats(&self) -> PeerStats {
         let st = self.shared.lock();
@@ -191,20 +238,28 @@ impl Channel {
         &self.peer
     }
 
+    /// Queues `items` (body, message flags, tag) together, all or none: nothing of another task
+    /// lands between them. Without `cx`, a full queue is [`Error::WouldBlock`].
     fn enqueue(
         &self,
         cx: Option<&mut std::task::Context<'_>>,
-        body: &Bytes,
-        msg_flags: u8,
-        tag: u64,
+        items: &[(&Bytes, u8, u64)],
     ) -> Poll<Result<()>> {
         let mut st = self.peer.shared.lock();
-        match st.session.poll_capacity(self.id, body.len()) {
+        let len = items.iter().map(|i| i.0.len()).sum();
+        match st.session.poll_capacity_for(self.id, len, items.len()) {
             Err(e) => Poll::Ready(Err(e)),
             Ok(true) => {
-                let r = st
-                    .session
-                    .send(Instant::now(), self.id, body.clone(), msg_flags, tag);
+                let now = Instant::now();
+                let mut r = Ok(());
+                for (body, flags, tag) in items {
+                    r = st
+                        .session
+                        .send(now, self.id, Bytes::clone(body), *flags, *tag);
+                    if r.is_err() {
+                        break;
+                    }
+                }
                 st.kick();
                 Poll::Ready(r)
             }
@@ -219,7 +274,7 @@ impl Channel {
     }
 
     async fn send_with(&self, body: Bytes, msg_flags: u8, tag: u64) -> Result<()> {
-        poll_fn(|cx| self.enqueue(Some(cx), &body, msg_flags, tag)).await
+        poll_fn(|cx| self.enqueue(Some(cx), &[(&body, msg_flags, tag)])).await
     }
 
     /// Queues `body` for sending, waiting while the channel's send queue is full.
@@ -235,7 +290,7 @@ impl Channel {
     /// Queues `body` without waiting: [`Error::WouldBlock`] when the send queue is full (nothing
     /// is queued then).
     pub fn try_send(&self, body: impl Into<Bytes>) -> Result<()> {
-        match self.enqueue(None, &body.into(), 0, 0) {
+        match self.enqueue(None, &[(&body.into(), 0, 0)]) {
             Poll::Ready(r) => r,
             Poll::Pending => Err(Error::WouldBlock),
         }
@@ -299,28 +354,11 @@ impl Channel {
     /// order; responses may come back in any order.
     pub async fn request(&self, body: impl Into<Bytes>, deadline: Duration) -> Result<Bytes> {
         let start = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let tag = {
-            let mut st = self.peer.shared.lock();
-            let tag = st.next_tag;
-            st.next_tag += 1;
-            st.responses.insert(tag, tx);
-            tag
-        };
-        // Forget the slot if this future is dropped or times out.
-        let guard = SlotGuard {
-            shared: &self.peer.shared,
-            tag,
-        };
-        let work = async {
-            self.send_with(body.into(), MSG_REQUEST, tag).await?;
-            rx.await.unwrap_or(Err(Error::Cancelled))
-        };
-        let result = match tokio::time::timeout(deadline, work).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::DeadlineExceeded),
-        };
-        drop(guard);
+        let result =
+            match tokio::time::timeout(deadline, self.request_with_head(None, body.into())).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::DeadlineExceeded),
+            };
         if result.is_ok() && self.peer.shared.lock().session.config().channel_histograms {
             let us = start.elapsed().as_micros() as u64;
             let mut st = self.peer.shared.lock();
@@ -335,6 +373,35 @@ impl Channel {
                 .saturating_record(us.max(1));
         }
         result
+    }
+
+    /// Sends `head` (if any) as a plain message immediately followed by `body` as a request, and
+    /// waits for the response with no deadline of its own (the session's failure ends it).
+    /// Dropping the future forgets the request.
+    pub(crate) async fn request_with_head(
+        &self,
+        head: Option<Bytes>,
+        body: Bytes,
+    ) -> Result<Bytes> {
+        let (tx, rx) = oneshot::channel();
+        let tag = {
+            let mut st = self.peer.shared.lock();
+            let tag = st.next_tag;
+            st.next_tag += 1;
+            st.responses.insert(tag, tx);
+            tag
+        };
+        // Forget the slot if this future is dropped.
+        let _guard = SlotGuard {
+            shared: &self.peer.shared,
+            tag,
+        };
+        poll_fn(|cx| match &head {
+            Some(h) => self.enqueue(Some(cx), &[(h, 0, 0), (&body, MSG_REQUEST, tag)]),
+            None => self.enqueue(Some(cx), &[(&body, MSG_REQUEST, tag)]),
+        })
+        .await?;
+        rx.await.unwrap_or(Err(Error::Cancelled))
     }
 
     /// Answers the request `req` (received on this channel) with `body`.

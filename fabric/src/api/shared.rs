@@ -32,6 +32,9 @@ pub(crate) struct PeerState {
     pub(crate) send_wakers: HashMap<u32, Waker>,
     pub(crate) flush_wakers: HashMap<u32, Waker>,
     pub(crate) accept_waker: Option<Waker>,
+    pub(crate) system_accept_waker: Option<Waker>,
+    /// This side's system channel for bulk transfers, opened on first use.
+    pub(crate) transfer_channel: Option<u32>,
     pub(crate) responses: HashMap<u64, ResponseSlot>,
     pub(crate) next_tag: u64,
     pub(crate) request_rtt: HashMap<u32, Box<Histogram<u64>>>,
@@ -53,6 +56,8 @@ impl PeerState {
             send_wakers: HashMap::new(),
             flush_wakers: HashMap::new(),
             accept_waker: None,
+            system_accept_waker: None,
+            transfer_channel: None,
             responses: HashMap::new(),
             next_tag: 1,
             request_rtt: HashMap::new(),
@@ -108,6 +113,11 @@ impl PeerState {
                         w.wake();
                     }
                 }
+                Event::SystemChannelOpened(_) => {
+                    if let Some(w) = self.system_accept_waker.take() {
+                        w.wake();
+                    }
+                }
                 Event::Readable(ch) => {
                     if let Some(w) = self.recv_wakers.remove(&ch) {
                         w.wake();
@@ -149,6 +159,9 @@ impl PeerState {
             w.wake();
         }
         if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.system_accept_waker.take() {
             w.wake();
         }
         for (_, slot) in self.responses.drain() {

@@ -10,4 +10,4 @@ pub mod session;
 
 pub use channel_state::Delivered;
 pub use handshake::{Handshake, HelloStatus};
-pub use session::{ChannelStats, Event, PeerParams, Role, Session, SessionStats};
+pub use session::{ChannelStats, Event, PeerParams, Role, Session, SessionStats, SYSTEM_CHANNEL};

@@ -49,6 +49,8 @@ pub struct PeerParams {
 pub enum Event {
     /// The peer opened a channel; [`Session::accept_channel`] returns it.
     ChannelOpened(u32),
+    /// The peer opened a system channel; [`Session::accept_system_channel`] returns it.
+    SystemChannelOpened(u32),
     /// A channel that had nothing to read now has a message.
     Readable(u32),
     /// A channel whose send queue was full has room again.
@@ -134,6 +136,10 @@ enum State {
     Dead(Error),
 }
 
+/// Channel ids with this bit set are system channels: opened by the fabric itself (bulk
+/// transfers between regions), served by the node, never offered to the application.
+pub const SYSTEM_CHANNEL: u32 = 1 << 31;
+
 /// Largest gap tolerated in a channel's sequence on a lossy transport before it is a violation.
 const MAX_REORDER: u64 = 4096;
 
@@ -147,7 +153,9 @@ pub struct Session {
     epoch: Instant,
     channels: HashMap<u32, Chan>,
     next_local: u32,
+    next_system: u32,
     accept_queue: VecDeque<u32>,
+    system_accept_queue: VecDeque<u32>,
     sched: Scheduler,
     retx: VecDeque<(u32, u64)>,
     ack_queue: VecDeque<u32>,
@@ -190,7 +198,13 @@ impl Session {
                 Role::Initiator => 0,
                 Role::Acceptor => 1,
             },
+            next_system: SYSTEM_CHANNEL
+                | match role {
+                    Role::Initiator => 0,
+                    Role::Acceptor => 1,
+                },
             accept_queue: VecDeque::new(),
+            system_accept_queue: VecDeque::new(),
             sched,
             retx: VecDeque::new(),
             ack_queue: VecDeque::new(),
@@ -250,19 +264,34 @@ impl Session {
 
     /// Opens a channel of `class` and `priority`. The peer learns of it with its first message.
     pub fn open_channel(&mut self, class: Class, priority: Priority) -> Result<u32, Error> {
+        self.open(class, priority, false)
+    }
+
+    /// Opens a system channel (see [`SYSTEM_CHANNEL`]); the peer's node takes it with
+    /// [`Session::accept_system_channel`].
+    pub fn open_system_channel(&mut self, class: Class, priority: Priority) -> Result<u32, Error> {
+        self.open(class, priority, true)
+    }
+
+    fn open(&mut self, class: Class, priority: Priority, system: bool) -> Result<u32, Error> {
         self.check_open()?;
+        let full = Error::TooManyChannels {
+            max: self.cfg.max_channels,
+        };
         if self.channels.len() >= self.cfg.max_channels {
-            return Err(Error::TooManyChannels {
-                max: self.cfg.max_channels,
-            });
+            return Err(full);
         }
-        let id = self.next_local;
-        self.next_local = self
-            .next_local
-            .checked_add(2)
-            .ok_or(Error::TooManyChannels {
-                max: self.cfg.max_channels,
-            })?;
+        let counter = if system {
+            &mut self.next_system
+        } else {
+            &mut self.next_local
+        };
+        let id = *counter;
+        let next = counter.checked_add(2).ok_or(full.clone())?;
+        if (next & SYSTEM_CHANNEL != 0) != system {
+            return Err(full);
+        }
+        *counter = next;
         let chan = Chan::new(
             class,
             priority,
@@ -276,6 +305,11 @@ impl Session {
     /// The next channel the peer opened that the application has not taken yet.
     pub fn accept_channel(&mut self) -> Option<u32> {
         self.accept_queue.pop_front()
+    }
+
+    /// The next system channel the peer opened.
+    pub fn accept_system_channel(&mut self) -> Option<u32> {
+        self.system_accept_queue.pop_front()
     }
 
     /// Class and priority of an open channel.
@@ -329,6 +363,12 @@ impl Session {
     /// Whether a message of `len` bytes would be accepted by [`Session::send`] now. When it
     /// would not, an [`Event::Writable`] follows once the queue has room.
     pub fn poll_capacity(&mut self, ch: u32, len: usize) -> Result<bool, Error> {
+        self.poll_capacity_for(ch, len, 1)
+    }
+
+    /// As [`Session::poll_capacity`], for `count` messages of `len` bytes in all, to be queued
+    /// together.
+    pub fn poll_capacity_for(&mut self, ch: u32, len: usize, count: usize) -> Result<bool, Error> {
         self.check_open()?;
         let (limit_bytes, limit_msgs) = match self.channels.get(&ch) {
             Some(c) => (
@@ -339,7 +379,7 @@ impl Session {
         };
         let c = self.channels.get_mut(&ch).expect("checked");
         let fits = c.queue.is_empty()
-            || (c.queued_bytes + len <= limit_bytes && c.queue.len() < limit_msgs);
+            || (c.queued_bytes + len <= limit_bytes && c.queue.len() + count <= limit_msgs);
         if !fits {
             c.send_blocked = true;
         }
@@ -583,8 +623,13 @@ impl Session {
                     u64::from(self.peer.recv_window.get(h.class)),
                 );
                 self.channels.insert(id, chan);
-                self.accept_queue.push_back(id);
-                self.events.push_back(Event::ChannelOpened(id));
+                if id & SYSTEM_CHANNEL != 0 {
+                    self.system_accept_queue.push_back(id);
+                    self.events.push_back(Event::SystemChannelOpened(id));
+                } else {
+                    self.accept_queue.push_back(id);
+                    self.events.push_back(Event::ChannelOpened(id));
+                }
             }
         }
         self.on_ack_fields(now, id, h.ack, h.credit, true)?;

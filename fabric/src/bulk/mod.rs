@@ -1,0 +1,11 @@
+//! Bulk movement between registered memory: [`Region`]s, their descriptors, and batched
+//! transfers ([`Peer::write`](crate::Peer::write), [`Peer::read`](crate::Peer::read)) of paged
+//! data such as KV-cache blocks.
+
+mod region;
+mod transfer;
+
+pub(crate) use region::RegionTable;
+pub use region::{AlignedBuf, Region, RegionDescriptor, RegionError, REGION_ALIGN};
+pub(crate) use transfer::serve_transfers;
+pub use transfer::{Block, Notification, TransferReport, MAX_INFLIGHT_BLOCKS, MAX_INFLIGHT_BYTES};

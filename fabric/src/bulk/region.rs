@@ -1,0 +1,364 @@
+//! Registered memory: [`Region`], its [`RegionDescriptor`], and the node's table of regions.
+//!
+//! On transports without RDMA a region is a page-aligned buffer owned by the node. Access is
+//! through a read-write lock: a transfer that sends from a region holds a read guard inside the
+//! chunks it hands to the transport (zero copy), so the memory cannot be written, revoked or freed
+//! while any of those bytes are still in flight; a transfer that lands in a region takes the write
+//! guard for the copy. Safe code cannot observe a torn write or free memory under a transfer.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+
+use crate::error::{Error, Result};
+
+/// Alignment of region memory: a page, as RDMA registration and DMA prefer.
+pub const REGION_ALIGN: usize = 4096;
+
+/// A zeroed, page-aligned heap buffer.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out `&[u8]`, like a Box<[u8]>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes aligned to [`REGION_ALIGN`]. Fails on a zero or absurd length
+    /// or when memory is exhausted, instead of aborting.
+    pub fn new(len: usize) -> Result<AlignedBuf> {
+        if len == 0 {
+            return Err(Error::Config("a region needs at least one byte".into()));
+        }
+        let layout = Layout::from_size_align(len, REGION_ALIGN)
+            .map_err(|_| Error::Config(format!("a region of {len} bytes is too large")))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| Error::Config(format!("out of memory allocating {len} bytes")))?;
+        Ok(AlignedBuf { ptr, len })
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised (zeroed) bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout =
+            Layout::from_size_align(self.len, REGION_ALIGN).expect("checked at allocation");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// Why access to a region was refused. Reported on both sides of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionError {
+    /// No region with this id is registered (never was, or was revoked and forgotten).
+    Unknown {
+        /// Region id.
+        region: u64,
+    },
+    /// The descriptor's key does not match the region's: a forged or stale descriptor.
+    BadKey {
+        /// Region id.
+        region: u64,
+    },
+    /// The region was revoked.
+    Revoked {
+        /// Region id.
+        region: u64,
+    },
+    /// The range does not fit in the region.
+    OutOfBounds {
+        /// Region id.
+        region: u64,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Length of the region.
+        region_len: u64,
+    },
+}
+
+impl std::fmt::Display for RegionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegionError::Unknown { region } => write!(f, "region {region} is not registered"),
+            RegionError::BadKey { region } => write!(f, "wrong key for region {region}"),
+            RegionError::Revoked { region } => write!(f, "region {region} was revoked"),
+            RegionError::OutOfBounds {
+                region,
+                offset,
+                len,
+                region_len,
+            } => write!(
+                f,
+                "range {offset}..{} is outside region {region} of {region_len} bytes",
+                offset.saturating_add(*len)
+            ),
+        }
+    }
+}
+
+/// What a peer needs to address a region: send it over a coordination channel
+/// ([`RegionDescriptor::encode`]), and the peer reads or writes the region with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionDescriptor {
+    /// Region id, unique within its node.
+    pub region: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Access key: random per region; a descriptor without it is refused.
+    pub key: u64,
+}
+
+impl RegionDescriptor {
+    /// Encoded length.
+    pub const LEN: usize = 24;
+
+    /// The descriptor as 24 little-endian bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[0..8].copy_from_slice(&self.region.to_le_bytes());
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.key.to_le_bytes());
+        out
+    }
+
+    /// Decodes [`RegionDescriptor::encode`]'s output; `None` for any other length.
+    pub fn decode(b: &[u8]) -> Option<RegionDescriptor> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(RegionDescriptor {
+            region: word(0),
+            len: word(8),
+            key: word(16),
+        })
+    }
+}
+
+pub(crate) struct RegionInner {
+    pub(crate) id: u64,
+    pub(crate) key: u64,
+    pub(crate) len: u64,
+    pub(crate) mem: Arc<RwLock<AlignedBuf>>,
+    pub(crate) revoked: AtomicBool,
+    table: Weak<RegionTable>,
+}
+
+impl RegionInner {
+    /// Checks `offset..offset+len` against the region.
+    pub(crate) fn check(&self, offset: u64, len: u64) -> std::result::Result<(), RegionError> {
+        if self.revoked.load(Ordering::Acquire) {
+            return Err(RegionError::Revoked { region: self.id });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(RegionError::OutOfBounds {
+                region: self.id,
+                offset,
+                len,
+                region_len: self.len,
+            }),
+        }
+    }
+
+    /// A zero-copy view of `offset..offset+len`, keeping the region readable-only while it lives.
+    pub(crate) async fn view(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<Bytes, RegionError> {
+        self.check(offset, len)?;
+        let guard = self.mem.clone().read_owned().await;
+        // Revocation may have happened while waiting for the guard.
+        self.check(offset, len)?;
+        Ok(Bytes::from_owner(View {
+            guard,
+            start: offset as usize,
+            end: (offset + len) as usize,
+        }))
+    }
+
+    /// Copies `data` into the region at `offset`.
+    pub(crate) async fn store(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), RegionError> {
+        self.check(offset, data.len() as u64)?;
+        let mut guard = self.mem.write().await;
+        self.check(offset, data.len() as u64)?;
+        guard[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A read guard on a region plus a range: the owner behind a zero-copy `Bytes`.
+struct View {
+    guard: OwnedRwLockReadGuard<AlignedBuf>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        &self.guard[self.start..self.end]
+    }
+}
+
+/// The regions registered with a node.
+#[derive(Default)]
+pub(crate) struct RegionTable {
+    regions: Mutex<HashMap<u64, Weak<RegionInner>>>,
+}
+
+impl RegionTable {
+    /// The live region a descriptor names, after checking its key.
+    pub(crate) fn lookup(
+        &self,
+        d: &RegionDescriptor,
+    ) -> std::result::Result<Arc<RegionInner>, RegionError> {
+        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let r = regions
+            .get(&d.region)
+            .and_then(Weak::upgrade)
+            .ok_or(RegionError::Unknown { region: d.region })?;
+        if r.key != d.key {
+            return Err(RegionError::BadKey { region: d.region });
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn register(self: &Arc<Self>, buf: AlignedBuf) -> Region {
+        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        regions.retain(|_, r| r.strong_count() > 0);
+        let id = loop {
+            let id = rand::random::<u64>() >> 1;
+            if !regions.contains_key(&id) {
+                break id;
+            }
+        };
+        let inner = Arc::new(RegionInner {
+            id,
+            key: rand::random(),
+            len: buf.len() as u64,
+            mem: Arc::new(RwLock::new(buf)),
+            revoked: AtomicBool::new(false),
+            table: Arc::downgrade(self),
+        });
+        regions.insert(id, Arc::downgrade(&inner));
+        Region { inner }
+    }
+
+    fn forget(&self, id: u64) {
+        self.regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+/// Memory registered with a node, which peers can read and write through its descriptor.
+///
+/// Dropping the last handle unregisters it; [`Region::revoke`] does so explicitly, after the
+/// operations in flight on it have finished.
+#[derive(Clone)]
+pub struct Region {
+    pub(crate) inner: Arc<RegionInner>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.inner.id)
+            .field("len", &self.inner.len)
+            .finish()
+    }
+}
+
+impl Region {
+    /// What a peer needs to read or write this region.
+    pub fn descriptor(&self) -> RegionDescriptor {
+        RegionDescriptor {
+            region: self.inner.id,
+            len: self.inner.len,
+            key: self.inner.key,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    /// Whether the region is empty (never: regions have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// Copies `data` into the region at `offset` (waits while a transfer is sending from it).
+    pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.inner.store(offset, data).await.map_err(Error::Region)
+    }
+
+    /// Copies `buf.len()` bytes from the region at `offset` into `buf`.
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let view = self
+            .inner
+            .view(offset, buf.len() as u64)
+            .await
+            .map_err(Error::Region)?;
+        buf.copy_from_slice(&view);
+        Ok(())
+    }
+
+    /// Revokes the region: new operations on it, local or remote, are refused at once; this
+    /// waits until the operations already in flight have finished, then unregisters it.
+    pub async fn revoke(&self) {
+        self.inner.revoked.store(true, Ordering::Release);
+        // The write guard is granted only once every in-flight view is gone.
+        drop(self.inner.mem.write().await);
+        if let Some(t) = self.inner.table.upgrade() {
+            t.forget(self.inner.id);
+        }
+    }
+
+    /// Whether the region was revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.inner.revoked.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,444 @@
+//! Transfers between regions: batches of blocks written (pushed) to or read (pulled) from a
+//! peer's region, and the node-side service that executes the peer's transfers on this node's
+//! regions.
+//!
+//! On transports without RDMA a transfer moves over the session's system channel (a bulk-class
+//! channel, so it yields to coordination like any bulk traffic): a write sends a small envelope
+//! followed by the block's bytes, taken zero-copy from the local region; the target checks the
+//! range against the region and copies the bytes in. A read sends the envelope and receives the
+//! bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and [`MAX_INFLIGHT_BYTES`]) are in flight per
+//! transfer, so a large batch never floods the send queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::region::{Region, RegionDescriptor, RegionError, RegionTable};
+use crate::api::{Channel, Message, Peer};
+use crate::error::{Error, Result};
+
+/// Blocks of one transfer in flight at once.
+pub const MAX_INFLIGHT_BLOCKS: usize = 32;
+/// Bytes of one transfer in flight at once (at least one block is always allowed).
+pub const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
+
+/// One block of a transfer: `len` bytes between offset `local` of the local region and offset
+/// `remote` of the remote one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    /// Offset in the local region.
+    pub local: u64,
+    /// Offset in the remote region.
+    pub remote: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// What a completed transfer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferReport {
+    /// Blocks moved.
+    pub blocks: usize,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Time from start to the last block's completion (and the notification's, if any).
+    pub elapsed: Duration,
+}
+
+/// A notification a peer attached to a transfer into one of this node's regions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Name of the peer that made the transfer.
+    pub peer: String,
+    /// The region written or read.
+    pub region: u64,
+    /// The value the peer attached.
+    pub tag: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Write = 1,
+    Read = 2,
+    Notify = 3,
+}
+
+/// The fixed envelope that precedes a block (write) or asks for one (read, notify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Envelope {
+    op: Op,
+    region: RegionDescriptor,
+    offset: u64,
+    len: u64,
+    tag: u64,
+}
+
+impl Envelope {
+    const LEN: usize = 1 + RegionDescriptor::LEN + 24;
+
+    fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(Self::LEN);
+        b.put_u8(self.op as u8);
+        b.put_slice(&self.region.encode());
+        b.put_u64_le(self.offset);
+        b.put_u64_le(self.len);
+        b.put_u64_le(self.tag);
+        b.freeze()
+    }
+
+    fn decode(b: &[u8]) -> Option<Envelope> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        let op = match b[0] {
+            1 => Op::Write,
+            2 => Op::Read,
+            3 => Op::Notify,
+            _ => return None,
+        };
+        let region = RegionDescriptor::decode(&b[1..1 + RegionDescriptor::LEN])?;
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let base = 1 + RegionDescriptor::LEN;
+        Some(Envelope {
+            op,
+            region,
+            offset: word(base),
+            len: word(base + 8),
+            tag: word(base + 16),
+        })
+    }
+}
+
+/// Region errors travel as text in an error response; this prefix marks them so the initiator
+/// gets the typed [`RegionError`] back.
+const REGION_ERROR: &str = "region-error";
+
+fn encode_region_error(e: &RegionError) -> String {
+    let (code, region, offset, len, region_len) = match *e {
+        RegionError::Unknown { region } => (1, region, 0, 0, 0),
+        RegionError::BadKey { region } => (2, region, 0, 0, 0),
+        RegionError::Revoked { region } => (3, region, 0, 0, 0),
+        RegionError::OutOfBounds {
+            region,
+            offset,
+            len,
+            region_len,
+        } => (4, region, offset, len, region_len),
+    };
+    format!("{REGION_ERROR}:{code}:{region}:{offset}:{len}:{region_len}: {e}")
+}
+
+fn decode_region_error(s: &str) -> Option<RegionError> {
+    let mut it = s.strip_prefix(REGION_ERROR)?.strip_prefix(':')?.split(':');
+    let mut num = || it.next()?.parse::<u64>().ok();
+    let (code, region, offset, len, region_len) = (num()?, num()?, num()?, num()?, num()?);
+    Some(match code {
+        1 => RegionError::Unknown { region },
+        2 => RegionError::BadKey { region },
+        3 => RegionError::Revoked { region },
+        4 => RegionError::OutOfBounds {
+            region,
+            offset,
+            len,
+            region_len,
+        },
+        _ => return None,
+    })
+}
+
+/// Turns a remote failure back into a typed error where it is a region error.
+fn remote_error(e: Error) -> Error {
+    match &e {
+        Error::Remote(text) => decode_region_error(text).map_or(e, Error::Region),
+        _ => e,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Write,
+    Read,
+}
+
+impl Peer {
+    /// Writes (pushes) `blocks` from the local region `local` into the peer's region `remote`,
+    /// and then, with `notify`, tells the peer's node (see `Node::notification`).
+    ///
+    /// Completes when every block has landed in the remote region (acknowledged by the peer's
+    /// node after its bounds check). Fails with [`Error::Transfer`] naming the first block that
+    /// failed and why (a [`RegionError`] from either side, the session's error). Every range is
+    /// checked before anything is sent; blocks may land in any order. Dropping the future
+    /// cancels the transfer: blocks not yet sent are not sent, blocks already sent may land.
+    pub async fn write(
+        &self,
+        local: &Region,
+        remote: &RegionDescriptor,
+        blocks: &[Block],
+        notify: Option<u64>,
+    ) -> Result<TransferReport> {
+        self.transfer(Direction::Write, local, remote, blocks, notify)
+            .await
+    }
+
+    /// Reads (pulls) `blocks` from the peer's region `remote` into the local region `local`;
+    /// otherwise as [`Peer::write`].
+    pub async fn read(
+        &self,
+        local: &Region,
+        remote: &RegionDescriptor,
+        blocks: &[Block],
+        notify: Option<u64>,
+    ) -> Result<TransferReport> {
+        self.transfer(Direction::Read, local, remote, blocks, notify)
+            .await
+    }
+
+    async fn transfer(
+        &self,
+        dir: Direction,
+        local: &Region,
+        remote: &RegionDescriptor,
+        blocks: &[Block],
+        notify: Option<u64>,
+    ) -> Result<TransferReport> {
+        let start = Instant::now();
+        let fail = |block: usize, cause: Error| Error::Transfer {
+            block,
+            cause: Box::new(cause),
+        };
+        // Check every range first: a bad batch moves nothing.
+        for (i, b) in blocks.iter().enumerate() {
+            local
+                .inner
+                .check(b.local, b.len)
+                .map_err(|e| fail(i, Error::Region(e)))?;
+            if b.remote
+                .checked_add(b.len)
+                .is_none_or(|end| end > remote.len)
+            {
+                let e = RegionError::OutOfBounds {
+                    region: remote.region,
+                    offset: b.remote,
+                    len: b.len,
+                    region_len: remote.len,
+                };
+                return Err(fail(i, Error::Region(e)));
+            }
+        }
+        let ch = self.transfer_channel()?;
+        let mut inflight: JoinSet<(usize, u64, Result<()>)> = JoinSet::new();
+        let mut inflight_bytes = 0u64;
+        let mut bytes = 0u64;
+        for (i, b) in blocks.iter().copied().enumerate() {
+            while inflight.len() >= MAX_INFLIGHT_BLOCKS
+                || (!inflight.is_empty() && inflight_bytes + b.len > MAX_INFLIGHT_BYTES)
+            {
+                let (idx, len, r) = inflight
+                    .join_next()
+                    .await
+                    .expect("non-empty")
+                    .map_err(|_| fail(i, Error::Cancelled))?;
+                r.map_err(|e| fail(idx, e))?;
+                inflight_bytes -= len;
+                bytes += len;
+            }
+            let env = Envelope {
+                op: match dir {
+                    Direction::Write => Op::Write,
+                    Direction::Read => Op::Read,
+                },
+                region: *remote,
+                offset: b.remote,
+                len: b.len,
+                tag: 0,
+            };
+            let (ch, local) = (ch.clone(), local.clone());
+            inflight_bytes += b.len;
+            inflight.spawn(async move {
+                let r = match dir {
+                    Direction::Write => write_block(&ch, &local, env, b).await,
+                    Direction::Read => read_block(&ch, &local, env, b).await,
+                };
+                (i, b.len, r)
+            });
+        }
+        while let Some(done) = inflight.join_next().await {
+            let (idx, len, r) = done.map_err(|_| fail(blocks.len(), Error::Cancelled))?;
+            r.map_err(|e| fail(idx, e))?;
+            bytes += len;
+        }
+        if let Some(tag) = notify {
+            let env = Envelope {
+                op: Op::Notify,
+                region: *remote,
+                offset: 0,
+                len: 0,
+                tag,
+            };
+            ch.request_with_head(None, env.encode())
+                .await
+                .map_err(|e| fail(blocks.len(), remote_error(e)))?;
+        }
+        Ok(TransferReport {
+            blocks: blocks.len(),
+            bytes,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+async fn write_block(ch: &Channel, local: &Region, env: Envelope, b: Block) -> Result<()> {
+    // Zero copy: the chunk keeps a read guard on the local region until the peer has it.
+    let data = local
+        .inner
+        .view(b.local, b.len)
+        .await
+        .map_err(Error::Region)?;
+    ch.request_with_head(Some(env.encode()), data)
+        .await
+        .map(drop)
+        .map_err(remote_error)
+}
+
+async fn read_block(ch: &Channel, local: &Region, env: Envelope, b: Block) -> Result<()> {
+    let data = ch
+        .request_with_head(None, env.encode())
+        .await
+        .map_err(remote_error)?;
+    if data.len() as u64 != b.len {
+        return Err(Error::Remote(format!(
+            "read returned {} bytes for a {}-byte block",
+            data.len(),
+            b.len
+        )));
+    }
+    local
+        .inner
+        .store(b.local, &data)
+        .await
+        .map_err(Error::Region)
+}
+
+/// Serves the peer's transfers on this node's regions, for the life of the session.
+pub(crate) async fn serve_transfers(
+    peer: Peer,
+    regions: Arc<RegionTable>,
+    notifications: mpsc::Sender<Notification>,
+) {
+    while let Ok(ch) = peer.accept_system_channel().await {
+        let (regions, notifications, name) = (
+            regions.clone(),
+            notifications.clone(),
+            peer.name().to_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve_channel(&ch, &regions, &notifications, &name).await {
+                tracing::debug!(peer = %name, error = %e, "transfer service ended");
+            }
+        });
+    }
+}
+
+async fn serve_channel(
+    ch: &Channel,
+    regions: &RegionTable,
+    notifications: &mpsc::Sender<Notification>,
+    peer: &str,
+) -> Result<()> {
+    loop {
+        let m = ch.recv().await?;
+        let Some(env) = Envelope::decode(&m.body) else {
+            tracing::warn!(peer, "malformed transfer envelope; ignored");
+            if m.request_id.is_some() {
+                ch.respond_error(&m, "malformed transfer envelope").await?;
+            }
+            continue;
+        };
+        match env.op {
+            Op::Write => {
+                // The envelope came as a plain message; the block follows as the request.
+                let data = ch.recv().await?;
+                if data.request_id.is_none() {
+                    tracing::warn!(peer, "write envelope not followed by its block; ignored");
+                    continue;
+                }
+                let r = match regions.lookup(&env.region) {
+                    Ok(r) if data.body.len() as u64 != env.len => Err(RegionError::OutOfBounds {
+                        region: r.id,
+                        offset: env.offset,
+                        len: data.body.len() as u64,
+                        region_len: r.len,
+                    }),
+                    Ok(r) => r.store(env.offset, &data.body).await,
+                    Err(e) => Err(e),
+                };
+                answer(ch, &data, r.map(|()| Bytes::new())).await?;
+            }
+            Op::Read => {
+                let r = match regions.lookup(&env.region) {
+                    Ok(r) => r.view(env.offset, env.len).await,
+                    Err(e) => Err(e),
+                };
+                answer(ch, &m, r).await?;
+            }
+            Op::Notify => {
+                let r = regions.lookup(&env.region).map(|r| r.id);
+                if let Ok(region) = r {
+                    let n = Notification {
+                        peer: peer.to_owned(),
+                        region,
+                        tag: env.tag,
+                    };
+                    // Bounded: a node that never reads notifications slows its writers down.
+                    let _ = notifications.send(n).await;
+                }
+                answer(ch, &m, r.map(|_| Bytes::new())).await?;
+            }
+        }
+    }
+}
+
+async fn answer(
+    ch: &Channel,
+    req: &Message,
+    r: std::result::Result<Bytes, RegionError>,
+) -> Result<()> {
+    match r {
+        Ok(body) => ch.respond(req, body).await,
+        Err(e) => ch.respond_error(req, &encode_region_error(&e)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_and_region_errors_round_trip() {
+        let env = Envelope {
+            op: Op::Read,
+            region: RegionDescriptor {
+                region: 1,
+                len: 2,
+                key: 3,
+            },
+            offset: 4,
+            len: 5,
+            tag: 6,
+        };
+        assert_eq!(Envelope::decode(&env.encode()), Some(env));
+        assert_eq!(Envelope::decode(&env.encode()[1..]), None);
+        let e = RegionError::OutOfBounds {
+            region: 9,
+            offset: 10,
+            len: 11,
+            region_len: 12,
+        };
+        assert_eq!(decode_region_error(&encode_region_error(&e)), Some(e));
+        assert_eq!(decode_region_error("something else"), None);
+    }
+}

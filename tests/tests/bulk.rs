@@ -1,0 +1,291 @@
+//! Registered regions and batched transfers, on every transport.
+
+use std::time::Duration;
+
+use agentfabric::bulk::RegionError;
+use agentfabric::{Block, Class, Config, Error, RegionDescriptor};
+use agentfabric_tests::{pair, within, Kind};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// 1,000 blocks of 16 KiB scattered over a region, pushed then pulled back, byte for byte, with
+/// a notification at the target.
+async fn thousand_block_batches_write_and_read(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const BLOCK: u64 = 16 << 10;
+    const N: u64 = 1000;
+    let src = p.client.register((BLOCK * N) as usize).unwrap();
+    let mut data = vec![0u8; (BLOCK * N) as usize];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = pattern(i as u64);
+    }
+    src.write_at(0, &data).await.unwrap();
+    let dst = p.server.register((BLOCK * N * 2) as usize).unwrap();
+    // Block i lands at slot (i * 7) % (2N): scattered, not contiguous.
+    let blocks: Vec<Block> = (0..N)
+        .map(|i| Block {
+            local: i * BLOCK,
+            remote: ((i * 7) % (2 * N)) * BLOCK,
+            len: BLOCK,
+        })
+        .collect();
+    let report = within(
+        LIMIT,
+        p.client_peer
+            .write(&src, &dst.descriptor(), &blocks, Some(42)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.blocks, N as usize);
+    assert_eq!(report.bytes, BLOCK * N);
+    let note = within(LIMIT, p.server.notification()).await.unwrap();
+    assert_eq!(
+        (note.peer.as_str(), note.region, note.tag),
+        ("client", dst.descriptor().region, 42)
+    );
+    let mut got = vec![0u8; BLOCK as usize];
+    for b in &blocks {
+        dst.read_at(b.remote, &mut got).await.unwrap();
+        assert!(
+            got[..] == data[b.local as usize..(b.local + BLOCK) as usize],
+            "block at {} differs",
+            b.local
+        );
+    }
+    // Pull everything back into a fresh region.
+    let back = p.client.register((BLOCK * N) as usize).unwrap();
+    within(
+        LIMIT,
+        p.client_peer.read(&back, &dst.descriptor(), &blocks, None),
+    )
+    .await
+    .unwrap();
+    let mut all = vec![0u8; (BLOCK * N) as usize];
+    back.read_at(0, &mut all).await.unwrap();
+    assert!(all == data, "data read back differs");
+}
+
+/// Ranges outside either region fail with the failing block's index, before anything moves.
+async fn out_of_bounds_ranges_are_refused(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let src = p.client.register(1 << 20).unwrap();
+    let dst = p.server.register(64 << 10).unwrap();
+    let ok = Block {
+        local: 0,
+        remote: 0,
+        len: 4096,
+    };
+    let bad_remote = Block {
+        local: 0,
+        remote: 60 << 10,
+        len: 8192,
+    };
+    let e = p
+        .client_peer
+        .write(&src, &dst.descriptor(), &[ok, bad_remote], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { block: 1, cause } if matches!(**cause, Error::Region(RegionError::OutOfBounds { .. }))),
+        "{e}"
+    );
+    let bad_local = Block {
+        local: (1 << 20) - 10,
+        remote: 0,
+        len: 20,
+    };
+    let e = p
+        .client_peer
+        .write(&src, &dst.descriptor(), &[bad_local], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, Error::Transfer { block: 0, .. }), "{e}");
+    // A descriptor that lies about its length is caught by the target's own check.
+    let mut forged = dst.descriptor();
+    forged.len = 1 << 30;
+    let e = p
+        .client_peer
+        .write(
+            &src,
+            &forged,
+            &[Block {
+                local: 0,
+                remote: 1 << 20,
+                len: 4096,
+            }],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { block: 0, cause } if matches!(**cause, Error::Region(RegionError::OutOfBounds { .. }))),
+        "{e}"
+    );
+}
+
+/// Revoked regions and forged keys are refused by the target with a typed error.
+async fn revoked_and_forged_regions_are_refused(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let src = p.client.register(64 << 10).unwrap();
+    let dst = p.server.register(64 << 10).unwrap();
+    let b = [Block {
+        local: 0,
+        remote: 0,
+        len: 1024,
+    }];
+    let mut forged = dst.descriptor();
+    forged.key ^= 1;
+    let e = p
+        .client_peer
+        .write(&src, &forged, &b, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { cause, .. } if matches!(**cause, Error::Region(RegionError::BadKey { .. }))),
+        "{e}"
+    );
+    let d = dst.descriptor();
+    p.client_peer.write(&src, &d, &b, None).await.unwrap();
+    dst.revoke().await;
+    assert!(dst.is_revoked());
+    let e = p.client_peer.write(&src, &d, &b, None).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { cause, .. } if matches!(**cause, Error::Region(RegionError::Revoked { .. } | RegionError::Unknown { .. }))),
+        "{e}"
+    );
+    let mut buf = [0u8; 4];
+    assert!(matches!(
+        dst.read_at(0, &mut buf).await,
+        Err(Error::Region(RegionError::Revoked { .. }))
+    ));
+    let unknown = RegionDescriptor {
+        region: 12345,
+        len: 1 << 20,
+        key: 0,
+    };
+    let e = p
+        .client_peer
+        .read(&src, &unknown, &b, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { cause, .. } if matches!(**cause, Error::Region(RegionError::Unknown { .. }))),
+        "{e}"
+    );
+}
+
+/// A peer killed mid-transfer fails the transfer with a typed error; nothing hangs.
+async fn peer_killed_mid_transfer_fails_it(kind: Kind) {
+    let cfg = Config {
+        peer_timeout: Duration::from_millis(800),
+        ..Config::default()
+    };
+    let p = pair(kind, cfg).await;
+    // 128 MiB: far more than can move in the few milliseconds before the peer dies.
+    let src = p.client.register(128 << 20).unwrap();
+    let dst = p.server.register(128 << 20).unwrap();
+    let blocks: Vec<Block> = (0..2048)
+        .map(|i| Block {
+            local: i * (64 << 10),
+            remote: i * (64 << 10),
+            len: 64 << 10,
+        })
+        .collect();
+    let d = dst.descriptor();
+    let peer = p.client_peer.clone();
+    let t = tokio::spawn(async move { peer.write(&src, &d, &blocks, None).await });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    drop((p.server, p.server_peer, dst));
+    if let Some(net) = &p.net {
+        net.unlisten("server");
+    }
+    let r = within(Duration::from_secs(10), t).await.unwrap();
+    match r {
+        Err(Error::Transfer { cause, .. }) => assert!(
+            matches!(*cause, Error::PeerDead { .. } | Error::Cancelled),
+            "unexpected cause {cause}"
+        ),
+        Ok(r) => panic!("the transfer cannot have finished: {r:?}"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// A cancelled (dropped) transfer stops; the session and later transfers are unaffected, and
+/// coordination flows meanwhile.
+async fn cancelled_transfer_stops(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let src = p.client.register(32 << 20).unwrap();
+    let dst = p.server.register(32 << 20).unwrap();
+    let blocks: Vec<Block> = (0..512)
+        .map(|i| Block {
+            local: i * (64 << 10),
+            remote: i * (64 << 10),
+            len: 64 << 10,
+        })
+        .collect();
+    let d = dst.descriptor();
+    let r = tokio::time::timeout(
+        Duration::from_millis(2),
+        p.client_peer.write(&src, &d, &blocks, None),
+    )
+    .await;
+    drop(r);
+    let coord = p.client_peer.channel(Class::Coordination, 7).unwrap();
+    coord.send("still here").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    assert_eq!(
+        &within(LIMIT, rx.recv()).await.unwrap().body[..],
+        b"still here"
+    );
+    src.write_at(0, &[9u8; 100]).await.unwrap();
+    within(
+        LIMIT,
+        p.client_peer.write(
+            &src,
+            &d,
+            &[Block {
+                local: 0,
+                remote: 0,
+                len: 100,
+            }],
+            None,
+        ),
+    )
+    .await
+    .unwrap();
+    let mut got = [0u8; 100];
+    dst.read_at(0, &mut got).await.unwrap();
+    assert_eq!(got, [9u8; 100]);
+}
+
+macro_rules! suite {
+    ($module:ident, $kind:ident: $($case:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(agentfabric_tests::Kind::$kind).await
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_cases {
+    ($module:ident, $kind:ident) => {
+        suite!($module, $kind:
+            thousand_block_batches_write_and_read,
+            out_of_bounds_ranges_are_refused,
+            revoked_and_forged_regions_are_refused,
+            peer_killed_mid_transfer_fails_it,
+            cancelled_transfer_stops,
+        );
+    };
+}
+
+all_cases!(mem, Mem);
+all_cases!(tcp, Tcp);
