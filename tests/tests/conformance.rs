@@ -524,6 +524,36 @@ async fn frame_before_handshake_is_refused(kind: Kind) {
     );
 }
 
+/// Many tasks sending on one channel whose queue is full: every sender is woken in turn (none is
+/// forgotten), and each sender's messages stay in its order.
+async fn concurrent_senders_on_one_channel(kind: Kind) {
+    let mut cfg = Config::default();
+    cfg.send_queue_bytes.bulk = 256 << 10;
+    let p = pair(kind, cfg).await;
+    let ch = p.client_peer.channel(Class::Bulk, 3).unwrap();
+    const TASKS: u32 = 8;
+    const PER: u32 = 100;
+    let mut senders = Vec::new();
+    for t in 0..TASKS {
+        let ch = ch.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER {
+                ch.send(body(t, i, 64 << 10)).await.unwrap();
+            }
+        }));
+    }
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let mut next = vec![0u32; TASKS as usize];
+    for _ in 0..TASKS * PER {
+        let (t, i) = check_body(&within(LIMIT, rx.recv()).await.unwrap().body);
+        assert_eq!(i, next[t as usize], "sender {t} out of order");
+        next[t as usize] += 1;
+    }
+    for s in senders {
+        within(LIMIT, s).await.unwrap();
+    }
+}
+
 macro_rules! conformance {
     ($kind:ident: $($case:ident),* $(,)?) => {
         $(
@@ -540,6 +570,7 @@ macro_rules! suite {
         mod $module {
             conformance!($kind:
                 ordering_across_interleaved_channels,
+                concurrent_senders_on_one_channel,
                 exactly_once_across_reconnects,
                 coordination_overtakes_saturating_bulk,
                 bounded_memory_under_overload,

@@ -265,7 +265,7 @@ impl Channel {
             }
             Ok(false) => match cx {
                 Some(cx) => {
-                    st.send_wakers.insert(self.id, cx.waker().clone());
+                    st.send_wakers.register(self.id, cx.waker());
                     Poll::Pending
                 }
                 None => Poll::Ready(Err(Error::WouldBlock)),
@@ -308,7 +308,7 @@ impl Channel {
             if let Some(e) = st.session.dead() {
                 return Poll::Ready(Err(e.clone()));
             }
-            st.recv_wakers.insert(self.id, cx.waker().clone());
+            st.recv_wakers.register(self.id, cx.waker());
             Poll::Pending
         })
         .await?;
@@ -337,7 +337,7 @@ impl Channel {
             match st.session.want_flush(self.id) {
                 Ok(true) => Poll::Ready(Ok(())),
                 Ok(false) => {
-                    st.flush_wakers.insert(self.id, cx.waker().clone());
+                    st.flush_wakers.register(self.id, cx.waker());
                     Poll::Pending
                 }
                 Err(e) => Poll::Ready(Err(e)),

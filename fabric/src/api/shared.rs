@@ -22,15 +22,49 @@ use crate::transport::FrameSink;
 /// while a batch is written waits for little; large enough to amortise the system call.
 pub(crate) const SEND_BATCH: usize = 256 << 10;
 
+/// The tasks waiting on each channel (several tasks may send or receive on one channel).
+#[derive(Default)]
+pub(crate) struct Waiters {
+    map: HashMap<u32, Vec<Waker>>,
+}
+
+impl Waiters {
+    /// Registers `w` as waiting on channel `id` (once per task).
+    pub(crate) fn register(&mut self, id: u32, w: &Waker) {
+        let v = self.map.entry(id).or_default();
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
+        }
+    }
+
+    /// Wakes every task waiting on `id`; they check again and re-register if needed.
+    pub(crate) fn wake(&mut self, id: u32) {
+        if let Some(v) = self.map.get_mut(&id) {
+            for w in v.drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Wakes every waiting task.
+    pub(crate) fn wake_all(&mut self) {
+        for v in self.map.values_mut() {
+            for w in v.drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
 /// Where a response goes when it arrives.
 pub(crate) type ResponseSlot = oneshot::Sender<Result<Bytes, Error>>;
 
 pub(crate) struct PeerState {
     pub(crate) session: Session,
     pub(crate) driver: Option<Waker>,
-    pub(crate) recv_wakers: HashMap<u32, Waker>,
-    pub(crate) send_wakers: HashMap<u32, Waker>,
-    pub(crate) flush_wakers: HashMap<u32, Waker>,
+    pub(crate) recv_wakers: Waiters,
+    pub(crate) send_wakers: Waiters,
+    pub(crate) flush_wakers: Waiters,
     pub(crate) accept_waker: Option<Waker>,
     pub(crate) system_accept_waker: Option<Waker>,
     /// This side's system channel for bulk transfers, opened on first use.
@@ -52,9 +86,9 @@ impl PeerState {
         PeerState {
             session,
             driver: None,
-            recv_wakers: HashMap::new(),
-            send_wakers: HashMap::new(),
-            flush_wakers: HashMap::new(),
+            recv_wakers: Waiters::default(),
+            send_wakers: Waiters::default(),
+            flush_wakers: Waiters::default(),
             accept_waker: None,
             system_accept_waker: None,
             transfer_channel: None,
@@ -119,19 +153,13 @@ impl PeerState {
                     }
                 }
                 Event::Readable(ch) => {
-                    if let Some(w) = self.recv_wakers.remove(&ch) {
-                        w.wake();
-                    }
+                    self.recv_wakers.wake(ch);
                 }
                 Event::Writable(ch) => {
-                    if let Some(w) = self.send_wakers.remove(&ch) {
-                        w.wake();
-                    }
+                    self.send_wakers.wake(ch);
                 }
                 Event::Flushed(ch) => {
-                    if let Some(w) = self.flush_wakers.remove(&ch) {
-                        w.wake();
-                    }
+                    self.flush_wakers.wake(ch);
                 }
                 Event::Response { tag, result, .. } => {
                     // A response nobody waits for (deadline passed, cancelled) is dropped.
@@ -149,15 +177,9 @@ impl PeerState {
 
     /// Wakes every waiting operation; they observe the session's error.
     fn fail_all(&mut self, err: &Error) {
-        for (_, w) in self.recv_wakers.drain() {
-            w.wake();
-        }
-        for (_, w) in self.send_wakers.drain() {
-            w.wake();
-        }
-        for (_, w) in self.flush_wakers.drain() {
-            w.wake();
-        }
+        self.recv_wakers.wake_all();
+        self.send_wakers.wake_all();
+        self.flush_wakers.wake_all();
         if let Some(w) = self.accept_waker.take() {
             w.wake();
         }

@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 use tokio::task::AbortHandle;
 
 pub mod baseline;
+pub mod bulk;
 pub mod mixed;
 pub mod pingpong;
 pub mod report;
@@ -92,6 +93,8 @@ pub enum Workload {
     Pingpong,
     /// Coordination round trips while bulk traffic saturates the same session.
     Mixed,
+    /// Batched transfers of `--block-bytes` blocks between registered regions.
+    Bulk,
 }
 
 impl Workload {
@@ -100,6 +103,7 @@ impl Workload {
         match self {
             Workload::Pingpong => "pingpong",
             Workload::Mixed => "mixed",
+            Workload::Bulk => "bulk",
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct BenchArgs {
     /// for mixed).
     #[arg(long, value_parser = parse_duration, value_name = "SECONDS")]
     pub duration: Option<Duration>,
+    /// Block size in bytes for the bulk workload (default 1048576).
+    #[arg(long, value_parser = parse_size, value_name = "BYTES")]
+    pub block_bytes: Option<usize>,
     /// Warm-up seconds before each measurement (not recorded).
     #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
     pub warmup: Duration,
@@ -188,6 +195,7 @@ impl Settings {
         let (size, duration) = match a.workload {
             Workload::Pingpong => (64, Duration::from_secs(3)),
             Workload::Mixed => (1 << 20, Duration::from_secs(2)),
+            Workload::Bulk => (a.block_bytes.unwrap_or(1 << 20), Duration::from_secs(3)),
         };
         Settings {
             transport: a.transport,
@@ -274,6 +282,7 @@ async fn run(s: Settings) -> BenchResult<Output> {
     match s.workload {
         Workload::Pingpong => pingpong::run(&s).await,
         Workload::Mixed => mixed::run(&s).await,
+        Workload::Bulk => bulk::run(&s).await,
     }
 }
 
@@ -377,10 +386,10 @@ impl FabricPinger {
 /// echoes every message of a coordination or tool-call channel on the same channel, and drains
 /// bulk channels, counting their bytes.
 pub struct FabricPair {
-    /// The node that connected (kept alive with the pair).
-    _client: Node,
-    /// The node that listened (kept alive with the pair).
-    _server: Node,
+    /// The node that connected.
+    pub client: Node,
+    /// The node that listened.
+    pub server: Node,
     /// The client's side of the session.
     pub peer: Peer,
     /// Bytes received so far on the server's bulk channels.
@@ -449,8 +458,8 @@ impl FabricPair {
         };
         lock(&tasks).push(acceptor.abort_handle());
         Ok(FabricPair {
-            _client: client,
-            _server: server,
+            client,
+            server,
             peer,
             bulk_received,
             server_channels,

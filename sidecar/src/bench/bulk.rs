@@ -1,0 +1,84 @@
+//! Workload `bulk`: batched transfers of `block`-byte blocks between registered regions
+//! ([`agentfabric::Peer::write`]), against raw streaming of the same block size in the same run
+//! (raw TCP for `tcp`, a tokio mpsc channel for `mem`).
+//!
+//! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
+//! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.
+//! Throughput counts the bytes of completed batches over the measured time.
+
+use std::time::Instant;
+
+use agentfabric::{Block, Config};
+use serde_json::json;
+
+use super::report::{fmt_ratio, ratio, round2, round3, Table};
+use super::{baseline, progress, BenchResult, FabricPair, Output, Settings, TransportKind};
+
+/// Bytes moved by one batch (rounded to whole blocks).
+pub const BATCH_BYTES: u64 = 64 << 20;
+
+/// Runs the workload and builds its report.
+pub async fn run(s: &Settings) -> BenchResult<Output> {
+    let block = s.size as u64;
+    let count = (BATCH_BYTES / block).max(1);
+    let pair = FabricPair::new(s.transport, Config::default(), "bulk").await?;
+    let src = pair.client.register((block * count) as usize)?;
+    let dst = pair.server.register((block * count) as usize)?;
+    let blocks: Vec<Block> = (0..count)
+        .map(|i| Block {
+            local: i * block,
+            remote: i * block,
+            len: block,
+        })
+        .collect();
+    let remote = dst.descriptor();
+
+    progress("phase fabric: batched region writes");
+    let limit = s.phase_limit();
+    let work = async {
+        let warm_until = Instant::now() + s.warmup;
+        while Instant::now() < warm_until {
+            pair.peer.write(&src, &remote, &blocks, None).await?;
+        }
+        let (start, mut bytes) = (Instant::now(), 0u64);
+        while start.elapsed() < s.duration {
+            bytes += pair.peer.write(&src, &remote, &blocks, None).await?.bytes;
+        }
+        BenchResult::Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
+    };
+    let fabric_mb_s = tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| format!("the fabric phase did not finish within {limit:?}"))??;
+
+    progress("phase baseline: raw streaming");
+    let tcp = s.transport == TransportKind::Tcp;
+    let base_mb_s = baseline::stream_mb_s(tcp, s.size, s.warmup, s.duration).await?;
+    let base_name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
+    let r = ratio(fabric_mb_s, base_mb_s);
+
+    let json = json!({
+        "transport": s.transport.name(),
+        "workload": "bulk",
+        "block_bytes": s.size,
+        "blocks_per_batch": count,
+        "duration_s": round3(s.duration.as_secs_f64()),
+        "warmup_s": round3(s.warmup.as_secs_f64()),
+        "threads": s.threads,
+        "version": env!("CARGO_PKG_VERSION"),
+        "fabric_mb_s": round2(fabric_mb_s),
+        "baseline": {"name": base_name, "mb_s": round2(base_mb_s)},
+        "ratio": r.map(round3),
+    });
+    let mut t = Table::new(&format!(
+        "bulk over {}: {count} blocks of {} B per batch",
+        s.transport.name(),
+        s.size
+    ));
+    t.line(&format!("fabric        {fabric_mb_s:>10.1} MB/s"));
+    t.line(&format!("{base_name:<14}{base_mb_s:>10.1} MB/s"));
+    t.line(&format!("ratio         {:>10}", fmt_ratio(r)));
+    Ok(Output {
+        json,
+        table: t.finish(),
+    })
+}
