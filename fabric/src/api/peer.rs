@@ -299,7 +299,13 @@ impl Channel {
     /// Waits for the next message, in order. Fails with the session's error once it is dead and
     /// nothing is left to read.
     pub async fn recv(&self) -> Result<Message> {
-        let m = poll_fn(|cx| {
+        Ok(message(self.recv_unassembled().await?))
+    }
+
+    /// As [`Channel::recv`], leaving a fragmented message in its pieces (the fabric's own bulk
+    /// service copies them straight into a region).
+    pub(crate) async fn recv_unassembled(&self) -> Result<crate::core::Delivered> {
+        poll_fn(|cx| {
             let mut st = self.peer.shared.lock();
             if let Some(m) = st.session.recv_unassembled(self.id) {
                 st.kick();
@@ -311,8 +317,7 @@ impl Channel {
             st.recv_wakers.register(self.id, cx.waker());
             Poll::Pending
         })
-        .await?;
-        Ok(message(m))
+        .await
     }
 
     /// The next message if one is ready.

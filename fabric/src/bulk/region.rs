@@ -219,10 +219,25 @@ impl RegionInner {
         offset: u64,
         data: &[u8],
     ) -> std::result::Result<(), RegionError> {
-        self.check(offset, data.len() as u64)?;
+        self.store_pieces(offset, std::iter::once(data)).await
+    }
+
+    /// Copies `pieces`, one after the other, into the region from `offset`: a fragmented block
+    /// lands with one copy, never joined first.
+    pub(crate) async fn store_pieces<'a>(
+        &self,
+        offset: u64,
+        pieces: impl Iterator<Item = &'a [u8]> + Clone,
+    ) -> std::result::Result<(), RegionError> {
+        let len: u64 = pieces.clone().map(|p| p.len() as u64).sum();
+        self.check(offset, len)?;
         let mut guard = self.mem.write().await;
-        self.check(offset, data.len() as u64)?;
-        guard[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        self.check(offset, len)?;
+        let mut at = offset as usize;
+        for p in pieces {
+            guard[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         Ok(())
     }
 }

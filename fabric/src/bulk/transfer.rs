@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use super::region::{Region, RegionDescriptor, RegionError, RegionTable};
 use crate::api::{Channel, Message, Peer};
 use crate::error::{Error, Result};
+use crate::frame::MSG_REQUEST;
 
 /// Blocks of one transfer in flight at once.
 pub const MAX_INFLIGHT_BLOCKS: usize = 32;
@@ -361,22 +362,29 @@ async fn serve_channel(
         match env.op {
             Op::Write => {
                 // The envelope came as a plain message; the block follows as the request.
-                let data = ch.recv().await?;
-                if data.request_id.is_none() {
+                let data = ch.recv_unassembled().await?;
+                if data.msg_flags & MSG_REQUEST == 0 {
                     tracing::warn!(peer, "write envelope not followed by its block; ignored");
                     continue;
                 }
                 let r = match regions.lookup(&env.region) {
-                    Ok(r) if data.body.len() as u64 != env.len => Err(RegionError::OutOfBounds {
+                    Ok(r) if data.len() as u64 != env.len => Err(RegionError::OutOfBounds {
                         region: r.id,
                         offset: env.offset,
-                        len: data.body.len() as u64,
+                        len: data.len() as u64,
                         region_len: r.len,
                     }),
-                    Ok(r) => r.store(env.offset, &data.body).await,
+                    Ok(r) => {
+                        r.store_pieces(env.offset, data.pieces().map(|p| &p[..]))
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
-                answer(ch, &data, r.map(|()| Bytes::new())).await?;
+                let req = Message {
+                    body: Bytes::new(),
+                    request_id: Some(data.tag),
+                };
+                answer(ch, &req, r.map(|()| Bytes::new())).await?;
             }
             Op::Read => {
                 let r = match regions.lookup(&env.region) {

@@ -62,6 +62,14 @@ impl Delivered {
         self.body = buf.freeze();
     }
 
+    /// The body's pieces in order, without joining them (a single piece when it came whole or
+    /// was already joined).
+    pub fn pieces(&self) -> impl Iterator<Item = &Bytes> + Clone {
+        std::iter::once(&self.body)
+            .filter(|b| !b.is_empty())
+            .chain(self.parts.iter())
+    }
+
     /// Length of the message body in bytes.
     pub fn len(&self) -> usize {
         self.body.len() + self.parts.iter().map(Bytes::len).sum::<usize>()
