@@ -189,6 +189,8 @@ pub enum Error {
     Config(String),
     /// A channel priority outside 0..=7.
     InvalidPriority(u8),
+    /// `respond` was given a message that is not a request.
+    NotARequest,
     /// Access to a region was refused (here or at the peer).
     Region(crate::bulk::RegionError),
     /// A transfer failed: the index of the block that failed (the number of blocks for the
@@ -250,6 +252,9 @@ impl std::fmt::Display for Error {
             Error::UnknownChannel(c) => write!(f, "channel {c} is not open"),
             Error::Config(m) => write!(f, "invalid configuration: {m}"),
             Error::InvalidPriority(p) => write!(f, "priority {p} is outside 0..=7"),
+            Error::NotARequest => {
+                f.write_str("the message is not a request: there is nothing to respond to")
+            }
             Error::Region(e) => write!(f, "region access refused: {e}"),
             Error::Transfer { block, cause } => {
                 write!(f, "transfer failed at block {block}: {cause}")

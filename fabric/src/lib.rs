@@ -41,4 +41,5 @@ pub use bulk::{Block, Region, RegionDescriptor};
 pub use bytes::Bytes;
 pub use class::{Class, Priority};
 pub use config::{Config, CongestionConfig, PerClass};
+pub use core::{ChannelStats, SessionStats};
 pub use error::{Error, ProtocolError, Result};

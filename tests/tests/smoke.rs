@@ -24,6 +24,11 @@ async fn smoke_mem_and_tcp() {
         let sc = sp.accept_channel().await.unwrap();
         let m = sc.recv().await.unwrap();
         assert_eq!(&m.body[..], b"hello");
+        assert_eq!(m.request_id, None);
+        assert_eq!(
+            sc.respond(&m, "no").await,
+            Err(agentfabric::Error::NotARequest)
+        );
         let h = tokio::spawn(async move {
             loop {
                 let m = sc.recv().await.unwrap();

@@ -411,18 +411,14 @@ impl Channel {
 
     /// Answers the request `req` (received on this channel) with `body`.
     pub async fn respond(&self, req: &Message, body: impl Into<Bytes>) -> Result<()> {
-        let id = req.request_id.ok_or(Error::Config(
-            "respond: the message is not a request".into(),
-        ))?;
+        let id = req.request_id.ok_or(Error::NotARequest)?;
         self.send_with(body.into(), MSG_RESPONSE, id).await
     }
 
     /// Answers the request `req` with a failure; the requester gets [`Error::Remote`] with
     /// `reason`.
     pub async fn respond_error(&self, req: &Message, reason: &str) -> Result<()> {
-        let id = req.request_id.ok_or(Error::Config(
-            "respond: the message is not a request".into(),
-        ))?;
+        let id = req.request_id.ok_or(Error::NotARequest)?;
         self.send_with(
             Bytes::copy_from_slice(reason.as_bytes()),
             MSG_RESPONSE | MSG_ERROR,
