@@ -37,21 +37,52 @@ impl Waiters {
         }
     }
 
-    /// Wakes every task waiting on `id`; they check again and re-register if needed.
-    pub(crate) fn wake(&mut self, id: u32) {
+    /// Wakes (once the lock is released) every task waiting on `id`; they check again and
+    /// re-register if needed.
+    pub(crate) fn wake(&mut self, id: u32, out: &mut WakeList) {
         if let Some(v) = self.map.get_mut(&id) {
             for w in v.drain(..) {
-                w.wake();
+                out.push(w);
             }
         }
     }
 
-    /// Wakes every waiting task.
-    pub(crate) fn wake_all(&mut self) {
+    /// Wakes (once the lock is released) every waiting task.
+    pub(crate) fn wake_all(&mut self, out: &mut WakeList) {
         for v in self.map.values_mut() {
             for w in v.drain(..) {
-                w.wake();
+                out.push(w);
             }
+        }
+    }
+}
+
+/// Tasks to wake once the state's lock is released: a task woken while the lock is held would
+/// often run at once on the other core only to block on that lock. Holds a few wakers inline so
+/// the common case allocates nothing.
+#[derive(Default)]
+pub(crate) struct WakeList {
+    inline: [Option<Waker>; 4],
+    len: usize,
+    more: Vec<Waker>,
+}
+
+impl WakeList {
+    pub(crate) fn push(&mut self, w: Waker) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = Some(w);
+            self.len += 1;
+        } else {
+            self.more.push(w);
+        }
+    }
+
+    fn wake_all(self) {
+        for w in self.inline.into_iter().flatten() {
+            w.wake();
+        }
+        for w in self.more {
+            w.wake();
         }
     }
 }
@@ -79,6 +110,8 @@ pub(crate) struct PeerState {
     pub(crate) sink: Option<Box<dyn FrameSink>>,
     /// The deadline the driver's timer is armed for.
     pub(crate) timer_at: Option<Instant>,
+    /// Tasks to wake when the lock is released.
+    wakes: WakeList,
 }
 
 impl PeerState {
@@ -99,6 +132,7 @@ impl PeerState {
             connected_to,
             sink: None,
             timer_at: None,
+            wakes: WakeList::default(),
         }
     }
 
@@ -144,23 +178,17 @@ impl PeerState {
             match ev {
                 Event::ChannelOpened(_) => {
                     if let Some(w) = self.accept_waker.take() {
-                        w.wake();
+                        self.wakes.push(w);
                     }
                 }
                 Event::SystemChannelOpened(_) => {
                     if let Some(w) = self.system_accept_waker.take() {
-                        w.wake();
+                        self.wakes.push(w);
                     }
                 }
-                Event::Readable(ch) => {
-                    self.recv_wakers.wake(ch);
-                }
-                Event::Writable(ch) => {
-                    self.send_wakers.wake(ch);
-                }
-                Event::Flushed(ch) => {
-                    self.flush_wakers.wake(ch);
-                }
+                Event::Readable(ch) => self.recv_wakers.wake(ch, &mut self.wakes),
+                Event::Writable(ch) => self.send_wakers.wake(ch, &mut self.wakes),
+                Event::Flushed(ch) => self.flush_wakers.wake(ch, &mut self.wakes),
                 Event::Response { tag, result, .. } => {
                     // A response nobody waits for (deadline passed, cancelled) is dropped.
                     if let Some(slot) = self.responses.remove(&tag) {
@@ -177,14 +205,14 @@ impl PeerState {
 
     /// Wakes every waiting operation; they observe the session's error.
     fn fail_all(&mut self, err: &Error) {
-        self.recv_wakers.wake_all();
-        self.send_wakers.wake_all();
-        self.flush_wakers.wake_all();
-        if let Some(w) = self.accept_waker.take() {
-            w.wake();
-        }
-        if let Some(w) = self.system_accept_waker.take() {
-            w.wake();
+        self.recv_wakers.wake_all(&mut self.wakes);
+        self.send_wakers.wake_all(&mut self.wakes);
+        self.flush_wakers.wake_all(&mut self.wakes);
+        for w in [self.accept_waker.take(), self.system_accept_waker.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.wakes.push(w);
         }
         for (_, slot) in self.responses.drain() {
             let _ = slot.send(Err(err.clone()));
@@ -192,9 +220,9 @@ impl PeerState {
         self.wake_driver();
     }
 
-    pub(crate) fn wake_driver(&self) {
+    pub(crate) fn wake_driver(&mut self) {
         if let Some(w) = &self.driver {
-            w.wake_by_ref();
+            self.wakes.push(w.clone());
         }
     }
 
@@ -214,8 +242,39 @@ pub(crate) struct PeerShared {
 }
 
 impl PeerShared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, PeerState> {
+    /// Locks the state; tasks woken meanwhile are woken when the guard is dropped.
+    pub(crate) fn lock(&self) -> StateGuard<'_> {
         // A panic while holding the lock leaves plain data behind; keep going with it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        StateGuard {
+            guard: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
+/// The locked state. Dropping it releases the lock, then wakes the tasks that events made ready.
+pub(crate) struct StateGuard<'a> {
+    guard: Option<MutexGuard<'a, PeerState>>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = PeerState;
+    fn deref(&self) -> &PeerState {
+        self.guard.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PeerState {
+        self.guard.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            let wakes = std::mem::take(&mut g.wakes);
+            drop(g);
+            wakes.wake_all();
+        }
     }
 }
