@@ -1,4 +1,4 @@
-//! The in-process transport, with an optionally impaired network: delay, jitter (which reorders),
+//! The in-process transport, with an optionally impaired network: delay, bandwidth, jitter (which reorders),
 //! loss, partitions and forced disconnections. For tests, examples and single-process agents.
 //!
 //! Nodes that share a [`MemNetwork`] reach each other by name: `mem://NAME`. Frames move as
@@ -32,6 +32,9 @@ pub struct LinkConfig {
     pub delay: Duration,
     /// Extra random delay, uniform in `0..jitter`; frames may overtake each other.
     pub jitter: Duration,
+    /// Link rate in bytes per second, per direction of each connection (0: unlimited). Frames
+    /// are serialised at this rate, so a queue builds up behind a burst as on a real link.
+    pub bandwidth: u64,
     /// Probability that a frame is dropped.
     pub loss: f64,
 }
@@ -96,7 +99,10 @@ impl MemNetwork {
         MemTransport { net: self.clone() }
     }
 
-    /// While `true`, every frame is dropped (connections stay up, as in a real partition).
+    /// While `true`, nothing gets through (connections stay up, as in a real partition). On a
+    /// lossy network (loss or jitter configured) frames sent meanwhile are dropped; on a
+    /// reliable one they are held and delivered when the partition heals, as TCP would after
+    /// retransmitting.
     pub fn set_partitioned(&self, on: bool) {
         self.partitioned.store(on, Ordering::SeqCst);
     }
@@ -174,6 +180,8 @@ struct MemSink {
     queued: usize,
     seq: u64,
     flags: Arc<ConnFlags>,
+    /// When the link finishes serialising what was sent so far (bandwidth model).
+    link_free: Instant,
 }
 
 struct MemStream {
@@ -182,7 +190,12 @@ struct MemStream {
     timer: Pin<Box<Sleep>>,
     flags: Arc<ConnFlags>,
     side: usize,
+    /// The network's partition switch: while on, frames wait here (reliable networks).
+    partitioned: Arc<AtomicBool>,
 }
+
+/// How often a stream holding frames during a partition checks whether it has healed.
+const PARTITION_POLL: Duration = Duration::from_millis(5);
 
 fn broken() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, "mem connection broken")
@@ -207,7 +220,8 @@ impl FrameSink for MemSink {
         let mut st = self.net.lock();
         let link = st.link.clone();
         for frame in self.queue.drain(..) {
-            if partitioned || (link.loss > 0.0 && st.rng.gen_bool(link.loss.min(1.0))) {
+            let dropped_by_partition = partitioned && !link.reliable();
+            if dropped_by_partition || (link.loss > 0.0 && st.rng.gen_bool(link.loss.min(1.0))) {
                 continue;
             }
             let jitter = if link.jitter.is_zero() {
@@ -215,9 +229,17 @@ impl FrameSink for MemSink {
             } else {
                 link.jitter.mul_f64(st.rng.gen::<f64>())
             };
+            // Serialisation: a frame leaves once the link has sent the ones before it.
+            let depart = if link.bandwidth == 0 {
+                now
+            } else {
+                let wire = Duration::from_secs_f64(frame.wire_len() as f64 / link.bandwidth as f64);
+                self.link_free = self.link_free.max(now) + wire;
+                self.link_free
+            };
             self.seq += 1;
             let item = Item {
-                at: now + link.delay + jitter,
+                at: depart + link.delay + jitter,
                 seq: self.seq,
                 frame,
             };
@@ -266,6 +288,15 @@ impl FrameStream for MemStream {
                 Poll::Pending => break,
             }
         }
+        if self.partitioned.load(Ordering::SeqCst) && !self.heap.is_empty() {
+            self.timer
+                .as_mut()
+                .reset((Instant::now() + PARTITION_POLL).into());
+            if self.timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
         let now = Instant::now();
         let before = out.len();
         while self.heap.peek().is_some_and(|Reverse(i)| i.at <= now) {
@@ -311,6 +342,7 @@ fn pair(net: &MemNetwork, a: &str, b: &str) -> (Connection, Connection) {
             queued: 0,
             seq: 0,
             flags: flags.clone(),
+            link_free: Instant::now(),
         }),
         stream: Box::new(MemStream {
             rx,
@@ -318,6 +350,7 @@ fn pair(net: &MemNetwork, a: &str, b: &str) -> (Connection, Connection) {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             flags: flags.clone(),
             side,
+            partitioned: net.partitioned.clone(),
         }),
         remote: format!("mem://{remote}"),
     };

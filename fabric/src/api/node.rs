@@ -36,6 +36,9 @@ fn session_config(cfg: &Config, t: &dyn Transport) -> Config {
     cfg
 }
 
+/// How often a Hello is repeated on a transport that may lose it.
+const HELLO_REPEAT: Duration = Duration::from_millis(50);
+
 /// Longest wait between two reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -356,11 +359,23 @@ async fn dial(
     hello: &Handshake,
 ) -> Result<(Connection, Handshake, Vec<Frame>)> {
     let mut conn = t.connect(addr).await.map_err(|e| Error::transport(&e))?;
-    conn.sink.push(hello.encode());
-    poll_fn(|cx| conn.sink.poll_flush(cx))
-        .await
-        .map_err(|e| Error::transport(&e))?;
-    let mut frames = recv_some(&mut conn).await?;
+    // On a transport that may lose frames the Hello is repeated until answered (the acceptor
+    // answers repeats, and the session ignores repeated answers).
+    let repeat = (!t.reliable()).then_some(HELLO_REPEAT);
+    let mut frames = loop {
+        conn.sink.push(hello.encode());
+        poll_fn(|cx| conn.sink.poll_flush(cx))
+            .await
+            .map_err(|e| Error::transport(&e))?;
+        match repeat {
+            None => break recv_some(&mut conn).await?,
+            Some(every) => {
+                if let Ok(r) = tokio::time::timeout(every, recv_some(&mut conn)).await {
+                    break r?;
+                }
+            }
+        }
+    };
     let ack = Handshake::decode(&frames[0])?;
     frames.remove(0);
     Ok((conn, ack, frames))
@@ -414,21 +429,19 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
     if hello.status == HelloStatus::Resume {
         let resume = {
             let sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            sessions
-                .get(&hello.session_id)
-                .filter(|e| {
-                    e.shared
-                        .upgrade()
-                        .is_some_and(|s| s.lock().session.dead().is_none())
-                })
-                .and_then(|e| e.resume.clone())
+            sessions.get(&hello.session_id).and_then(|e| {
+                let shared = e.shared.upgrade()?;
+                let alive = shared.lock().session.dead().is_none();
+                Some((e.resume.clone()?, shared)).filter(|_| alive)
+            })
         };
-        let Some(resume) = resume else {
+        let Some((resume, shared)) = resume else {
             answer.status = HelloStatus::UnknownSession;
             conn.sink.push(answer.encode());
             let _ = poll_fn(|cx| conn.sink.poll_flush(cx)).await;
             return;
         };
+        shared.lock().session.set_handshake_reply(answer.encode());
         conn.sink.push(answer.encode());
         if poll_fn(|cx| conn.sink.poll_flush(cx)).await.is_ok() {
             let _ = resume.send(conn).await;
@@ -439,13 +452,14 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
     if poll_fn(|cx| conn.sink.poll_flush(cx)).await.is_err() {
         return;
     }
-    let session = Session::new(
+    let mut session = Session::new(
         Role::Acceptor,
         session_config(&inner.config, &*t),
         hello.params,
         t.reliable(),
         Instant::now(),
     );
+    session.set_handshake_reply(answer.encode());
     let shared = Arc::new(PeerShared {
         remote_name: hello.name,
         session_id: hello.session_id,

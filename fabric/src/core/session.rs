@@ -181,6 +181,8 @@ pub struct Session {
     state: State,
     ping_seq: u64,
     stats: SessionStats,
+    /// Acceptor: the HelloAck last sent, repeated if the Hello arrives again.
+    handshake_reply: Option<OutFrame>,
 }
 
 impl Session {
@@ -227,6 +229,7 @@ impl Session {
             state: State::Open,
             ping_seq: 0,
             stats: SessionStats::default(),
+            handshake_reply: None,
             cfg,
         }
     }
@@ -449,6 +452,12 @@ impl Session {
         }
     }
 
+    /// Acceptor: the handshake answer sent on the current connection, repeated if the
+    /// initiator's Hello arrives again (it repeats it on transports that may lose frames).
+    pub fn set_handshake_reply(&mut self, reply: OutFrame) {
+        self.handshake_reply = Some(reply);
+    }
+
     /// Kills the session at once with `err` (the node shut down, the transport failed beyond
     /// repair, the peer refused to resume). Nothing more is sent.
     pub fn abort(&mut self, err: Error) {
@@ -538,7 +547,22 @@ impl Session {
                 self.die(Error::ClosedByPeer(reason));
                 return Ok(());
             }
-            Kind::Hello | Kind::HelloAck => Err(ProtocolError::UnexpectedFrame("handshake")),
+            // On a lossy transport the initiator repeats its Hello until answered: answer a
+            // repeat of this session's Hello again, and ignore a repeated answer.
+            Kind::Hello => match &self.handshake_reply {
+                Some(reply)
+                    if self.role == Role::Acceptor
+                        && u64::from_le_bytes(
+                            reply.header[48..56].try_into().expect("8 bytes"),
+                        ) == h.tag =>
+                {
+                    self.control.push_back(reply.clone());
+                    Ok(())
+                }
+                _ => Err(ProtocolError::UnexpectedFrame("handshake")),
+            },
+            Kind::HelloAck if self.role == Role::Initiator => Ok(()),
+            Kind::HelloAck => Err(ProtocolError::UnexpectedFrame("handshake")),
         };
         if let Err(e) = res {
             let err = Error::Protocol(e);
