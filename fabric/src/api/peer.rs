@@ -77,35 +77,24 @@ impl Peer {
 
     /// Waits for the next channel the peer opened. Fails with the session's error once it dies.
     pub async fn accept_channel(&self) -> Result<Channel> {
-        poll_fn(|cx| {
-            let mut st = self.shared.lock();
-            if let Some(id) = st.session.accept_channel() {
-                let (class, priority) = st
-                    .session
-                    .channel_class(id)
-                    .expect("accepted channel exists");
-                return Poll::Ready(Ok(Channel {
-                    peer: self.clone(),
-                    id,
-                    class,
-                    priority,
-                }));
-            }
-            if let Some(e) = st.session.dead() {
-                return Poll::Ready(Err(e.clone()));
-            }
-            st.accept_waker = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+        self.accept_with(false).await
     }
 
     /// Waits for the next system channel the peer opened (served by the node, not the
     /// application).
     pub(crate) async fn accept_system_channel(&self) -> Result<Channel> {
+        self.accept_with(true).await
+    }
+
+    async fn accept_with(&self, system: bool) -> Result<Channel> {
         poll_fn(|cx| {
             let mut st = self.shared.lock();
-            if let Some(id) = st.session.accept_system_channel() {
+            let next = if system {
+                st.session.accept_system_channel()
+            } else {
+                st.session.accept_channel()
+            };
+            if let Some(id) = next {
                 let (class, priority) = st
                     .session
                     .channel_class(id)
@@ -120,7 +109,12 @@ impl Peer {
             if let Some(e) = st.session.dead() {
                 return Poll::Ready(Err(e.clone()));
             }
-            st.system_accept_waker = Some(cx.waker().clone());
+            let slot = if system {
+                &mut st.system_accept_waker
+            } else {
+                &mut st.accept_waker
+            };
+            *slot = Some(cx.waker().clone());
             Poll::Pending
         })
         .await
