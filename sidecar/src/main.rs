@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod certs;
 
 /// Command line of the `agentfabric` binary.
 #[derive(Debug, Parser)]
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Measure the fabric against a raw baseline (same process, same run).
     Bench(bench::BenchArgs),
+    /// Write certificates for the QUIC transport (`certs dev DIR [NODE...]`).
+    Certs(certs::CertsArgs),
 }
 
 /// Sends `tracing` output (the library's warnings, `RUST_LOG` for more) to standard error, so
@@ -50,5 +53,6 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Bench(args) => bench::main(args),
+        Command::Certs(args) => certs::main(args),
     }
 }

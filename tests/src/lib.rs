@@ -16,6 +16,38 @@ pub enum Kind {
     Mem,
     /// TCP on loopback.
     Tcp,
+    /// QUIC on loopback (mutual TLS with a development CA).
+    Quic,
+    /// QUIC through a lossy, delayed UDP relay on loopback (1% loss, 1 ms each way).
+    QuicLossy,
+}
+
+/// A QUIC transport for node `name`, with a certificate from the tests' development CA.
+pub fn quic_transport(name: &str) -> agentfabric_quic::QuicTransport {
+    static CA: std::sync::OnceLock<agentfabric_quic::DevCa> = std::sync::OnceLock::new();
+    let ca = CA.get_or_init(|| agentfabric_quic::DevCa::new("tests CA").expect("dev CA"));
+    let cfg = ca.node_config(name).expect("node certificate");
+    agentfabric_quic::QuicTransport::new(cfg).expect("quic transport")
+}
+
+/// For `Kind::QuicLossy`, the address of a lossy relay in front of `addr` (else `addr`).
+pub async fn path_to(kind: Kind, addr: String) -> String {
+    if kind != Kind::QuicLossy {
+        return addr;
+    }
+    let target = addr
+        .strip_prefix("quic://")
+        .and_then(|a| a.parse().ok())
+        .expect("quic listen address");
+    let cfg = agentfabric_quic::relay::RelayConfig {
+        loss: 0.01,
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let relay = agentfabric_quic::relay::LossyRelay::start(target, cfg)
+        .await
+        .expect("relay");
+    format!("quic://{}", relay.detach())
 }
 
 /// Two nodes joined by one session over a transport.
@@ -41,6 +73,7 @@ pub fn raw_transport(kind: Kind, net: &MemNetwork) -> Box<dyn Transport> {
     match kind {
         Kind::Mem => Box::new(net.transport()),
         Kind::Tcp => Box::new(agentfabric_tcp::TcpTransport::new()),
+        Kind::Quic | Kind::QuicLossy => Box::new(quic_transport("raw")),
     }
 }
 
@@ -50,6 +83,7 @@ pub fn node(kind: Kind, name: &str, cfg: Config, net: &MemNetwork) -> Node {
     let b = match kind {
         Kind::Mem => b.transport(net.transport()),
         Kind::Tcp => b.transport(agentfabric_tcp::TcpTransport::new()),
+        Kind::Quic | Kind::QuicLossy => b.transport(quic_transport(name)),
     };
     b.build().expect("valid node")
 }
@@ -59,6 +93,7 @@ pub fn listen_url(kind: Kind, tag: &str) -> String {
     match kind {
         Kind::Mem => format!("mem://{tag}"),
         Kind::Tcp => "tcp://127.0.0.1:0".to_owned(),
+        Kind::Quic | Kind::QuicLossy => "quic://127.0.0.1:0".to_owned(),
     }
 }
 
@@ -70,6 +105,7 @@ pub async fn pair(kind: Kind, cfg: Config) -> Pair {
         .listen(&listen_url(kind, "server"))
         .await
         .expect("listen");
+    let addr = path_to(kind, addr).await;
     let client = node(kind, "client", cfg, &net);
     let client_peer = client.connect(&addr).await.expect("connect");
     let server_peer = within(Duration::from_secs(5), server.accept())

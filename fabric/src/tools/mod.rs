@@ -42,7 +42,9 @@
 //! - **Hedging** (calls marked idempotent, [`Call::hedged`]): when no answer came within a
 //!   percentile of recent latency ([`HedgePolicy`], p95 by default), a second request goes to
 //!   the next server (or the same when there is one); the first answer wins and the other
-//!   request is cancelled. Hedges are capped at a fraction of calls (10% by default).
+//!   request is cancelled. Hedges are capped at a fraction of calls (10% by default). The hedge
+//!   timer is tokio's, whose resolution is 1 ms: a percentile below that still waits about a
+//!   millisecond, which bounds how far hedging can cut a sub-millisecond tail.
 //!
 //! # Wire format
 //!

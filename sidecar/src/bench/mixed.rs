@@ -143,6 +143,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let base_name = match s.transport {
         TransportKind::Tcp => "raw-tcp-stream",
         TransportKind::Mem => "tokio-mpsc",
+        TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };
     progress(&format!("phase bulk_baseline: {base_name} streaming"));
     let bulk_base = baseline::stream_mb_s(

@@ -26,7 +26,9 @@ pub mod baseline;
 pub mod bulk;
 pub mod mixed;
 pub mod pingpong;
+pub mod quic;
 pub mod report;
+pub mod toolcall;
 
 /// Errors of a benchmark run (fabric, socket or harness failures).
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,7 +37,7 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub type BenchResult<T> = Result<T, BenchError>;
 
 /// Transports this build can benchmark.
-const AVAILABLE_TRANSPORTS: &str = "mem, tcp";
+const AVAILABLE_TRANSPORTS: &str = "mem, tcp, quic";
 
 /// Largest message size accepted by `--size` (the fabric's default `max_message`).
 const MAX_SIZE: usize = 128 << 20;
@@ -50,6 +52,9 @@ pub enum TransportKind {
     Mem,
     /// Loopback TCP ([`agentfabric_tcp::TcpTransport`]); baseline: raw tokio `TcpStream`s.
     Tcp,
+    /// Loopback QUIC ([`agentfabric_quic::QuicTransport`], mutual TLS with in-memory dev
+    /// certificates); baseline: raw quinn.
+    Quic,
 }
 
 impl TransportKind {
@@ -58,6 +63,7 @@ impl TransportKind {
         match self {
             TransportKind::Mem => "mem",
             TransportKind::Tcp => "tcp",
+            TransportKind::Quic => "quic",
         }
     }
 }
@@ -75,7 +81,8 @@ impl FromStr for TransportKind {
         match s.to_ascii_lowercase().as_str() {
             "mem" => Ok(TransportKind::Mem),
             "tcp" => Ok(TransportKind::Tcp),
-            "quic" | "verbs" => Err(format!(
+            "quic" => Ok(TransportKind::Quic),
+            "verbs" => Err(format!(
                 "the {s} transport is not supported by this build of agentfabric \
                  (available transports: {AVAILABLE_TRANSPORTS})"
             )),
@@ -95,6 +102,8 @@ pub enum Workload {
     Mixed,
     /// Batched transfers of `--block-bytes` blocks between registered regions.
     Bulk,
+    /// Tool calls with an injected slow tail, without and with hedging.
+    Toolcall,
 }
 
 impl Workload {
@@ -104,6 +113,7 @@ impl Workload {
             Workload::Pingpong => "pingpong",
             Workload::Mixed => "mixed",
             Workload::Bulk => "bulk",
+            Workload::Toolcall => "toolcall",
         }
     }
 }
@@ -196,6 +206,7 @@ impl Settings {
             Workload::Pingpong => (64, Duration::from_secs(3)),
             Workload::Mixed => (1 << 20, Duration::from_secs(2)),
             Workload::Bulk => (a.block_bytes.unwrap_or(1 << 20), Duration::from_secs(3)),
+            Workload::Toolcall => (64, Duration::from_secs(3)),
         };
         Settings {
             transport: a.transport,
@@ -280,6 +291,13 @@ async fn run(s: Settings) -> BenchResult<Output> {
         s.threads
     ));
     match s.workload {
+        Workload::Pingpong if s.transport == TransportKind::Quic => quic::pingpong(&s).await,
+        Workload::Mixed | Workload::Bulk if s.transport == TransportKind::Quic => Err(format!(
+            "workload {} does not run over quic yet (pingpong and toolcall do)",
+            s.workload.name()
+        )
+        .into()),
+        Workload::Toolcall => toolcall::run(&s).await,
         Workload::Pingpong => pingpong::run(&s).await,
         Workload::Mixed => mixed::run(&s).await,
         Workload::Bulk => bulk::run(&s).await,
@@ -416,6 +434,7 @@ impl FabricPair {
                     "tcp://127.0.0.1:0".to_owned(),
                 )
             }
+            TransportKind::Quic => quic::nodes(&config, tag)?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

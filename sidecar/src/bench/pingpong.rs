@@ -32,6 +32,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let base = match s.transport {
         TransportKind::Tcp => BaselinePinger::raw_tcp(s.size).await?,
         TransportKind::Mem => BaselinePinger::mpsc(s.size),
+        TransportKind::Quic => return super::quic::pingpong(s).await,
     };
     let base_name = base.name();
     let mut base = Pinger::Baseline(base);

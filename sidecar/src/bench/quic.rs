@@ -2,14 +2,15 @@
 //! as deployed), and the `pingpong` workload against a raw quinn echo measured in the same run.
 //!
 //! The baseline is the plainest quinn program with the same TLS configuration (TLS 1.3, mutual
-//! TLS, the fabric's ALPN, the same transport settings): one bidirectional stream, the client
-//! writes `size` bytes and reads `size` bytes back, the echo task reads and writes them back. The
-//! fabric and the baseline are measured in alternating slices, as the TCP pingpong is.
+//! TLS, the fabric's ALPN, the same transport settings): one unidirectional stream each way (as
+//! the fabric's transport uses); the client writes `size` bytes and reads `size` bytes back, the
+//! echo task reads them and writes them back. The fabric and the baseline are measured in
+//! alternating slices, as the TCP pingpong is.
 
 use std::time::{Duration, Instant};
 
 use agentfabric::{Config, Node};
-use agentfabric_quic::{DevCa, QuicConfig, QuicTransport};
+use agentfabric_quic::{quinn, DevCa, QuicConfig, QuicTransport};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -38,7 +39,10 @@ pub fn config(name: &str) -> BenchResult<QuicConfig> {
 /// A node named `name` on QUIC with `cfg`.
 pub fn node(name: String, cfg: &Config) -> BenchResult<Node> {
     let t = QuicTransport::new(config(&name)?)?;
-    Ok(Node::builder(name).transport(t).config(cfg.clone()).build()?)
+    Ok(Node::builder(name)
+        .transport(t)
+        .config(cfg.clone())
+        .build()?)
 }
 
 /// (server, client, listen URL) for [`FabricPair::new`].
@@ -78,17 +82,20 @@ impl RawQuinn {
         let addr = server_ep.local_addr()?;
         let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         client_ep.set_default_client_config(config("raw-client")?.quinn_client_config()?);
+        // One unidirectional stream each way, as the fabric's QUIC transport uses (and as its
+        // settings allow: no bidirectional streams).
         let accept = {
             let ep = server_ep.clone();
             tokio::spawn(async move {
                 let conn = ep.accept().await.ok_or("no connection")?.await?;
-                let (send, recv) = conn.accept_bi().await?;
+                let recv = conn.accept_uni().await?;
+                let send = conn.open_uni().await?;
                 BenchResult::Ok((conn, send, recv))
             })
         };
         let conn = client_ep.connect(addr, "127.0.0.1")?.await?;
-        let (mut send, recv) = conn.open_bi().await?;
-        // The stream is announced to the peer by its first bytes: make one round trip here.
+        let mut send = conn.open_uni().await?;
+        // A stream is announced to the peer by its first bytes: make one round trip here.
         let payload = vec![0xa5u8; size];
         send.write_all(&payload).await?;
         let (sconn, mut ssend, mut srecv) = accept.await??;
@@ -101,6 +108,7 @@ impl RawQuinn {
                 }
             }
         });
+        let recv = conn.accept_uni().await?;
         let mut me = RawQuinn {
             send,
             recv,
@@ -121,7 +129,11 @@ impl RawQuinn {
         Ok(())
     }
 
-    async fn run_until(&mut self, until: Instant, mut h: Option<&mut Histogram<u64>>) -> BenchResult<()> {
+    async fn run_until(
+        &mut self,
+        until: Instant,
+        mut h: Option<&mut Histogram<u64>>,
+    ) -> BenchResult<()> {
         loop {
             let t0 = Instant::now();
             if t0 >= until {
@@ -145,7 +157,9 @@ pub async fn pingpong(s: &Settings) -> BenchResult<Output> {
         progress(&format!("warming up fabric and {base_name}"));
         fabric.run_until(Instant::now() + s.warmup, None).await?;
         base.run_until(Instant::now() + s.warmup, None).await?;
-        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64()).ceil().max(1.0) as u32;
+        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64())
+            .ceil()
+            .max(1.0) as u32;
         let slice = s.duration / slices;
         progress(&format!(
             "measuring {slices} interleaved slices of {:.3} s each",
@@ -155,11 +169,17 @@ pub async fn pingpong(s: &Settings) -> BenchResult<Output> {
         let mut hb = new_histogram();
         for i in 0..slices {
             if i % 2 == 0 {
-                fabric.run_until(Instant::now() + slice, Some(&mut hf)).await?;
-                base.run_until(Instant::now() + slice, Some(&mut hb)).await?;
+                fabric
+                    .run_until(Instant::now() + slice, Some(&mut hf))
+                    .await?;
+                base.run_until(Instant::now() + slice, Some(&mut hb))
+                    .await?;
             } else {
-                base.run_until(Instant::now() + slice, Some(&mut hb)).await?;
-                fabric.run_until(Instant::now() + slice, Some(&mut hf)).await?;
+                base.run_until(Instant::now() + slice, Some(&mut hb))
+                    .await?;
+                fabric
+                    .run_until(Instant::now() + slice, Some(&mut hf))
+                    .await?;
             }
         }
         BenchResult::Ok((hf, hb))

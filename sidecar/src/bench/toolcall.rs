@@ -43,7 +43,11 @@ async fn nodes(kind: TransportKind) -> BenchResult<(Node, Node, String)> {
                     .transport(agentfabric_tcp::TcpTransport::new())
                     .build()
             };
-            (mk("bench-toolcall-server")?, mk("bench-toolcall-client")?, "tcp://127.0.0.1:0".into())
+            (
+                mk("bench-toolcall-server")?,
+                mk("bench-toolcall-client")?,
+                "tcp://127.0.0.1:0".into(),
+            )
         }
         TransportKind::Mem => {
             let net = agentfabric::mem::MemNetwork::new();
@@ -105,7 +109,10 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let serving = tokio::spawn(tools.clone().serve(server.clone()));
     let peer = client_node.connect(&addr).await?;
     let chans = || -> BenchResult<Vec<agentfabric::Channel>> {
-        Ok(vec![peer.channel(Class::ToolCall, 3)?, peer.channel(Class::ToolCall, 3)?])
+        Ok(vec![
+            peer.channel(Class::ToolCall, 3)?,
+            peer.channel(Class::ToolCall, 3)?,
+        ])
     };
     let plain = ToolClient::on_channels(chans()?, HedgePolicy::default());
     let hedging = ToolClient::on_channels(
@@ -172,7 +179,10 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     t.row(
         "hedged",
         &hs,
-        &format!("hedged/plain p99 {} extra requests {extra_pct}%", fmt_ratio(r99)),
+        &format!(
+            "hedged/plain p99 {} extra requests {extra_pct}%",
+            fmt_ratio(r99)
+        ),
     );
     Ok(Output {
         json,
