@@ -121,8 +121,8 @@ impl Workload {
 /// Arguments of `agentfabric bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Transport to measure: mem or tcp (quic and verbs are not in this build).
-    #[arg(long, value_parser = parse_transport, value_name = "mem|tcp")]
+    /// Transport to measure: mem, tcp or quic (verbs runs in the Soft-RoCE lab; not in this build yet).
+    #[arg(long, value_parser = parse_transport, value_name = "mem|tcp|quic")]
     pub transport: TransportKind,
     /// Workload to run.
     #[arg(long, value_enum)]
