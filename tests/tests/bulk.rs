@@ -289,3 +289,4 @@ macro_rules! all_cases {
 
 all_cases!(mem, Mem);
 all_cases!(tcp, Tcp);
+all_cases!(quic, Quic);
