@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every test of the project, from a fresh clone on a Debian machine with a Rust toolchain:
+#   0. the Debian packages the build needs (rdma-core headers, libclang), if missing;
 #   1. the workspace's tests: unit and property tests of the protocol core, the simulated-network
-#      tests, the transport conformance suite over mem and tcp, the CLI and doc tests;
+#      tests, the transport conformance suite over mem, tcp and quic (verbs runs in the lab),
+#      the CLI, example and doc tests;
 #   2. the Soft-RoCE lab tests: the lab installs what it needs (apt packages, a Debian kernel
 #      cached outside the repo), boots a VM with an rxe device when the host kernel has none,
 #      and runs every test that needs an RDMA device.
@@ -10,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+tests/install-build-deps.sh
 cargo test --workspace
 
 if [ "${AGENTFABRIC_LAB:-}" = "skip" ]; then

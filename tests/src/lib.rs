@@ -20,6 +20,24 @@ pub enum Kind {
     Quic,
     /// QUIC through a lossy, delayed UDP relay on loopback (1% loss, 1 ms each way).
     QuicLossy,
+    /// RDMA verbs (RC QPs) on the lab's device, listening on `AGENTFABRIC_LAB_ADDR_A`.
+    Verbs,
+}
+
+/// The verbs settings of the conformance suite: the defaults, except smaller per-connection
+/// buffers (the 100-peer case makes 200 connections inside a 1 GiB lab VM); nodes other than
+/// the server use the lab's second device, so traffic crosses the veth wire.
+pub fn verbs_transport(name: &str) -> agentfabric_verbs::VerbsTransport {
+    let mut cfg = agentfabric_verbs::VerbsConfig {
+        recv_buffer_size: 32 * 1024,
+        recv_depth: 16,
+        send_depth: 16,
+        ..Default::default()
+    };
+    if name != "server" {
+        cfg.device = std::env::var("AGENTFABRIC_LAB_DEVICE_B").ok();
+    }
+    agentfabric_verbs::VerbsTransport::with_config(cfg)
 }
 
 /// A QUIC transport for node `name`, with a certificate from the tests' development CA.
@@ -74,6 +92,7 @@ pub fn raw_transport(kind: Kind, net: &MemNetwork) -> Box<dyn Transport> {
         Kind::Mem => Box::new(net.transport()),
         Kind::Tcp => Box::new(agentfabric_tcp::TcpTransport::new()),
         Kind::Quic | Kind::QuicLossy => Box::new(quic_transport("raw")),
+        Kind::Verbs => Box::new(verbs_transport("raw")),
     }
 }
 
@@ -84,6 +103,7 @@ pub fn node(kind: Kind, name: &str, cfg: Config, net: &MemNetwork) -> Node {
         Kind::Mem => b.transport(net.transport()),
         Kind::Tcp => b.transport(agentfabric_tcp::TcpTransport::new()),
         Kind::Quic | Kind::QuicLossy => b.transport(quic_transport(name)),
+        Kind::Verbs => b.transport(verbs_transport(name)),
     };
     b.build().expect("valid node")
 }
@@ -94,6 +114,10 @@ pub fn listen_url(kind: Kind, tag: &str) -> String {
         Kind::Mem => format!("mem://{tag}"),
         Kind::Tcp => "tcp://127.0.0.1:0".to_owned(),
         Kind::Quic | Kind::QuicLossy => "quic://127.0.0.1:0".to_owned(),
+        Kind::Verbs => format!(
+            "verbs://{}:0",
+            std::env::var("AGENTFABRIC_LAB_ADDR_A").unwrap_or_else(|_| "10.77.0.1".into())
+        ),
     }
 }
 

@@ -597,3 +597,9 @@ suite!(mem, Mem);
 suite!(tcp, Tcp);
 suite!(quic, Quic);
 suite!(quic_lossy, QuicLossy);
+// Needs an RDMA device: soft-roce/tests.d/20-verbs-conformance runs it in the lab with --ignored.
+suite!(
+    verbs,
+    Verbs,
+    ignore = "needs an RDMA device: run with soft-roce/lab test"
+);

@@ -1,0 +1,1171 @@
+//! One RC connection: its verbs resources, their set-up over the TCP side channel, and the data
+//! path (SEND with immediate credits, pre-posted receive buffers, selective signalling, batched
+//! posting, completion channel through tokio's `AsyncFd`).
+
+use std::collections::VecDeque;
+use std::ffi::CStr;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskCx, Poll, Waker};
+use std::time::Duration;
+
+use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
+use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
+use bytes::Bytes;
+use rdma_sys::*;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::device::Context;
+use crate::params::{self, imm, negotiate, GidType, LinkLayer, Negotiated, QpParams, PARAMS_LEN};
+use crate::VerbsConfig;
+
+/// Which end of the side channel this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Initiator,
+    Acceptor,
+}
+
+/// The verbs objects of one connection. Dropping it destroys the QP first (after which the
+/// device has no work request of it in flight), then deregisters the memory, then destroys the
+/// CQ and the completion channel; the buffers themselves are freed after that (fields drop
+/// after `Drop::drop`), and the device context last (its `Arc`). No safe code can reach the
+/// buffers while this lives except through [`Resources`]'s own methods.
+pub(crate) struct Resources {
+    channel: *mut ibv_comp_channel,
+    cq: *mut ibv_cq,
+    qp: *mut ibv_qp,
+    recv_mr: *mut ibv_mr,
+    send_mr: *mut ibv_mr,
+    recv_buf: Vec<u8>,
+    send_buf: Vec<u8>,
+    buf_size: usize,
+    port: u8,
+    gid_index: u8,
+    max_inline: u32,
+    dev: Arc<Context>,
+}
+
+// SAFETY: the verbs handles are thread-safe; the buffers are only touched under the connection's
+// mutex (and by the device, for posted work requests).
+unsafe impl Send for Resources {}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        // SAFETY: each handle is null or valid and owned here; the order keeps the device from
+        // touching freed memory: the QP goes first (no WR in flight after it is destroyed).
+        unsafe {
+            if !self.qp.is_null() {
+                ibv_destroy_qp(self.qp);
+            }
+            if !self.recv_mr.is_null() {
+                ibv_dereg_mr(self.recv_mr);
+            }
+            if !self.send_mr.is_null() {
+                ibv_dereg_mr(self.send_mr);
+            }
+            if !self.cq.is_null() {
+                ibv_destroy_cq(self.cq);
+            }
+            if !self.channel.is_null() {
+                ibv_destroy_comp_channel(self.channel);
+            }
+        }
+    }
+}
+
+fn os_err(what: impl std::fmt::Display) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
+    let e = if rc > 0 {
+        io::Error::from_raw_os_error(rc)
+    } else {
+        io::Error::last_os_error()
+    };
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+impl Resources {
+    fn new(dev: Arc<Context>, port: u8, gid_index: u8, cfg: &VerbsConfig) -> io::Result<Self> {
+        let buf_size = cfg.recv_buffer_size;
+        let mut r = Resources {
+            channel: std::ptr::null_mut(),
+            cq: std::ptr::null_mut(),
+            qp: std::ptr::null_mut(),
+            recv_mr: std::ptr::null_mut(),
+            send_mr: std::ptr::null_mut(),
+            recv_buf: vec![0u8; buf_size * cfg.recv_depth as usize],
+            send_buf: vec![0u8; buf_size * cfg.send_depth as usize],
+            buf_size,
+            port,
+            gid_index,
+            max_inline: 0,
+            dev,
+        };
+        let name = r.dev.name.clone();
+        // SAFETY: the context is open; each result is checked and owned by `r` (freed by Drop).
+        unsafe {
+            r.channel = ibv_create_comp_channel(r.dev.ctx);
+            if r.channel.is_null() {
+                return Err(os_err(format!(
+                    "cannot create a completion channel on {name}"
+                )));
+            }
+            let cqe = (cfg.send_depth + cfg.recv_depth + 1) as i32;
+            r.cq = ibv_create_cq(r.dev.ctx, cqe, std::ptr::null_mut(), r.channel, 0);
+            if r.cq.is_null() {
+                return Err(os_err(format!(
+                    "cannot create a CQ of {cqe} entries on {name}"
+                )));
+            }
+            let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 as i32;
+            r.recv_mr = ibv_reg_mr(
+                r.dev.pd,
+                r.recv_buf.as_mut_ptr().cast(),
+                r.recv_buf.len(),
+                access,
+            );
+            if r.recv_mr.is_null() {
+                return Err(os_err(format!(
+                    "cannot register {} bytes of receive buffers on {name} (locked-memory \
+                     limit? see ulimit -l)",
+                    r.recv_buf.len()
+                )));
+            }
+            r.send_mr = ibv_reg_mr(
+                r.dev.pd,
+                r.send_buf.as_mut_ptr().cast(),
+                r.send_buf.len(),
+                access,
+            );
+            if r.send_mr.is_null() {
+                return Err(os_err(format!(
+                    "cannot register {} bytes of send buffers on {name}",
+                    r.send_buf.len()
+                )));
+            }
+            // Ask for the configured inline size; fall back to smaller ones the device accepts.
+            let mut last = None;
+            for inline in [cfg.max_inline, 128, 64, 0] {
+                if inline > cfg.max_inline {
+                    continue;
+                }
+                let mut init: ibv_qp_init_attr = std::mem::zeroed();
+                init.send_cq = r.cq;
+                init.recv_cq = r.cq;
+                init.qp_type = ibv_qp_type::IBV_QPT_RC;
+                init.sq_sig_all = 0;
+                init.cap.max_send_wr = cfg.send_depth;
+                init.cap.max_recv_wr = cfg.recv_depth;
+                init.cap.max_send_sge = 2;
+                init.cap.max_recv_sge = 1;
+                init.cap.max_inline_data = inline;
+                let qp = ibv_create_qp(r.dev.pd, &mut init);
+                if !qp.is_null() {
+                    r.qp = qp;
+                    r.max_inline = init.cap.max_inline_data;
+                    break;
+                }
+                last = Some(io::Error::last_os_error());
+            }
+            if r.qp.is_null() {
+                let e = last.unwrap_or_else(|| io::Error::other("unknown"));
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create an RC QP on {name} (send depth {}, receive depth {}): {e}",
+                        cfg.send_depth, cfg.recv_depth
+                    ),
+                ));
+            }
+            // RESET -> INIT.
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_INIT;
+            a.pkey_index = 0;
+            a.port_num = port;
+            a.qp_access_flags = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+                | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
+                .0;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+                | ibv_qp_attr_mask::IBV_QP_PORT
+                | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+            let rc = ibv_modify_qp(r.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(rc, format!("cannot move the QP on {name} to INIT")));
+            }
+        }
+        Ok(r)
+    }
+
+    fn qpn(&self) -> u32 {
+        // SAFETY: qp is valid.
+        unsafe { (*self.qp).qp_num }
+    }
+
+    /// Posts receive buffers `idx` (one WR each, one call).
+    fn post_recvs(
+        &mut self,
+        idx: &[u32],
+        wrs: &mut Vec<ibv_recv_wr>,
+        sges: &mut Vec<ibv_sge>,
+    ) -> io::Result<()> {
+        if idx.is_empty() {
+            return Ok(());
+        }
+        wrs.clear();
+        sges.clear();
+        // SAFETY: recv_mr is valid.
+        let lkey = unsafe { (*self.recv_mr).lkey };
+        for &i in idx {
+            sges.push(ibv_sge {
+                addr: self.recv_buf.as_ptr() as u64 + (i as u64) * self.buf_size as u64,
+                length: self.buf_size as u32,
+                lkey,
+            });
+        }
+        for (k, &i) in idx.iter().enumerate() {
+            wrs.push(ibv_recv_wr {
+                wr_id: u64::from(i),
+                next: std::ptr::null_mut(),
+                sg_list: &mut sges[k],
+                num_sge: 1,
+            });
+        }
+        let n = wrs.len();
+        for k in 0..n - 1 {
+            let next: *mut ibv_recv_wr = &mut wrs[k + 1];
+            wrs[k].next = next;
+        }
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the WRs and SGEs live until the call returns; the buffers they name live as
+        // long as the QP (see Drop).
+        let rc = unsafe { ibv_post_recv(self.qp, wrs.as_mut_ptr(), &mut bad) };
+        if rc != 0 {
+            return Err(rc_err(rc, "cannot post receive buffers"));
+        }
+        Ok(())
+    }
+
+    fn local_params(&self, cfg: &VerbsConfig) -> io::Result<QpParams> {
+        let attr = self.dev.query_port(self.port)?;
+        let link_layer = LinkLayer::from_u8(attr.link_layer);
+        let gid = self.dev.query_gid(self.port, self.gid_index)?;
+        Ok(QpParams {
+            version: params::PROTOCOL_VERSION,
+            qpn: self.qpn(),
+            psn: rand::random::<u32>() & 0x00ff_ffff,
+            lid: attr.lid,
+            gid,
+            gid_index: self.gid_index,
+            gid_type: if link_layer == LinkLayer::Ethernet {
+                self.dev.gid_type(self.port, self.gid_index)
+            } else {
+                GidType::Unknown
+            },
+            link_layer,
+            active_mtu: attr.active_mtu as u8,
+            required_mtu: cfg.mtu.and_then(params::mtu_code).unwrap_or(0),
+            min_rnr_timer: cfg.min_rnr_timer,
+            retry_cnt: cfg.retry_count,
+            rnr_retry: cfg.rnr_retry,
+            timeout: cfg.ack_timeout,
+            recv_depth: cfg.recv_depth,
+            recv_buf_size: cfg.recv_buffer_size as u32,
+            send_depth: cfg.send_depth,
+            device: self.dev.name.clone(),
+            port: self.port,
+        })
+    }
+
+    /// INIT -> RTR -> RTS towards `remote`.
+    fn connect_qp(
+        &mut self,
+        local: &QpParams,
+        remote: &QpParams,
+        n: &Negotiated,
+    ) -> io::Result<()> {
+        // SAFETY: zeroed attrs are valid; qp is valid.
+        unsafe {
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTR;
+            a.path_mtu = u32::from(n.path_mtu);
+            a.dest_qp_num = remote.qpn;
+            a.rq_psn = remote.psn;
+            a.max_dest_rd_atomic = 1;
+            a.min_rnr_timer = local.min_rnr_timer;
+            a.ah_attr.port_num = self.port;
+            a.ah_attr.sl = 0;
+            a.ah_attr.src_path_bits = 0;
+            a.ah_attr.dlid = remote.lid;
+            if local.link_layer == LinkLayer::Ethernet || !remote.gid.is_zero() {
+                a.ah_attr.is_global = 1;
+                a.ah_attr.grh.dgid.raw = remote.gid.0;
+                a.ah_attr.grh.sgid_index = self.gid_index;
+                a.ah_attr.grh.hop_limit = 64;
+                a.ah_attr.grh.traffic_class = 0;
+                a.ah_attr.grh.flow_label = 0;
+            }
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_AV
+                | ibv_qp_attr_mask::IBV_QP_PATH_MTU
+                | ibv_qp_attr_mask::IBV_QP_DEST_QPN
+                | ibv_qp_attr_mask::IBV_QP_RQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+                | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+            let rc = ibv_modify_qp(self.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(
+                    rc,
+                    format!(
+                        "cannot move the QP to RTR (path MTU {}, remote GID {}, local GID index \
+                         {}): wrong GID index or unreachable peer",
+                        params::mtu_bytes(n.path_mtu),
+                        remote.gid,
+                        self.gid_index
+                    ),
+                ));
+            }
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTS;
+            a.timeout = local.timeout;
+            a.retry_cnt = local.retry_cnt;
+            a.rnr_retry = local.rnr_retry;
+            a.sq_psn = local.psn;
+            a.max_rd_atomic = 1;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_TIMEOUT
+                | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+                | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+                | ibv_qp_attr_mask::IBV_QP_SQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+            let rc = ibv_modify_qp(self.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(rc, "cannot move the QP to RTS"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The completion channel's fd, for `AsyncFd` (not owned: the channel closes it).
+struct ChannelFd(RawFd);
+impl AsRawFd for ChannelFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// How one queued WR carries its frame.
+#[derive(Clone, Copy)]
+enum Carry {
+    /// Inline: header and payload straight from the frame (index into `hold`).
+    Inline(usize),
+    /// Copied into send slot `slot`, `len` bytes.
+    Slot(usize, usize),
+    /// No data (credit return, FIN, probe).
+    Empty,
+}
+
+struct Planned {
+    carry: Carry,
+    imm: u32,
+}
+
+/// Connection state shared by the sink and the stream (both are driven by the same task in the
+/// fabric, so the mutex is uncontended).
+struct Inner {
+    // Declared first: dropped before `res`, whose channel owns the fd.
+    fd: AsyncFd<ChannelFd>,
+    side: TcpStream,
+    res: Resources,
+    remote: String,
+    send_depth: u32,
+    signal_every: u64,
+    credit_threshold: u32,
+    busy_poll: bool,
+    stall_timeout: Duration,
+    /// When a completion last arrived (or the first send after an idle period was posted).
+    last_progress: std::time::Instant,
+    // Send side.
+    queue: VecDeque<OutFrame>,
+    queued: usize,
+    credits: u32,
+    posted: u64,
+    completed: u64,
+    closing: bool,
+    fin_sent: bool,
+    // Receive side.
+    to_return: u32,
+    ready: VecDeque<Frame>,
+    fin_received: bool,
+    received_any: bool,
+    frame_error: Option<FrameError>,
+    error: Option<(io::ErrorKind, String)>,
+    side_closed: bool,
+    armed: bool,
+    // Scratch, reused so the steady state allocates nothing.
+    wcs: Vec<ibv_wc>,
+    repost: Vec<u32>,
+    rwrs: Vec<ibv_recv_wr>,
+    rsges: Vec<ibv_sge>,
+    plan: Vec<Planned>,
+    hold: Vec<OutFrame>,
+    swrs: Vec<ibv_send_wr>,
+    ssges: Vec<ibv_sge>,
+    // Wakers of the two halves.
+    sink_waker: Option<Waker>,
+    stream_waker: Option<Waker>,
+}
+
+// SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
+// the mutex; Resources is Send.
+unsafe impl Send for Inner {}
+
+fn status_text(status: u32) -> String {
+    // SAFETY: returns a static string.
+    unsafe { CStr::from_ptr(ibv_wc_status_str(status)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn explain_status(status: u32, remote: &str) -> (io::ErrorKind, String) {
+    let text = status_text(status);
+    match status {
+        ibv_wc_status::IBV_WC_RETRY_EXC_ERR => (
+            io::ErrorKind::TimedOut,
+            format!(
+                "RDMA transport retries exhausted towards {remote} ({text}): the peer died, the \
+                 link is down, or its GID is unreachable from here (wrong GID index?)"
+            ),
+        ),
+        ibv_wc_status::IBV_WC_RNR_RETRY_EXC_ERR => (
+            io::ErrorKind::TimedOut,
+            format!("receiver-not-ready retries exhausted towards {remote} ({text})"),
+        ),
+        ibv_wc_status::IBV_WC_WR_FLUSH_ERR => (
+            io::ErrorKind::ConnectionAborted,
+            format!("the QP to {remote} went to the error state ({text})"),
+        ),
+        _ => (
+            io::ErrorKind::ConnectionAborted,
+            format!("RDMA work request to {remote} failed: {text} (status {status})"),
+        ),
+    }
+}
+
+impl Inner {
+    fn fail(&mut self, kind: io::ErrorKind, msg: String) {
+        if self.error.is_none() {
+            tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
+            self.error = Some((kind, msg));
+        }
+    }
+
+    fn io_error(&self) -> Option<io::Error> {
+        self.error
+            .as_ref()
+            .map(|(k, m)| io::Error::new(*k, m.clone()))
+    }
+
+    fn sq_free(&self) -> u32 {
+        self.send_depth - (self.posted - self.completed) as u32
+    }
+
+    /// Polls the CQ until it is empty: frames to `ready`, credits and freed send slots counted,
+    /// buffers reposted. Returns whether anything completed.
+    fn drain(&mut self) -> bool {
+        let mut progress = false;
+        loop {
+            let cap = self.wcs.capacity() as i32;
+            // SAFETY: wcs has room for `cap` entries; poll_cq writes at most that many.
+            let n = unsafe { ibv_poll_cq(self.res.cq, cap, self.wcs.as_mut_ptr()) };
+            if n < 0 {
+                self.fail(
+                    io::ErrorKind::Other,
+                    "polling the completion queue failed".into(),
+                );
+                break;
+            }
+            let n = n as usize;
+            // SAFETY: poll_cq initialised the first n entries.
+            unsafe { self.wcs.set_len(n) };
+            if n == 0 {
+                break;
+            }
+            progress = true;
+            self.last_progress = std::time::Instant::now();
+            for k in 0..n {
+                let wc = &self.wcs[k];
+                let (status, opcode, wr_id, len) = (wc.status, wc.opcode, wc.wr_id, wc.byte_len);
+                let has_imm = wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
+                // SAFETY: reading a u32 union member.
+                let imm_raw = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+                if status != ibv_wc_status::IBV_WC_SUCCESS {
+                    let (kind, msg) = explain_status(status, &self.remote);
+                    self.fail(kind, msg);
+                    continue;
+                }
+                if opcode & ibv_wc_opcode::IBV_WC_RECV != 0 {
+                    self.received_any = true;
+                    let (credits, fin) = if has_imm {
+                        imm::decode(imm_raw)
+                    } else {
+                        (0, false)
+                    };
+                    self.credits += credits;
+                    if fin {
+                        self.fin_received = true;
+                    }
+                    if len > 0 && self.frame_error.is_none() {
+                        let at = wr_id as usize * self.res.buf_size;
+                        let bytes =
+                            &self.res.recv_buf[at..at + (len as usize).min(self.res.buf_size)];
+                        match Frame::decode(Bytes::copy_from_slice(bytes)) {
+                            Ok(f) => self.ready.push_back(f),
+                            Err(e) => self.frame_error = Some(e),
+                        }
+                    }
+                    self.repost.push(wr_id as u32);
+                    self.to_return += 1;
+                } else if wr_id != 0 {
+                    // A signalled send: it and every send before it are complete.
+                    self.completed = self.completed.max(wr_id);
+                }
+            }
+            self.wcs.clear();
+            if n < cap as usize {
+                break;
+            }
+        }
+        if !self.repost.is_empty() && self.error.is_none() {
+            let repost = std::mem::take(&mut self.repost);
+            if let Err(e) = self
+                .res
+                .post_recvs(&repost, &mut self.rwrs, &mut self.rsges)
+            {
+                self.fail(e.kind(), e.to_string());
+            }
+            self.repost = repost;
+            self.repost.clear();
+        }
+        self.repost.clear();
+        progress
+    }
+
+    /// Posts as much as credits and send-queue room allow, in one `ibv_post_send`: queued
+    /// frames, then a credit return if one is due, then FIN when closing. Returns whether
+    /// anything was posted.
+    fn post(&mut self) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        self.plan.clear();
+        self.hold.clear();
+        let mut room = self.sq_free();
+        let buf_size = self.res.buf_size;
+        // Data keeps the last credit back for credit returns, so two ends that both wait for
+        // credits can always tell each other about freed buffers.
+        while room > 0 && self.credits >= 2 {
+            let Some(f) = self.queue.pop_front() else {
+                break;
+            };
+            let len = f.wire_len();
+            self.queued -= len;
+            if len > buf_size {
+                self.fail(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a frame of {len} bytes exceeds the verbs receive buffer size {buf_size}"
+                    ),
+                );
+                return false;
+            }
+            let seq = self.posted + self.plan.len() as u64; // 0-based
+            let carry = if len as u32 <= self.res.max_inline {
+                self.hold.push(f);
+                Carry::Inline(self.hold.len() - 1)
+            } else {
+                let slot = (seq % u64::from(self.send_depth)) as usize;
+                let at = slot * buf_size;
+                self.res.send_buf[at..at + HEADER_LEN].copy_from_slice(&f.header);
+                self.res.send_buf[at + HEADER_LEN..at + len].copy_from_slice(&f.payload);
+                Carry::Slot(slot, len)
+            };
+            let ret = self.to_return.min(imm::CREDITS);
+            self.to_return -= ret;
+            self.plan.push(Planned {
+                carry,
+                imm: imm::encode(ret, false),
+            });
+            self.credits -= 1;
+            room -= 1;
+        }
+        let want_return =
+            self.to_return >= self.credit_threshold || (self.to_return > 0 && self.closing);
+        if want_return && room > 0 && self.credits >= 1 && !self.fin_sent {
+            let ret = self.to_return.min(imm::CREDITS);
+            self.to_return -= ret;
+            self.plan.push(Planned {
+                carry: Carry::Empty,
+                imm: imm::encode(ret, false),
+            });
+            self.credits -= 1;
+            room -= 1;
+        }
+        if self.closing && self.queue.is_empty() && !self.fin_sent && room > 0 && self.credits >= 1
+        {
+            let ret = self.to_return.min(imm::CREDITS);
+            self.to_return -= ret;
+            self.plan.push(Planned {
+                carry: Carry::Empty,
+                imm: imm::encode(ret, true),
+            });
+            self.credits -= 1;
+            self.fin_sent = true;
+        }
+        self.post_plan()
+    }
+
+    /// A zero-length message that only proves the path (and returns nothing yet).
+    fn post_probe(&mut self) {
+        self.plan.clear();
+        self.hold.clear();
+        self.plan.push(Planned {
+            carry: Carry::Empty,
+            imm: imm::encode(0, false),
+        });
+        self.credits -= 1;
+        self.post_plan();
+    }
+
+    fn post_plan(&mut self) -> bool {
+        let n = self.plan.len();
+        if n == 0 {
+            return false;
+        }
+        self.swrs.clear();
+        self.ssges.clear();
+        // SAFETY: send_mr is valid.
+        let lkey = unsafe { (*self.res.send_mr).lkey };
+        let base = self.res.send_buf.as_ptr() as u64;
+        // SGEs first (two per WR at most), so their addresses are stable when the WRs point at them.
+        for p in &self.plan {
+            match p.carry {
+                Carry::Inline(h) => {
+                    let f = &self.hold[h];
+                    self.ssges.push(ibv_sge {
+                        addr: f.header.as_ptr() as u64,
+                        length: HEADER_LEN as u32,
+                        lkey: 0,
+                    });
+                    if !f.payload.is_empty() {
+                        self.ssges.push(ibv_sge {
+                            addr: f.payload.as_ptr() as u64,
+                            length: f.payload.len() as u32,
+                            lkey: 0,
+                        });
+                    }
+                }
+                Carry::Slot(slot, len) => {
+                    self.ssges.push(ibv_sge {
+                        addr: base + (slot * self.res.buf_size) as u64,
+                        length: len as u32,
+                        lkey,
+                    });
+                }
+                Carry::Empty => {}
+            }
+        }
+        let mut sge_i = 0usize;
+        for (k, p) in self.plan.iter().enumerate() {
+            let seq = self.posted + k as u64 + 1; // 1-based: the wr_id of a signalled send
+            let (num, inline) = match p.carry {
+                Carry::Inline(h) => (
+                    if self.hold[h].payload.is_empty() {
+                        1
+                    } else {
+                        2
+                    },
+                    true,
+                ),
+                Carry::Slot(..) => (1, false),
+                Carry::Empty => (0, true),
+            };
+            let signalled = k + 1 == n || seq.is_multiple_of(self.signal_every);
+            let mut flags = 0u32;
+            if inline {
+                flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+            }
+            if signalled {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            // SAFETY: zeroed is a valid ibv_send_wr.
+            let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+            wr.wr_id = if signalled { seq } else { 0 };
+            wr.sg_list = if num > 0 {
+                &mut self.ssges[sge_i]
+            } else {
+                std::ptr::null_mut()
+            };
+            wr.num_sge = num;
+            wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+            wr.send_flags = flags;
+            wr.imm_data_invalidated_rkey_union.imm_data = p.imm.to_be();
+            sge_i += num as usize;
+            self.swrs.push(wr);
+        }
+        for k in 0..n.saturating_sub(1) {
+            let next: *mut ibv_send_wr = &mut self.swrs[k + 1];
+            self.swrs[k].next = next;
+        }
+        if self.posted == self.completed {
+            self.last_progress = std::time::Instant::now();
+        }
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: WRs and SGEs live until the call returns; inline data is copied by the call;
+        // slot data stays in send_buf, which lives as long as the QP.
+        let rc = unsafe { ibv_post_send(self.res.qp, self.swrs.as_mut_ptr(), &mut bad) };
+        self.hold.clear();
+        if rc != 0 {
+            let e = rc_err(rc, format!("posting sends to {}", self.remote));
+            self.fail(e.kind(), e.to_string());
+            return false;
+        }
+        self.posted += n as u64;
+        true
+    }
+
+    /// Waits for completion events: arms the CQ (then the caller polls once more, so nothing
+    /// that completed before arming is missed), or registers `cx` with the channel's fd.
+    /// `Ok(true)`: poll the CQ again.
+    fn wait_events(&mut self, cx: &mut TaskCx<'_>) -> io::Result<bool> {
+        if self.busy_poll {
+            cx.waker().wake_by_ref();
+            return Ok(false);
+        }
+        if !self.armed {
+            // SAFETY: cq is valid.
+            let rc = unsafe { ibv_req_notify_cq(self.res.cq, 0) };
+            if rc != 0 {
+                return Err(rc_err(rc, "arming the completion queue"));
+            }
+            self.armed = true;
+            return Ok(true);
+        }
+        match self.fd.poll_read_ready(cx) {
+            Poll::Ready(Ok(mut guard)) => {
+                loop {
+                    let mut cq = std::ptr::null_mut();
+                    let mut ctx = std::ptr::null_mut();
+                    // SAFETY: the channel is valid and non-blocking.
+                    let rc = unsafe { ibv_get_cq_event(self.res.channel, &mut cq, &mut ctx) };
+                    if rc != 0 {
+                        break;
+                    }
+                    // SAFETY: one event got, one acknowledged.
+                    unsafe { ibv_ack_cq_events(cq, 1) };
+                    self.armed = false;
+                }
+                guard.clear_ready();
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Notices the side channel closing (the peer process died or dropped the connection).
+    fn poll_side(&mut self, cx: &mut TaskCx<'_>) {
+        if self.side_closed {
+            return;
+        }
+        while let Poll::Ready(r) = self.side.poll_read_ready(cx) {
+            if r.is_err() {
+                self.side_closed = true;
+                return;
+            }
+            let mut b = [0u8; 64];
+            match self.side.try_read(&mut b) {
+                Ok(0) => {
+                    self.side_closed = true;
+                    return;
+                }
+                Ok(_) => continue, // nothing is sent after set-up; ignore
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => {
+                    self.side_closed = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends outstanding and no completion for `stall_timeout`: the link is gone even if the RC
+    /// retry machinery has not said so (Soft-RoCE keeps retrying across a link down/up without
+    /// ever completing). The fabric's keepalives keep polling, so this is checked in time.
+    fn check_stall(&mut self) {
+        let outstanding = self.posted - self.completed;
+        if outstanding > 0 && self.error.is_none() {
+            let quiet = self.last_progress.elapsed();
+            if quiet > self.stall_timeout {
+                let remote = self.remote.clone();
+                self.fail(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no RDMA completion from {remote} for {quiet:?} with {outstanding} sends \
+                         outstanding: the link is down or the peer is unreachable"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Wakes the other half's task after this one moved its work forward (frames drained into
+    /// `ready` by the sink, credits or send slots freed by the stream). Also when that task is
+    /// the current one: the fabric polls both halves from one task, which may not poll the
+    /// stream again in this turn unless woken.
+    fn wake_other(&mut self, sink: bool) {
+        let w = if sink {
+            self.stream_waker.take()
+        } else {
+            self.sink_waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// Both halves hold this.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<Inner>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct VerbsSink(Shared);
+struct VerbsStream(Shared);
+
+impl VerbsSink {
+    fn poll_write(&mut self, cx: &mut TaskCx<'_>, close: bool) -> Poll<io::Result<()>> {
+        let mut st = self.0.lock();
+        if close {
+            st.closing = true;
+        }
+        loop {
+            if let Some(e) = st.io_error() {
+                return Poll::Ready(Err(e));
+            }
+            let drained = st.drain();
+            let posted = st.post();
+            if drained {
+                st.wake_other(true);
+            }
+            if let Some(e) = st.io_error() {
+                return Poll::Ready(Err(e));
+            }
+            let done =
+                st.queue.is_empty() && (!close || (st.fin_sent && st.completed == st.posted));
+            if done {
+                return Poll::Ready(Ok(()));
+            }
+            if posted || drained {
+                continue;
+            }
+            st.check_stall();
+            if let Some(e) = st.io_error() {
+                return Poll::Ready(Err(e));
+            }
+            st.sink_waker = Some(cx.waker().clone());
+            match st.wait_events(cx) {
+                Ok(true) => continue,
+                Ok(false) => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl FrameSink for VerbsSink {
+    fn push(&mut self, frame: OutFrame) {
+        let mut st = self.0.lock();
+        st.queued += frame.wire_len();
+        st.queue.push_back(frame);
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.0.lock().queued
+    }
+
+    fn poll_flush(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        {
+            let st = self.0.lock();
+            if st.closing && !st.queue.is_empty() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "frame pushed after the verbs connection was closed",
+                )));
+            }
+        }
+        self.poll_write(cx, false)
+    }
+
+    fn poll_close(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
+        self.poll_write(cx, true)
+    }
+}
+
+impl FrameStream for VerbsStream {
+    fn poll_recv(
+        &mut self,
+        cx: &mut TaskCx<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        let mut st = self.0.lock();
+        loop {
+            if !st.ready.is_empty() {
+                out.extend(st.ready.drain(..));
+                // Credits freed by these receives go back now if they are due.
+                if st.post() {
+                    st.wake_other(false);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = &st.frame_error {
+                return Poll::Ready(Err(RecvError::Frame(e.clone())));
+            }
+            if let Some(e) = st.io_error() {
+                return Poll::Ready(Err(RecvError::Io(e)));
+            }
+            if st.fin_received {
+                return Poll::Ready(Err(RecvError::Eof));
+            }
+            st.poll_side(cx);
+            let drained = st.drain();
+            if drained {
+                st.post();
+                st.wake_other(false);
+                continue;
+            }
+            if st.side_closed {
+                let remote = st.remote.clone();
+                st.fail(
+                    io::ErrorKind::ConnectionReset,
+                    format!(
+                        "the side channel to {remote} closed without an RDMA close: the peer \
+                         process died or dropped the connection"
+                    ),
+                );
+                continue;
+            }
+            st.check_stall();
+            if st.error.is_some() {
+                continue;
+            }
+            st.stream_waker = Some(cx.waker().clone());
+            match st.wait_events(cx) {
+                Ok(true) => continue,
+                Ok(false) => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(RecvError::Io(e))),
+            }
+        }
+    }
+}
+
+/// Sets up one connection over an established side channel: resources, parameter exchange and
+/// checks, QP transitions, then a probe message each way proving the RDMA path works.
+pub(crate) async fn establish(
+    mut side: TcpStream,
+    role: Role,
+    dev: Arc<Context>,
+    port: u8,
+    gid_index: u8,
+    cfg: &VerbsConfig,
+    remote_name: String,
+) -> io::Result<Connection> {
+    side.set_nodelay(true)?;
+    let t0 = std::time::Instant::now();
+    let mut res = Resources::new(dev, port, gid_index, cfg)?;
+    let t_resources = t0.elapsed();
+    {
+        let all: Vec<u32> = (0..cfg.recv_depth).collect();
+        let (mut rw, mut rs) = (Vec::new(), Vec::new());
+        res.post_recvs(&all, &mut rw, &mut rs)?;
+    }
+    let local = res.local_params(cfg)?;
+    let limit = cfg.connect_timeout;
+    let (n, remote) = match tokio::time::timeout(limit, async {
+        let mut buf = [0u8; PARAMS_LEN];
+        let bad = |m: params::Mismatch| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("verbs connection to {remote_name}: {m}"))
+        };
+        let closed = |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("verbs connection to {remote_name}: the peer closed the side channel during set-up: {e}"),
+            )
+        };
+        match role {
+            Role::Initiator => {
+                side.write_all(&local.encode()).await?;
+                side.read_exact(&mut buf).await.map_err(closed)?;
+                let remote = QpParams::decode(&buf).map_err(bad)?;
+                let n = negotiate(&local, &remote).map_err(bad)?;
+                Ok((n, remote))
+            }
+            Role::Acceptor => {
+                // Our parameters go back whatever we think of theirs, so the initiator checks
+                // them itself and its error speaks from its own side; only what cannot be
+                // decoded at all is answered with a refusal.
+                side.read_exact(&mut buf).await.map_err(closed)?;
+                let remote = match QpParams::decode(&buf) {
+                    Ok(r) => r,
+                    Err(m) => {
+                        let _ = side.write_all(&params::encode_refusal(&m.to_string())).await;
+                        return Err(bad(m));
+                    }
+                };
+                side.write_all(&local.encode()).await?;
+                let n = negotiate(&local, &remote).map_err(bad)?;
+                Ok((n, remote))
+            }
+        }
+    })
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("verbs connection to {remote_name}: no parameter exchange within {limit:?}"),
+            ))
+        }
+    };
+    let t_exchanged = t0.elapsed();
+    res.connect_qp(&local, &remote, &n)?;
+    let t_rts = t0.elapsed();
+
+    // SAFETY: the channel is valid; making its fd non-blocking is how it is meant to be polled.
+    let fd = unsafe { (*res.channel).fd };
+    // SAFETY: fcntl on a valid fd.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(os_err("making the completion channel non-blocking"));
+        }
+    }
+    // SAFETY: the fd stays open while the AsyncFd lives: `Inner` drops `fd` before `res`, whose
+    // completion channel owns it.
+    let local_inline = res.max_inline;
+    let fd =
+        unsafe { AsyncFd::register_with_interest(ChannelFd(fd), tokio::io::Interest::READABLE)? };
+    let send_depth = cfg.send_depth;
+    let inner = Inner {
+        fd,
+        side,
+        remote: remote_name.clone(),
+        send_depth,
+        signal_every: u64::from(cfg.signal_every.clamp(1, send_depth.max(2) / 2)),
+        credit_threshold: (cfg.recv_depth / 4).clamp(1, cfg.recv_depth - 1),
+        busy_poll: cfg.busy_poll,
+        stall_timeout: cfg.stall_timeout,
+        last_progress: std::time::Instant::now(),
+        queue: VecDeque::new(),
+        queued: 0,
+        credits: n.send_credits,
+        posted: 0,
+        completed: 0,
+        closing: false,
+        fin_sent: false,
+        to_return: 0,
+        ready: VecDeque::new(),
+        fin_received: false,
+        received_any: false,
+        frame_error: None,
+        error: None,
+        side_closed: false,
+        armed: false,
+        wcs: Vec::with_capacity(32),
+        repost: Vec::with_capacity(cfg.recv_depth as usize),
+        rwrs: Vec::with_capacity(cfg.recv_depth as usize),
+        rsges: Vec::with_capacity(cfg.recv_depth as usize),
+        plan: Vec::with_capacity(send_depth as usize),
+        hold: Vec::with_capacity(send_depth as usize),
+        swrs: Vec::with_capacity(send_depth as usize),
+        ssges: Vec::with_capacity(2 * send_depth as usize),
+        sink_waker: None,
+        stream_waker: None,
+        res,
+    };
+    let shared = Shared(Arc::new(Mutex::new(inner)));
+    // The probe: one zero-length message each way, so a wrong GID or an unreachable peer fails
+    // here, with a clear error, rather than as a dead session later.
+    shared.lock().post_probe();
+    let probe = poll_fn(|cx| {
+        let mut st = shared.lock();
+        loop {
+            let drained = st.drain();
+            if let Some(e) = st.io_error() {
+                return Poll::Ready(Err(e));
+            }
+            if st.received_any && st.completed == st.posted {
+                return Poll::Ready(Ok(()));
+            }
+            if drained {
+                continue;
+            }
+            st.poll_side(cx);
+            if st.side_closed && !st.received_any {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the peer closed the side channel before the RDMA path check",
+                )));
+            }
+            match st.wait_events(cx) {
+                Ok(true) => continue,
+                Ok(false) => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    });
+    let wait = limit.max(Duration::from_millis(500));
+    let describe = |why: String| {
+        io::Error::new(
+            io::ErrorKind::HostUnreachable,
+            format!(
+                "verbs connection to {remote_name}: the side channel works but the RDMA path \
+                 does not ({why}): local {} port {port} GID index {gid_index} ({}) -> peer {} \
+                 GID index {} ({}); check the GID index on both ends (AGENTFABRIC_LAB_GID_INDEX / \
+                 VerbsConfig::gid_index: a RoCE v2 IPv4 GID on the interface that routes to the \
+                 peer) and that the link is up",
+                local.device, local.gid, remote.device, remote.gid_index, remote.gid
+            ),
+        )
+    };
+    match tokio::time::timeout(wait, probe).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(describe(e.to_string())),
+        Err(_) => return Err(describe(format!("no RDMA message within {wait:?}"))),
+    }
+    tracing::debug!(remote = %remote_name, local_qpn = local.qpn, remote_qpn = remote.qpn,
+        path_mtu = params::mtu_bytes(n.path_mtu), credits = n.send_credits,
+        max_inline = local_inline, ?t_resources, ?t_exchanged, ?t_rts, t_probed = ?t0.elapsed(),
+        "verbs connection up");
+    Ok(Connection {
+        sink: Box::new(VerbsSink(shared.clone())),
+        stream: Box::new(VerbsStream(shared)),
+        remote: remote_name,
+    })
+}

@@ -1,0 +1,473 @@
+//! RDMA verbs transport for [agentfabric]: fabric frames over reliable-connected (RC) queue pairs,
+//! on any rdma-core device (Soft-RoCE `rxe`, RoCE NICs, InfiniBand).
+//!
+//! Addresses are `verbs://IP:PORT`: `listen("10.77.0.1:7000")` opens a TCP *side channel*
+//! listener there; `connect("10.77.0.1:7000")` reaches it, the two ends exchange and check their
+//! queue-pair parameters over it, connect their QPs, and from then on frames move only over
+//! RDMA. The side channel stays open, silent, as a liveness signal.
+//!
+//! # Design choices
+//!
+//! - **`rdma-sys` (raw bindings), not `ibverbs`.** The data path needs a completion channel
+//!   whose fd tokio can watch (`AsyncFd`), SEND with immediate data (credits ride in it),
+//!   inline sends, selective signalling and chains of work requests posted in one call, and
+//!   (next) RDMA WRITE with immediate and READ between registered regions. `ibverbs` 0.9 hides
+//!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
+//!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
+//!   cost no extra call. The unsafe code is confined to `conn.rs`/`device.rs`, behind types
+//!   whose drop order frees nothing the device may still touch.
+//! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
+//!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
+//!   not let us check the two ends' settings against each other, and needs its own event
+//!   channel. The side channel exchanges everything the two QPs must agree on — QPN, PSN, GID
+//!   and GID index and type, LID, link layer, active and required path MTU, RNR timer, retry
+//!   count, ACK timeout, queue depths, receive buffer size (credits) — and [`params::negotiate`]
+//!   turns every incompatibility into an error naming the setting and the fix, on both ends
+//!   (the acceptor sends its refusal back). A zero-length probe message each way then proves
+//!   the RDMA path itself before `connect` returns, so a wrong GID index or an unreachable
+//!   peer fails at connect time, saying so. The TCP connection closing without an RDMA close
+//!   is how a killed peer process is noticed at once (its QP is gone; RC retries would take
+//!   about `retry_count` × ACK timeout).
+//! - **Credits are receive buffers.** Each end posts [`VerbsConfig::recv_depth`] buffers of
+//!   [`VerbsConfig::recv_buffer_size`] bytes on its QP's receive queue; the peer starts with
+//!   that many credits, spends one per SEND, and gets them back in the 32-bit immediate data of
+//!   the messages coming the other way (or in a zero-length credit message when a quarter of
+//!   the buffers are owed and no data goes back). A sender never has more SENDs outstanding
+//!   than the receiver has buffers posted: no receiver-not-ready NAK, ever. Data keeps the
+//!   last credit back for credit returns, so two ends waiting on each other cannot deadlock.
+//!   A per-QP receive queue (not an SRQ) keeps credits exact per connection.
+//! - **Data path.** `push` queues frames; `poll_flush` posts every frame that credits and
+//!   send-queue room allow as one chain (one `ibv_post_send`). Frames up to the QP's
+//!   `max_inline_data` go inline straight from the frame (header and payload as two SGEs, no
+//!   copy into registered memory); larger ones are copied into a registered send slot. Only
+//!   every [`VerbsConfig::signal_every`]-th WR and the last of each chain is signalled; a
+//!   signalled completion frees every slot before it (RC completes in order). Received frames
+//!   are copied out of their buffer, which is reposted at once (batched), so the credit comes
+//!   back without waiting for the application. Completions wake tokio through the completion
+//!   channel's fd (`AsyncFd`), armed only when the CQ is found empty; [`VerbsConfig::busy_poll`]
+//!   spins on the CQ instead (lower latency, one core busy).
+//! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
+//!   QP's error state, or the side channel closing without an in-band close, surfaces as
+//!   [`RecvError::Io`](agentfabric::transport::RecvError) naming the cause; the fabric session
+//!   then resumes on a new connection (a new QP) or declares the peer dead after its timeout.
+//!   A clean close sends an in-band FIN (a flag in the immediate data) after the last frame.
+//! - `max_frame_payload()` is the receive buffer size less the 64-byte header: sessions cut
+//!   chunks to fit.
+//!
+//! # Guarantees
+//!
+//! RC is reliable ([`Transport::reliable`] is `true`): frames pushed on one connection arrive
+//! complete, in order, exactly once while the connection lives. A frame posted but not yet
+//! acknowledged by the peer's RC layer can be lost when the connection fails; the session's
+//! acks and resume cover that case.
+//!
+//! # Cost of a connection
+//!
+//! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes (4 MiB with
+//! the defaults: 32 + 32 buffers of 64 KiB) and sets up one QP, CQ and completion channel. In
+//! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
+//! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
+//! on hardware it is a few milliseconds.
+//!
+//! # Building
+//!
+//! `rdma-sys` generates its bindings with bindgen at build time: the build needs
+//! `libibverbs-dev`, `librdmacm-dev`, `pkg-config` and `libclang-dev` (Debian package names).
+//! Running needs no device: every call that needs one fails with an error saying so.
+//!
+//! # Selecting the device
+//!
+//! [`VerbsConfig::device`], `port` and `gid_index` choose explicitly. Left unset, the
+//! environment decides (`AGENTFABRIC_LAB_DEVICE`, `AGENTFABRIC_LAB_GID_INDEX`, as the Soft-RoCE
+//! lab sets them), then the device whose RoCE v2 GID carries the side channel's local IP
+//! address (as rdma_cm would pick it), then the first ACTIVE port of the first device and its
+//! first RoCE v2 IPv4-mapped GID.
+
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use agentfabric::frame::HEADER_LEN;
+use agentfabric::transport::{BoxFuture, Connection, Listener, Transport};
+use tokio::net::TcpStream;
+
+mod conn;
+mod device;
+pub mod params;
+
+pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
+
+use conn::Role;
+use device::Context;
+
+/// URL scheme of this transport: `verbs://ip:port`.
+pub const SCHEME: &str = "verbs";
+
+/// Settings of the verbs transport. [`Default`] reads the lab's environment for the device and
+/// GID index and otherwise gives the settings the benchmarks use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerbsConfig {
+    /// RDMA device name (e.g. `rxe0`); `None`: `AGENTFABRIC_LAB_DEVICE`, else the device whose
+    /// GID matches the side channel's local address, else the first with an ACTIVE port.
+    pub device: Option<String>,
+    /// Port number; `None`: the first ACTIVE port.
+    pub port: Option<u8>,
+    /// GID index; `None`: `AGENTFABRIC_LAB_GID_INDEX`, else the RoCE v2 IPv4-mapped GID of the
+    /// side channel's local address, else the first RoCE v2 IPv4-mapped GID.
+    pub gid_index: Option<u8>,
+    /// Bytes per receive buffer: the largest frame (header + payload). Must be equal on both
+    /// ends. Default 64 KiB.
+    pub recv_buffer_size: usize,
+    /// Receive buffers posted per connection: the credits the peer may use. Default 32.
+    pub recv_depth: u32,
+    /// Send queue depth (and registered send slots). Default 32.
+    pub send_depth: u32,
+    /// Largest frame sent inline (asked of the QP; the device may grant less). Default 256.
+    pub max_inline: u32,
+    /// Path MTU this end insists on (256..4096), or `None` (default) to use the smaller of the
+    /// two ports' active MTUs.
+    pub mtu: Option<u32>,
+    /// Minimum RNR NAK timer code advertised (1..=31). Default 12 (0.64 ms). Never 0 (655 ms).
+    pub min_rnr_timer: u8,
+    /// Transport retry count (0..=7). Default 7.
+    pub retry_count: u8,
+    /// RNR retry count (0..=7, 7 = infinite). Default 7. (Credits prevent RNR anyway.)
+    pub rnr_retry: u8,
+    /// Local ACK timeout code: 4.096 µs × 2^code. Default 14 (67 ms): with 7 retries a lost
+    /// link fails the QP in about half a second.
+    pub ack_timeout: u8,
+    /// Signal one send in this many (and the last of each batch). Default 16.
+    pub signal_every: u32,
+    /// Spin on the completion queue instead of sleeping on the completion channel. Default off.
+    pub busy_poll: bool,
+    /// A connection with sends outstanding and no completion for this long has failed (link
+    /// down, peer unreachable), whatever the RC retry machinery says. Default 1 s.
+    pub stall_timeout: Duration,
+    /// Bound on the TCP side-channel connect, the parameter exchange and the RDMA path check,
+    /// each. Default 3 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for VerbsConfig {
+    fn default() -> Self {
+        VerbsConfig {
+            device: None,
+            port: None,
+            gid_index: None,
+            recv_buffer_size: 64 * 1024,
+            recv_depth: 32,
+            send_depth: 32,
+            max_inline: 256,
+            mtu: None,
+            min_rnr_timer: 12,
+            retry_count: 7,
+            rnr_retry: 7,
+            ack_timeout: 14,
+            signal_every: 16,
+            busy_poll: false,
+            stall_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl VerbsConfig {
+    /// Checks the settings on their own (before any device is touched).
+    pub fn validate(&self) -> io::Result<()> {
+        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
+        if self.recv_buffer_size < HEADER_LEN + 1 || self.recv_buffer_size > (1 << 30) {
+            return bad(format!(
+                "VerbsConfig::recv_buffer_size {} is out of range ({}..=1 GiB)",
+                self.recv_buffer_size,
+                HEADER_LEN + 1
+            ));
+        }
+        if !(2..=params::imm::CREDITS).contains(&self.recv_depth) {
+            return bad(format!(
+                "VerbsConfig::recv_depth {} is out of range (2..=65535)",
+                self.recv_depth
+            ));
+        }
+        if !(2..=1 << 15).contains(&self.send_depth) {
+            return bad(format!(
+                "VerbsConfig::send_depth {} is out of range (2..=32768)",
+                self.send_depth
+            ));
+        }
+        if let Some(m) = self.mtu {
+            if params::mtu_code(m).is_none() {
+                return bad(format!(
+                    "VerbsConfig::mtu {m} is not an RDMA MTU (256, 512, 1024, 2048 or 4096)"
+                ));
+            }
+        }
+        if self.min_rnr_timer == 0 || self.min_rnr_timer > 31 {
+            return bad(format!(
+                "VerbsConfig::min_rnr_timer {} is out of range 1..=31 (0 would mean 655 ms stalls)",
+                self.min_rnr_timer
+            ));
+        }
+        if self.retry_count > 7 || self.rnr_retry > 7 || self.ack_timeout > 31 {
+            return bad(
+                "VerbsConfig::retry_count and rnr_retry must be 0..=7, ack_timeout 0..=31".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn env_device(&self) -> Option<String> {
+        self.device.clone().or_else(|| {
+            std::env::var("AGENTFABRIC_LAB_DEVICE")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+    }
+
+    fn env_gid_index(&self) -> io::Result<Option<u8>> {
+        if let Some(g) = self.gid_index {
+            return Ok(Some(g));
+        }
+        match std::env::var("AGENTFABRIC_LAB_GID_INDEX") {
+            Ok(s) if !s.trim().is_empty() => s.trim().parse().map(Some).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("AGENTFABRIC_LAB_GID_INDEX={s:?} is not a GID index (0..=255)"),
+                )
+            }),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The verbs transport: scheme `verbs`, reliable, one RC QP per [`Connection`].
+#[derive(Default, Clone)]
+pub struct VerbsTransport {
+    config: VerbsConfig,
+}
+
+/// Open devices, shared by every connection of the process (opening a device costs a few
+/// system calls and mappings), closed with the last connection on them.
+static OPEN: Mutex<Option<HashMap<String, Weak<Context>>>> = Mutex::new(None);
+
+impl std::fmt::Debug for VerbsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerbsTransport")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerbsTransport {
+    /// A transport with the default [`VerbsConfig`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A transport with the given settings.
+    pub fn with_config(config: VerbsConfig) -> Self {
+        VerbsTransport { config }
+    }
+
+    /// The transport's settings.
+    pub fn config(&self) -> &VerbsConfig {
+        &self.config
+    }
+
+    fn device(&self, name: &str) -> io::Result<Arc<Context>> {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let open = open.get_or_insert_with(HashMap::new);
+        if let Some(d) = open.get(name).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+        let d = Context::open(name)?;
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(name.to_owned(), Arc::downgrade(&d));
+        Ok(d)
+    }
+
+    /// Device, port and GID index for a connection whose side channel has local address `ip`.
+    fn choose(&self, ip: IpAddr) -> io::Result<(Arc<Context>, u8, u8)> {
+        let cfg = &self.config;
+        let gid_env = cfg.env_gid_index()?;
+        let name = match cfg.env_device() {
+            Some(n) => n,
+            None => match Context::find_by_ip(ip) {
+                Some((n, _, _)) => n,
+                None => Context::names()?.into_iter().next().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no RDMA devices found: {}", device::NO_DEVICE_HINT),
+                    )
+                })?,
+            },
+        };
+        let dev = self.device(&name)?;
+        let port = match cfg.port {
+            Some(p) => p,
+            None => dev.first_active_port()?,
+        };
+        let gid = match gid_env {
+            Some(g) => g,
+            None => dev.pick_gid(port, Some(ip))?,
+        };
+        Ok((dev, port, gid))
+    }
+
+    async fn connect_inner(&self, addr: &str) -> io::Result<Connection> {
+        self.config.validate()?;
+        let target = parse(addr, false)?;
+        let limit = self.config.connect_timeout;
+        let side = match tokio::time::timeout(limit, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot reach the verbs peer {SCHEME}://{target} over its TCP side \
+                         channel: {e} (is a node listening there, and is the address routable?)"
+                    ),
+                ))
+            }
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "cannot reach the verbs peer {SCHEME}://{target}: no answer within \
+                         {limit:?} (unreachable peer)"
+                    ),
+                ))
+            }
+        };
+        let local_ip = side.local_addr()?.ip();
+        let (dev, port, gid) = self.choose(local_ip)?;
+        conn::establish(
+            side,
+            Role::Initiator,
+            dev,
+            port,
+            gid,
+            &self.config,
+            format!("{SCHEME}://{target}"),
+        )
+        .await
+    }
+
+    async fn listen_inner(&self, addr: &str) -> io::Result<Box<dyn Listener>> {
+        self.config.validate()?;
+        let target = parse(addr, true)?;
+        let listener = tokio::net::TcpListener::bind(target).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {SCHEME}://{target} (TCP side channel): {e}"),
+            )
+        })?;
+        let local = listener.local_addr()?;
+        // Fail now, not on the first connection, if there is no device to serve it with.
+        self.choose(local.ip())?;
+        tracing::debug!(%local, "verbs transport listening");
+        Ok(Box::new(VerbsListener {
+            inner: listener,
+            local: format!("{SCHEME}://{local}"),
+            transport: Arc::new(self.clone()),
+            pending: tokio::task::JoinSet::new(),
+        }))
+    }
+}
+
+impl Transport for VerbsTransport {
+    fn scheme(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn reliable(&self) -> bool {
+        true
+    }
+
+    fn max_frame_payload(&self) -> usize {
+        self.config
+            .recv_buffer_size
+            .saturating_sub(HEADER_LEN)
+            .clamp(1, agentfabric::frame::MAX_FRAME_PAYLOAD)
+    }
+
+    fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>> {
+        Box::pin(self.connect_inner(addr))
+    }
+
+    fn listen<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>> {
+        Box::pin(self.listen_inner(addr))
+    }
+}
+
+/// Accepts side-channel connections and sets each up concurrently (a slow or bad client does
+/// not hold up the others); failed set-ups are logged and skipped.
+struct VerbsListener {
+    inner: tokio::net::TcpListener,
+    local: String,
+    transport: Arc<VerbsTransport>,
+    pending: tokio::task::JoinSet<io::Result<Connection>>,
+}
+
+impl Listener for VerbsListener {
+    fn local_addr(&self) -> String {
+        self.local.clone()
+    }
+
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Connection>> {
+        Box::pin(async move {
+            loop {
+                tokio::select! {
+                    accepted = self.inner.accept() => {
+                        let (side, peer) = match accepted {
+                            Ok(a) => a,
+                            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted
+                                | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted) => continue,
+                            Err(e) => return Err(io::Error::new(e.kind(), format!("accepting on {}: {e}", self.local))),
+                        };
+                        let t = self.transport.clone();
+                        self.pending.spawn(async move {
+                            let ip = side.local_addr()?.ip();
+                            let (dev, port, gid) = t.choose(ip)?;
+                            conn::establish(side, Role::Acceptor, dev, port, gid, &t.config,
+                                format!("{SCHEME}://{peer}")).await
+                        });
+                    }
+                    Some(done) = self.pending.join_next(), if !self.pending.is_empty() => {
+                        match done {
+                            Ok(Ok(conn)) => return Ok(conn),
+                            Ok(Err(e)) => tracing::warn!(local = %self.local, error = %e, "incoming verbs connection failed"),
+                            Err(e) => tracing::warn!(local = %self.local, error = %e, "verbs connection set-up task failed"),
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn parse(addr: &str, allow_port_zero: bool) -> io::Result<SocketAddr> {
+    let text = addr.strip_prefix("verbs://").unwrap_or(addr);
+    let sa: SocketAddr = text.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid verbs address {addr:?}: expected IP:PORT of the peer's RDMA interface, \
+                 e.g. 10.77.0.1:7000"
+            ),
+        )
+    })?;
+    if sa.port() == 0 && !allow_port_zero {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid verbs address {addr:?}: port 0"),
+        ));
+    }
+    Ok(sa)
+}
+
+#[cfg(test)]
+mod tests;

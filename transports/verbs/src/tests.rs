@@ -1,0 +1,410 @@
+//! Tests. Those that need an RDMA device are `#[ignore]`d with the reason, so they never pass
+//! silently on a machine without one; `soft-roce/tests.d/10-verbs` runs them in the lab with
+//! `--ignored`.
+
+use std::future::poll_fn;
+use std::io;
+use std::time::Duration;
+
+use agentfabric::frame::{Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST};
+use agentfabric::transport::{Connection, RecvError, Transport};
+use bytes::Bytes;
+
+use super::*;
+
+const NEEDS_DEVICE: &str = "needs an RDMA device: run with soft-roce/lab test";
+
+fn lab_addr() -> String {
+    std::env::var("AGENTFABRIC_LAB_ADDR_A").unwrap_or_else(|_| "10.77.0.1".into())
+}
+
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test did not finish within 60 s")
+}
+
+fn frame(seq: u64, len: usize) -> OutFrame {
+    let mut h = Header::new(Kind::Data);
+    h.flags = FLAG_FIRST | FLAG_LAST;
+    h.seq = seq;
+    h.len = len as u32;
+    let payload: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
+    OutFrame {
+        header: h.encode(),
+        payload: Bytes::from(payload),
+    }
+}
+
+fn check(f: &Frame, seq: u64, len: usize) {
+    assert_eq!(f.header.seq, seq, "out of order");
+    assert_eq!(f.payload.len(), len, "frame {seq} has the wrong length");
+    assert!(
+        f.payload
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i as u64 ^ seq) as u8),
+        "frame {seq} corrupted"
+    );
+}
+
+async fn recv_n(c: &mut Connection, n: usize) -> Result<Vec<Frame>, RecvError> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        poll_fn(|cx| c.stream.poll_recv(cx, &mut out)).await?;
+    }
+    Ok(out)
+}
+
+async fn flush(c: &mut Connection) -> io::Result<()> {
+    poll_fn(|cx| c.sink.poll_flush(cx)).await
+}
+
+// ---------------------------------------------------------------- no device needed
+
+#[test]
+fn default_config_is_valid_and_sets_frame_size() {
+    let c = VerbsConfig::default();
+    c.validate().unwrap();
+    let t = VerbsTransport::with_config(c);
+    assert_eq!(t.max_frame_payload(), 64 * 1024 - 64);
+    assert_eq!(t.scheme(), "verbs");
+    assert!(t.reliable());
+}
+
+#[test]
+fn bad_settings_are_refused_with_the_setting_named() {
+    for (cfg, what) in [
+        (
+            VerbsConfig {
+                recv_depth: 1,
+                ..Default::default()
+            },
+            "recv_depth",
+        ),
+        (
+            VerbsConfig {
+                mtu: Some(1500),
+                ..Default::default()
+            },
+            "mtu 1500",
+        ),
+        (
+            VerbsConfig {
+                min_rnr_timer: 0,
+                ..Default::default()
+            },
+            "655 ms",
+        ),
+        (
+            VerbsConfig {
+                recv_buffer_size: 10,
+                ..Default::default()
+            },
+            "recv_buffer_size",
+        ),
+        (
+            VerbsConfig {
+                retry_count: 9,
+                ..Default::default()
+            },
+            "retry_count",
+        ),
+    ] {
+        let e = cfg.validate().unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
+}
+
+#[test]
+fn addresses() {
+    assert_eq!(parse("10.77.0.1:7000", false).unwrap().port(), 7000);
+    assert_eq!(parse("verbs://10.77.0.1:7000", false).unwrap().port(), 7000);
+    for bad in ["", "10.77.0.1", "host:7", "10.77.0.1:x"] {
+        let e = parse(bad, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("10.77.0.1:7000"), "{e}");
+    }
+    assert!(parse("10.77.0.1:0", false).is_err());
+    assert!(parse("10.77.0.1:0", true).is_ok());
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = VerbsTransport::new();
+    let e = t.connect(&format!("127.0.0.1:{port}")).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(e.to_string().contains("cannot reach the verbs peer"), "{e}");
+}
+
+#[tokio::test]
+async fn without_a_device_listen_says_so() {
+    if std::env::var_os("AGENTFABRIC_LAB").is_some() {
+        return; // the lab has a device; the device tests cover it
+    }
+    match VerbsTransport::new().listen("127.0.0.1:0").await {
+        Ok(_) => {
+            // A machine with a real device: nothing to check here.
+        }
+        Err(e) => assert!(
+            e.to_string().contains("RDMA") || e.to_string().contains("lab"),
+            "{e}"
+        ),
+    }
+}
+
+// ---------------------------------------------------------------- device tests
+
+async fn pair_with(
+    server: VerbsConfig,
+    client: VerbsConfig,
+) -> io::Result<(Connection, Connection)> {
+    let s = VerbsTransport::with_config(server);
+    let c = VerbsTransport::with_config(client);
+    let mut l = s.listen(&format!("{}:0", lab_addr())).await?;
+    let url = l.local_addr();
+    let addr = url.strip_prefix("verbs://").unwrap().to_owned();
+    let accept = tokio::spawn(async move {
+        let r = tokio::time::timeout(Duration::from_secs(10), l.accept()).await;
+        (r, l)
+    });
+    let a = c.connect(&addr).await;
+    match a {
+        Ok(a) => {
+            let (b, _l) = accept.await.unwrap();
+            Ok((a, b.expect("accept timed out")?))
+        }
+        Err(e) => {
+            accept.abort();
+            Err(e)
+        }
+    }
+}
+
+fn client_cfg() -> VerbsConfig {
+    // Across the veth wire when the lab has a second device.
+    VerbsConfig {
+        device: std::env::var("AGENTFABRIC_LAB_DEVICE_B").ok(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn device_list_shows_ports_and_gids() {
+    let _ = NEEDS_DEVICE;
+    let d = devices().expect("no RDMA support here");
+    assert!(!d.is_empty(), "no RDMA device");
+    for dev in &d {
+        print!("{dev}");
+    }
+    let name = std::env::var("AGENTFABRIC_LAB_DEVICE").unwrap_or_else(|_| d[0].name.clone());
+    let dev = d
+        .iter()
+        .find(|x| x.name == name)
+        .expect("lab device listed");
+    let p = &dev.ports[0];
+    assert!(p.active, "{name} port 1 is {}", p.state);
+    assert!(p
+        .gids
+        .iter()
+        .any(|g| g.gid_type == params::GidType::RoceV2 && g.gid.ipv4().is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn frames_of_every_size_both_ways_in_order() {
+    bounded(async {
+        let (mut a, mut b) = pair_with(VerbsConfig::default(), client_cfg())
+            .await
+            .unwrap();
+        let max = VerbsTransport::new().max_frame_payload();
+        let sizes: Vec<usize> = (0..600)
+            .map(|i| [0, 1, 100, 190, 193, 4000, 20_000, max][i % 8])
+            .collect();
+        let n = sizes.len();
+        let sizes2 = sizes.clone();
+        let sender = tokio::spawn(async move {
+            for (i, &len) in sizes2.iter().enumerate() {
+                a.sink.push(frame(i as u64, len));
+                if i % 7 == 0 {
+                    flush(&mut a).await.unwrap();
+                }
+            }
+            flush(&mut a).await.unwrap();
+            a
+        });
+        let got = recv_n(&mut b, n).await.unwrap();
+        for (i, f) in got.iter().enumerate() {
+            check(f, i as u64, sizes[i]);
+        }
+        let mut a = sender.await.unwrap();
+        // And back, many more frames than credits, while the other side reads slowly.
+        for i in 0..200u64 {
+            b.sink.push(frame(i, 300));
+        }
+        let back = tokio::spawn(async move {
+            flush(&mut b).await.unwrap();
+            b
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = recv_n(&mut a, 200).await.unwrap();
+        for (i, f) in got.iter().enumerate() {
+            check(f, i as u64, 300);
+        }
+        let mut b = back.await.unwrap();
+        // A clean close is EOF after everything.
+        a.sink.push(frame(1000, 10));
+        poll_fn(|cx| a.sink.poll_close(cx)).await.unwrap();
+        let got = recv_n(&mut b, 1).await.unwrap();
+        check(&got[0], 1000, 10);
+        let mut out = Vec::new();
+        let e = poll_fn(|cx| b.stream.poll_recv(cx, &mut out))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RecvError::Eof), "{e}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn dropped_peer_is_an_error_not_a_hang() {
+    bounded(async {
+        let (a, mut b) = pair_with(VerbsConfig::default(), client_cfg())
+            .await
+            .unwrap();
+        drop(a);
+        let mut out = Vec::new();
+        let t = std::time::Instant::now();
+        let e = poll_fn(|cx| b.stream.poll_recv(cx, &mut out))
+            .await
+            .unwrap_err();
+        println!("after {:?}: {e}", t.elapsed());
+        assert!(matches!(e, RecvError::Io(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn wrong_gid_index_is_named() {
+    bounded(async {
+        // Index 0 is the IPv6 link-local GID in the lab; the server uses the IPv4 one.
+        let client = VerbsConfig {
+            gid_index: Some(0),
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert!(e.to_string().contains("GID index"), "{e}");
+        // An index past the table.
+        let client = VerbsConfig {
+            gid_index: Some(200),
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert!(e.to_string().contains("GID index"), "{e}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn mtu_and_buffer_mismatches_are_named() {
+    bounded(async {
+        let client = VerbsConfig {
+            mtu: Some(4096),
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert!(e.to_string().contains("path MTU mismatch"), "{e}");
+        let client = VerbsConfig {
+            recv_buffer_size: 4096,
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert!(
+            e.to_string().contains("receive buffer size mismatch"),
+            "{e}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn unreachable_lab_peer_is_named() {
+    bounded(async {
+        let port = std::net::TcpListener::bind(format!("{}:0", lab_addr()))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = VerbsTransport::with_config(client_cfg())
+            .connect(&format!("{}:{port}", lab_addr()))
+            .await
+            .unwrap_err();
+        println!("{e}");
+        assert!(e.to_string().contains("cannot reach the verbs peer"), "{e}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn connection_set_up_time() {
+    bounded(async {
+        let s = VerbsTransport::new();
+        let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
+        let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
+        let server = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(5), l.accept()).await {
+                conns.push(c);
+            }
+            conns.len()
+        });
+        let c = VerbsTransport::with_config(client_cfg());
+        let mut times = Vec::new();
+        let mut keep = Vec::new();
+        for _ in 0..10 {
+            let t = std::time::Instant::now();
+            keep.push(c.connect(&addr).await.unwrap());
+            times.push(t.elapsed());
+        }
+        println!("sequential connects: {times:?}");
+        let t = std::time::Instant::now();
+        let mut js = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (c, addr) = (c.clone(), addr.clone());
+            js.spawn(async move {
+                let t = std::time::Instant::now();
+                let conn = c.connect(&addr).await.unwrap();
+                (t.elapsed(), conn)
+            });
+        }
+        let mut worst = Duration::ZERO;
+        while let Some(r) = js.join_next().await {
+            let (d, conn) = r.unwrap();
+            worst = worst.max(d);
+            keep.push(conn);
+        }
+        println!(
+            "20 concurrent connects: all in {:?}, slowest {worst:?}",
+            t.elapsed()
+        );
+        drop(keep);
+        assert_eq!(server.await.unwrap(), 30);
+    })
+    .await
+}

@@ -1,0 +1,227 @@
+//! Fabric sessions over verbs when things break: a peer process killed, and the link taken down
+//! and up. They need the Soft-RoCE lab (an RDMA device, root for `ip link`): `#[ignore]`d, run
+//! by `soft-roce/tests.d/10-verbs-transport` with `--ignored`.
+
+use std::time::{Duration, Instant};
+
+use agentfabric::{Class, Config, Error, Node};
+use agentfabric_verbs::{VerbsConfig, VerbsTransport};
+
+fn addr_a() -> String {
+    std::env::var("AGENTFABRIC_LAB_ADDR_A").unwrap_or_else(|_| "10.77.0.1".into())
+}
+
+fn node(name: &str, device: Option<String>, cfg: Config) -> Node {
+    let t = VerbsTransport::with_config(VerbsConfig {
+        device,
+        ..Default::default()
+    });
+    Node::builder(name)
+        .config(cfg)
+        .transport(t)
+        .build()
+        .expect("node")
+}
+
+fn device_b() -> Option<String> {
+    std::env::var("AGENTFABRIC_LAB_DEVICE_B").ok()
+}
+
+fn log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn within<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
+}
+
+/// Not a test on its own: the server process that `peer_process_killed` starts and kills. Does
+/// nothing unless `AF_VERBS_CHILD_URL_FILE` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn helper_child_server() {
+    let Some(file) = std::env::var_os("AF_VERBS_CHILD_URL_FILE") else {
+        return;
+    };
+    let n = node("child", None, Config::default());
+    let url = n
+        .listen(&format!("verbs://{}:0", addr_a()))
+        .await
+        .expect("listen");
+    std::fs::write(&file, &url).unwrap();
+    loop {
+        let peer = n.accept().await.expect("accept");
+        tokio::spawn(async move {
+            while let Ok(ch) = peer.accept_channel().await {
+                tokio::spawn(async move {
+                    while let Ok(m) = ch.recv().await {
+                        if &m.body[..] == b"hold" {
+                            continue; // never answered: the parent's request stays pending
+                        }
+                        if ch.respond(&m, m.body.clone()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn peer_process_killed() {
+    log();
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let file = format!("{dir}/af-verbs-child-{}", std::process::id());
+    let _ = std::fs::remove_file(&file);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "helper_child_server", "--nocapture"])
+        .env("AF_VERBS_CHILD_URL_FILE", &file)
+        .spawn()
+        .expect("start the child");
+    let url = within(Duration::from_secs(60), async {
+        loop {
+            if let Ok(u) = std::fs::read_to_string(&file) {
+                if !u.is_empty() {
+                    return u;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let cfg = Config {
+        peer_timeout: Duration::from_millis(1000),
+        ..Config::default()
+    };
+    let me = node("parent", device_b(), cfg);
+    let peer = within(Duration::from_secs(10), me.connect(&url))
+        .await
+        .unwrap();
+    let ch = peer.channel(Class::ToolCall, 3).unwrap();
+    let r = ch
+        .request("hello", Duration::from_secs(10))
+        .await
+        .expect("echo from the child");
+    assert_eq!(&r[..], b"hello");
+    let pending = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.request("hold", Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let killed = Instant::now();
+    child.kill().expect("kill the child");
+    let _ = child.wait();
+    let e = within(Duration::from_secs(10), pending)
+        .await
+        .unwrap()
+        .unwrap_err();
+    let took = killed.elapsed();
+    println!("peer process killed: pending request failed after {took:?} with: {e}");
+    assert!(matches!(e, Error::PeerDead { .. }), "unexpected {e}");
+    assert!(
+        took < Duration::from_secs(5),
+        "death noticed after {took:?}"
+    );
+    let _ = std::fs::remove_file(&file);
+}
+
+fn ip(args: &str) {
+    let st = std::process::Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .expect("run ip");
+    assert!(st.success(), "ip {args} failed");
+}
+
+/// Restores what the lab's routing loses when veth1 goes down (its table-101 route and static
+/// neighbour; see soft-roce/lib/guest.sh).
+fn restore_lab_routes() {
+    let a = addr_a();
+    let b = std::env::var("AGENTFABRIC_LAB_ADDR_B").unwrap_or_else(|_| "10.77.0.2".into());
+    let mac0 = std::fs::read_to_string("/sys/class/net/veth0/address").unwrap();
+    ip(&format!("route replace {a}/32 dev veth1 src {b} table 101"));
+    ip(&format!(
+        "neigh replace {a} lladdr {} dev veth1 nud permanent",
+        mac0.trim()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn link_down_and_up_loses_nothing() {
+    log();
+    let Some(dev_b) = device_b() else {
+        panic!("needs the lab's second device (AGENTFABRIC_LAB_DEVICE_B) so traffic crosses veth");
+    };
+    // Longer than the outage, so the session survives it and resumes on a new QP.
+    let cfg = Config {
+        peer_timeout: Duration::from_secs(8),
+        ..Config::default()
+    };
+    let server = node("server", None, cfg.clone());
+    let url = server
+        .listen(&format!("verbs://{}:0", addr_a()))
+        .await
+        .unwrap();
+    let client = node("client", Some(dev_b), cfg);
+    let peer = within(Duration::from_secs(10), client.connect(&url))
+        .await
+        .unwrap();
+    let sp = within(Duration::from_secs(10), server.accept())
+        .await
+        .unwrap();
+    const N: u32 = 400;
+    let ch = peer.channel(Class::Coordination, 4).unwrap();
+    let sender = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            for i in 0..N {
+                ch.send(format!(
+                    "msg {i:05} {}",
+                    "x".repeat((i as usize * 97) % 3000)
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ch.flush().await.unwrap();
+        }
+    });
+    let rx = within(Duration::from_secs(10), sp.accept_channel())
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        for i in 0..N {
+            let m = within(Duration::from_secs(30), rx.recv()).await.unwrap();
+            let want = format!("msg {i:05} ");
+            assert!(m.body.starts_with(want.as_bytes()), "expected {want}");
+        }
+        assert!(rx.try_recv().unwrap().is_none(), "a duplicate arrived");
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    println!("link down");
+    ip("link set veth1 down");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    ip("link set veth1 up");
+    restore_lab_routes();
+    println!("link up");
+    within(Duration::from_secs(60), async {
+        sender.await.unwrap();
+        reader.await.unwrap();
+    })
+    .await;
+    let resumes = peer.stats().session.resumes;
+    println!("all {N} messages once, in order; session resumes: {resumes}");
+    assert!(peer.error().is_none());
+    assert!(
+        resumes >= 1,
+        "the outage should have cost the QP and a resume"
+    );
+}
