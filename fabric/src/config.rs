@@ -63,6 +63,9 @@ pub struct Config {
     /// A peer from which nothing has been received for this long is declared dead and every
     /// pending operation fails. Reconnection attempts happen within this bound.
     pub peer_timeout: Duration,
+    /// `Node::connect` gives up when the transport connection and the handshake together take
+    /// longer than this (RDMA connection set-up can be slow: queue pairs, memory registration).
+    pub connect_timeout: Duration,
     /// A keepalive ping is sent when nothing was received for this long.
     pub keepalive_interval: Duration,
     /// An acknowledgement waits at most this long for a reply to piggyback on.
@@ -98,6 +101,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             peer_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_millis(200),
             ack_delay: Duration::from_millis(1),
             max_message: 128 << 20,
@@ -149,6 +153,9 @@ impl Config {
         }
         if self.congestion.min_window > self.congestion.max_window {
             return Err("congestion.min_window exceeds congestion.max_window".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return Err("connect_timeout must be positive".into());
         }
         if self.max_channels == 0 || self.send_queue_messages == 0 {
             return Err("max_channels and send_queue_messages must be positive".into());

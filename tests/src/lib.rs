@@ -122,7 +122,13 @@ pub fn listen_url(kind: Kind, tag: &str) -> String {
 }
 
 /// A connected pair with configuration `cfg` on both sides.
-pub async fn pair(kind: Kind, cfg: Config) -> Pair {
+pub async fn pair(kind: Kind, mut cfg: Config) -> Pair {
+    // Soft-RoCE under software emulation (the lab VM) can go silent for over a second while rxe
+    // retransmits; a default 1 s peer timeout would then fail cases that are not about failure.
+    // The cases about peer death set their own timeout and keep it.
+    if kind == Kind::Verbs && cfg.peer_timeout == Config::default().peer_timeout {
+        cfg.peer_timeout = Duration::from_secs(10);
+    }
     let net = MemNetwork::new();
     let server = node(kind, "server", cfg.clone(), &net);
     let addr = server

@@ -244,7 +244,7 @@ impl Node {
     pub async fn connect(&self, url: &str) -> Result<Peer> {
         let (t, addr) = self.transport_for(url)?;
         let session_id = rand::random::<u64>() | 1;
-        let timeout = self.inner.config.peer_timeout.max(Duration::from_secs(1));
+        let timeout = self.inner.config.connect_timeout;
         let hello = Handshake {
             session_id,
             status: HelloStatus::New,
@@ -255,7 +255,7 @@ impl Node {
             .await
             .map_err(|_| Error::Transport {
                 kind: io::ErrorKind::TimedOut,
-                message: format!("no handshake answer from {url} within {timeout:?}"),
+                message: format!("could not connect and handshake with {url} within {timeout:?}"),
             })??;
         if ack.status != HelloStatus::Accepted {
             return Err(ProtocolError::BadHandshake(format!("{url} refused the session")).into());
@@ -397,7 +397,7 @@ async fn recv_some(conn: &mut Connection) -> Result<Vec<Frame>> {
 
 /// The acceptor's side of the handshake for one incoming connection.
 async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut conn: Connection) {
-    let Some(timeout) = node.upgrade().map(|n| n.config.peer_timeout) else {
+    let Some(timeout) = node.upgrade().map(|n| n.config.connect_timeout) else {
         return;
     };
     let frames = match tokio::time::timeout(timeout, recv_some(&mut conn)).await {
