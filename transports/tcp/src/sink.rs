@@ -1,11 +1,11 @@
-//! Sending half: a queue of frames written with vectored writes.
+//! Sending half: per lane, a queue of frames written with vectored writes.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use agentfabric::frame::{OutFrame, HEADER_LEN};
+use agentfabric::frame::{Lane, OutFrame, HEADER_LEN};
 use agentfabric::transport::FrameSink;
 use tokio::io::AsyncWrite;
 
@@ -17,7 +17,7 @@ pub const MAX_IOVECS: usize = 64;
 /// Queue capacity allocated up front, so a typical burst causes no queue growth.
 const INITIAL_QUEUE: usize = 256;
 
-/// The sending half of a TCP connection (generic over the writer for tests).
+/// The sending half of one TCP connection, i.e. of one lane (generic over the writer for tests).
 pub(crate) struct TcpFrameSink<W> {
     pub(crate) io: W,
     /// Frames not yet completely written, oldest first.
@@ -136,5 +136,55 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for TcpFrameSink<W> {
             self.closed = true;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The sending half of a fabric connection: one [`TcpFrameSink`] per lane, each with its own
+/// queue and partial-write state, so bulk bytes waiting for lane 1's socket never hold back a
+/// frame of lane 0.
+pub(crate) struct LanedSink<W> {
+    pub(crate) lanes: [TcpFrameSink<W>; Lane::COUNT],
+}
+
+impl<W> LanedSink<W> {
+    /// `writers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1).
+    pub(crate) fn new(writers: [W; Lane::COUNT]) -> Self {
+        LanedSink {
+            lanes: writers.map(TcpFrameSink::new),
+        }
+    }
+}
+
+/// Combines the results of the lanes: the first error wins; ready when every lane is.
+fn both(a: Poll<io::Result<()>>, b: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+    match (a, b) {
+        (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+        _ => Poll::Pending,
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> FrameSink for LanedSink<W> {
+    fn push(&mut self, frame: OutFrame) {
+        let lane = frame.lane() as usize;
+        self.lanes[lane].push(frame);
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.lanes.iter().map(|l| l.queued).sum()
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Both lanes are polled every time (latency first), so each registers its waker when
+        // its socket is full, and a blocked bulk lane never stops the latency lane's writes.
+        let [latency, bulk] = &mut self.lanes;
+        let a = latency.poll_flush(cx);
+        both(a, bulk.poll_flush(cx))
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let [latency, bulk] = &mut self.lanes;
+        let a = latency.poll_close(cx);
+        both(a, bulk.poll_close(cx))
     }
 }

@@ -1,16 +1,17 @@
-//! Receiving half: one read buffer, cut into zero-copy frames.
+//! Receiving half: per lane, one read buffer cut into zero-copy frames.
 
 use std::cmp;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use agentfabric::frame::{frame_len, Frame, FrameError, HEADER_LEN, MAGIC};
+use agentfabric::frame::{frame_len, Frame, FrameError, Lane, HEADER_LEN, MAGIC};
 use agentfabric::transport::{FrameStream, RecvError};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// The receiving half of a TCP connection (generic over the reader for tests).
+/// The receiving half of one TCP connection, i.e. of one lane (generic over the reader for
+/// tests).
 pub(crate) struct TcpFrameStream<R> {
     io: R,
     /// Bytes received and not yet delivered as frames (always a prefix of a frame's bytes).
@@ -93,6 +94,51 @@ impl<R: AsyncRead + Unpin> TcpFrameStream<R> {
     }
 }
 
+impl<R: AsyncRead + Unpin> TcpFrameStream<R> {
+    /// One step of receiving: delivers the whole frames already buffered, or else reads once.
+    /// `Ready(Ok(()))` means progress (frames added to `out`, or bytes read that may complete a
+    /// frame on the next step); `Pending` means the reader is waiting (its waker registered).
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        let before = out.len();
+        let need = match self.cut_frames(out) {
+            Ok(need) => need,
+            // Frames cut before the bad one are delivered first; the error (whose bytes are
+            // still at the front of the buffer) is reported on the next call.
+            Err(_) if out.len() > before => return Poll::Ready(Ok(())),
+            Err(e) => return Poll::Ready(Err(RecvError::Frame(e))),
+        };
+        if out.len() > before {
+            return Poll::Ready(Ok(()));
+        }
+        if self.eof {
+            return Poll::Ready(Err(if self.buf.is_empty() {
+                RecvError::Eof
+            } else {
+                self.eof_error(need)
+            }));
+        }
+        // Make room: the rest of the pending frame at least (its header is validated, so
+        // `need` is bounded by HEADER_LEN + MAX_FRAME_PAYLOAD), and a good read's worth when
+        // the spare space runs low. When the delivered frames have been dropped this reuses
+        // the buffer; otherwise it allocates a new one (once per buffer, not per frame).
+        let spare = self.buf.capacity() - self.buf.len();
+        let rest_of_frame = need - self.buf.len();
+        if spare < cmp::max(rest_of_frame, self.read_size / 8) {
+            self.buf.reserve(cmp::max(rest_of_frame, self.read_size));
+        }
+        match ready!(self.poll_read_buf(cx)) {
+            Ok(0) => self.eof = true,
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(RecvError::Io(e))),
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<R: AsyncRead + Unpin + Send> FrameStream for TcpFrameStream<R> {
     fn poll_recv(
         &mut self,
@@ -101,36 +147,84 @@ impl<R: AsyncRead + Unpin + Send> FrameStream for TcpFrameStream<R> {
     ) -> Poll<Result<(), RecvError>> {
         let before = out.len();
         loop {
-            let need = match self.cut_frames(out) {
-                Ok(need) => need,
-                // Frames cut before the bad one are delivered first; the error (whose bytes are
-                // still at the front of the buffer) is reported on the next call.
-                Err(_) if out.len() > before => return Poll::Ready(Ok(())),
-                Err(e) => return Poll::Ready(Err(RecvError::Frame(e))),
-            };
+            ready!(self.poll_step(cx, out))?;
             if out.len() > before {
                 return Poll::Ready(Ok(()));
             }
-            if self.eof {
-                return Poll::Ready(Err(if self.buf.is_empty() {
-                    RecvError::Eof
-                } else {
-                    self.eof_error(need)
-                }));
+        }
+    }
+}
+
+/// The receiving half of a fabric connection: one [`TcpFrameStream`] per lane.
+///
+/// Every call steps both lanes in turn, latency lane first, one read at a most per lane per
+/// turn, so frames of lane 0 are never held back by a large bulk frame being read on lane 1,
+/// and appear first in `out`.
+pub(crate) struct LanedStream<R> {
+    pub(crate) lanes: [TcpFrameStream<R>; Lane::COUNT],
+    /// Lanes that reached a clean end of stream (no partial frame left).
+    ended: [bool; Lane::COUNT],
+    /// An error met after frames of this call were already added to `out`: reported next.
+    error: Option<RecvError>,
+}
+
+impl<R> LanedStream<R> {
+    /// `readers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1).
+    pub(crate) fn new(readers: [R; Lane::COUNT], read_size: usize) -> Self {
+        LanedStream {
+            lanes: readers.map(|r| TcpFrameStream::new(r, read_size)),
+            ended: [false; Lane::COUNT],
+            error: None,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> FrameStream for LanedStream<R> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        if let Some(e) = self.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let before = out.len();
+        loop {
+            if self.ended.iter().all(|&e| e) {
+                // Both directions closed cleanly, with no partial frame on either.
+                if out.len() > before {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Ready(Err(RecvError::Eof));
             }
-            // Make room: the rest of the pending frame at least (its header is validated, so
-            // `need` is bounded by HEADER_LEN + MAX_FRAME_PAYLOAD), and a good read's worth when
-            // the spare space runs low. When the delivered frames have been dropped this reuses
-            // the buffer; otherwise it allocates a new one (once per buffer, not per frame).
-            let spare = self.buf.capacity() - self.buf.len();
-            let rest_of_frame = need - self.buf.len();
-            if spare < cmp::max(rest_of_frame, self.read_size / 8) {
-                self.buf.reserve(cmp::max(rest_of_frame, self.read_size));
+            let mut progress = false;
+            for (lane, ended) in self.lanes.iter_mut().zip(self.ended.iter_mut()) {
+                if *ended {
+                    continue;
+                }
+                match lane.poll_step(cx, out) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => progress = true,
+                    // A clean end of one lane: the peer is closing. Its other lane may still
+                    // hold frames sent before the close; they are delivered, and the
+                    // connection ends when that lane ends too.
+                    Poll::Ready(Err(RecvError::Eof)) => *ended = true,
+                    // Anything else (I/O error, a lane closed mid-frame, a malformed frame)
+                    // breaks the whole connection at once.
+                    Poll::Ready(Err(e)) => {
+                        if out.len() > before {
+                            self.error = Some(e);
+                            return Poll::Ready(Ok(()));
+                        }
+                        return Poll::Ready(Err(e));
+                    }
+                }
             }
-            match ready!(self.poll_read_buf(cx)) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Err(RecvError::Io(e))),
+            if out.len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            if !progress && !self.ended.iter().all(|&e| e) {
+                return Poll::Pending;
             }
         }
     }
