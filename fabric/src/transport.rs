@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::frame::{Frame, FrameError, OutFrame};
+use crate::frame::{Frame, FrameError, Lane, OutFrame};
 
 /// A boxed, sendable future (used only on connection set-up).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -79,6 +79,15 @@ pub trait FrameSink: Send {
 
     /// Bytes queued and not yet handed to the network.
     fn queued_bytes(&self) -> usize;
+
+    /// Bytes queued on one lane (see [`Lane`]). A transport with a single lane need not
+    /// implement it: everything then counts as the latency lane.
+    fn queued_bytes_in(&self, lane: Lane) -> usize {
+        match lane {
+            Lane::Latency => self.queued_bytes(),
+            Lane::Bulk => 0,
+        }
+    }
 
     /// Writes queued frames. `Ready(Ok(()))` once everything queued has been handed to the
     /// network (batched: one vectored write for many frames where the transport allows).

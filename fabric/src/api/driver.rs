@@ -33,7 +33,7 @@ pub(crate) enum ConnEnd {
 /// Bytes a driver moves in one poll before it yields its worker thread, so the application
 /// tasks it just woke (a coordination message that arrived amid bulk) run without waiting for a
 /// whole bulk transfer to drain.
-const POLL_BUDGET: usize = 512 << 10;
+const POLL_BUDGET: usize = 128 << 10;
 
 pub(crate) struct ConnDriver<'a> {
     shared: Arc<PeerShared>,

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::core::{Event, Session};
 use crate::error::Error;
+use crate::frame::Lane;
 use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued
@@ -143,8 +144,14 @@ impl PeerState {
             return Poll::Ready(Ok(false));
         };
         let now = Instant::now();
-        while sink.queued_bytes() < SEND_BATCH {
-            match self.session.poll_transmit(now) {
+        loop {
+            // Bulk stops at the batch limit; coordination, tool calls, acks and keepalives go on
+            // as long as the latency lane has room, however backed up the bulk lane is.
+            let bulk_ok = sink.queued_bytes() < SEND_BATCH;
+            if !bulk_ok && sink.queued_bytes_in(Lane::Latency) >= SEND_BATCH {
+                break;
+            }
+            match self.session.poll_transmit_lane(now, bulk_ok) {
                 Some(f) => sink.push(f),
                 None => break,
             }

@@ -973,16 +973,23 @@ impl Session {
     /// control frames, retransmissions, new chunks by priority within the congestion window,
     /// then acknowledgements that could not ride on data.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<OutFrame> {
+        self.poll_transmit_lane(now, true)
+    }
+
+    /// As [`Session::poll_transmit`], but with `bulk_ok` false no bulk data is taken (control
+    /// frames, acks and other classes still are): for a transport whose bulk lane is backed up
+    /// while its latency lane has room, so coordination never waits for bulk to drain.
+    pub fn poll_transmit_lane(&mut self, now: Instant, bulk_ok: bool) -> Option<OutFrame> {
         if !self.connected || self.dead().is_some() {
             return None;
         }
-        let out = self.next_frame(now)?;
+        let out = self.next_frame(now, bulk_ok)?;
         self.stats.frames_sent += 1;
         self.stats.bytes_sent += out.wire_len() as u64;
         Some(out)
     }
 
-    fn next_frame(&mut self, now: Instant) -> Option<OutFrame> {
+    fn next_frame(&mut self, now: Instant, bulk_ok: bool) -> Option<OutFrame> {
         if let Some(mut f) = self.control.pop_front() {
             if f.header[3] == Kind::Close as u8 {
                 self.die(Error::Closed);
@@ -994,18 +1001,28 @@ impl Session {
         if matches!(self.state, State::Closing) {
             return None;
         }
-        while let Some((id, seq)) = self.retx.pop_front() {
+        // Retransmissions wait for a moment when everything may go (they are rare: lossy
+        // transports and resumes).
+        while let Some((id, seq)) = bulk_ok.then(|| self.retx.pop_front()).flatten() {
             if let Some(f) = self.retransmit(now, id, seq) {
                 return Some(f);
             }
         }
         let (cwnd, inflight) = (&self.cwnd, self.inflight);
-        if let Some(id) = self
-            .sched
-            .pick(now, |class| inflight < cwnd.allowance(class == Class::Bulk))
-        {
-            if let Some(f) = self.send_chunk(now, id) {
-                return Some(f);
+        let allowed = |class: Class| {
+            (bulk_ok || class != Class::Bulk) && inflight < cwnd.allowance(class == Class::Bulk)
+        };
+        if let Some(id) = self.sched.pick(now, allowed) {
+            // FIFO mode picks without looking at the class: hold a bulk head back then.
+            let held = !bulk_ok
+                && self
+                    .channels
+                    .get(&id)
+                    .is_some_and(|c| c.class == Class::Bulk);
+            if !held {
+                if let Some(f) = self.send_chunk(now, id) {
+                    return Some(f);
+                }
             }
         }
         if self.ack_urgent || self.ack_deadline.is_some_and(|d| now >= d) {

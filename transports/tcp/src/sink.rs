@@ -174,6 +174,10 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for LanedSink<W> {
         self.lanes.iter().map(|l| l.queued).sum()
     }
 
+    fn queued_bytes_in(&self, lane: Lane) -> usize {
+        self.lanes[lane as usize].queued
+    }
+
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Both lanes are polled every time (latency first), so each registers its waker when
         // its socket is full, and a blocked bulk lane never stops the latency lane's writes.
