@@ -1268,7 +1268,7 @@ async fn clean_end_of_one_lane_delivers_the_other_lanes_frames_first() {
 /// connection (as before lanes) against two lanes. A measurement, not a check: run with
 /// `cargo test --release -p agentfabric-tcp lane_latency_probe -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "a measurement, not a check: cargo test --release -p agentfabric-tcp lane_latency_probe -- --ignored --nocapture"]
 async fn lane_latency_probe() {
     let bulk_sndbuf = |size| {
         TcpTransport::with_config(TcpConfig {
