@@ -1,10 +1,11 @@
 //! `agentfabric`: the fabric's command-line tool.
 //!
 //! Subcommands:
+//! - `info`: the transports this build can use here, and the RDMA devices the verbs transport sees;
 //! - `bench`: measures the fabric against a raw baseline in the same process and prints latency
 //!   summaries (a table, or one JSON object with `--json`; see `notes/bench-json.md`).
 //!
-//! Everything here uses the public API of the `agentfabric` and `agentfabric-tcp` crates only.
+//! Everything here uses the public API of the agentfabric crates only.
 //! Standard output carries results only; progress and logs go to standard error.
 
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod certs;
+mod info;
 
 /// Command line of the `agentfabric` binary.
 #[derive(Debug, Parser)]
@@ -31,6 +33,8 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show the transports this build can use here and the RDMA devices (ports, state, MTU, GIDs).
+    Info,
     /// Measure the fabric against a raw baseline (same process, same run).
     Bench(bench::BenchArgs),
     /// Write certificates for the QUIC transport (`certs dev DIR [NODE...]`).
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
+        Command::Info => info::main(),
         Command::Bench(args) => bench::main(args),
         Command::Certs(args) => certs::main(args),
     }

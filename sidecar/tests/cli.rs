@@ -133,3 +133,18 @@ fn bad_numbers_are_refused_without_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn info_lists_the_transports_and_says_whether_verbs_is_usable() {
+    let out = agentfabric(&["info"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for t in ["mem", "tcp", "quic", "verbs"] {
+        assert!(text.contains(&format!("  {t} ")), "{text}");
+    }
+    // Either devices are listed, or it says plainly why verbs cannot be used here.
+    assert!(
+        text.contains("verbs  available") || text.contains("verbs  not available"),
+        "{text}"
+    );
+}
