@@ -291,7 +291,6 @@ async fn run(s: Settings) -> BenchResult<Output> {
         s.threads
     ));
     match s.workload {
-        Workload::Pingpong if s.transport == TransportKind::Quic => quic::pingpong(&s).await,
         Workload::Mixed | Workload::Bulk if s.transport == TransportKind::Quic => Err(format!(
             "workload {} does not run over quic yet (pingpong and toolcall do)",
             s.workload.name()
@@ -322,6 +321,8 @@ pub enum Pinger {
     Fabric(FabricPinger),
     /// A raw baseline (TCP stream or mpsc pair).
     Baseline(baseline::BaselinePinger),
+    /// Raw quinn echo over one pair of streams (the QUIC baseline; boxed, it is large).
+    Quinn(Box<quic::RawQuinn>),
 }
 
 impl Pinger {
@@ -330,6 +331,7 @@ impl Pinger {
         match self {
             Pinger::Fabric(p) => p.round_trip().await,
             Pinger::Baseline(p) => p.round_trip().await,
+            Pinger::Quinn(p) => p.round_trip().await,
         }
     }
 
@@ -337,7 +339,7 @@ impl Pinger {
     pub fn as_fabric(&self) -> Option<&FabricPinger> {
         match self {
             Pinger::Fabric(p) => Some(p),
-            Pinger::Baseline(_) => None,
+            Pinger::Baseline(_) | Pinger::Quinn(_) => None,
         }
     }
 

@@ -29,13 +29,22 @@ const SLICE: Duration = Duration::from_millis(500);
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let pair = FabricPair::new(s.transport, Config::default(), "pingpong").await?;
     let mut fabric = Pinger::Fabric(pair.coordination_pinger(s.size).await?);
-    let base = match s.transport {
-        TransportKind::Tcp => BaselinePinger::raw_tcp(s.size).await?,
-        TransportKind::Mem => BaselinePinger::mpsc(s.size),
-        TransportKind::Quic => return super::quic::pingpong(s).await,
+    let (mut base, base_name) = match s.transport {
+        TransportKind::Tcp => {
+            let b = BaselinePinger::raw_tcp(s.size).await?;
+            let name = b.name();
+            (Pinger::Baseline(b), name)
+        }
+        TransportKind::Mem => {
+            let b = BaselinePinger::mpsc(s.size);
+            let name = b.name();
+            (Pinger::Baseline(b), name)
+        }
+        TransportKind::Quic => (
+            Pinger::Quinn(Box::new(super::quic::RawQuinn::new(s.size).await?)),
+            "raw-quinn",
+        ),
     };
-    let base_name = base.name();
-    let mut base = Pinger::Baseline(base);
 
     let work = async {
         progress(&format!("warming up fabric and {base_name}"));

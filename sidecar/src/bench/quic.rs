@@ -5,22 +5,12 @@
 //! TLS, the fabric's ALPN, the same transport settings): one unidirectional stream each way (as
 //! the fabric's transport uses); the client writes `size` bytes and reads `size` bytes back, the
 //! echo task reads them and writes them back. The fabric and the baseline are measured in
-//! alternating slices, as the TCP pingpong is.
-
-use std::time::{Duration, Instant};
+//! alternating slices by the common pingpong workload (`pingpong.rs`).
 
 use agentfabric::{Config, Node};
 use agentfabric_quic::{quinn, DevCa, QuicConfig, QuicTransport};
-use hdrhistogram::Histogram;
-use serde_json::json;
 
-use super::report::{fmt_ratio, ratio, Summary, Table};
-use super::{
-    fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Output, Pinger, Settings,
-};
-
-/// Longest measured slice before switching to the other side.
-const SLICE: Duration = Duration::from_millis(500);
+use super::BenchResult;
 
 fn dev_ca() -> BenchResult<&'static DevCa> {
     static CA: std::sync::OnceLock<DevCa> = std::sync::OnceLock::new();
@@ -128,113 +118,4 @@ impl RawQuinn {
         self.recv.read_exact(&mut self.buf).await?;
         Ok(())
     }
-
-    async fn run_until(
-        &mut self,
-        until: Instant,
-        mut h: Option<&mut Histogram<u64>>,
-    ) -> BenchResult<()> {
-        loop {
-            let t0 = Instant::now();
-            if t0 >= until {
-                return Ok(());
-            }
-            self.round_trip().await?;
-            if let Some(h) = h.as_deref_mut() {
-                h.saturating_record((t0.elapsed().as_nanos() as u64).max(1));
-            }
-        }
-    }
-}
-
-/// `--transport quic --workload pingpong`.
-pub async fn pingpong(s: &Settings) -> BenchResult<Output> {
-    let pair = FabricPair::new(s.transport, Config::default(), "pingpong").await?;
-    let mut fabric = Pinger::Fabric(pair.coordination_pinger(s.size).await?);
-    let mut base = RawQuinn::new(s.size).await?;
-    let base_name = "raw-quinn";
-    let work = async {
-        progress(&format!("warming up fabric and {base_name}"));
-        fabric.run_until(Instant::now() + s.warmup, None).await?;
-        base.run_until(Instant::now() + s.warmup, None).await?;
-        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64())
-            .ceil()
-            .max(1.0) as u32;
-        let slice = s.duration / slices;
-        progress(&format!(
-            "measuring {slices} interleaved slices of {:.3} s each",
-            slice.as_secs_f64()
-        ));
-        let mut hf = new_histogram();
-        let mut hb = new_histogram();
-        for i in 0..slices {
-            if i % 2 == 0 {
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-                base.run_until(Instant::now() + slice, Some(&mut hb))
-                    .await?;
-            } else {
-                base.run_until(Instant::now() + slice, Some(&mut hb))
-                    .await?;
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-            }
-        }
-        BenchResult::Ok((hf, hb))
-    };
-    let limit = s.phase_limit() * 2;
-    let (hf, hb) = tokio::time::timeout(limit, work)
-        .await
-        .map_err(|_| format!("the pingpong measurement did not finish within {limit:?}"))??;
-    let fabric_sum = Summary::from_histogram(&hf);
-    let base_sum = Summary::from_histogram(&hb);
-    let stats = match fabric.as_fabric() {
-        Some(f) => fabric_stats_json(&pair, f),
-        None => serde_json::Value::Null,
-    };
-    let r50 = ratio(fabric_sum.p50_us, base_sum.p50_us);
-    let r99 = ratio(fabric_sum.p99_us, base_sum.p99_us);
-    let r999 = ratio(fabric_sum.p999_us, base_sum.p999_us);
-    let json = json!({
-        "transport": s.transport.name(),
-        "workload": "pingpong",
-        "size_bytes": s.size,
-        "duration_s": s.duration.as_secs_f64(),
-        "warmup_s": s.warmup.as_secs_f64(),
-        "threads": s.threads,
-        "version": env!("CARGO_PKG_VERSION"),
-        "fabric": fabric_sum.to_json(None),
-        "baseline": base_sum.to_json(Some(base_name)),
-        "ratio_p50": r50,
-        "ratio_p99": r99,
-        "ratio_p999": r999,
-        "fabric_stats": stats,
-    });
-    let mut t = Table::new(&format!(
-        "agentfabric {} bench: transport=quic workload=pingpong size={} B duration={:.2} s \
-         warmup={:.2} s threads={}",
-        env!("CARGO_PKG_VERSION"),
-        s.size,
-        s.duration.as_secs_f64(),
-        s.warmup.as_secs_f64(),
-        s.threads
-    ));
-    t.row(
-        "fabric",
-        &fabric_sum,
-        &format!(
-            "fabric/baseline: p50 {} p99 {} p99.9 {}",
-            fmt_ratio(r50),
-            fmt_ratio(r99),
-            fmt_ratio(r999)
-        ),
-    );
-    t.row(&format!("baseline {base_name}"), &base_sum, "");
-    t.line(&format!("fabric_stats: {stats}"));
-    Ok(Output {
-        json,
-        table: t.finish(),
-    })
 }
