@@ -137,6 +137,8 @@ pub(crate) struct Chan {
     pub(crate) window: u64,
     pub(crate) advertised: u64,
     pub(crate) ack_pending: bool,
+    /// Counted in the session's `acks_owed` (set by `queue_ack`, cleared when an ack is sent).
+    pub(crate) ack_owed: bool,
     pub(crate) ack_queued: bool,
     pub(crate) rx_since_ack: u64,
     pub(crate) counters: ChanCounters,
@@ -166,6 +168,7 @@ impl Chan {
             window: recv_window,
             advertised: recv_window,
             ack_pending: false,
+            ack_owed: false,
             ack_queued: false,
             rx_since_ack: 0,
             counters: ChanCounters::default(),

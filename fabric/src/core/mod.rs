@@ -5,6 +5,7 @@
 mod channel_state;
 mod congestion;
 pub mod handshake;
+pub(crate) mod id_map;
 mod scheduler;
 pub mod session;
 

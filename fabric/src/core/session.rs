@@ -11,13 +11,14 @@
 //! receiver drops sequence numbers it already has. A session that dies fails every pending
 //! operation with the cause.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::channel_state::{new_histogram, Chan, Delivered, OutMsg, Partial, Sent};
 use super::congestion::{CongestionWindow, RttEstimator};
+use super::id_map::{id_map, IdMap};
 use super::scheduler::Scheduler;
 use crate::class::{Class, Priority};
 use crate::config::{Config, PerClass};
@@ -151,7 +152,7 @@ pub struct Session {
     reliable: bool,
     peer: PeerParams,
     epoch: Instant,
-    channels: HashMap<u32, Chan>,
+    channels: IdMap<Chan>,
     next_local: u32,
     next_system: u32,
     accept_queue: VecDeque<u32>,
@@ -160,6 +161,9 @@ pub struct Session {
     retx: VecDeque<(u32, u64)>,
     ack_queue: VecDeque<u32>,
     ack_deadline: Option<Instant>,
+    /// Channels owing the peer an ack; when the last one's ack rides on data, the ack timer
+    /// is disarmed (an armed timer would wake the driver for nothing).
+    acks_owed: usize,
     ack_urgent: bool,
     control: VecDeque<OutFrame>,
     events: VecDeque<Event>,
@@ -195,7 +199,7 @@ impl Session {
             reliable,
             peer,
             epoch: now,
-            channels: HashMap::new(),
+            channels: id_map(),
             next_local: match role {
                 Role::Initiator => 0,
                 Role::Acceptor => 1,
@@ -211,6 +215,7 @@ impl Session {
             retx: VecDeque::new(),
             ack_queue: VecDeque::new(),
             ack_deadline: None,
+            acks_owed: 0,
             ack_urgent: false,
             control: VecDeque::new(),
             events: VecDeque::new(),
@@ -420,10 +425,16 @@ impl Session {
         c.released += msg.credit;
         // Tell a sender that may be waiting for credit, without waiting for the ack timer.
         if c.credit_limit() - c.advertised >= c.window / 4 {
-            Self::queue_ack(&mut self.ack_queue, ch, c);
+            Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, ch, c);
             self.ack_urgent = true;
         }
         Some(msg)
+    }
+
+    /// Whether taking a message made something to send at once (a credit update the sender
+    /// may be waiting for); when not, the caller need not look for frames to send.
+    pub fn has_urgent_output(&self) -> bool {
+        self.ack_urgent || !self.control.is_empty()
     }
 
     /// Whether `ch` has a message to read.
@@ -495,7 +506,7 @@ impl Session {
             }
             if c.expected_seq > 0 || c.released > 0 {
                 c.ack_pending = true;
-                Self::queue_ack(&mut self.ack_queue, id, c);
+                Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
             }
         }
         self.ack_urgent = true;
@@ -663,7 +674,7 @@ impl Session {
         if h.seq < c.expected_seq {
             // Already have it (a retransmission after resume or timeout): acknowledge again.
             c.ack_pending = true;
-            Self::queue_ack(&mut self.ack_queue, id, c);
+            Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
             self.ack_urgent = true;
             return Ok(());
         }
@@ -684,7 +695,7 @@ impl Session {
             }
             c.reorder.entry(h.seq).or_insert(frame);
             c.ack_pending = true;
-            Self::queue_ack(&mut self.ack_queue, id, c);
+            Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
             self.ack_urgent = true;
             return Ok(());
         }
@@ -811,7 +822,7 @@ impl Session {
                 c.delivered.push_back(msg);
             }
         }
-        Self::queue_ack(&mut self.ack_queue, id, c);
+        Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
         // Ack at least every half minimum congestion window: a sender whose window is smaller
         // than a quarter of our receive window would otherwise wait for the ack timer each round.
         let ack_every = (c.window / 4).min(self.cfg.congestion.min_window / 2);
@@ -823,8 +834,12 @@ impl Session {
         Ok(())
     }
 
-    fn queue_ack(queue: &mut VecDeque<u32>, id: u32, c: &mut Chan) {
+    fn queue_ack(queue: &mut VecDeque<u32>, owed: &mut usize, id: u32, c: &mut Chan) {
         c.ack_pending = true;
+        if !c.ack_owed {
+            c.ack_owed = true;
+            *owed += 1;
+        }
         if !c.ack_queued {
             c.ack_queued = true;
             queue.push_back(id);
@@ -1046,6 +1061,8 @@ impl Session {
             }
             self.ack_urgent = false;
             self.ack_deadline = None;
+            // Every queued ack went out (or its channel is gone).
+            self.acks_owed = 0;
         }
         None
     }
@@ -1062,6 +1079,14 @@ impl Session {
         c.advertised = h.credit;
         c.ack_pending = false;
         c.rx_since_ack = 0;
+        if c.ack_owed {
+            c.ack_owed = false;
+            self.acks_owed = self.acks_owed.saturating_sub(1);
+            if self.acks_owed == 0 {
+                self.ack_deadline = None;
+                self.ack_urgent = false;
+            }
+        }
     }
 
     fn send_chunk(&mut self, now: Instant, id: u32) -> Option<OutFrame> {
