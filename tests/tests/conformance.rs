@@ -554,6 +554,67 @@ async fn concurrent_senders_on_one_channel(kind: Kind) {
     }
 }
 
+/// Receivers that give up waiting over and over (a timeout cancels `recv` at random points,
+/// often right after the transport woke the waiting task to read) while another task waits on a
+/// quiet channel of the same peer: nothing is lost, repeated or stuck, and the quiet channel
+/// still gets its message at the end.
+async fn cancelled_receives_lose_nothing(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let quiet = p.client_peer.channel(Class::Coordination, 0).unwrap();
+    quiet.send(body(0, 0, 16)).await.unwrap();
+    let quiet_rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    within(LIMIT, quiet_rx.recv()).await.unwrap();
+    // Waits first, so it is the task the transport's wake-ups go to.
+    let quiet_wait = tokio::spawn(async move { within(LIMIT, quiet_rx.recv()).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    const CHANNELS: u32 = 4;
+    const PER: u32 = 500;
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    for c in 1..=CHANNELS {
+        let ch = p.client_peer.channel(Class::Coordination, 1).unwrap();
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER {
+                ch.send(body(c, i, 64 + (i as usize % 3) * 3000))
+                    .await
+                    .unwrap();
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+        let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let mut next = 0u32;
+            let mut cancelled = 0u32;
+            while next < PER {
+                assert!(start.elapsed() < LIMIT, "receiver stuck at message {next}");
+                let wait = Duration::from_micros(20 + u64::from(next % 7) * 15);
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(m) => {
+                        let (_, i) = check_body(&m.unwrap().body);
+                        assert_eq!(i, next, "out of order or repeated");
+                        next += 1;
+                    }
+                    Err(_) => cancelled += 1,
+                }
+            }
+            cancelled
+        }));
+    }
+    for s in senders {
+        within(LIMIT, s).await.unwrap();
+    }
+    for r in readers {
+        within(LIMIT, r).await.unwrap();
+    }
+    quiet.send(body(0, 1, 16)).await.unwrap();
+    let m = within(LIMIT, quiet_wait).await.unwrap().unwrap();
+    assert_eq!(check_body(&m.body), (0, 1));
+}
+
 macro_rules! conformance {
     ($kind:ident, $attr:meta: $($case:ident),* $(,)?) => {
         $(
@@ -576,6 +637,7 @@ macro_rules! suite {
             conformance!($kind, $attr:
                 ordering_across_interleaved_channels,
                 concurrent_senders_on_one_channel,
+                cancelled_receives_lose_nothing,
                 exactly_once_across_reconnects,
                 coordination_overtakes_saturating_bulk,
                 bounded_memory_under_overload,

@@ -15,10 +15,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use super::shared::{PeerShared, PeerState};
+use super::shared::{ingest, PeerShared, WATCH_TICK};
 use crate::error::Error;
 use crate::frame::Frame;
-use crate::transport::{Connection, FrameStream, RecvError};
+use crate::transport::{Connection, RecvError};
 
 /// Why a connection's driver stopped.
 pub(crate) enum ConnEnd {
@@ -37,50 +37,37 @@ const POLL_BUDGET: usize = 128 << 10;
 
 pub(crate) struct ConnDriver<'a> {
     shared: Arc<PeerShared>,
-    stream: Box<dyn FrameStream>,
-    rx: Vec<Frame>,
     timer: Pin<Box<Sleep>>,
     resume: Option<&'a mut mpsc::Receiver<Connection>>,
 }
 
 impl<'a> ConnDriver<'a> {
     /// Takes over `conn`: its sending half goes into the shared state (so application tasks can
-    /// write without a task switch), its receiving half stays here.
+    /// write without a task switch), its receiving half into the shared receiving half (so a
+    /// task waiting in `recv` can read it); `leftover` frames (read with the handshake) are fed
+    /// to the session first.
     pub(crate) fn new(
         shared: Arc<PeerShared>,
         conn: Connection,
-        leftover: Vec<Frame>,
+        mut leftover: Vec<Frame>,
         resume: Option<&'a mut mpsc::Receiver<Connection>>,
     ) -> Self {
         {
+            let mut rx = shared.rx();
+            rx.stream = Some(conn.stream);
+            rx.failed = None;
+            rx.frames.clear();
             let mut st = shared.lock();
             st.sink = Some(conn.sink);
             st.timer_at = None;
+            ingest(&mut st, &mut leftover, false);
+            st.dispatch();
         }
         ConnDriver {
             shared,
-            stream: conn.stream,
-            rx: leftover,
             timer: Box::pin(tokio::time::sleep(std::time::Duration::from_secs(3600))),
             resume,
         }
-    }
-
-    /// Feeds received frames to the session; returns the bytes received.
-    fn ingest(&mut self, st: &mut PeerState) -> usize {
-        let now = Instant::now();
-        let bytes = self
-            .rx
-            .iter()
-            .map(|f| crate::frame::HEADER_LEN + f.payload.len())
-            .sum();
-        for f in self.rx.drain(..) {
-            if st.session.handle_frame(now, f).is_err() {
-                break;
-            }
-        }
-        self.rx.clear();
-        bytes
     }
 
     fn end(&mut self, end: ConnEnd) -> Poll<ConnEnd> {
@@ -105,17 +92,37 @@ impl Future for ConnDriver<'_> {
                 }
             }
 
-            // 1. Receive everything that is ready.
-            let received = this.stream.poll_recv(cx, &mut this.rx);
+            // 1. Receive everything that is ready (unless a task waiting in `recv` is reading
+            // right now: it feeds the session itself, and hands back what it cannot do).
             let shared = this.shared.clone();
+            shared.rx_wake.set_driver(cx.waker());
+            let mut rx = match shared.rx.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            };
+            let received = match rx.as_deref_mut() {
+                Some(rx) => match rx.failed.take() {
+                    Some(e) => Poll::Ready(Err(e)),
+                    None => match rx.stream.as_mut() {
+                        Some(stream) => {
+                            shared.rx_wake.polling();
+                            let mut rcx = Context::from_waker(&shared.rx_waker);
+                            stream.poll_recv(&mut rcx, &mut rx.frames)
+                        }
+                        None => Poll::Pending,
+                    },
+                },
+                None => Poll::Pending,
+            };
             let mut st = shared.lock();
+            if let Some(rx) = rx.as_deref_mut() {
+                work += ingest(&mut st, &mut rx.frames, false);
+            }
+            drop(rx);
             match received {
-                Poll::Ready(Ok(())) => {
-                    work += this.ingest(&mut st);
-                    progress = true;
-                }
+                Poll::Ready(Ok(())) => progress = true,
                 Poll::Ready(Err(e)) => {
-                    this.ingest(&mut st);
                     if let RecvError::Frame(fe) = e {
                         // Garbage from the peer: the session cannot be trusted; close it.
                         let err = Error::from(fe);
@@ -142,7 +149,7 @@ impl Future for ConnDriver<'_> {
                 st.session.handle_timeout(now);
                 st.timer_at = None;
             }
-            match st.pump(cx) {
+            match st.pump(cx, now) {
                 Poll::Ready(Ok(more)) => {
                     if more {
                         progress = true;
@@ -176,9 +183,18 @@ impl Future for ConnDriver<'_> {
                 return Poll::Ready(ConnEnd::SessionDead);
             }
 
-            // 3. Arm the timer for the session's next deadline.
+            // 3. Arm the timer for the session's next deadline; while application tasks feed
+            // the session (inline receive), check it every `WATCH_TICK` at least, so they need
+            // not wake this task for each deadline they create.
             let next = st.session.poll_timeout();
-            if next != st.timer_at {
+            if st.watching(now) {
+                let tick = now + WATCH_TICK;
+                let want = next.map_or(tick, |n| n.min(tick));
+                if st.timer_at.is_none_or(|t| t > want) {
+                    st.timer_at = Some(want);
+                    this.timer.as_mut().reset(want.into());
+                }
+            } else if next != st.timer_at {
                 st.timer_at = next;
                 if let Some(t) = next {
                     this.timer.as_mut().reset(t.into());

@@ -3,6 +3,7 @@
 mod driver;
 mod node;
 mod peer;
+mod rx;
 mod shared;
 
 pub use node::{Node, NodeBuilder};

@@ -267,11 +267,11 @@ impl Node {
             t.reliable(),
             Instant::now(),
         );
-        let shared = Arc::new(PeerShared {
-            remote_name: ack.name,
+        let shared = Arc::new(PeerShared::new(
+            ack.name,
             session_id,
-            state: Mutex::new(PeerState::new(session, url.to_owned())),
-        });
+            PeerState::new(session, url.to_owned()),
+        ));
         self.inner
             .sessions
             .lock()
@@ -460,11 +460,11 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
         Instant::now(),
     );
     session.set_handshake_reply(answer.encode());
-    let shared = Arc::new(PeerShared {
-        remote_name: hello.name,
-        session_id: hello.session_id,
-        state: Mutex::new(PeerState::new(session, conn.remote.clone())),
-    });
+    let shared = Arc::new(PeerShared::new(
+        hello.name,
+        hello.session_id,
+        PeerState::new(session, conn.remote.clone()),
+    ));
     let (resume_tx, resume_rx) = mpsc::channel(4);
     inner
         .sessions
@@ -517,6 +517,7 @@ async fn run_session(
             }
             Mode::Initiator { .. } => ConnDriver::new(shared.clone(), conn, leftover, None).await,
         };
+        shared.clear_rx();
         let next = match end {
             ConnEnd::SessionDead => break,
             ConnEnd::Replaced(c) => Some((c, Vec::new())),

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
-use super::shared::PeerShared;
+use super::rx::ReaderSlot;
+use super::shared::{PeerShared, PeerState};
 use crate::class::{Class, Priority};
 use crate::core::{ChannelStats, SessionStats};
 use crate::error::{Error, Result};
@@ -254,7 +255,7 @@ impl Channel {
                         break;
                     }
                 }
-                st.kick();
+                st.kick_at(now);
                 Poll::Ready(r)
             }
             Ok(false) => match cx {
@@ -292,6 +293,11 @@ impl Channel {
 
     /// Waits for the next message, in order. Fails with the session's error once it is dead and
     /// nothing is left to read.
+    ///
+    /// While it waits, the task reads the peer's connection itself (the transport wakes it
+    /// directly, with no driver task in between), so a message reaches it without a task
+    /// switch. Cancel-safe: dropping the future loses no message, and hands any read it was
+    /// woken for back to the peer's driver.
     pub async fn recv(&self) -> Result<Message> {
         Ok(message(self.recv_unassembled().await?))
     }
@@ -299,16 +305,34 @@ impl Channel {
     /// As [`Channel::recv`], leaving a fragmented message in its pieces (the fabric's own bulk
     /// service copies them straight into a region).
     pub(crate) async fn recv_unassembled(&self) -> Result<crate::core::Delivered> {
-        poll_fn(|cx| {
-            let mut st = self.peer.shared.lock();
+        let shared = &*self.peer.shared;
+        let take = |st: &mut PeerState| -> Option<Result<crate::core::Delivered>> {
             if let Some(m) = st.session.recv_unassembled(self.id) {
-                st.kick();
-                return Poll::Ready(Ok(m));
+                if st.session.has_urgent_output() {
+                    st.kick();
+                }
+                return Some(Ok(m));
             }
-            if let Some(e) = st.session.dead() {
-                return Poll::Ready(Err(e.clone()));
+            st.session.dead().map(|e| Err(e.clone()))
+        };
+        // While it waits, this task reads the connection itself (see `rx.rs`).
+        let mut reader = ReaderSlot::new(&shared.rx_wake);
+        poll_fn(|cx| {
+            {
+                let mut st = shared.lock();
+                if let Some(r) = take(&mut st) {
+                    return Poll::Ready(r);
+                }
+                st.recv_wakers.unregister(self.id, cx.waker());
+            }
+            reader.register(cx.waker());
+            shared.read_inline();
+            let mut st = shared.lock();
+            if let Some(r) = take(&mut st) {
+                return Poll::Ready(r);
             }
             st.recv_wakers.register(self.id, cx.waker());
+            st.idle();
             Poll::Pending
         })
         .await

@@ -6,17 +6,19 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
+use super::rx::{RxHalf, RxWake};
+use crate::core::id_map::{id_map, IdMap};
 use crate::core::{Event, Session};
 use crate::error::Error;
-use crate::frame::Lane;
+use crate::frame::{Frame, Lane};
 use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued
@@ -24,9 +26,14 @@ use crate::transport::FrameSink;
 pub(crate) const SEND_BATCH: usize = 256 << 10;
 
 /// The tasks waiting on each channel (several tasks may send or receive on one channel).
-#[derive(Default)]
 pub(crate) struct Waiters {
-    map: HashMap<u32, Vec<Waker>>,
+    map: IdMap<Vec<Waker>>,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters { map: id_map() }
+    }
 }
 
 impl Waiters {
@@ -35,6 +42,14 @@ impl Waiters {
         let v = self.map.entry(id).or_default();
         if !v.iter().any(|x| x.will_wake(w)) {
             v.push(w.clone());
+        }
+    }
+
+    /// Removes the task behind `w` from channel `id`'s waiters (it is running and checks
+    /// itself: waking it would only make the runtime poll it once more for nothing).
+    pub(crate) fn unregister(&mut self, id: u32, w: &Waker) {
+        if let Some(v) = self.map.get_mut(&id) {
+            v.retain(|x| !x.will_wake(w));
         }
     }
 
@@ -111,11 +126,61 @@ pub(crate) struct PeerState {
     pub(crate) sink: Option<Box<dyn FrameSink>>,
     /// The deadline the driver's timer is armed for.
     pub(crate) timer_at: Option<Instant>,
+    /// Until when the driver watches the timers (see [`PeerState::watching`]).
+    pub(crate) watch_until: Option<Instant>,
     /// Tasks to wake when the lock is released.
     wakes: WakeList,
 }
 
+/// Feeds `frames` to the session, in order; returns the bytes taken. `inline`: from an
+/// application task, which arranges for the driver to watch the session's timers.
+pub(crate) fn ingest(st: &mut PeerState, frames: &mut Vec<Frame>, inline: bool) -> usize {
+    let now = Instant::now();
+    let mut bytes = 0;
+    for f in frames.drain(..) {
+        bytes += crate::frame::HEADER_LEN + f.payload.len();
+        if st.session.handle_frame(now, f).is_err() {
+            break;
+        }
+    }
+    frames.clear();
+    if inline {
+        // The deadlines this creates (an ack due in `ack_delay`) are usually met by the reply
+        // the application is about to send; the driver learns of the rest when the task next
+        // waits (`PeerState::idle`) or at its next watch tick, at most `WATCH_TICK` late.
+        if !st.watching(now) {
+            st.wake_driver();
+        }
+        st.watch_until = Some(now + WATCH);
+        st.kick_at(now);
+    }
+    bytes
+}
+
 impl PeerState {
+    /// Whether the session now has a deadline earlier than the driver's armed timer.
+    fn timer_needs_driver(&self) -> bool {
+        match (self.session.poll_timeout(), self.timer_at) {
+            (Some(t), Some(armed)) => t < armed,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the driver checks the session's timers every [`WATCH_TICK`] (application tasks
+    /// fed it recently), so a new deadline needs no wake-up of its own.
+    pub(crate) fn watching(&self, now: Instant) -> bool {
+        self.watch_until.is_some_and(|w| now < w)
+    }
+
+    /// An application task is about to wait: if the session has a deadline before the driver's
+    /// timer, wake the driver now (the task is idle, so the wake-up costs it nothing).
+    pub(crate) fn idle(&mut self) {
+        if self.timer_needs_driver() {
+            self.wake_driver();
+        }
+    }
+
     pub(crate) fn new(session: Session, connected_to: String) -> PeerState {
         PeerState {
             session,
@@ -133,17 +198,17 @@ impl PeerState {
             connected_to,
             sink: None,
             timer_at: None,
+            watch_until: None,
             wakes: WakeList::default(),
         }
     }
 
     /// Pulls frames from the session into the sink and writes them. `Ready(Ok(true))` means the
     /// batch limit was hit and everything written: call again for more.
-    pub(crate) fn pump(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    pub(crate) fn pump(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<bool>> {
         let Some(sink) = self.sink.as_mut() else {
             return Poll::Ready(Ok(false));
         };
-        let now = Instant::now();
         loop {
             // Bulk stops at the batch limit; coordination, tool calls, acks and keepalives go on
             // as long as the latency lane has room, however backed up the bulk lane is.
@@ -164,16 +229,18 @@ impl PeerState {
     /// ready from this task when the connection takes it at once, which saves a task switch on
     /// the latency path; otherwise leave the work to the driver.
     pub(crate) fn kick(&mut self) {
+        self.kick_at(Instant::now());
+    }
+
+    /// As [`PeerState::kick`], at `now`.
+    pub(crate) fn kick_at(&mut self, now: Instant) {
         let mut cx = Context::from_waker(Waker::noop());
-        let done = matches!(self.pump(&mut cx), Poll::Ready(Ok(false)));
+        let done = matches!(self.pump(&mut cx, now), Poll::Ready(Ok(false)));
         self.dispatch();
         // The driver must run if writing would block (only its waker is registered for write
-        // readiness), failed, has more, or the session now needs an earlier timer.
-        let earlier_timer = match (self.session.poll_timeout(), self.timer_at) {
-            (Some(t), Some(armed)) => t < armed,
-            (Some(_), None) => true,
-            _ => false,
-        };
+        // readiness), failed, has more, or the session now needs an earlier timer that the
+        // driver is not already watching for.
+        let earlier_timer = self.timer_needs_driver() && !self.watching(now);
         if !done || earlier_timer || self.sink.is_none() {
             self.wake_driver();
         }
@@ -246,9 +313,90 @@ pub(crate) struct PeerShared {
     pub(crate) remote_name: String,
     pub(crate) session_id: u64,
     pub(crate) state: Mutex<PeerState>,
+    /// The connection's receiving half (see `rx.rs`); locked before `state`.
+    pub(crate) rx: Mutex<RxHalf>,
+    pub(crate) rx_wake: Arc<RxWake>,
+    /// `rx_wake` as a waker: the only waker the transport's receive side is polled with.
+    pub(crate) rx_waker: Waker,
 }
 
+/// Bytes a task waiting in `recv` reads from the connection in one go before it leaves the rest
+/// to the driver (a bulk flood is the driver's work, not a coordination reader's).
+const INLINE_BUDGET: usize = 64 << 10;
+
+/// How long after an application task last fed the session the driver keeps checking the
+/// session's timers every [`WATCH_TICK`] instead of being woken for each earlier deadline.
+const WATCH: Duration = Duration::from_millis(20);
+
+/// The driver's timer period while it watches (see [`WATCH`]).
+pub(crate) const WATCH_TICK: Duration = Duration::from_millis(5);
+
 impl PeerShared {
+    pub(crate) fn new(remote_name: String, session_id: u64, state: PeerState) -> PeerShared {
+        let rx_wake = Arc::new(RxWake::default());
+        PeerShared {
+            remote_name,
+            session_id,
+            state: Mutex::new(state),
+            rx: Mutex::new(RxHalf::default()),
+            rx_waker: Waker::from(rx_wake.clone()),
+            rx_wake,
+        }
+    }
+
+    /// Locks the receiving half.
+    pub(crate) fn rx(&self) -> MutexGuard<'_, RxHalf> {
+        self.rx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads what the connection has into the session from an application task waiting in
+    /// `recv` (see `rx.rs`). Does nothing when another task is reading or there is no
+    /// connection; errors are left to the driver.
+    pub(crate) fn read_inline(&self) {
+        let mut rx = match self.rx.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let rx = &mut *rx;
+        if rx.failed.is_some() {
+            return;
+        }
+        let Some(stream) = rx.stream.as_mut() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&self.rx_waker);
+        let mut taken = 0usize;
+        loop {
+            self.rx_wake.polling();
+            let r = stream.poll_recv(&mut cx, &mut rx.frames);
+            if !rx.frames.is_empty() {
+                taken += ingest(&mut self.lock(), &mut rx.frames, true);
+            }
+            match r {
+                Poll::Pending => return,
+                Poll::Ready(Ok(())) if taken < INLINE_BUDGET => {}
+                Poll::Ready(Ok(())) => {
+                    // The rest is the driver's.
+                    self.rx_wake.wake_driver();
+                    return;
+                }
+                Poll::Ready(Err(e)) => {
+                    rx.failed = Some(e);
+                    self.rx_wake.wake_driver();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the connection's receiving half away (the connection ended).
+    pub(crate) fn clear_rx(&self) {
+        let mut rx = self.rx();
+        rx.stream = None;
+        rx.frames.clear();
+        rx.failed = None;
+    }
     /// Locks the state; tasks woken meanwhile are woken when the guard is dropped.
     pub(crate) fn lock(&self) -> StateGuard<'_> {
         // A panic while holding the lock leaves plain data behind; keep going with it.
