@@ -326,10 +326,10 @@ const INLINE_BUDGET: usize = 64 << 10;
 
 /// How long after an application task last fed the session the driver keeps checking the
 /// session's timers every [`WATCH_TICK`] instead of being woken for each earlier deadline.
-const WATCH: Duration = Duration::from_millis(20);
+const WATCH: Duration = Duration::from_millis(250);
 
 /// The driver's timer period while it watches (see [`WATCH`]).
-pub(crate) const WATCH_TICK: Duration = Duration::from_millis(5);
+pub(crate) const WATCH_TICK: Duration = Duration::from_millis(25);
 
 impl PeerShared {
     pub(crate) fn new(remote_name: String, session_id: u64, state: PeerState) -> PeerShared {

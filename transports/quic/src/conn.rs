@@ -299,6 +299,10 @@ struct QuicFrameStream {
     conn: quinn::Connection,
     /// Waits for the next stream the peer opens (boxed once per accepted stream).
     accept: Option<AcceptFuture>,
+    /// The acceptor's own waker: it queues [`ACCEPT`] as ready, so the acceptor (which locks
+    /// quinn's connection state) is polled only when it may have a stream, not on every call.
+    accept_waker: Waker,
+    accept_flag: Arc<StreamWake>,
     streams: Vec<Option<StreamRx>>,
     ready: Arc<Ready>,
     /// An error to report once the frames before it are delivered.
@@ -352,13 +356,26 @@ fn accept_next(conn: &quinn::Connection) -> AcceptFuture {
     Box::pin(async move { conn.accept_uni().await })
 }
 
+/// The index the acceptor's waker queues in [`Ready::queue`].
+const ACCEPT: usize = usize::MAX;
+
 impl QuicFrameStream {
     fn new(conn: quinn::Connection, guard: Arc<Guard>) -> QuicFrameStream {
+        let ready: Arc<Ready> = Arc::default();
+        // Queued from the start: the first call polls the acceptor.
+        lock(&ready.queue).push(ACCEPT);
+        let accept_flag = Arc::new(StreamWake {
+            idx: ACCEPT,
+            queued: AtomicBool::new(true),
+            ready: ready.clone(),
+        });
         QuicFrameStream {
             accept: Some(accept_next(&conn)),
+            accept_waker: Waker::from(accept_flag.clone()),
+            accept_flag,
             conn,
             streams: Vec::new(),
-            ready: Arc::default(),
+            ready,
             pending_err: None,
             _guard: guard,
         }
@@ -382,6 +399,28 @@ impl QuicFrameStream {
         }));
     }
 
+    /// Takes every stream the peer opened so far (none is missed: the acceptor is polled until
+    /// it is pending, which registers its waker).
+    fn poll_accept(&mut self) {
+        self.accept_flag.queued.store(false, Ordering::Release);
+        let waker = self.accept_waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        while let Some(acc) = self.accept.as_mut() {
+            match acc.as_mut().poll(&mut cx) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(recv)) => {
+                    self.add(recv);
+                    self.accept = Some(accept_next(&self.conn));
+                }
+                Poll::Ready(Err(e)) => {
+                    // Deliver what the streams still hold first.
+                    self.accept = None;
+                    self.pending_err = Some(recv_error(&e));
+                }
+            }
+        }
+    }
+
     /// Reads what stream `idx` has; frames go to `out`. `Err` ends the connection's reading.
     fn poll_stream(&mut self, idx: usize, out: &mut Vec<Frame>) -> Result<(), RecvError> {
         let Some(Some(st)) = self.streams.get_mut(idx) else {
@@ -403,8 +442,22 @@ impl QuicFrameStream {
             match r {
                 Ok(Some(chunk)) => {
                     taken += chunk.bytes.len();
-                    st.buf.extend_from_slice(&chunk.bytes);
-                    cut(&mut st.buf, out).map_err(RecvError::Frame)?;
+                    let mut bytes = chunk.bytes;
+                    if st.buf.is_empty() {
+                        // Whole frames straight out of quinn's buffer, without a copy; only a
+                        // partial frame at the end is kept.
+                        cut_frames(&mut bytes, |b, n| b.split_to(n), out)
+                            .map_err(RecvError::Frame)?;
+                    }
+                    if !bytes.is_empty() {
+                        st.buf.extend_from_slice(&bytes);
+                        if let Some(need) =
+                            cut_frames(&mut st.buf, |b, n| b.split_to(n).freeze(), out)
+                                .map_err(RecvError::Frame)?
+                        {
+                            st.buf.reserve(need - st.buf.len());
+                        }
+                    }
                 }
                 Ok(None) => {
                     let (control, left) = (st.control, st.buf.len());
@@ -446,23 +499,16 @@ impl FrameStream for QuicFrameStream {
             }
         }
         if self.pending_err.is_none() {
-            // New streams (none is missed: the acceptor is polled until it is pending).
-            while let Some(acc) = self.accept.as_mut() {
-                match acc.as_mut().poll(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Ok(recv)) => {
-                        self.add(recv);
-                        self.accept = Some(accept_next(&self.conn));
-                    }
-                    Poll::Ready(Err(e)) => {
-                        // Deliver what the streams still hold first.
-                        self.accept = None;
-                        self.pending_err = Some(recv_error(&e));
-                    }
-                }
+            let mut ready = std::mem::take(&mut *lock(&self.ready.queue));
+            if ready.contains(&ACCEPT) {
+                self.poll_accept();
+                // The streams just accepted are queued as ready.
+                ready.extend(std::mem::take(&mut *lock(&self.ready.queue)));
             }
-            let ready = std::mem::take(&mut *lock(&self.ready.queue));
             for idx in ready {
+                if idx == ACCEPT {
+                    continue;
+                }
                 if let Err(e) = self.poll_stream(idx, out) {
                     self.pending_err = Some(e);
                     break;
@@ -479,22 +525,27 @@ impl FrameStream for QuicFrameStream {
     }
 }
 
-/// Cuts the whole frames at the front of `buf` into `out`.
-fn cut(buf: &mut BytesMut, out: &mut Vec<Frame>) -> Result<(), FrameError> {
+/// Cuts the whole frames at the front of `buf` into `out` (`split` takes the first `n` bytes
+/// off as a frame's buffer). `Some(len)`: a partial frame of `len` bytes is left at the front.
+fn cut_frames<B: AsRef<[u8]>>(
+    buf: &mut B,
+    split: impl Fn(&mut B, usize) -> Bytes,
+    out: &mut Vec<Frame>,
+) -> Result<Option<usize>, FrameError> {
     loop {
-        if buf.len() >= MAGIC.len() && buf[..MAGIC.len()] != MAGIC {
-            return Err(FrameError::BadMagic([buf[0], buf[1]]));
+        let b = buf.as_ref();
+        if b.len() >= MAGIC.len() && b[..MAGIC.len()] != MAGIC {
+            return Err(FrameError::BadMagic([b[0], b[1]]));
         }
-        if buf.len() < HEADER_LEN {
-            return Ok(());
+        if b.len() < HEADER_LEN {
+            return Ok(None);
         }
         // Validates the header (length against MAX_FRAME_PAYLOAD) before sizing anything by it.
-        let len = frame_len(buf)?;
-        if buf.len() < len {
-            buf.reserve(len - buf.len());
-            return Ok(());
+        let len = frame_len(b)?;
+        if b.len() < len {
+            return Ok(Some(len));
         }
-        out.push(Frame::decode(buf.split_to(len).freeze())?);
+        out.push(Frame::decode(split(buf, len))?);
     }
 }
 
