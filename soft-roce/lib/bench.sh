@@ -27,6 +27,6 @@ for f in "$BENCH_D"/*; do
         echo "bench: bench.d/${f##*/} failed (exit $rc)"
     fi
 done
-[[ $n -gt 0 ]] || echo "bench: no executable benchmarks in $BENCH_D yet (the agentfabric verbs benchmarks join when the verbs transport lands)"
+[[ $n -gt 0 ]] || echo "bench: no executable benchmarks in $BENCH_D"
 echo "bench: $pass passed, $fail failed"
 [[ $fail == 0 ]]

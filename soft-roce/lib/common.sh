@@ -71,3 +71,25 @@ show_logs() {
         sed 's/^/  | /' "$LAB_WORK/$1.$side"
     done
 }
+
+# perftest_row LABEL TOOL SIZE ITERS: runs perftest's TOOL (server and client on $LAB_DEV, the
+# server at $LAB_ADDR) and sets PERFTEST_ROW to its result row (the first numeric row after
+# "#bytes"; a variable, not output, so the port counter of run_pair advances).
+# perftest derives its clock from a TSC-vs-gettimeofday fit; under emulation that fit sometimes
+# fails ("Correlation coefficient r^2 < 0.9") and the latencies come out as inf: it runs again,
+# three attempts in all. Logs: $LAB_WORK/LABEL.server, LABEL.client. Fails without a valid row.
+perftest_row() {
+    local label=$1 tool=$2 size=$3 iters=$4 row="" try
+    PERFTEST_ROW=""
+    local -a common=(-d "$LAB_DEV" -x "$LAB_GID" -p @PORT@ -F -s "$size" -n "$iters")
+    for try in 1 2 3; do
+        run_pair "$label" 180 tcp "$tool" "${common[@]}" --- "$tool" "${common[@]}" "$LAB_ADDR" || return 1
+        row=$(awk '/#bytes/ { h = 1; next } h && $1 ~ /^[0-9]+$/ { print; exit }' "$LAB_WORK/$label.client")
+        if [[ -n $row && $row != *inf* && $row != *nan* ]]; then
+            PERFTEST_ROW=$row
+            return 0
+        fi
+        echo "($tool: no valid figures in attempt $try (perftest's clock calibration failed under emulation); again)" >&2
+    done
+    return 1
+}

@@ -12,22 +12,12 @@ fail=0
 summary=()
 
 # Runs one perftest (server and client on $LAB_DEV) and records its figures.
-# perftest derives its clock from a TSC-vs-gettimeofday fit; under emulation that fit sometimes
-# fails ("Correlation coefficient r^2 < 0.9") and the latencies come out as inf: run it again.
 one() {
-    local label=$1 tool=$2 size=$3 iters=$4 row="" try ok=0
-    local -a common=(-d "$LAB_DEV" -x "$LAB_GID" -p @PORT@ -F -s "$size" -n "$iters")
+    local label=$1 tool=$2 size=$3 iters=$4 row="" ok=0
     echo
     echo "=== $tool -s $size -n $iters (-d $LAB_DEV -x $LAB_GID, server $LAB_ADDR)"
-    for try in 1 2 3; do
-        ok=0
-        run_pair "$label" 180 tcp "$tool" "${common[@]}" --- "$tool" "${common[@]}" "$LAB_ADDR" || break
-        ok=1
-        row=$(awk '/#bytes/ { h = 1; next } h && $1 ~ /^[0-9]+$/ { print; exit }' "$LAB_WORK/$label.client")
-        [[ -n $row && $row != *inf* && $row != *nan* ]] && break
-        ok=0
-        echo "($tool: no valid figures in attempt $try (perftest's clock calibration failed under emulation); again)"
-    done
+    perftest_row "$label" "$tool" "$size" "$iters" && ok=1
+    row=$PERFTEST_ROW
     if [[ $ok == 1 ]]; then
         pass=$((pass + 1))
         cat "$LAB_WORK/$label.client"

@@ -1,6 +1,8 @@
 //! Workload `bulk`: batched transfers of `block`-byte blocks between registered regions
 //! ([`agentfabric::Peer::write`]), against raw streaming of the same block size in the same run
-//! (raw TCP for `tcp`, a tokio mpsc channel for `mem`).
+//! (raw TCP for `tcp`, a tokio mpsc channel for `mem`), or for `verbs` perftest's `ib_write_bw`
+//! of the same size from the same lab boot (`--perftest`). Over verbs the blocks travel as
+//! two-sided sends through the session (the transport has no one-sided RDMA WRITE yet).
 //!
 //! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
 //! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.
@@ -50,11 +52,19 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         .await
         .map_err(|_| format!("the fabric phase did not finish within {limit:?}"))??;
 
-    progress("phase baseline: raw streaming");
-    let tcp = s.transport == TransportKind::Tcp;
-    let base_mb_s = baseline::stream_mb_s(tcp, s.size, s.warmup, s.duration).await?;
-    let base_name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
-    let r = ratio(fabric_mb_s, base_mb_s);
+    let (base_name, base_mb_s) = if s.transport == TransportKind::Verbs {
+        let p = super::verbs::Perftest::load(s.perftest.as_ref())?;
+        ("ib_write_bw", p.and_then(|p| p.write_bw_mb_s(s.size)))
+    } else {
+        progress("phase baseline: raw streaming");
+        let tcp = s.transport == TransportKind::Tcp;
+        let mb_s = baseline::stream_mb_s(tcp, s.size, s.warmup, s.duration).await?;
+        (
+            if tcp { "raw-tcp-stream" } else { "tokio-mpsc" },
+            Some(mb_s),
+        )
+    };
+    let r = base_mb_s.and_then(|b| ratio(fabric_mb_s, b));
 
     let json = json!({
         "transport": s.transport.name(),
@@ -66,7 +76,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "threads": s.threads,
         "version": env!("CARGO_PKG_VERSION"),
         "fabric_mb_s": round2(fabric_mb_s),
-        "baseline": {"name": base_name, "mb_s": round2(base_mb_s)},
+        "baseline": {"name": base_name, "mb_s": base_mb_s.map(round2)},
         "ratio": r.map(round3),
     });
     let mut t = Table::new(&format!(
@@ -75,7 +85,12 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         s.size
     ));
     t.line(&format!("fabric        {fabric_mb_s:>10.1} MB/s"));
-    t.line(&format!("{base_name:<14}{base_mb_s:>10.1} MB/s"));
+    match base_mb_s {
+        Some(b) => t.line(&format!("{base_name:<14}{b:>10.1} MB/s")),
+        None => t.line(&format!(
+            "{base_name:<14}  not given (run through soft-roce/lab bench)"
+        )),
+    }
     t.line(&format!("ratio         {:>10}", fmt_ratio(r)));
     Ok(Output {
         json,

@@ -4,7 +4,8 @@
 //! Phases, each `warmup` then `duration` long:
 //! 1. `idle`: coordination round trips alone (default configuration);
 //! 2. bulk alone (`bulk_solo_mb_s`), then the raw streaming baseline of the same block size
-//!    (`bulk_baseline`: raw TCP for `tcp`, a tokio mpsc channel for `mem`);
+//!    (`bulk_baseline`: raw TCP for `tcp`, a tokio mpsc channel for `mem`; for `verbs`,
+//!    perftest's `ib_write_bw` from the same lab boot, given with `--perftest`, else null);
 //! 3. `loaded`: round trips while one task keeps the bulk channel's send queue full with
 //!    `block`-byte messages (priorities on, the default); `bulk_mb_s` is counted at the receiver
 //!    over the measured part;
@@ -140,19 +141,21 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let bulk_solo = mb_s(&pair, start);
     load.stop().await?;
 
-    let base_name = match s.transport {
-        TransportKind::Tcp => "raw-tcp-stream",
-        TransportKind::Mem => "tokio-mpsc",
+    let (base_name, bulk_base) = match s.transport {
+        TransportKind::Tcp | TransportKind::Mem => {
+            let tcp = s.transport == TransportKind::Tcp;
+            let name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
+            progress(&format!("phase bulk_baseline: {name} streaming"));
+            let mb_s = baseline::stream_mb_s(tcp, s.size, s.warmup, s.duration).await?;
+            (name, Some(mb_s))
+        }
+        TransportKind::Verbs => (
+            "ib_write_bw",
+            super::verbs::Perftest::load(s.perftest.as_ref())?
+                .and_then(|p| p.write_bw_mb_s(s.size)),
+        ),
         TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };
-    progress(&format!("phase bulk_baseline: {base_name} streaming"));
-    let bulk_base = baseline::stream_mb_s(
-        s.transport == TransportKind::Tcp,
-        s.size,
-        s.warmup,
-        s.duration,
-    )
-    .await?;
 
     progress("phase loaded: coordination round trips while bulk runs (priorities on)");
     let (loaded, bulk_loaded, stats_loaded) = loaded_phase(&pair, &bulk, &block, s).await?;
@@ -189,7 +192,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "ratio_fifo_idle_p99": r_fifo,
         "ratio_bulk_loaded_solo": r_bulk,
         "fifo_bulk_mb_s": round2(bulk_fifo),
-        "bulk_baseline": { "name": base_name, "mb_s": round2(bulk_base) },
+        "bulk_baseline": { "name": base_name, "mb_s": bulk_base.map(round2) },
         "fabric_stats": { "loaded": stats_loaded, "fifo": stats_fifo },
     });
 
@@ -224,12 +227,12 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         ),
     );
     t.line(&format!(
-        "bulk: solo {:.1} MB/s, during loaded {:.1} MB/s (ratio {}), {} {:.1} MB/s",
+        "bulk: solo {:.1} MB/s, during loaded {:.1} MB/s (ratio {}), {} {}",
         bulk_solo,
         bulk_loaded,
         fmt_ratio(r_bulk.map(round3)),
         base_name,
-        bulk_base
+        bulk_base.map_or("not given".to_owned(), |b| format!("{b:.1} MB/s"))
     ));
     t.line(&format!("fabric_stats loaded: {stats_loaded}"));
     t.line(&format!("fabric_stats fifo: {stats_fifo}"));

@@ -1,7 +1,8 @@
 //! `agentfabric bench`: the fabric measured against a raw baseline in the same process and run.
 //!
-//! Both nodes live in this process and talk over loopback TCP (`tcp://127.0.0.1:0`) or an
-//! in-process [`MemNetwork`]. Workloads:
+//! Both nodes live in this process and talk over loopback TCP (`tcp://127.0.0.1:0`), loopback
+//! QUIC, an in-process [`MemNetwork`], or one RDMA device (verbs, in the Soft-RoCE lab; the
+//! baseline is perftest from the same boot, see [`verbs`]). Workloads:
 //! - [`pingpong`]: coordination round trips of `--size` bytes, against raw TCP (or a pair of tokio
 //!   mpsc channels for `mem`), interleaved in slices so both see the same machine noise;
 //! - [`mixed`]: 64-byte coordination round trips while a bulk channel to the same peer is kept
@@ -29,6 +30,7 @@ pub mod pingpong;
 pub mod quic;
 pub mod report;
 pub mod toolcall;
+pub mod verbs;
 
 /// Errors of a benchmark run (fabric, socket or harness failures).
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
@@ -37,7 +39,7 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub type BenchResult<T> = Result<T, BenchError>;
 
 /// Transports this build can benchmark.
-const AVAILABLE_TRANSPORTS: &str = "mem, tcp, quic";
+const AVAILABLE_TRANSPORTS: &str = "mem, tcp, quic, verbs";
 
 /// Largest message size accepted by `--size` (the fabric's default `max_message`).
 const MAX_SIZE: usize = 128 << 20;
@@ -55,6 +57,9 @@ pub enum TransportKind {
     /// Loopback QUIC ([`agentfabric_quic::QuicTransport`], mutual TLS with in-memory dev
     /// certificates); baseline: raw quinn.
     Quic,
+    /// One RDMA device ([`agentfabric_verbs::VerbsTransport`]); baseline: perftest's figures
+    /// from the same lab boot (`--perftest`).
+    Verbs,
 }
 
 impl TransportKind {
@@ -64,6 +69,7 @@ impl TransportKind {
             TransportKind::Mem => "mem",
             TransportKind::Tcp => "tcp",
             TransportKind::Quic => "quic",
+            TransportKind::Verbs => "verbs",
         }
     }
 }
@@ -82,10 +88,7 @@ impl FromStr for TransportKind {
             "mem" => Ok(TransportKind::Mem),
             "tcp" => Ok(TransportKind::Tcp),
             "quic" => Ok(TransportKind::Quic),
-            "verbs" => Err(format!(
-                "the {s} transport is not supported by this build of agentfabric \
-                 (available transports: {AVAILABLE_TRANSPORTS})"
-            )),
+            "verbs" => Ok(TransportKind::Verbs),
             _ => Err(format!(
                 "unknown transport {s:?} (available transports: {AVAILABLE_TRANSPORTS})"
             )),
@@ -121,8 +124,9 @@ impl Workload {
 /// Arguments of `agentfabric bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Transport to measure: mem, tcp or quic (verbs runs in the Soft-RoCE lab; not in this build yet).
-    #[arg(long, value_parser = parse_transport, value_name = "mem|tcp|quic")]
+    /// Transport to measure: mem, tcp, quic, or verbs (on an RDMA device: run it through
+    /// `soft-roce/lab bench`, which sets the device and address and passes `--perftest`).
+    #[arg(long, value_parser = parse_transport, value_name = "mem|tcp|quic|verbs")]
     pub transport: TransportKind,
     /// Workload to run.
     #[arg(long, value_enum)]
@@ -147,6 +151,10 @@ pub struct BenchArgs {
     /// Print one JSON object on standard output instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// verbs: perftest's figures from the same lab boot, the baseline (JSON; see
+    /// `sidecar/src/bench/verbs.rs`). Without it the verbs baseline is null.
+    #[arg(long, value_name = "FILE")]
+    pub perftest: Option<std::path::PathBuf>,
 }
 
 fn parse_transport(s: &str) -> Result<TransportKind, String> {
@@ -197,6 +205,8 @@ pub struct Settings {
     pub warmup: Duration,
     /// Runtime worker threads.
     pub threads: usize,
+    /// verbs: the perftest figures file, if given.
+    pub perftest: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -215,6 +225,7 @@ impl Settings {
             duration: a.duration.unwrap_or(duration),
             warmup: a.warmup,
             threads: usize::from(a.threads),
+            perftest: a.perftest.clone(),
         }
     }
 
@@ -296,6 +307,9 @@ async fn run(s: Settings) -> BenchResult<Output> {
             s.workload.name()
         )
         .into()),
+        Workload::Toolcall if s.transport == TransportKind::Verbs => Err(
+            "workload toolcall runs over quic, tcp and mem (tool calls leave the cluster)".into(),
+        ),
         Workload::Toolcall => toolcall::run(&s).await,
         Workload::Pingpong => pingpong::run(&s).await,
         Workload::Mixed => mixed::run(&s).await,
@@ -437,6 +451,7 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
+            TransportKind::Verbs => verbs::nodes(&config, tag)?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

@@ -2,7 +2,9 @@
 //!
 //! The client sends on a coordination channel with plain `send` and waits with `recv`; the
 //! server's task receives and sends the same bytes back on the same channel. The baseline (raw
-//! TCP for `tcp`, a tokio mpsc pair for `mem`) does the same with the same size.
+//! TCP for `tcp`, raw quinn for `quic`, a tokio mpsc pair for `mem`) does the same with the same
+//! size. For `verbs` the baseline is perftest's `ib_send_lat` from the same lab boot, as round
+//! trips ([`super::verbs`]); the fabric is then measured alone.
 //!
 //! Both are warmed up for `warmup`, then measured in alternating slices of about half a second
 //! (fabric first, then baseline, then baseline first...) until each has been measured for
@@ -29,24 +31,38 @@ const SLICE: Duration = Duration::from_millis(500);
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let pair = FabricPair::new(s.transport, Config::default(), "pingpong").await?;
     let mut fabric = Pinger::Fabric(pair.coordination_pinger(s.size).await?);
+    // `None`: an external baseline (perftest), not measured here.
     let (mut base, base_name) = match s.transport {
         TransportKind::Tcp => {
             let b = BaselinePinger::raw_tcp(s.size).await?;
             let name = b.name();
-            (Pinger::Baseline(b), name)
+            (Some(Pinger::Baseline(b)), name)
         }
         TransportKind::Mem => {
             let b = BaselinePinger::mpsc(s.size);
             let name = b.name();
-            (Pinger::Baseline(b), name)
+            (Some(Pinger::Baseline(b)), name)
         }
         TransportKind::Quic => (
-            Pinger::Quinn(Box::new(super::quic::RawQuinn::new(s.size).await?)),
+            Some(Pinger::Quinn(Box::new(
+                super::quic::RawQuinn::new(s.size).await?,
+            ))),
             "raw-quinn",
         ),
+        TransportKind::Verbs => (None, "ib_send_lat"),
     };
 
     let work = async {
+        let mut hf = new_histogram();
+        let mut hb = new_histogram();
+        let Some(base) = base.as_mut() else {
+            progress("measuring the fabric (the baseline is perftest's, from --perftest)");
+            fabric.run_until(Instant::now() + s.warmup, None).await?;
+            fabric
+                .run_until(Instant::now() + s.duration, Some(&mut hf))
+                .await?;
+            return BenchResult::Ok((hf, hb));
+        };
         progress(&format!("warming up fabric and {base_name}"));
         let t = Instant::now() + s.warmup;
         fabric.run_until(t, None).await?;
@@ -61,8 +77,6 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             "measuring {slices} interleaved slices of {:.3} s each",
             slice.as_secs_f64()
         ));
-        let mut hf = new_histogram();
-        let mut hb = new_histogram();
         for i in 0..slices {
             if i % 2 == 0 {
                 fabric
@@ -86,14 +100,25 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         .map_err(|_| format!("the pingpong measurement did not finish within {limit:?}"))??;
 
     let fabric_sum = Summary::from_histogram(&hf);
-    let base_sum = Summary::from_histogram(&hb);
+    let base_sum = match base {
+        Some(_) => Some(Summary::from_histogram(&hb)),
+        None => super::verbs::Perftest::load(s.perftest.as_ref())?
+            .and_then(|p| p.send_lat_round_trip(s.size)),
+    };
+    if base_sum.is_none() {
+        progress(&format!(
+            "no {base_name} figures for {} B (run through soft-roce/lab bench): baseline null",
+            s.size
+        ));
+    }
     let stats = match fabric.as_fabric() {
         Some(f) => fabric_stats_json(&pair, f),
         None => serde_json::Value::Null,
     };
-    let r50 = ratio(fabric_sum.p50_us, base_sum.p50_us);
-    let r99 = ratio(fabric_sum.p99_us, base_sum.p99_us);
-    let r999 = ratio(fabric_sum.p999_us, base_sum.p999_us);
+    let r = |f: fn(&Summary) -> f64| base_sum.and_then(|b| ratio(f(&fabric_sum), f(&b)));
+    let r50 = r(|x| x.p50_us);
+    let r99 = r(|x| x.p99_us);
+    let r999 = r(|x| x.p999_us);
 
     let json = json!({
         "transport": s.transport.name(),
@@ -104,7 +129,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "threads": s.threads,
         "version": env!("CARGO_PKG_VERSION"),
         "fabric": fabric_sum.to_json(None),
-        "baseline": base_sum.to_json(Some(base_name)),
+        "baseline": base_sum.map(|b| b.to_json(Some(base_name))),
         "ratio_p50": r50,
         "ratio_p99": r99,
         "ratio_p999": r999,
@@ -131,7 +156,10 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             fmt_ratio(r999)
         ),
     );
-    t.row(&format!("baseline {base_name}"), &base_sum, "");
+    match &base_sum {
+        Some(b) => t.row(&format!("baseline {base_name}"), b, ""),
+        None => t.line(&format!("baseline {base_name}: not given")),
+    }
     t.line(&format!("fabric_stats: {stats}"));
     Ok(Output {
         json,
