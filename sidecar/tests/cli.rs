@@ -105,15 +105,40 @@ fn mixed_mem_prints_one_json_object() {
 }
 
 #[test]
-fn unsupported_transport_exits_2_naming_the_available_ones() {
-    for t in ["verbs", "carrier-pigeon"] {
-        let out = agentfabric(&["bench", "--transport", t, "--workload", "pingpong"]);
-        assert_eq!(out.status.code(), Some(2), "transport {t}");
-        assert!(out.stdout.is_empty());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(t), "{stderr}");
-        assert!(stderr.contains("mem, tcp, quic"), "{stderr}");
-    }
+fn unknown_transport_exits_2_naming_the_available_ones() {
+    let out = agentfabric(&[
+        "bench",
+        "--transport",
+        "carrier-pigeon",
+        "--workload",
+        "pingpong",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("carrier-pigeon"), "{stderr}");
+    assert!(stderr.contains("mem, tcp, quic, verbs"), "{stderr}");
+}
+
+/// Outside the lab, verbs fails with a message that says what is missing (no panic, no JSON).
+#[test]
+fn verbs_without_the_lab_says_what_is_missing() {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentfabric"))
+        .args([
+            "bench",
+            "--transport",
+            "verbs",
+            "--workload",
+            "pingpong",
+            "--json",
+        ])
+        .env_remove("AGENTFABRIC_LAB_ADDR_A")
+        .output()
+        .expect("run agentfabric");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AGENTFABRIC_LAB_ADDR_A"), "{stderr}");
 }
 
 #[test]
