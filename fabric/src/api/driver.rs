@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use super::shared::{ingest, PeerShared, WATCH_TICK};
+use super::shared::{ingest, Feeder, PeerShared, WATCH_TICK};
 use crate::error::Error;
 use crate::frame::Frame;
 use crate::transport::{Connection, RecvError};
@@ -60,7 +60,7 @@ impl<'a> ConnDriver<'a> {
             let mut st = shared.lock();
             st.sink = Some(conn.sink);
             st.timer_at = None;
-            ingest(&mut st, &mut leftover, false);
+            ingest(&mut st, &mut leftover, Feeder::Driver);
             st.dispatch();
         }
         ConnDriver {
@@ -96,11 +96,7 @@ impl Future for ConnDriver<'_> {
             // right now: it feeds the session itself, and hands back what it cannot do).
             let shared = this.shared.clone();
             shared.rx_wake.set_driver(cx.waker());
-            let mut rx = match shared.rx.try_lock() {
-                Ok(g) => Some(g),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            };
+            let mut rx = shared.rx_wake.try_lock(&shared.rx);
             let received = match rx.as_deref_mut() {
                 Some(rx) => match rx.failed.take() {
                     Some(e) => Poll::Ready(Err(e)),
@@ -116,10 +112,13 @@ impl Future for ConnDriver<'_> {
                 None => Poll::Pending,
             };
             let mut st = shared.lock();
-            if let Some(rx) = rx.as_deref_mut() {
-                work += ingest(&mut st, &mut rx.frames, false);
+            if let Some(mut rx) = rx {
+                work += ingest(&mut st, &mut rx.frames, Feeder::Driver);
+                if shared.rx_wake.release(rx) {
+                    // A reader came while this task was reading: read once more for it.
+                    progress = true;
+                }
             }
-            drop(rx);
             match received {
                 Poll::Ready(Ok(())) => progress = true,
                 Poll::Ready(Err(e)) => {

@@ -325,8 +325,8 @@ impl Channel {
                 }
                 st.recv_wakers.unregister(self.id, cx.waker());
             }
-            reader.register(cx.waker());
-            shared.read_inline();
+            reader.register(self.class as u8, cx.waker());
+            shared.read_inline(self.id, self.class);
             let mut st = shared.lock();
             if let Some(r) = take(&mut st) {
                 return Poll::Ready(r);

@@ -20,7 +20,8 @@
 //! Lock order: `PeerShared::rx` before `PeerShared::state`; `RxWake`'s own lock is a leaf, and
 //! wakers are called after it is released.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Wake, Waker};
 
 use crate::frame::Frame;
@@ -41,13 +42,18 @@ pub(crate) struct RxHalf {
 #[derive(Default)]
 pub(crate) struct RxWake {
     inner: Mutex<WakeState>,
+    /// A task found the receiving half locked: whoever holds it reads again, or hands the
+    /// reading on, after unlocking (the wake that task came for may have arrived after the
+    /// holder's last poll of the transport).
+    contended: AtomicBool,
 }
 
 #[derive(Default)]
 struct WakeState {
     driver: Option<Waker>,
-    /// Tasks waiting in `recv` on this peer, by registration id, oldest first.
-    readers: Vec<(u64, Waker)>,
+    /// Tasks waiting in `recv` on this peer: (registration id, rank, waker), by rank (lower
+    /// first: coordination before tool calls before bulk), oldest first within a rank.
+    readers: Vec<(u64, u8, Waker)>,
     next_id: u64,
     /// A wake came and nobody has polled the transport since.
     signalled: bool,
@@ -56,6 +62,27 @@ struct WakeState {
 impl RxWake {
     fn state(&self) -> MutexGuard<'_, WakeState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks `rx` if it is free. When it is not, the holder is told (see
+    /// [`RxWake::release`]), so the wake-up this task came for is not lost.
+    pub(crate) fn try_lock<'a>(&self, rx: &'a Mutex<RxHalf>) -> Option<MutexGuard<'a, RxHalf>> {
+        self.contended.store(true, Ordering::SeqCst);
+        let g = match rx.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::WouldBlock) => return None,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        // Whatever the others came for, this holder's polls see it.
+        self.contended.store(false, Ordering::SeqCst);
+        Some(g)
+    }
+
+    /// Unlocks `guard`; `true` when another task found it locked meanwhile: the caller reads
+    /// the transport again, or hands the reading on.
+    pub(crate) fn release(&self, guard: MutexGuard<'_, RxHalf>) -> bool {
+        drop(guard);
+        self.contended.swap(false, Ordering::SeqCst)
     }
 
     /// Sets the driver's waker (the fallback when no reader waits).
@@ -84,20 +111,21 @@ impl RxWake {
         }
     }
 
-    /// Registers (or refreshes) a waiting reader; `id` keeps its registration.
-    fn register(&self, id: &mut Option<u64>, w: &Waker) {
+    /// Registers (or refreshes) a waiting reader of `rank`; `id` keeps its registration.
+    fn register(&self, id: &mut Option<u64>, rank: u8, w: &Waker) {
         let mut s = self.state();
         if let Some(me) = *id {
             if let Some(slot) = s.readers.iter_mut().find(|r| r.0 == me) {
-                if !slot.1.will_wake(w) {
-                    slot.1 = w.clone();
+                if !slot.2.will_wake(w) {
+                    slot.2 = w.clone();
                 }
                 return;
             }
         }
         let me = s.next_id;
         s.next_id += 1;
-        s.readers.push((me, w.clone()));
+        let at = s.readers.partition_point(|r| r.1 <= rank);
+        s.readers.insert(at, (me, rank, w.clone()));
         *id = Some(me);
     }
 
@@ -111,7 +139,7 @@ impl RxWake {
             }
             s.readers
                 .first()
-                .map(|r| r.1.clone())
+                .map(|r| r.2.clone())
                 .or_else(|| s.driver.clone())
         };
         if let Some(w) = next {
@@ -132,7 +160,7 @@ impl Wake for RxWake {
             // (its task is busy elsewhere); the driver reads instead of waiting for it.
             let unread = std::mem::replace(&mut s.signalled, true);
             match s.readers.first() {
-                Some(r) => (Some(r.1.clone()), s.driver.clone().filter(|_| unread)),
+                Some(r) => (Some(r.2.clone()), s.driver.clone().filter(|_| unread)),
                 None => (s.driver.clone(), None),
             }
         };
@@ -154,9 +182,11 @@ impl<'a> ReaderSlot<'a> {
         ReaderSlot { wake, id: None }
     }
 
-    /// Registers the task behind `w` to be woken when the transport has data.
-    pub(crate) fn register(&mut self, w: &Waker) {
-        self.wake.register(&mut self.id, w);
+    /// Registers the task behind `w` to be woken when the transport has data. Of several
+    /// waiting tasks the one of the lowest `rank` is woken: a coordination reader reads (and
+    /// gets its message) before a bulk reader would have read a batch of bulk frames.
+    pub(crate) fn register(&mut self, rank: u8, w: &Waker) {
+        self.wake.register(&mut self.id, rank, w);
     }
 }
 
@@ -196,7 +226,7 @@ mod tests {
         assert_eq!(driver.0.load(Ordering::SeqCst), 1);
         {
             let mut slot = ReaderSlot::new(&rx);
-            slot.register(&rw);
+            slot.register(0, &rw);
             rx.polling();
             waker.wake_by_ref();
             assert_eq!(reader.0.load(Ordering::SeqCst), 1);
@@ -217,7 +247,7 @@ mod tests {
         rx.set_driver(&dw);
         let waker = Waker::from(rx.clone());
         let mut slot = ReaderSlot::new(&rx);
-        slot.register(&rw);
+        slot.register(0, &rw);
         rx.polling();
         waker.wake_by_ref();
         assert_eq!(driver.0.load(Ordering::SeqCst), 0);
@@ -230,6 +260,37 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_learns_that_another_task_found_the_half_locked() {
+        let wake = RxWake::default();
+        let rx = Mutex::new(RxHalf::default());
+        let held = wake.try_lock(&rx).expect("free");
+        assert!(wake.try_lock(&rx).is_none());
+        assert!(wake.release(held), "the contention is reported to the holder");
+        let held = wake.try_lock(&rx).expect("free again");
+        assert!(!wake.release(held), "nothing to report without contention");
+    }
+
+    #[test]
+    fn the_reader_of_the_lowest_rank_is_woken() {
+        let rx = Arc::new(RxWake::default());
+        let (bulk, bw) = counter();
+        let (coord, cw) = counter();
+        let waker = Waker::from(rx.clone());
+        let mut b = ReaderSlot::new(&rx);
+        b.register(2, &bw);
+        let mut c = ReaderSlot::new(&rx);
+        c.register(0, &cw);
+        rx.polling();
+        waker.wake_by_ref();
+        assert_eq!(coord.0.load(Ordering::SeqCst), 1);
+        assert_eq!(bulk.0.load(Ordering::SeqCst), 0);
+        rx.polling();
+        drop(c);
+        waker.wake_by_ref();
+        assert_eq!(bulk.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
     fn a_second_wake_before_any_read_also_reaches_the_driver() {
         let rx = Arc::new(RxWake::default());
         let (driver, dw) = counter();
@@ -237,7 +298,7 @@ mod tests {
         rx.set_driver(&dw);
         let waker = Waker::from(rx.clone());
         let mut slot = ReaderSlot::new(&rx);
-        slot.register(&rw);
+        slot.register(0, &rw);
         rx.polling();
         waker.wake_by_ref();
         assert_eq!(driver.0.load(Ordering::SeqCst), 0);

@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::rx::{RxHalf, RxWake};
+use crate::class::Class;
 use crate::core::id_map::{id_map, IdMap};
 use crate::core::{Event, Session};
 use crate::error::Error;
@@ -132,9 +133,18 @@ pub(crate) struct PeerState {
     wakes: WakeList,
 }
 
-/// Feeds `frames` to the session, in order; returns the bytes taken. `inline`: from an
-/// application task, which arranges for the driver to watch the session's timers.
-pub(crate) fn ingest(st: &mut PeerState, frames: &mut Vec<Frame>, inline: bool) -> usize {
+/// Who feeds frames to the session.
+#[derive(Clone, Copy)]
+pub(crate) enum Feeder {
+    /// The connection's driver task.
+    Driver,
+    /// An application task waiting in `recv` on this channel of this class.
+    Reader(u32, Class),
+}
+
+/// Feeds `frames` to the session, in order; returns the bytes taken. From a reader, it also
+/// sees that the driver's timer covers the deadlines the frames created.
+pub(crate) fn ingest(st: &mut PeerState, frames: &mut Vec<Frame>, by: Feeder) -> usize {
     let now = Instant::now();
     let mut bytes = 0;
     for f in frames.drain(..) {
@@ -144,11 +154,14 @@ pub(crate) fn ingest(st: &mut PeerState, frames: &mut Vec<Frame>, inline: bool) 
         }
     }
     frames.clear();
-    if inline {
-        // The deadlines this creates (an ack due in `ack_delay`) are usually met by the reply
-        // the application is about to send; the driver learns of the rest when the task next
-        // waits (`PeerState::idle`) or at its next watch tick, at most `WATCH_TICK` late.
-        if !st.watching(now) {
+    if let Feeder::Reader(ch, class) = by {
+        // An ack now due within `ack_delay` on the reader's own channel is usually carried by
+        // the reply the reader is about to send, or the driver learns of it when the reader
+        // next waits (`PeerState::idle`), or at its next watch tick. A bulk reader sends no
+        // reply, and acks owed on other channels are not the reader's: for those the driver is
+        // woken now, as a sender's window depends on them.
+        let others = class == Class::Bulk || st.session.acks_owed_beyond(ch);
+        if !st.watching(now) || (others && st.timer_needs_driver()) {
             st.wake_driver();
         }
         st.watch_until = Some(now + WATCH);
@@ -350,41 +363,54 @@ impl PeerShared {
     }
 
     /// Reads what the connection has into the session from an application task waiting in
-    /// `recv` (see `rx.rs`). Does nothing when another task is reading or there is no
+    /// `recv` on channel `ch` (see `rx.rs`), until the transport has nothing more, the budget
+    /// is spent, or `ch` has a message (the rest is left to the driver: a coordination reader
+    /// does not stay to read bulk). Does nothing when another task is reading or there is no
     /// connection; errors are left to the driver.
-    pub(crate) fn read_inline(&self) {
-        let mut rx = match self.rx.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::WouldBlock) => return,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        };
-        let rx = &mut *rx;
-        if rx.failed.is_some() {
+    pub(crate) fn read_inline(&self, ch: u32, class: Class) {
+        let Some(mut rx) = self.rx_wake.try_lock(&self.rx) else {
             return;
+        };
+        let handed_on = self.read_locked(&mut rx, ch, class);
+        if self.rx_wake.release(rx) && !handed_on {
+            // Another task came to read while this one held the receiving half.
+            self.rx_wake.wake_driver();
+        }
+    }
+
+    /// [`PeerShared::read_inline`] with the receiving half locked; `true` when the rest was
+    /// handed to the driver.
+    fn read_locked(&self, rx: &mut RxHalf, ch: u32, class: Class) -> bool {
+        if rx.failed.is_some() {
+            return false;
         }
         let Some(stream) = rx.stream.as_mut() else {
-            return;
+            return false;
         };
         let mut cx = Context::from_waker(&self.rx_waker);
         let mut taken = 0usize;
         loop {
             self.rx_wake.polling();
             let r = stream.poll_recv(&mut cx, &mut rx.frames);
+            let mut mine = false;
             if !rx.frames.is_empty() {
-                taken += ingest(&mut self.lock(), &mut rx.frames, true);
+                let mut st = self.lock();
+                taken += ingest(&mut st, &mut rx.frames, Feeder::Reader(ch, class));
+                mine = st.session.readable(ch);
             }
             match r {
-                Poll::Pending => return,
-                Poll::Ready(Ok(())) if taken < INLINE_BUDGET => {}
+                Poll::Pending => return false,
+                Poll::Ready(Ok(())) if taken < INLINE_BUDGET && !mine => {}
                 Poll::Ready(Ok(())) => {
-                    // The rest is the driver's.
+                    // This task has its message, or has read its share: the rest is the
+                    // driver's.
                     self.rx_wake.wake_driver();
-                    return;
+                    return true;
                 }
                 Poll::Ready(Err(e)) => {
                     rx.failed = Some(e);
                     self.rx_wake.wake_driver();
-                    return;
+                    return true;
                 }
             }
         }

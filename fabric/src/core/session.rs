@@ -431,6 +431,13 @@ impl Session {
         Some(msg)
     }
 
+    /// Whether a channel other than `ch` owes the peer an ack (a reply on `ch` would carry only
+    /// `ch`'s).
+    pub fn acks_owed_beyond(&self, ch: u32) -> bool {
+        let own = self.channels.get(&ch).is_some_and(|c| c.ack_owed);
+        self.acks_owed > usize::from(own)
+    }
+
     /// Whether taking a message made something to send at once (a credit update the sender
     /// may be waiting for); when not, the caller need not look for frames to send.
     pub fn has_urgent_output(&self) -> bool {
