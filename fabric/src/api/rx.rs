@@ -265,7 +265,10 @@ mod tests {
         let rx = Mutex::new(RxHalf::default());
         let held = wake.try_lock(&rx).expect("free");
         assert!(wake.try_lock(&rx).is_none());
-        assert!(wake.release(held), "the contention is reported to the holder");
+        assert!(
+            wake.release(held),
+            "the contention is reported to the holder"
+        );
         let held = wake.try_lock(&rx).expect("free again");
         assert!(!wake.release(held), "nothing to report without contention");
     }

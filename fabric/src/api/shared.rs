@@ -389,10 +389,11 @@ impl PeerShared {
         };
         let mut cx = Context::from_waker(&self.rx_waker);
         let mut taken = 0usize;
+        let mut last = false;
         loop {
             self.rx_wake.polling();
             let r = stream.poll_recv(&mut cx, &mut rx.frames);
-            let mut mine = false;
+            let mut mine = last;
             if !rx.frames.is_empty() {
                 let mut st = self.lock();
                 taken += ingest(&mut st, &mut rx.frames, Feeder::Reader(ch, class));
@@ -400,6 +401,9 @@ impl PeerShared {
             }
             match r {
                 Poll::Pending => return false,
+                // With its message in, this task polls once more, which usually finds nothing
+                // and leaves the waker registered; more than that is the driver's.
+                Poll::Ready(Ok(())) if mine && !last => last = true,
                 Poll::Ready(Ok(())) if taken < INLINE_BUDGET && !mine => {}
                 Poll::Ready(Ok(())) => {
                     // This task has its message, or has read its share: the rest is the
