@@ -307,6 +307,8 @@ struct QuicFrameStream {
     ready: Arc<Ready>,
     /// An error to report once the frames before it are delivered.
     pending_err: Option<RecvError>,
+    /// The ready list's spare buffer (see `poll_recv`).
+    scratch: Vec<usize>,
     _guard: Arc<Guard>,
 }
 
@@ -377,6 +379,7 @@ impl QuicFrameStream {
             streams: Vec::new(),
             ready,
             pending_err: None,
+            scratch: Vec::new(),
             _guard: guard,
         }
     }
@@ -499,13 +502,16 @@ impl FrameStream for QuicFrameStream {
             }
         }
         if self.pending_err.is_none() {
-            let mut ready = std::mem::take(&mut *lock(&self.ready.queue));
+            // Swapped with a kept buffer, so taking the ready list allocates nothing.
+            let mut ready = std::mem::take(&mut self.scratch);
+            ready.clear();
+            std::mem::swap(&mut *lock(&self.ready.queue), &mut ready);
             if ready.contains(&ACCEPT) {
                 self.poll_accept();
                 // The streams just accepted are queued as ready.
-                ready.extend(std::mem::take(&mut *lock(&self.ready.queue)));
+                ready.append(&mut lock(&self.ready.queue));
             }
-            for idx in ready {
+            for &idx in &ready {
                 if idx == ACCEPT {
                     continue;
                 }
@@ -514,6 +520,7 @@ impl FrameStream for QuicFrameStream {
                     break;
                 }
             }
+            self.scratch = ready;
         }
         if out.len() > before {
             return Poll::Ready(Ok(()));
