@@ -201,7 +201,7 @@ impl Drop for ReaderSlot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     #[derive(Default)]
     struct Count(AtomicUsize);
@@ -214,49 +214,81 @@ mod tests {
         let c = Arc::new(Count::default());
         (c.clone(), Waker::from(c))
     }
+    fn n(c: &Count) -> usize {
+        c.0.load(Ordering::SeqCst)
+    }
+    /// An `RxWake` with a driver registered, the driver's wake count, and the waker the
+    /// transport would call.
+    fn with_driver() -> (Arc<RxWake>, Arc<Count>, Waker) {
+        let rx = Arc::new(RxWake::default());
+        let (driver, dw) = counter();
+        rx.set_driver(&dw);
+        let waker = Waker::from(rx.clone());
+        (rx, driver, waker)
+    }
 
     #[test]
     fn wakes_the_first_reader_else_the_driver() {
-        let rx = Arc::new(RxWake::default());
-        let (driver, dw) = counter();
+        let (rx, driver, waker) = with_driver();
         let (reader, rw) = counter();
-        rx.set_driver(&dw);
-        let waker = Waker::from(rx.clone());
         waker.wake_by_ref();
-        assert_eq!(driver.0.load(Ordering::SeqCst), 1);
+        assert_eq!(n(&driver), 1);
         {
             let mut slot = ReaderSlot::new(&rx);
             slot.register(0, &rw);
             rx.polling();
             waker.wake_by_ref();
-            assert_eq!(reader.0.load(Ordering::SeqCst), 1);
-            assert_eq!(driver.0.load(Ordering::SeqCst), 1);
+            assert_eq!((n(&reader), n(&driver)), (1, 1));
             // The reader polls, then leaves: nothing to pass on.
             rx.polling();
         }
-        assert_eq!(driver.0.load(Ordering::SeqCst), 1);
+        assert_eq!(n(&driver), 1);
         waker.wake_by_ref();
-        assert_eq!(driver.0.load(Ordering::SeqCst), 2);
+        assert_eq!(n(&driver), 2);
     }
 
     #[test]
     fn a_reader_leaving_after_an_unread_wake_passes_it_on() {
-        let rx = Arc::new(RxWake::default());
-        let (driver, dw) = counter();
+        let (rx, driver, waker) = with_driver();
         let (_, rw) = counter();
-        rx.set_driver(&dw);
-        let waker = Waker::from(rx.clone());
         let mut slot = ReaderSlot::new(&rx);
         slot.register(0, &rw);
         rx.polling();
         waker.wake_by_ref();
-        assert_eq!(driver.0.load(Ordering::SeqCst), 0);
+        assert_eq!(n(&driver), 0);
         drop(slot);
-        assert_eq!(
-            driver.0.load(Ordering::SeqCst),
-            1,
-            "the unread wake reaches the driver"
-        );
+        assert_eq!(n(&driver), 1, "the unread wake reaches the driver");
+    }
+
+    #[test]
+    fn a_second_wake_before_any_read_also_reaches_the_driver() {
+        let (rx, driver, waker) = with_driver();
+        let (reader, rw) = counter();
+        let mut slot = ReaderSlot::new(&rx);
+        slot.register(0, &rw);
+        rx.polling();
+        waker.wake_by_ref();
+        assert_eq!(n(&driver), 0);
+        waker.wake_by_ref();
+        assert_eq!((n(&reader), n(&driver)), (2, 1));
+    }
+
+    #[test]
+    fn the_reader_of_the_lowest_rank_is_woken() {
+        let (rx, _, waker) = with_driver();
+        let (bulk, bw) = counter();
+        let (coord, cw) = counter();
+        let mut b = ReaderSlot::new(&rx);
+        b.register(2, &bw);
+        let mut c = ReaderSlot::new(&rx);
+        c.register(0, &cw);
+        rx.polling();
+        waker.wake_by_ref();
+        assert_eq!((n(&coord), n(&bulk)), (1, 0));
+        rx.polling();
+        drop(c);
+        waker.wake_by_ref();
+        assert_eq!(n(&bulk), 1);
     }
 
     #[test]
@@ -271,42 +303,5 @@ mod tests {
         );
         let held = wake.try_lock(&rx).expect("free again");
         assert!(!wake.release(held), "nothing to report without contention");
-    }
-
-    #[test]
-    fn the_reader_of_the_lowest_rank_is_woken() {
-        let rx = Arc::new(RxWake::default());
-        let (bulk, bw) = counter();
-        let (coord, cw) = counter();
-        let waker = Waker::from(rx.clone());
-        let mut b = ReaderSlot::new(&rx);
-        b.register(2, &bw);
-        let mut c = ReaderSlot::new(&rx);
-        c.register(0, &cw);
-        rx.polling();
-        waker.wake_by_ref();
-        assert_eq!(coord.0.load(Ordering::SeqCst), 1);
-        assert_eq!(bulk.0.load(Ordering::SeqCst), 0);
-        rx.polling();
-        drop(c);
-        waker.wake_by_ref();
-        assert_eq!(bulk.0.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn a_second_wake_before_any_read_also_reaches_the_driver() {
-        let rx = Arc::new(RxWake::default());
-        let (driver, dw) = counter();
-        let (reader, rw) = counter();
-        rx.set_driver(&dw);
-        let waker = Waker::from(rx.clone());
-        let mut slot = ReaderSlot::new(&rx);
-        slot.register(0, &rw);
-        rx.polling();
-        waker.wake_by_ref();
-        assert_eq!(driver.0.load(Ordering::SeqCst), 0);
-        waker.wake_by_ref();
-        assert_eq!(reader.0.load(Ordering::SeqCst), 2);
-        assert_eq!(driver.0.load(Ordering::SeqCst), 1);
     }
 }
