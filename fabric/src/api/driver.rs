@@ -55,6 +55,7 @@ impl<'a> ConnDriver<'a> {
         {
             let mut rx = shared.rx();
             rx.stream = Some(conn.stream);
+            shared.rx_wake.mark_unread();
             rx.failed = None;
             rx.frames.clear();
             let mut st = shared.lock();

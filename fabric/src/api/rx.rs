@@ -93,6 +93,17 @@ impl RxWake {
         }
     }
 
+    /// Whether a wake came that no poll of the transport has acted on yet. Without one the
+    /// transport has nothing new: its waker is registered and has not fired.
+    pub(crate) fn unread(&self) -> bool {
+        self.state().signalled
+    }
+
+    /// Marks the transport as possibly holding data nobody polled for (a new connection).
+    pub(crate) fn mark_unread(&self) {
+        self.state().signalled = true;
+    }
+
     /// Called right before the transport is polled: the poll acts on every wake so far.
     pub(crate) fn polling(&self) {
         self.state().signalled = false;

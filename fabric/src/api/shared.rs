@@ -368,6 +368,10 @@ impl PeerShared {
     /// does not stay to read bulk). Does nothing when another task is reading or there is no
     /// connection; errors are left to the driver.
     pub(crate) fn read_inline(&self, ch: u32, class: Class) {
+        if !self.rx_wake.unread() {
+            // Nothing arrived since the last poll (which left the waker registered).
+            return;
+        }
         let Some(mut rx) = self.rx_wake.try_lock(&self.rx) else {
             return;
         };
