@@ -113,7 +113,7 @@ impl Default for Config {
             chunk_size: PerClass {
                 coordination: 16 << 10,
                 toolcall: 32 << 10,
-                bulk: 64 << 10,
+                bulk: 256 << 10,
             },
             send_queue_bytes: PerClass {
                 coordination: 256 << 10,
