@@ -2,11 +2,14 @@
 # (cargo does not run in the lab). Usage: verbs_bin NAME PATTERN -> prints the newest executable
 # target/debug/deps/NAME-<hash> whose `--list --ignored` shows PATTERN, or fails saying how to build it.
 verbs_bin() {
-    local name=$1 pattern=$2 dir f best=""
+    local name=$1 pattern=$2 dir f best="" list
     dir=${CARGO_TARGET_DIR:-target}/debug/deps
     for f in $(ls -t "$dir/$name"-* 2>/dev/null); do
         [[ -x $f && ! -d $f && $f != *.d ]] || continue
-        if "$f" --list --ignored 2>/dev/null | grep -q -- "$pattern"; then
+        # The whole list first: `grep -q` in a pipe would stop reading at the first match, and
+        # the test binary, writing the rest into a closed pipe, exits non-zero (pipefail).
+        list=$("$f" --list --ignored 2>/dev/null) || continue
+        if grep -q -- "$pattern" <<<"$list"; then
             best=$f
             break
         fi
