@@ -246,6 +246,33 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
     Ok(HEADER_LEN + h.len as usize)
 }
 
+/// Cuts the whole frames at the front of a stream transport's receive buffer into `out`;
+/// `split(buf, n)` takes the first `n` bytes off as one frame's buffer (zero-copy for `Bytes` and
+/// `BytesMut`). Returns how many bytes the buffer must hold for the frame at its front to be
+/// complete (`HEADER_LEN` while its header is incomplete). A wrong magic is refused as soon as
+/// its two bytes are in, not after a whole header; a bad header before anything is sized by its
+/// length. Frames cut before an error stay in `out`.
+pub fn cut_frames<B: AsRef<[u8]>>(
+    buf: &mut B,
+    split: impl Fn(&mut B, usize) -> Bytes,
+    out: &mut Vec<Frame>,
+) -> Result<usize, FrameError> {
+    loop {
+        let b = buf.as_ref();
+        if b.len() >= MAGIC.len() && b[..MAGIC.len()] != MAGIC {
+            return Err(FrameError::BadMagic([b[0], b[1]]));
+        }
+        if b.len() < HEADER_LEN {
+            return Ok(HEADER_LEN);
+        }
+        let len = frame_len(b)?;
+        if b.len() < len {
+            return Ok(len);
+        }
+        out.push(Frame::decode(split(buf, len))?);
+    }
+}
+
 /// Which lane of a transport a frame should take, for transports that can carry more than one
 /// ordered lane per connection (several TCP connections, QUIC streams, queue pairs).
 ///
@@ -445,6 +472,32 @@ mod tests {
         let f = Frame::decode(Bytes::from(wire)).unwrap();
         assert_eq!(f.header, h);
         assert_eq!(&f.payload[..], b"abc");
+    }
+
+    #[test]
+    fn cut_frames_takes_whole_frames_and_says_what_the_next_needs() {
+        let mut wire = Vec::new();
+        for _ in 0..2 {
+            wire.extend_from_slice(&sample().encode());
+            wire.extend_from_slice(b"abc");
+        }
+        wire.extend_from_slice(&sample().encode()[..10]);
+        let mut buf = Bytes::from(wire);
+        let mut out = Vec::new();
+        let need = cut_frames(&mut buf, |b, n| b.split_to(n), &mut out).unwrap();
+        assert_eq!((out.len(), need, buf.len()), (2, HEADER_LEN, 10));
+        assert!(out.iter().all(|f| &f.payload[..] == b"abc"));
+
+        let mut buf = Bytes::from(sample().encode().to_vec());
+        assert_eq!(
+            cut_frames(&mut buf, |b, n| b.split_to(n), &mut out),
+            Ok(HEADER_LEN + 3)
+        );
+        let mut bad = Bytes::from_static(b"XY");
+        assert_eq!(
+            cut_frames(&mut bad, |b, n| b.split_to(n), &mut out),
+            Err(FrameError::BadMagic(*b"XY"))
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use agentfabric::frame::{frame_len, Frame, FrameError, Header, Kind, OutFrame, HEADER_LEN, MAGIC};
+use agentfabric::frame::{cut_frames, Frame, Header, Kind, OutFrame, HEADER_LEN};
 use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
 use agentfabric::Class;
 use bytes::{Bytes, BytesMut};
@@ -454,12 +454,9 @@ impl QuicFrameStream {
                     }
                     if !bytes.is_empty() {
                         st.buf.extend_from_slice(&bytes);
-                        if let Some(need) =
-                            cut_frames(&mut st.buf, |b, n| b.split_to(n).freeze(), out)
-                                .map_err(RecvError::Frame)?
-                        {
-                            st.buf.reserve(need - st.buf.len());
-                        }
+                        let need = cut_frames(&mut st.buf, |b, n| b.split_to(n).freeze(), out)
+                            .map_err(RecvError::Frame)?;
+                        st.buf.reserve(need.saturating_sub(st.buf.len()));
                     }
                 }
                 Ok(None) => {
@@ -529,30 +526,6 @@ impl FrameStream for QuicFrameStream {
             Some(e) => Poll::Ready(Err(e)),
             None => Poll::Pending,
         }
-    }
-}
-
-/// Cuts the whole frames at the front of `buf` into `out` (`split` takes the first `n` bytes
-/// off as a frame's buffer). `Some(len)`: a partial frame of `len` bytes is left at the front.
-fn cut_frames<B: AsRef<[u8]>>(
-    buf: &mut B,
-    split: impl Fn(&mut B, usize) -> Bytes,
-    out: &mut Vec<Frame>,
-) -> Result<Option<usize>, FrameError> {
-    loop {
-        let b = buf.as_ref();
-        if b.len() >= MAGIC.len() && b[..MAGIC.len()] != MAGIC {
-            return Err(FrameError::BadMagic([b[0], b[1]]));
-        }
-        if b.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        // Validates the header (length against MAX_FRAME_PAYLOAD) before sizing anything by it.
-        let len = frame_len(b)?;
-        if b.len() < len {
-            return Ok(Some(len));
-        }
-        out.push(Frame::decode(split(buf, len))?);
     }
 }
 

@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use agentfabric::frame::{frame_len, Frame, FrameError, Lane, HEADER_LEN, MAGIC};
+use agentfabric::frame::{self, Frame, FrameError, Lane, HEADER_LEN};
 use agentfabric::transport::{FrameStream, RecvError};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -35,24 +35,7 @@ impl<R> TcpFrameStream<R> {
     /// Cuts every whole frame at the front of the buffer into `out`. Returns the length of the
     /// next, incomplete frame if its header is complete (validated), or `HEADER_LEN` otherwise.
     fn cut_frames(&mut self, out: &mut Vec<Frame>) -> Result<usize, FrameError> {
-        loop {
-            // Check the magic as soon as it arrives: a peer speaking another protocol is refused
-            // at once, not after it happens to send 64 bytes.
-            if self.buf.len() >= MAGIC.len() && self.buf[..MAGIC.len()] != MAGIC {
-                return Err(FrameError::BadMagic([self.buf[0], self.buf[1]]));
-            }
-            if self.buf.len() < HEADER_LEN {
-                return Ok(HEADER_LEN);
-            }
-            // Validates the whole header, including its length against MAX_FRAME_PAYLOAD,
-            // before anything is sized by that length.
-            let len = frame_len(&self.buf)?;
-            if self.buf.len() < len {
-                return Ok(len);
-            }
-            let bytes = self.buf.split_to(len).freeze();
-            out.push(Frame::decode(bytes)?);
-        }
+        frame::cut_frames(&mut self.buf, |b, n| b.split_to(n).freeze(), out)
     }
 
     fn eof_error(&self, need: usize) -> RecvError {
