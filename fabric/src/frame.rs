@@ -302,6 +302,35 @@ impl Lane {
     }
 }
 
+/// Which ordered flow a frame belongs to, for transports that can carry many independently
+/// ordered streams (QUIC): frames with the same `key` must arrive in the order sent; frames of
+/// different keys may overtake each other, so loss on one flow does not stall another.
+/// `urgency` ranks flows for sending, 0 first (below [`OrderKey::URGENCY_LEVELS`]). The transport
+/// needs nothing else about what the frames mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OrderKey {
+    /// The flow (frames of one key stay in order).
+    pub key: u32,
+    /// Sending rank, 0 most urgent.
+    pub urgency: u8,
+}
+
+impl OrderKey {
+    /// Number of urgency levels.
+    pub const URGENCY_LEVELS: usize = Class::ALL.len();
+
+    /// The flow of an encoded header: `Some` for data and acknowledgements of one channel (a
+    /// flow per channel, its class's rank as the urgency); `None` for session control frames
+    /// (and undecodable headers), which must keep their order with respect to each other only.
+    pub fn of(header: &[u8]) -> Option<OrderKey> {
+        let h = Header::decode(header).ok()?;
+        matches!(h.kind, Kind::Data | Kind::Ack).then_some(OrderKey {
+            key: h.channel,
+            urgency: h.class as u8,
+        })
+    }
+}
+
 /// A decoded frame: header and payload. The payload is a zero-copy slice of the received buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -355,6 +384,11 @@ impl OutFrame {
     /// The transport lane this frame should take.
     pub fn lane(&self) -> Lane {
         Lane::of(&self.header)
+    }
+
+    /// The ordered flow this frame belongs to (see [`OrderKey`]).
+    pub fn order_key(&self) -> Option<OrderKey> {
+        OrderKey::of(&self.header)
     }
 
     /// Header plus payload length.

@@ -1,5 +1,5 @@
-//! One QUIC connection as a fabric [`Connection`]: a sink that routes frames to per-channel
-//! streams, and a stream fed by one reader task per incoming QUIC stream.
+//! One QUIC connection as a fabric [`Connection`]: a sink that routes frames to a stream per
+//! ordered flow ([`OrderKey`]), and a stream that reads every incoming QUIC stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use agentfabric::frame::{cut_frames, Frame, Header, Kind, OutFrame, HEADER_LEN};
+use agentfabric::frame::{cut_frames, Frame, OrderKey, OutFrame};
 use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
-use agentfabric::Class;
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 
@@ -27,14 +26,11 @@ const READ_MAX: usize = 256 << 10;
 const CODE_CLOSED: u32 = 0;
 const CODE_DROPPED: u32 = 1;
 
-/// QUIC send priorities (higher is sent first).
+/// QUIC send priorities (higher is sent first): the control stream above every flow.
 const PRIO_CONTROL: i32 = 8;
-fn class_priority(c: Class) -> i32 {
-    match c {
-        Class::Coordination => 3,
-        Class::ToolCall => 2,
-        Class::Bulk => 1,
-    }
+/// The QUIC priority of a flow of `urgency` (0 most urgent).
+fn urgency_priority(urgency: u8) -> i32 {
+    OrderKey::URGENCY_LEVELS as i32 - i32::from(urgency)
 }
 
 /// Closes the QUIC connection when both halves are gone: at once if it was not closed
@@ -74,11 +70,11 @@ pub(crate) async fn into_connection(
     let remote = format!("{}://{}", crate::SCHEME, conn.remote_address());
     let control = conn.open_uni().await.map_err(|e| connection_error(&e))?;
     let _ = control.set_priority(PRIO_CONTROL);
-    // One shared stream per class for channels beyond the peer's stream limit.
-    let mut shared = Vec::with_capacity(Class::ALL.len());
-    for class in Class::ALL {
+    // One shared stream per urgency for flows beyond the peer's stream limit.
+    let mut shared = Vec::with_capacity(OrderKey::URGENCY_LEVELS);
+    for urgency in 0..OrderKey::URGENCY_LEVELS as u8 {
         let s = conn.open_uni().await.map_err(|e| connection_error(&e))?;
-        let _ = s.set_priority(class_priority(class));
+        let _ = s.set_priority(urgency_priority(urgency));
         shared.push(Lane::new(Some(s)));
     }
     let guard = Arc::new(Guard {
@@ -107,7 +103,7 @@ pub(crate) async fn into_connection(
 // Sending
 
 struct Lane {
-    /// `None`: the channel's frames ride its class's shared stream (no stream of its own could
+    /// `None`: the flow's frames ride its urgency's shared stream (no stream of its own could
     /// be opened within the peer's limit).
     stream: Option<SendStream>,
     queue: VecDeque<Bytes>,
@@ -127,22 +123,15 @@ impl Lane {
 struct QuicFrameSink {
     conn: quinn::Connection,
     control: Lane,
-    /// Per class (in `Class::ALL` order): the stream shared by channels beyond the stream limit.
+    /// Per urgency: the stream shared by flows beyond the stream limit.
     shared: Vec<Lane>,
-    /// Channel id → its stream and the frames not yet taken by quinn.
+    /// Flow key → its stream and the frames not yet taken by quinn.
     lanes: HashMap<u32, Lane>,
-    /// Channels whose queue is not empty, in the order they became so.
+    /// Flows whose queue is not empty, in the order they became so.
     dirty: VecDeque<u32>,
     queued: usize,
     closed: bool,
     _guard: Arc<Guard>,
-}
-
-/// Which channel's stream a frame rides: `Some(channel)` for Data and Ack frames, `None` (the
-/// control stream) for the rest and for frames whose header does not decode.
-fn route(header: &[u8; HEADER_LEN]) -> Option<(u32, Class)> {
-    let h = Header::decode(header).ok()?;
-    matches!(h.kind, Kind::Data | Kind::Ack).then_some((h.channel, h.class))
 }
 
 fn encode(frame: OutFrame, out: &mut VecDeque<Bytes>) {
@@ -194,13 +183,13 @@ fn write_lane(lane: &mut Lane, queued: &mut usize, cx: &mut Context<'_>) -> Poll
 }
 
 impl QuicFrameSink {
-    fn open_stream(&self, class: Class) -> Option<SendStream> {
+    fn open_stream(&self, urgency: u8) -> Option<SendStream> {
         // Opening a unidirectional stream is local (no round trip) while the peer's stream limit
-        // allows; if it does not, the channel rides the control stream instead of waiting.
+        // allows; if it does not, the flow rides its urgency's shared stream instead of waiting.
         let mut cx = Context::from_waker(Waker::noop());
         match pin!(self.conn.open_uni()).poll(&mut cx) {
             Poll::Ready(Ok(s)) => {
-                let _ = s.set_priority(class_priority(class));
+                let _ = s.set_priority(urgency_priority(urgency));
                 Some(s)
             }
             _ => None,
@@ -211,23 +200,24 @@ impl QuicFrameSink {
 impl FrameSink for QuicFrameSink {
     fn push(&mut self, frame: OutFrame) {
         self.queued += frame.wire_len();
-        let Some((ch, class)) = route(&frame.header) else {
+        let Some(OrderKey { key, urgency }) = frame.order_key() else {
             encode(frame, &mut self.control.queue);
             return;
         };
-        if !self.lanes.contains_key(&ch) {
-            let stream = self.open_stream(class);
-            self.lanes.insert(ch, Lane::new(stream));
+        if !self.lanes.contains_key(&key) {
+            let stream = self.open_stream(urgency);
+            self.lanes.insert(key, Lane::new(stream));
         }
-        let lane = self.lanes.get_mut(&ch).expect("inserted above");
+        let lane = self.lanes.get_mut(&key).expect("inserted above");
         if lane.stream.is_none() {
-            encode(frame, &mut self.shared[class as usize].queue);
+            let shared = &mut self.shared[usize::from(urgency).min(OrderKey::URGENCY_LEVELS - 1)];
+            encode(frame, &mut shared.queue);
             return;
         }
         encode(frame, &mut lane.queue);
         if !lane.dirty {
             lane.dirty = true;
-            self.dirty.push_back(ch);
+            self.dirty.push_back(key);
         }
     }
 

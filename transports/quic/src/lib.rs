@@ -19,9 +19,11 @@
 //!
 //! # Mapping frames to streams (no head-of-line blocking between channels)
 //!
-//! The transport reads only the fixed frame header (kind, channel, class) and nothing else:
+//! The transport knows nothing of channels or classes: the fabric gives each frame an
+//! [`agentfabric::frame::OrderKey`] (a flow that must stay in order, and its urgency), or none
+//! for session control frames. Today a flow is a channel and its urgency the channel's class:
 //!
-//! - **Data and Ack frames ride their channel's own unidirectional stream**, opened on the
+//! - **Data and Ack frames ride their flow's (channel's) own unidirectional stream**, opened on the
 //!   channel's first frame and kept for the connection's life. A lost packet then delays only the
 //!   channel whose bytes it carried: QUIC delivers every other stream's data at once. Acks ride
 //!   the channel's stream too, so everything about one channel stays in the order the session
@@ -33,7 +35,7 @@
 //! - Order across channels is not kept, which the session allows: on a reliable transport a gap
 //!   *within* a channel is a protocol error (`SequenceFromFuture`), while channels are sequenced
 //!   independently (`Session::on_data`).
-//! - **Stream priorities come from the class** (control > coordination > tool call > bulk), so
+//! - **Stream priorities come from the urgency** (control > coordination > tool call > bulk), so
 //!   quinn sends coordination bytes before bulk bytes already buffered. Priority *within* a class
 //!   is left to the session's weighted round-robin: giving quinn strict per-priority ordering
 //!   would override it and could starve a low-priority channel of its class.
@@ -42,7 +44,7 @@
 //!   with its header; a larger payload is handed to quinn as the same `Bytes` (no copy).
 //! - Streams are bounded: quinn allocates state for every stream the peer may open when the
 //!   connection starts, so the limit ([`QuicConfig::max_streams`], 1024 by default) costs
-//!   memory and handshake time per connection. Channels beyond it share one stream per class
+//!   memory and handshake time per connection. Channels beyond it share one stream per urgency
 //!   for the rest of the connection (still in order; isolated from other classes and from the
 //!   first channels, not from each other).
 //!
@@ -120,8 +122,8 @@ pub struct QuicConfig {
     pub server_name: Option<String>,
     /// Congestion controller. Default CUBIC.
     pub congestion: Congestion,
-    /// Streams the peer may open: the control stream, one shared stream per class, and one per
-    /// channel up to this limit (further channels share their class's stream). Default 1024:
+    /// Streams the peer may open: the control stream, one shared stream per urgency, and one per
+    /// flow (channel) up to this limit (further flows share their urgency's stream). Default 1024:
     /// quinn allocates state for each when a connection starts (70,000 would cost ~50 ms of
     /// handshake CPU in a debug build).
     pub max_streams: u32,
