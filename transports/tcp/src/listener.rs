@@ -165,7 +165,15 @@ impl TcpFrameListener {
             self.order.remove(&half.seq);
             self.remember(p.id);
             let lanes = half.lanes.map(|l| l.expect("every lane arrived"));
-            return Some(into_connection(lanes, &self.config));
+            return match into_connection(lanes, &self.config) {
+                Ok(conn) => Some(conn),
+                Err(e) => {
+                    tracing::warn!(local = %self.local, %peer, error = %e,
+                        "closing incoming tcp connection");
+                    self.closed += 1;
+                    None
+                }
+            };
         }
         // The first lane of a new connection.
         let seq = self.next_seq;

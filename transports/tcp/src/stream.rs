@@ -10,6 +10,8 @@ use agentfabric::transport::{FrameStream, RecvError};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
 
+use crate::lane_thread::ThreadStream;
+
 /// The receiving half of one TCP connection, i.e. of one lane (generic over the reader for
 /// tests).
 pub(crate) struct TcpFrameStream<R> {
@@ -81,7 +83,7 @@ impl<R: AsyncRead + Unpin> TcpFrameStream<R> {
     /// One step of receiving: delivers the whole frames already buffered, or else reads once.
     /// `Ready(Ok(()))` means progress (frames added to `out`, or bytes read that may complete a
     /// frame on the next step); `Pending` means the reader is waiting (its waker registered).
-    fn poll_step(
+    pub(crate) fn poll_step(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut Vec<Frame>,
@@ -138,13 +140,35 @@ impl<R: AsyncRead + Unpin + Send> FrameStream for TcpFrameStream<R> {
     }
 }
 
+/// One lane's receiving half: read from the async runtime, or by a thread of its own
+/// ([`crate::BulkLaneIo`]).
+pub(crate) enum LaneStream<R> {
+    /// Read by whichever task polls the connection.
+    Runtime(TcpFrameStream<R>),
+    /// Read by the lane's own thread.
+    Thread(ThreadStream),
+}
+
+impl<R: AsyncRead + Unpin> LaneStream<R> {
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        match self {
+            LaneStream::Runtime(s) => s.poll_step(cx, out),
+            LaneStream::Thread(s) => s.poll_step(cx, out),
+        }
+    }
+}
+
 /// The receiving half of a fabric connection: one [`TcpFrameStream`] per lane.
 ///
 /// Every call steps both lanes in turn, latency lane first, one read at a most per lane per
 /// turn, so frames of lane 0 are never held back by a large bulk frame being read on lane 1,
 /// and appear first in `out`.
 pub(crate) struct LanedStream<R> {
-    pub(crate) lanes: [TcpFrameStream<R>; Lane::COUNT],
+    pub(crate) lanes: [LaneStream<R>; Lane::COUNT],
     /// Lanes that reached a clean end of stream (no partial frame left).
     ended: [bool; Lane::COUNT],
     /// An error met after frames of this call were already added to `out`: reported next.
@@ -154,8 +178,24 @@ pub(crate) struct LanedStream<R> {
 impl<R> LanedStream<R> {
     /// `readers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1).
     pub(crate) fn new(readers: [R; Lane::COUNT], read_size: usize) -> Self {
+        let [latency_reader, bulk_reader] = readers;
+        LanedStream::of([
+            LaneStream::Runtime(TcpFrameStream::new(latency_reader, read_size)),
+            LaneStream::Runtime(TcpFrameStream::new(bulk_reader, read_size)),
+        ])
+    }
+
+    /// The latency lane read from the runtime, the bulk lane by its own thread.
+    pub(crate) fn with_bulk_thread(latency: R, bulk: ThreadStream, read_size: usize) -> Self {
+        LanedStream::of([
+            LaneStream::Runtime(TcpFrameStream::new(latency, read_size)),
+            LaneStream::Thread(bulk),
+        ])
+    }
+
+    fn of(lanes: [LaneStream<R>; Lane::COUNT]) -> Self {
         LanedStream {
-            lanes: readers.map(|r| TcpFrameStream::new(r, read_size)),
+            lanes,
             ended: [false; Lane::COUNT],
             error: None,
         }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::listener::TcpFrameListener;
 use crate::preamble::{Preamble, PreambleError};
-use crate::sink::TcpFrameSink;
+use crate::sink::{LaneSink, TcpFrameSink};
 use crate::stream::TcpFrameStream;
 
 use super::*;
@@ -886,8 +886,12 @@ async fn push_routes_bulk_data_to_lane_1_and_everything_else_to_lane_0() {
         assert_eq!(sink.queued_bytes(), latency.len() + bulk.len());
         flush(&mut sink).await.unwrap();
         assert_eq!(sink.queued_bytes(), 0);
-        assert!(sink.lanes[0].io.written == latency, "lane 0 bytes differ");
-        assert!(sink.lanes[1].io.written == bulk, "lane 1 bytes differ");
+        let written = |lane: &LaneSink<RecordingWriter>| match lane {
+            LaneSink::Runtime(s) => s.io.written.clone(),
+            LaneSink::Thread(_) => unreachable!("test sinks are written from the runtime"),
+        };
+        assert!(written(&sink.lanes[0]) == latency, "lane 0 bytes differ");
+        assert!(written(&sink.lanes[1]) == bulk, "lane 1 bytes differ");
         close(&mut sink).await.unwrap();
     })
     .await
@@ -1013,6 +1017,18 @@ async fn mixed_lanes_round_trip_over_connect_and_accept() {
             ..TcpConfig::default()
         })
         .await;
+        // The bulk lane on the runtime, and on threads at the other priorities.
+        for bulk_lane_io in [
+            BulkLaneIo::Runtime,
+            BulkLaneIo::Threads(ThreadPriority::Idle),
+            BulkLaneIo::Threads(ThreadPriority::Inherit),
+        ] {
+            mixed_round_trip(TcpConfig {
+                bulk_lane_io,
+                ..TcpConfig::default()
+            })
+            .await;
+        }
     })
     .await
 }

@@ -1,0 +1,730 @@
+//! The bulk lane on threads of its own: one thread writes the lane's socket and one reads it,
+//! with blocking system calls, at a low scheduling priority.
+//!
+//! Why: on a fast link (loopback above all) moving bulk bytes is CPU work, the kernel's copies
+//! in `write` and `read`. When that work runs on the async runtime's worker threads, each poll
+//! that writes or reads a bulk batch holds a worker for tens of microseconds, and a coordination
+//! message that arrives meanwhile waits for a worker to come free, then for the runtime to poll
+//! its socket, then for its task's turn in the worker's queue. With both sides of a saturating
+//! bulk stream on two cores, that put the coordination round trip's p99 at 12–18× its idle
+//! value. A runtime has no priorities; the kernel's scheduler does. On threads of their own at a
+//! lower priority ([`ThreadPriority`]) the bulk copies use the CPU the runtime leaves, and the
+//! kernel preempts them when a worker wakes for a coordination frame.
+//!
+//! The threads move frames, not bytes: the writer takes whole queued [`OutFrame`]s (zero-copy,
+//! as on the runtime) and writes them with the same vectored writes as [`TcpFrameSink`]; the
+//! reader cuts frames out of its read buffer with [`TcpFrameStream`] and queues them for the
+//! connection's `poll_recv`. Each direction is bounded: the writer holds at most the batch it
+//! took (the session stops pushing bulk at its batch limit until the thread takes the next
+//! one), and the reader stops reading (TCP's flow control then holds the peer) while
+//! [`READ_QUEUE_LIMIT`] bytes of frames wait to be taken.
+//!
+//! The writer thread starts with the first bulk frame, so a connection that never sends bulk
+//! costs one thread (the reader, blocked in `read`), not two.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use agentfabric::frame::{Frame, OutFrame, HEADER_LEN};
+use agentfabric::transport::{FrameSink, RecvError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::sink::TcpFrameSink;
+use crate::stream::TcpFrameStream;
+
+/// Most bytes of received frames the reader thread queues before it stops reading.
+pub(crate) const READ_QUEUE_LIMIT: usize = 4 << 20;
+
+/// Most bytes of frames the writer thread takes from the queue at a time (at least one frame).
+/// What it took counts as handed to the network, like bytes in the socket's send buffer; the
+/// rest still counts in `queued_bytes`, so the session's batch limit bounds the queue.
+const TAKE_LIMIT: usize = 256 << 10;
+
+/// Stack of each lane thread: they keep their buffers on the heap.
+const THREAD_STACK: usize = 256 << 10;
+
+/// Scheduling priority of the bulk lane's threads ([`crate::BulkLaneIo::Threads`]; the
+/// default is `Nice(10)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadPriority {
+    /// Linux `SCHED_IDLE`: the threads run only on CPU time nothing else wants, and the kernel
+    /// preempts them as soon as any normal thread wakes. The lowest coordination latency under
+    /// bulk, but bulk nearly stops while the application keeps the CPUs busy (measured: 0.22 of
+    /// its solo rate beside a saturating ping-pong). (Elsewhere than Linux: nice 19.)
+    Idle,
+    /// A nice value (-20..=19; raising priority, below the process's own, needs privileges).
+    Nice(i8),
+    /// The priority of the thread that made the connection.
+    Inherit,
+}
+
+impl ThreadPriority {
+    /// Applies the priority to the calling thread. A failure is logged, not fatal: the lane
+    /// still works, only without the scheduling preference.
+    fn apply(self) {
+        let result = match self {
+            ThreadPriority::Inherit => return,
+            ThreadPriority::Idle => set_idle(),
+            ThreadPriority::Nice(n) => set_nice(i32::from(n)),
+        };
+        if let Err(e) = result {
+            tracing::warn!(priority = ?self, error = %e, "cannot set the bulk lane thread's priority");
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_idle() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system call on the calling thread (pid 0) with a valid parameter.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_idle() -> io::Result<()> {
+    set_nice(19)
+}
+
+fn set_nice(n: i32) -> io::Result<()> {
+    // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value only.
+    // SAFETY: plain system call.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+/// Keeps `slot` holding a waker that wakes `cx`'s task.
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
+/// Sets its flag when the thread's loop ends, however it ends.
+struct Exit<'a>(&'a AtomicBool);
+
+impl Drop for Exit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A blocking socket seen as an always-ready tokio reader and writer, so that the thread can
+/// drive [`TcpFrameStream`] and [`TcpFrameSink`] (with a no-op waker) and share their framing
+/// and partial-write logic.
+struct Blocking(TcpStream);
+
+impl AsyncRead for Blocking {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.0.as_raw_fd();
+        // SAFETY: the spare part of `buf` is valid for writes of its length; `read` writes at
+        // most that many bytes and reports how many, which are then marked initialized.
+        loop {
+            let spare = unsafe { buf.unfilled_mut() };
+            let rc = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Poll::Ready(Err(e));
+            }
+            let n = rc as usize;
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+impl AsyncWrite for Blocking {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.0.write(buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.0.write_vectored(bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.0.shutdown(Shutdown::Write))
+    }
+}
+
+/// Polls a future-like step that never returns `Pending` (its I/O blocks instead).
+fn run_blocking<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> T {
+    let mut cx = Context::from_waker(Waker::noop());
+    match f(&mut cx) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("blocking I/O returned Pending"),
+    }
+}
+
+/// Puts a blocking copy of `stream` in blocking mode; `stream` is no longer polled by tokio.
+fn blocking_clone(stream: &TcpStream) -> io::Result<TcpStream> {
+    let s = stream.try_clone()?;
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+fn spawn(
+    name: &str,
+    priority: ThreadPriority,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK)
+        .spawn(move || {
+            priority.apply();
+            f()
+        })
+        .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+
+#[derive(Default)]
+struct WriterState {
+    /// Frames handed over and not yet taken by the thread.
+    queue: VecDeque<OutFrame>,
+    /// Wire bytes in `queue`.
+    queued: usize,
+    /// A `poll_flush` or `poll_close` waiting for the thread.
+    waiter: Option<Waker>,
+    /// The thread waits for work.
+    idle: bool,
+    /// `poll_close` asked: write everything, then shut the direction down.
+    close: bool,
+    /// The direction is shut down (after `close`).
+    closed: bool,
+    /// The sink is gone: stop at once.
+    dropped: bool,
+    /// The write error that stopped the thread, as (kind, text): later calls report it.
+    error: Option<(io::ErrorKind, String)>,
+}
+
+#[derive(Default)]
+struct WriterShared {
+    state: Mutex<WriterState>,
+    work: Condvar,
+    /// The thread has ended.
+    exited: AtomicBool,
+    /// `WriterState::queued`, readable without the lock (for `queued_bytes`).
+    queued: AtomicUsize,
+}
+
+/// The bulk lane's sending half, written by a thread of its own (see the module docs).
+pub(crate) struct ThreadSink {
+    shared: Arc<WriterShared>,
+    /// The lane's socket (blocking mode), kept to start the thread and to shut the direction
+    /// down when the sink is dropped.
+    socket: TcpStream,
+    started: bool,
+    priority: ThreadPriority,
+    /// Frames pushed since the last flush (handed over together, under one lock).
+    pending: Vec<OutFrame>,
+    pending_bytes: usize,
+}
+
+impl ThreadSink {
+    /// Takes over `socket` (switched to blocking mode).
+    pub(crate) fn new(socket: TcpStream, priority: ThreadPriority) -> io::Result<ThreadSink> {
+        socket.set_nonblocking(false)?;
+        Ok(ThreadSink {
+            shared: Arc::default(),
+            socket,
+            started: false,
+            priority,
+            pending: Vec::new(),
+            pending_bytes: 0,
+        })
+    }
+
+    fn start(&mut self) -> io::Result<()> {
+        if self.started {
+            return Ok(());
+        }
+        let socket = blocking_clone(&self.socket)?;
+        let shared = self.shared.clone();
+        spawn("af-tcp-bulk-tx", self.priority, move || {
+            write_loop(socket, &shared)
+        })?;
+        self.started = true;
+        Ok(())
+    }
+
+    /// Hands the pending frames to the thread and looks at its progress: `Ready` when it took
+    /// everything handed over (with `close`: when it also shut the direction down).
+    fn hand_over(&mut self, cx: &Context<'_>, close: bool) -> Poll<io::Result<()>> {
+        if let Err(e) = self.start() {
+            return Poll::Ready(Err(io::Error::new(
+                e.kind(),
+                format!("cannot start the tcp bulk lane's writer thread: {e}"),
+            )));
+        }
+        let mut st = lock(&self.shared.state);
+        if let Some((kind, text)) = &st.error {
+            return Poll::Ready(Err(io::Error::new(*kind, text.clone())));
+        }
+        if !self.pending.is_empty() {
+            st.queue.extend(self.pending.drain(..));
+            st.queued += std::mem::take(&mut self.pending_bytes);
+        }
+        st.close |= close;
+        let wake_thread = st.idle && (!st.queue.is_empty() || close);
+        let done = st.queue.is_empty() && (!close || st.closed);
+        self.shared.queued.store(st.queued, Ordering::Relaxed);
+        if !done {
+            register(&mut st.waiter, cx);
+        }
+        drop(st);
+        if wake_thread {
+            self.shared.work.notify_one();
+        }
+        if done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl FrameSink for ThreadSink {
+    fn push(&mut self, frame: OutFrame) {
+        self.pending_bytes += frame.wire_len();
+        self.pending.push(frame);
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.pending_bytes + self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.started && self.pending.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.hand_over(cx, false)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.started && self.pending.is_empty() {
+            return Poll::Ready(self.socket.shutdown(Shutdown::Write));
+        }
+        self.hand_over(cx, true)
+    }
+}
+
+impl Drop for ThreadSink {
+    fn drop(&mut self) {
+        lock(&self.shared.state).dropped = true;
+        self.shared.work.notify_one();
+        // Unblocks a thread stuck in `write` to a peer that stopped reading, and tells the peer
+        // this direction is over (as dropping a tokio write half does).
+        let _ = self.socket.shutdown(Shutdown::Write);
+    }
+}
+
+fn write_loop(socket: TcpStream, shared: &WriterShared) {
+    let _exit = Exit(&shared.exited);
+    let mut sink = TcpFrameSink::new(Blocking(socket));
+    loop {
+        let (close, waiter) = {
+            let mut st = lock(&shared.state);
+            loop {
+                if st.dropped {
+                    return;
+                }
+                if !st.queue.is_empty() || st.close {
+                    break;
+                }
+                st.idle = true;
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.idle = false;
+            }
+            // One batch at a time, so that what waits here is still counted as queued.
+            let mut taken = 0;
+            while taken < TAKE_LIMIT {
+                let Some(f) = st.queue.pop_front() else { break };
+                taken += f.wire_len();
+                sink.push(f);
+            }
+            st.queued -= taken;
+            shared.queued.store(st.queued, Ordering::Relaxed);
+            let close = st.close && st.queue.is_empty();
+            // A closing waiter waits for the shutdown below, not for this hand-over.
+            (close, if close { None } else { st.waiter.take() })
+        };
+        // Taken: a waiting flush looks again (the session pushes the next batch while this one
+        // is written).
+        wake(waiter);
+        let result = if close {
+            run_blocking(|cx| sink.poll_close(cx))
+        } else {
+            run_blocking(|cx| sink.poll_flush(cx))
+        };
+        let mut st = lock(&shared.state);
+        match result {
+            Err(e) => {
+                st.error = Some((e.kind(), format!("tcp bulk lane: {e}")));
+            }
+            Ok(()) if close => st.closed = true,
+            Ok(()) => continue,
+        }
+        let w = st.waiter.take();
+        drop(st);
+        wake(w);
+        return;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+#[derive(Default)]
+struct ReaderState {
+    /// Frames received and not yet taken, oldest first.
+    frames: VecDeque<Frame>,
+    /// Wire bytes in `frames`.
+    bytes: usize,
+    /// How the lane ended (after the frames before it are taken).
+    end: Option<RecvError>,
+    /// The connection's `poll_recv` waiting for frames.
+    waiter: Option<Waker>,
+    /// The thread waits for room in the queue.
+    full: bool,
+    /// The stream is gone: stop.
+    gone: bool,
+}
+
+#[derive(Default)]
+struct ReaderShared {
+    state: Mutex<ReaderState>,
+    room: Condvar,
+    /// The thread has ended.
+    exited: AtomicBool,
+}
+
+/// The bulk lane's receiving half, read by a thread of its own (see the module docs).
+pub(crate) struct ThreadStream {
+    shared: Arc<ReaderShared>,
+    /// Kept to shut the direction down (unblocking the thread's `read`) when dropped.
+    socket: TcpStream,
+    /// The end was reported; every later call reports a clean end.
+    ended: bool,
+}
+
+impl ThreadStream {
+    /// Takes over `socket` (switched to blocking mode) and starts the reader thread.
+    pub(crate) fn start(
+        socket: TcpStream,
+        read_size: usize,
+        priority: ThreadPriority,
+    ) -> io::Result<ThreadStream> {
+        let reader = blocking_clone(&socket)?;
+        let shared = Arc::new(ReaderShared::default());
+        let s = shared.clone();
+        spawn("af-tcp-bulk-rx", priority, move || {
+            read_loop(TcpFrameStream::new(Blocking(reader), read_size), &s)
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot start the tcp bulk lane's reader thread: {e}"),
+            )
+        })?;
+        Ok(ThreadStream {
+            shared,
+            socket,
+            ended: false,
+        })
+    }
+
+    /// Same contract as [`TcpFrameStream::poll_step`]: `Ready(Ok(()))` with frames added to
+    /// `out`, `Ready(Err(_))` at the lane's end, `Pending` with `cx` registered.
+    pub(crate) fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        if self.ended {
+            return Poll::Ready(Err(RecvError::Eof));
+        }
+        let mut st = lock(&self.shared.state);
+        if !st.frames.is_empty() {
+            out.extend(st.frames.drain(..));
+            st.bytes = 0;
+            let full = std::mem::take(&mut st.full);
+            drop(st);
+            if full {
+                self.shared.room.notify_one();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = st.end.take() {
+            self.ended = true;
+            return Poll::Ready(Err(e));
+        }
+        register(&mut st.waiter, cx);
+        Poll::Pending
+    }
+}
+
+impl Drop for ThreadStream {
+    fn drop(&mut self) {
+        lock(&self.shared.state).gone = true;
+        self.shared.room.notify_one();
+        // Unblocks the thread's `read` (it then returns 0 and the thread ends).
+        let _ = self.socket.shutdown(Shutdown::Read);
+    }
+}
+
+fn read_loop(mut stream: TcpFrameStream<Blocking>, shared: &ReaderShared) {
+    let _exit = Exit(&shared.exited);
+    let mut out = Vec::new();
+    loop {
+        let step = run_blocking(|cx| stream.poll_step(cx, &mut out));
+        if out.is_empty() && step.is_ok() {
+            continue; // bytes read, no whole frame yet
+        }
+        let bytes: usize = out.iter().map(|f| HEADER_LEN + f.payload.len()).sum();
+        let mut st = lock(&shared.state);
+        st.frames.extend(out.drain(..));
+        st.bytes += bytes;
+        let stop = step.is_err();
+        if let Err(e) = step {
+            st.end = Some(e);
+        }
+        let w = st.waiter.take();
+        drop(st);
+        wake(w);
+        if stop {
+            return;
+        }
+        let mut st = lock(&shared.state);
+        while st.bytes >= READ_QUEUE_LIMIT && !st.gone {
+            st.full = true;
+            st = shared.room.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.gone {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use agentfabric::frame::{Header, Kind};
+    use agentfabric::Class;
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    fn bulk_frame(seq: u64, len: usize) -> OutFrame {
+        let mut h = Header::new(Kind::Data);
+        h.class = Class::Bulk;
+        h.seq = seq;
+        h.len = len as u32;
+        OutFrame {
+            header: h.encode(),
+            payload: Bytes::from(vec![seq as u8; len]),
+        }
+    }
+
+    fn wait_for(what: &str, flag: &AtomicBool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !flag.load(Ordering::SeqCst) {
+            assert!(Instant::now() < until, "{what} did not happen within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_cross_both_threads_in_order_and_the_threads_end_with_their_halves() {
+        let (a, mut b) = socket_pair();
+        let mut sink = ThreadSink::new(a.try_clone().unwrap(), ThreadPriority::Inherit).unwrap();
+        let mut stream = ThreadStream::start(a, 64 << 10, ThreadPriority::Inherit).unwrap();
+        let (writer, reader) = (sink.shared.clone(), stream.shared.clone());
+
+        // Sink → raw socket: exact bytes, in order.
+        let frames: Vec<OutFrame> = (0..20)
+            .map(|i| bulk_frame(i, 100_000 + i as usize))
+            .collect();
+        let expected: Vec<u8> = frames
+            .iter()
+            .flat_map(|f| f.header.iter().chain(f.payload.iter()).copied())
+            .collect();
+        for f in frames {
+            sink.push(f);
+        }
+        let read_all = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            assert!(got == expected, "bytes differ");
+            b
+        });
+        std::future::poll_fn(|cx| sink.poll_flush(cx))
+            .await
+            .unwrap();
+        let mut b = read_all.join().unwrap();
+
+        // Raw socket → stream: whole frames, in order.
+        for i in 0..20 {
+            let f = bulk_frame(i, 70_000);
+            b.write_all(&f.header).unwrap();
+            b.write_all(&f.payload).unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < 20 {
+            std::future::poll_fn(|cx| stream.poll_step(cx, &mut out))
+                .await
+                .unwrap();
+        }
+        for (i, f) in out.iter().enumerate() {
+            assert_eq!(f.header.seq, i as u64);
+            assert_eq!(f.payload.len(), 70_000);
+        }
+
+        // Closing the sink shuts the direction down: the peer reads a clean end.
+        std::future::poll_fn(|cx| sink.poll_close(cx))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(b.read_to_end(&mut rest).unwrap(), 0);
+        wait_for("the writer thread's end after close", &writer.exited);
+
+        // Dropping the stream ends its reader thread, though the peer keeps the socket open.
+        assert!(!reader.exited.load(Ordering::SeqCst));
+        drop(stream);
+        wait_for("the reader thread's end after drop", &reader.exited);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_writer_blocked_on_a_peer_that_stopped_reading_ends_when_dropped() {
+        let (a, b) = socket_pair();
+        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit).unwrap();
+        let writer = sink.shared.clone();
+        // Far more than loopback socket buffers hold; the peer never reads.
+        let block = bulk_frame(0, 1 << 20);
+        for _ in 0..64 {
+            sink.push(block.clone());
+        }
+        let flushed = tokio::time::timeout(
+            Duration::from_millis(200),
+            std::future::poll_fn(|cx| sink.poll_flush(cx)),
+        )
+        .await;
+        assert!(
+            flushed.is_err(),
+            "64 MiB cannot all be handed over to a peer that does not read"
+        );
+        assert!(sink.queued_bytes() > 0);
+        drop(sink);
+        wait_for("the writer thread's end after drop", &writer.exited);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_write_error_is_reported_by_later_flushes() {
+        let (a, b) = socket_pair();
+        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit).unwrap();
+        drop(b);
+        // The peer is gone: writing fails (reset or broken pipe) sooner or later.
+        let until = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            sink.push(bulk_frame(0, 64 << 10));
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                std::future::poll_fn(|cx| sink.poll_flush(cx)),
+            )
+            .await;
+            if let Ok(Err(e)) = r {
+                break e;
+            }
+            assert!(Instant::now() < until, "no write error within 10 s");
+        };
+        assert!(err.to_string().contains("tcp bulk lane"), "{err}");
+        let again = std::future::poll_fn(|cx| sink.poll_flush(cx))
+            .await
+            .unwrap_err();
+        assert_eq!(again.kind(), err.kind());
+    }
+
+    #[test]
+    fn thread_priorities_are_applied_to_the_calling_thread() {
+        let nice = std::thread::spawn(|| {
+            ThreadPriority::Nice(7).apply();
+            // SAFETY: plain system call on the calling thread.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice, 7);
+        #[cfg(target_os = "linux")]
+        {
+            let policy = std::thread::spawn(|| {
+                ThreadPriority::Idle.apply();
+                // SAFETY: plain system call on the calling thread.
+                unsafe { libc::sched_getscheduler(0) }
+            })
+            .join()
+            .unwrap();
+            assert_eq!(policy, libc::SCHED_IDLE);
+        }
+    }
+}
