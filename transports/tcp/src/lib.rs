@@ -15,7 +15,7 @@
 //!
 //! So each fabric [`Connection`] is two TCP connections:
 //!
-//! | lane | carries | [`Lane`](agentfabric::frame::Lane) |
+//! | lane | carries | [`Lane`] |
 //! |---|---|---|
 //! | 0 | everything but bulk data: coordination and tool-call data, acks, keepalives, handshake | `Latency` |
 //! | 1 | data frames of bulk channels | `Bulk` |
