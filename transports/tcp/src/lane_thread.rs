@@ -310,6 +310,12 @@ impl ThreadSink {
         if let Some((kind, text)) = &st.error {
             return Poll::Ready(Err(io::Error::new(*kind, text.clone())));
         }
+        if st.closed && !self.pending.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "frames pushed after the tcp bulk lane's sending side was closed",
+            )));
+        }
         if !self.pending.is_empty() {
             st.queue.extend(self.pending.drain(..));
             st.queued += std::mem::take(&mut self.pending_bytes);
@@ -646,6 +652,11 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(b.read_to_end(&mut rest).unwrap(), 0);
         wait_for("the writer thread's end after close", &writer.exited);
+        sink.push(bulk_frame(99, 10));
+        let late = std::future::poll_fn(|cx| sink.poll_flush(cx))
+            .await
+            .unwrap_err();
+        assert_eq!(late.kind(), io::ErrorKind::BrokenPipe, "{late}");
 
         // Dropping the stream ends its reader thread, though the peer keeps the socket open.
         assert!(!reader.exited.load(Ordering::SeqCst));
