@@ -258,8 +258,12 @@ fn dev_certs_are_written_and_load() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[tokio::test]
-async fn frames_cross_a_lossy_relay() {
+/// A client connection and the server's end of it, through a relay that drops `loss` of the
+/// datagrams and delays the rest by `delay` (kept alive by holding the relay).
+async fn connect_through_relay(
+    loss: f64,
+    delay: Duration,
+) -> (Connection, Connection, crate::relay::LossyRelay) {
     use crate::relay::{LossyRelay, RelayConfig};
     let ca = DevCa::new("ca").unwrap();
     let server = QuicTransport::new(ca.node_config("server").unwrap()).unwrap();
@@ -273,16 +277,22 @@ async fn frames_cross_a_lossy_relay() {
     let relay = LossyRelay::start(
         target,
         RelayConfig {
-            loss: 0.05,
-            delay: Duration::from_millis(2),
+            loss,
+            delay,
             ..RelayConfig::default()
         },
     )
     .await
     .unwrap();
     let client = QuicTransport::new(ca.node_config("client").unwrap()).unwrap();
-    let mut c = client.connect(&relay.addr().to_string()).await.unwrap();
-    let mut s = listener.accept().await.unwrap();
+    let c = client.connect(&relay.addr().to_string()).await.unwrap();
+    let s = listener.accept().await.unwrap();
+    (c, s, relay)
+}
+
+#[tokio::test]
+async fn frames_cross_a_lossy_relay() {
+    let (mut c, mut s, _relay) = connect_through_relay(0.05, Duration::from_millis(2)).await;
     for seq in 0..200u64 {
         c.sink.push(frame(
             Kind::Data,
@@ -304,29 +314,7 @@ async fn frames_cross_a_lossy_relay() {
 /// channel that were pushed before them (on one ordered byte stream, as TCP, none could).
 #[tokio::test]
 async fn loss_on_one_channel_does_not_stall_another() {
-    use crate::relay::{LossyRelay, RelayConfig};
-    let ca = DevCa::new("ca").unwrap();
-    let server = QuicTransport::new(ca.node_config("server").unwrap()).unwrap();
-    let mut listener = server.listen("127.0.0.1:0").await.unwrap();
-    let target = listener
-        .local_addr()
-        .strip_prefix("quic://")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let relay = LossyRelay::start(
-        target,
-        RelayConfig {
-            loss: 0.2,
-            delay: Duration::from_millis(1),
-            ..RelayConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    let client = QuicTransport::new(ca.node_config("client").unwrap()).unwrap();
-    let mut c = client.connect(&relay.addr().to_string()).await.unwrap();
-    let mut s = listener.accept().await.unwrap();
+    let (mut c, mut s, _relay) = connect_through_relay(0.2, Duration::from_millis(1)).await;
     const N: u64 = 200;
     for seq in 0..N {
         for ch in [1u32, 2] {

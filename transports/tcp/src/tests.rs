@@ -337,6 +337,16 @@ struct StingyWriter {
 }
 
 impl StingyWriter {
+    /// Takes `limits[i % len]` bytes at the `i`-th call.
+    fn new(limits: Vec<usize>) -> Self {
+        StingyWriter {
+            written: Vec::new(),
+            limits,
+            calls: 0,
+            max_slices_seen: 0,
+        }
+    }
+
     fn take(&mut self, bufs: &[IoSlice<'_>]) -> usize {
         self.max_slices_seen = self.max_slices_seen.max(bufs.len());
         assert!(
@@ -401,12 +411,9 @@ async fn sink_handles_every_kind_of_partial_write_exactly() {
             .map(|i| data_frame(i, [0, 1, 63, 64, 65, 200, 3000][i as usize % 7]))
             .collect();
         let expected = wire(&frames);
-        let mut sink = TcpFrameSink::new(StingyWriter {
-            written: Vec::new(),
-            limits: vec![1, 3, 63, 64, 65, 127, 128, 129, 500, 4096, 7, 100_000],
-            calls: 0,
-            max_slices_seen: 0,
-        });
+        let mut sink = TcpFrameSink::new(StingyWriter::new(vec![
+            1, 3, 63, 64, 65, 127, 128, 129, 500, 4096, 7, 100_000,
+        ]));
         for f in frames {
             sink.push(f);
         }
@@ -779,51 +786,6 @@ fn preamble_round_trips_and_refuses_bad_bytes() {
     assert_eq!(ids.len(), 1000);
 }
 
-/// A writer that records everything, taking at most `limit` bytes per call.
-#[derive(Default)]
-struct RecordingWriter {
-    written: Vec<u8>,
-    limit: usize,
-}
-
-impl AsyncWrite for RecordingWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let mut budget = self.limit;
-        let mut n = 0;
-        for b in bufs {
-            let k = budget.min(b.len());
-            self.written.extend_from_slice(&b[..k]);
-            n += k;
-            budget -= k;
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[tokio::test]
 async fn push_routes_bulk_data_to_lane_1_and_everything_else_to_lane_0() {
     bounded(async {
@@ -870,23 +832,15 @@ async fn push_routes_bulk_data_to_lane_1_and_everything_else_to_lane_0() {
             all.push(f);
         }
         let (latency, bulk) = (wire(&latency), wire(&bulk));
-        let mut sink = LanedSink::new([
-            RecordingWriter {
-                limit: 1000,
-                ..Default::default()
-            },
-            RecordingWriter {
-                limit: 777,
-                ..Default::default()
-            },
-        ]);
+        let mut sink =
+            LanedSink::new([StingyWriter::new(vec![1000]), StingyWriter::new(vec![777])]);
         for f in all {
             sink.push(f);
         }
         assert_eq!(sink.queued_bytes(), latency.len() + bulk.len());
         flush(&mut sink).await.unwrap();
         assert_eq!(sink.queued_bytes(), 0);
-        let written = |lane: &LaneSink<RecordingWriter>| match lane {
+        let written = |lane: &LaneSink<StingyWriter>| match lane {
             LaneSink::Runtime(s) => s.io.written.clone(),
             LaneSink::Thread(_) => unreachable!("test sinks are written from the runtime"),
         };
