@@ -231,8 +231,6 @@ fn spawn(
 struct WriterState {
     /// Frames handed over and not yet taken by the thread.
     queue: VecDeque<OutFrame>,
-    /// Wire bytes in `queue`.
-    queued: usize,
     /// A `poll_flush` or `poll_close` waiting for the thread.
     waiter: Option<Waker>,
     /// The thread waits for work.
@@ -253,7 +251,8 @@ struct WriterShared {
     work: Condvar,
     /// The thread has ended.
     exited: AtomicBool,
-    /// `WriterState::queued`, readable without the lock (for `queued_bytes`).
+    /// Wire bytes in `WriterState::queue` (changed under the state's lock, read without it by
+    /// `queued_bytes`).
     queued: AtomicUsize,
 }
 
@@ -318,12 +317,12 @@ impl ThreadSink {
         }
         if !self.pending.is_empty() {
             st.queue.extend(self.pending.drain(..));
-            st.queued += std::mem::take(&mut self.pending_bytes);
+            let bytes = std::mem::take(&mut self.pending_bytes);
+            self.shared.queued.fetch_add(bytes, Ordering::Relaxed);
         }
         st.close |= close;
         let wake_thread = st.idle && (!st.queue.is_empty() || close);
         let done = st.queue.is_empty() && (!close || st.closed);
-        self.shared.queued.store(st.queued, Ordering::Relaxed);
         if !done {
             register(&mut st.waiter, cx);
         }
@@ -398,8 +397,7 @@ fn write_loop(socket: TcpStream, shared: &WriterShared) {
                 taken += f.wire_len();
                 sink.push(f);
             }
-            st.queued -= taken;
-            shared.queued.store(st.queued, Ordering::Relaxed);
+            shared.queued.fetch_sub(taken, Ordering::Relaxed);
             let close = st.close && st.queue.is_empty();
             // A closing waiter waits for the shutdown below, not for this hand-over.
             (close, if close { None } else { st.waiter.take() })
