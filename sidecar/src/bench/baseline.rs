@@ -4,8 +4,11 @@
 //!   `TCP_NODELAY`. Messages have a fixed size known to both sides, so there is no framing at all:
 //!   the client writes `size` bytes and reads `size` bytes back, the server reads `size` bytes and
 //!   writes them back. No allocation per round trip. This is the best a plain tokio program does.
-//! - `raw-tcp-stream`: one task writes `size`-byte blocks back to back, the other reads them
-//!   (256 KiB reads, as the fabric's TCP transport does) and counts bytes.
+//! - `raw-tcp-stream`: one task writes `size`-byte blocks back to back, taken in turn from a
+//!   buffer of `span` bytes, the other reads them (256 KiB reads, as the fabric's TCP transport
+//!   does) into successive places of another `span`-byte buffer and counts bytes. With `span` the
+//!   size of a transfer's regions, both copies touch memory as the transfer's do; with `span` one
+//!   block, the data never leaves the caches.
 //! - `tokio-mpsc`: for the in-process transport, two bounded tokio mpsc channels carrying
 //!   [`Bytes`] (refcounted, never copied), one each way.
 
@@ -139,29 +142,42 @@ async fn tcp_pair() -> BenchResult<(TcpStream, TcpStream)> {
 }
 
 /// Throughput in MB/s (10^6 bytes per second) of a raw stream of `block`-byte messages: raw TCP
-/// for `tcp`, a tokio mpsc channel of [`Bytes`] otherwise. Counted at the receiver over
+/// for `tcp` (sent from and received into buffers of `span` bytes), a tokio mpsc channel of
+/// [`Bytes`] otherwise (`span` unused: nothing is copied). Counted at the receiver over
 /// `duration`, after `warmup`.
 pub async fn stream_mb_s(
     tcp: bool,
     block: usize,
+    span: usize,
     warmup: Duration,
     duration: Duration,
 ) -> BenchResult<f64> {
     let received = Arc::new(AtomicU64::new(0));
     let (writer, reader) = if tcp {
         let (mut client, mut server) = tcp_pair().await?;
+        // Both ends walk buffers of `span` bytes, block by block, as a transfer between two
+        // regions of that size does: with `span` larger than the caches, the copies in and out
+        // of the kernel touch memory as the fabric's do.
+        let span = span.max(block);
         let writer = tokio::spawn(async move {
-            let data = vec![0x5au8; block];
-            while client.write_all(&data).await.is_ok() {}
+            let data = vec![0x5au8; span];
+            for chunk in data.chunks(block).cycle() {
+                if client.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
         });
         let counter = received.clone();
         let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; STREAM_READ];
+            let mut buf = vec![0u8; span];
+            let mut at = 0;
             loop {
-                match server.read(&mut buf).await {
+                let end = (at + STREAM_READ).min(span);
+                match server.read(&mut buf[at..end]).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         counter.fetch_add(n as u64, Ordering::Relaxed);
+                        at = if at + n == span { 0 } else { at + n };
                     }
                 }
             }

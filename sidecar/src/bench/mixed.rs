@@ -146,7 +146,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             let tcp = s.transport == TransportKind::Tcp;
             let name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
             progress(&format!("phase bulk_baseline: {name} streaming"));
-            let mb_s = baseline::stream_mb_s(tcp, s.size, s.warmup, s.duration).await?;
+            let mb_s = baseline::stream_mb_s(tcp, s.size, s.size, s.warmup, s.duration).await?;
             (name, Some(mb_s))
         }
         TransportKind::Verbs => (
