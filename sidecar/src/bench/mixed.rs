@@ -1,30 +1,34 @@
-//! Workload `mixed`: 64-byte coordination round trips while a bulk channel to the same peer is
-//! kept saturated.
+//! Workload `mixed`: 64-byte coordination round trips while bulk traffic to the same peer (a bulk
+//! channel, or region transfers) is kept saturated.
 //!
 //! Phases, each `warmup` then `duration` long:
 //! 1. `idle`: coordination round trips alone (default configuration);
 //! 2. bulk alone (`bulk_solo_mb_s`), then the raw streaming baseline of the same block size
 //!    (`bulk_baseline`: raw TCP for `tcp`, a tokio mpsc channel for `mem`; for `verbs`,
 //!    perftest's `ib_write_bw` from the same lab boot, given with `--perftest`, else null);
-//! 3. `loaded`: round trips while one task keeps the bulk channel's send queue full with
-//!    `block`-byte messages (priorities on, the default); `bulk_mb_s` is counted at the receiver
-//!    over the measured part;
+//! 3. `loaded`: round trips while one task keeps the bulk path full (priorities on, the
+//!    default): with `--bulk-api channel` (the default) it keeps a bulk channel's send queue full
+//!    of `block`-byte messages, and `bulk_mb_s` is counted at the receiver; with
+//!    `--bulk-api transfer` it writes batches of `block`-byte blocks from a registered region into
+//!    the peer's ([`agentfabric::Peer::write`], a KV-cache hand-off), and `bulk_mb_s` counts the
+//!    bytes of completed batches; either way over the measured part;
 //! 4. `fifo`: the same on a fresh pair of nodes built with `priorities: false`.
 //!
 //! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
 //! cumulative; each latency phase opens its own coordination channel, so the channel's
 //! queueing-delay histogram covers that phase (and its warm-up) only.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentfabric::{Bytes, Channel, Class, Config};
+use agentfabric::{Block, Bytes, Channel, Class, Config, Peer, Region, RegionDescriptor};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
 use super::{
-    baseline, fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Pinger,
+    baseline, fabric_stats_json, new_histogram, progress, BenchResult, BulkApi, FabricPair, Pinger,
     Settings, TransportKind,
 };
 use super::{Output, Workload};
@@ -32,25 +36,117 @@ use super::{Output, Workload};
 /// Size of the coordination messages.
 pub const COORDINATION_SIZE: usize = 64;
 
-/// A task that keeps a bulk channel's send queue full.
-struct BulkLoad {
-    channel: Channel,
+/// Bytes of the regions a transfer load cycles through (rounded down to whole blocks).
+const TRANSFER_SPAN: u64 = 64 << 20;
+/// Blocks per region write of a transfer load: small batches, so that the bytes counted at each
+/// batch's completion track the rate closely.
+const TRANSFER_BATCH: usize = 16;
+/// Most blocks a transfer load's regions hold, whatever the block size.
+const TRANSFER_MAX_BLOCKS: u64 = 4096;
+
+/// What the bulk load sends, and where its delivered bytes are counted.
+enum BulkSource {
+    /// `block`-byte messages on a bulk channel, counted by the receiving node.
+    Channel { channel: Channel, block: Bytes },
+    /// Region writes of `batches`, counted as each batch completes (the blocks have then landed
+    /// in the peer's region).
+    Transfer {
+        peer: Peer,
+        src: Region,
+        /// Kept registered for the life of the load.
+        _dst: Region,
+        remote: RegionDescriptor,
+        batches: Arc<Vec<Vec<Block>>>,
+        landed: Arc<AtomicU64>,
+    },
+}
+
+impl BulkSource {
+    async fn new(pair: &FabricPair, api: BulkApi, size: usize) -> BenchResult<BulkSource> {
+        Ok(match api {
+            BulkApi::Channel => BulkSource::Channel {
+                channel: pair.peer.channel(Class::Bulk, 3)?,
+                block: Bytes::from(vec![0x5au8; size]),
+            },
+            BulkApi::Transfer => {
+                let block = size as u64;
+                let count = (TRANSFER_SPAN / block).clamp(1, TRANSFER_MAX_BLOCKS);
+                let src = pair.client.register((block * count) as usize)?;
+                let dst = pair.server.register((block * count) as usize)?;
+                let blocks: Vec<Block> = (0..count)
+                    .map(|i| Block {
+                        local: i * block,
+                        remote: i * block,
+                        len: block,
+                    })
+                    .collect();
+                BulkSource::Transfer {
+                    peer: pair.peer.clone(),
+                    src,
+                    remote: dst.descriptor(),
+                    _dst: dst,
+                    batches: Arc::new(blocks.chunks(TRANSFER_BATCH).map(<[_]>::to_vec).collect()),
+                    landed: Arc::new(AtomicU64::new(0)),
+                }
+            }
+        })
+    }
+
+    /// Bytes the load's sender walks through: what the raw streaming baseline walks too.
+    fn span(&self) -> usize {
+        match self {
+            BulkSource::Channel { block, .. } => block.len(),
+            BulkSource::Transfer { src, .. } => src.len() as usize,
+        }
+    }
+
+    /// The counter of bytes delivered.
+    fn delivered<'a>(&'a self, pair: &'a FabricPair) -> &'a AtomicU64 {
+        match self {
+            BulkSource::Channel { .. } => &pair.bulk_received,
+            BulkSource::Transfer { landed, .. } => landed,
+        }
+    }
+}
+
+/// A task that keeps the bulk path full: a bulk channel's send queue, or region writes back to
+/// back.
+struct BulkLoad<'a> {
+    source: &'a BulkSource,
     task: JoinHandle<BenchResult<()>>,
 }
 
-impl BulkLoad {
-    fn start(channel: &Channel, block: &Bytes) -> BulkLoad {
-        let ch = channel.clone();
-        let block = block.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                ch.send(block.clone()).await?;
+impl<'a> BulkLoad<'a> {
+    fn start(source: &'a BulkSource) -> BulkLoad<'a> {
+        let task = match source {
+            BulkSource::Channel { channel, block } => {
+                let (ch, block) = (channel.clone(), block.clone());
+                tokio::spawn(async move {
+                    loop {
+                        ch.send(block.clone()).await?;
+                    }
+                })
             }
-        });
-        BulkLoad {
-            channel: channel.clone(),
-            task,
-        }
+            BulkSource::Transfer {
+                peer,
+                src,
+                remote,
+                batches,
+                landed,
+                ..
+            } => {
+                let (peer, src, remote) = (peer.clone(), src.clone(), *remote);
+                let (batches, landed) = (batches.clone(), landed.clone());
+                tokio::spawn(async move {
+                    for batch in batches.iter().cycle() {
+                        let done = peer.write(&src, &remote, batch, None).await?;
+                        landed.fetch_add(done.bytes, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            }
+        };
+        BulkLoad { source, task }
     }
 
     /// Stops sending and waits until what was queued has been received, so that the next phase
@@ -61,16 +157,33 @@ impl BulkLoad {
         if let Ok(Err(e)) = self.task.await {
             return Err(format!("bulk sender failed: {e}").into());
         }
-        tokio::time::timeout(Duration::from_secs(30), self.channel.flush())
+        let drained = async {
+            match self.source {
+                BulkSource::Channel { channel, .. } => channel.flush().await?,
+                // Transfers share one ordered channel to the peer: a last one-block write
+                // completes after every block the cancelled batch had sent.
+                BulkSource::Transfer {
+                    peer,
+                    src,
+                    remote,
+                    batches,
+                    ..
+                } => {
+                    peer.write(src, remote, &batches[0][..1], None).await?;
+                }
+            }
+            BenchResult::Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(30), drained)
             .await
-            .map_err(|_| "the bulk channel did not drain within 30 s")??;
+            .map_err(|_| "the bulk load did not drain within 30 s")??;
         Ok(())
     }
 }
 
-/// Bulk throughput in MB/s counted at the receiver between two snapshots.
-fn mb_s(pair: &FabricPair, start: (u64, Instant)) -> f64 {
-    let (b1, t1) = (pair.bulk_received.load(Ordering::Relaxed), Instant::now());
+/// Bulk throughput in MB/s from a counter of delivered bytes and a snapshot of it.
+fn mb_s(delivered: &AtomicU64, start: (u64, Instant)) -> f64 {
+    let (b1, t1) = (delivered.load(Ordering::Relaxed), Instant::now());
     let secs = (t1 - start.1).as_secs_f64();
     if secs <= 0.0 {
         return 0.0;
@@ -78,8 +191,8 @@ fn mb_s(pair: &FabricPair, start: (u64, Instant)) -> f64 {
     b1.saturating_sub(start.0) as f64 / secs / 1e6
 }
 
-fn snapshot(pair: &FabricPair) -> (u64, Instant) {
-    (pair.bulk_received.load(Ordering::Relaxed), Instant::now())
+fn snapshot(delivered: &AtomicU64) -> (u64, Instant) {
+    (delivered.load(Ordering::Relaxed), Instant::now())
 }
 
 /// Runs coordination round trips while bulk runs: returns their summary and the bulk MB/s
@@ -89,21 +202,21 @@ fn snapshot(pair: &FabricPair) -> (u64, Instant) {
 /// phase only; they are returned with the summary.
 async fn loaded_phase(
     pair: &FabricPair,
-    bulk: &Channel,
-    block: &Bytes,
+    bulk: &BulkSource,
     s: &Settings,
 ) -> BenchResult<(Summary, f64, serde_json::Value)> {
     let fabric = pair.coordination_pinger(COORDINATION_SIZE).await?;
     let mut coord = Pinger::Fabric(fabric);
-    let load = BulkLoad::start(bulk, block);
+    let load = BulkLoad::start(bulk);
+    let delivered = bulk.delivered(pair);
     let work = async {
         coord.run_until(Instant::now() + s.warmup, None).await?;
-        let start = snapshot(pair);
+        let start = snapshot(delivered);
         let mut h = new_histogram();
         coord
             .run_until(Instant::now() + s.duration, Some(&mut h))
             .await?;
-        BenchResult::Ok((Summary::from_histogram(&h), mb_s(pair, start)))
+        BenchResult::Ok((Summary::from_histogram(&h), mb_s(delivered, start)))
     };
     let limit = s.phase_limit();
     let r = tokio::time::timeout(limit, work).await;
@@ -119,12 +232,11 @@ async fn loaded_phase(
 
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
-    let block = Bytes::from(vec![0x5au8; s.size]);
     let limit = s.phase_limit();
 
     let pair = FabricPair::new(s.transport, Config::default(), "prio").await?;
     let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
-    let bulk = pair.peer.channel(Class::Bulk, 3)?;
+    let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
 
     progress("phase idle: coordination round trips alone");
     let idle = tokio::time::timeout(limit, coord.measure(s.warmup, s.duration))
@@ -134,11 +246,11 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     drop(coord);
 
     progress("phase bulk_solo: bulk alone");
-    let load = BulkLoad::start(&bulk, &block);
+    let load = BulkLoad::start(&bulk);
     tokio::time::sleep(s.warmup).await;
-    let start = snapshot(&pair);
+    let start = snapshot(bulk.delivered(&pair));
     tokio::time::sleep(s.duration).await;
-    let bulk_solo = mb_s(&pair, start);
+    let bulk_solo = mb_s(bulk.delivered(&pair), start);
     load.stop().await?;
 
     let (base_name, bulk_base) = match s.transport {
@@ -146,7 +258,8 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             let tcp = s.transport == TransportKind::Tcp;
             let name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
             progress(&format!("phase bulk_baseline: {name} streaming"));
-            let mb_s = baseline::stream_mb_s(tcp, s.size, s.size, s.warmup, s.duration).await?;
+            let mb_s =
+                baseline::stream_mb_s(tcp, s.size, bulk.span(), s.warmup, s.duration).await?;
             (name, Some(mb_s))
         }
         TransportKind::Verbs => (
@@ -158,7 +271,8 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     };
 
     progress("phase loaded: coordination round trips while bulk runs (priorities on)");
-    let (loaded, bulk_loaded, stats_loaded) = loaded_phase(&pair, &bulk, &block, s).await?;
+    let (loaded, bulk_loaded, stats_loaded) = loaded_phase(&pair, &bulk, s).await?;
+    drop(bulk);
     drop(pair);
 
     progress("phase fifo: the same with priorities off");
@@ -167,8 +281,9 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         ..Default::default()
     };
     let pair = FabricPair::new(s.transport, fifo_config, "fifo").await?;
-    let bulk = pair.peer.channel(Class::Bulk, 3)?;
-    let (fifo, bulk_fifo, stats_fifo) = loaded_phase(&pair, &bulk, &block, s).await?;
+    let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
+    let (fifo, bulk_fifo, stats_fifo) = loaded_phase(&pair, &bulk, s).await?;
+    drop(bulk);
     drop(pair);
 
     let r_loaded = ratio(loaded.p99_us, idle.p99_us);
@@ -179,6 +294,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "workload": Workload::Mixed.name(),
         "size_bytes": COORDINATION_SIZE,
         "block_bytes": s.size,
+        "bulk_api": s.bulk_api.name(),
         "duration_s": s.duration.as_secs_f64(),
         "warmup_s": s.warmup.as_secs_f64(),
         "threads": s.threads,
@@ -198,11 +314,12 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
 
     let mut t = Table::new(&format!(
         "agentfabric {} bench: transport={} workload=mixed coordination={} B bulk block={} B \
-         duration={:.2} s/phase warmup={:.2} s threads={}",
+         by {} duration={:.2} s/phase warmup={:.2} s threads={}",
         env!("CARGO_PKG_VERSION"),
         s.transport,
         COORDINATION_SIZE,
         s.size,
+        s.bulk_api.name(),
         s.duration.as_secs_f64(),
         s.warmup.as_secs_f64(),
         s.threads

@@ -121,6 +121,26 @@ impl Workload {
     }
 }
 
+/// How the `mixed` workload's bulk load moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BulkApi {
+    /// Messages of `--size` bytes sent back to back on a bulk channel.
+    Channel,
+    /// Batched region writes ([`agentfabric::Peer::write`]) of `--size`-byte blocks, as a KV-cache
+    /// hand-off does.
+    Transfer,
+}
+
+impl BulkApi {
+    /// The name used on the command line and in the JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            BulkApi::Channel => "channel",
+            BulkApi::Transfer => "transfer",
+        }
+    }
+}
+
 /// Arguments of `agentfabric bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -142,6 +162,10 @@ pub struct BenchArgs {
     /// Block size in bytes for the bulk workload (default 1048576).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub block_bytes: Option<usize>,
+    /// How mixed's bulk load moves its bytes: messages on a bulk channel, or batched region
+    /// writes through the transfer API.
+    #[arg(long, value_enum, default_value = "channel")]
+    pub bulk_api: BulkApi,
     /// Warm-up seconds before each measurement (not recorded).
     #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
     pub warmup: Duration,
@@ -207,6 +231,8 @@ pub struct Settings {
     pub threads: usize,
     /// verbs: the perftest figures file, if given.
     pub perftest: Option<std::path::PathBuf>,
+    /// Mixed: how the bulk load moves its bytes.
+    pub bulk_api: BulkApi,
 }
 
 impl Settings {
@@ -226,6 +252,7 @@ impl Settings {
             warmup: a.warmup,
             threads: usize::from(a.threads),
             perftest: a.perftest.clone(),
+            bulk_api: a.bulk_api,
         }
     }
 
