@@ -78,8 +78,7 @@ fn pingpong_mem_prints_one_json_object() {
     }
 }
 
-#[test]
-fn mixed_mem_prints_one_json_object() {
+fn mixed_mem(bulk_api: &str) -> serde_json::Value {
     let v = bench_json(&[
         "bench",
         "--transport",
@@ -88,6 +87,8 @@ fn mixed_mem_prints_one_json_object() {
         "mixed",
         "--size",
         "65536",
+        "--bulk-api",
+        bulk_api,
         "--duration",
         "0.2",
         "--warmup",
@@ -96,12 +97,53 @@ fn mixed_mem_prints_one_json_object() {
     ]);
     check_common(&v, "mixed");
     assert_eq!(v["block_bytes"], 65536);
+    assert_eq!(v["bulk_api"], bulk_api);
     for phase in ["idle", "loaded", "fifo"] {
         check_summary(&v[phase], phase);
     }
     assert!(v["bulk_mb_s"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["bulk_solo_mb_s"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["ratio_loaded_idle_p99"].as_f64().unwrap() > 0.0, "{v}");
+    v
+}
+
+#[test]
+fn mixed_mem_prints_one_json_object() {
+    mixed_mem("channel");
+}
+
+/// The bulk load through region writes: bytes land (counted per completed batch) while the
+/// coordination round trips run.
+#[test]
+fn mixed_mem_with_region_transfers_prints_one_json_object() {
+    let v = mixed_mem("transfer");
+    assert!(v["fifo_bulk_mb_s"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// The tcp bulk baseline is the region-sized stream; the one-block stream is reported beside it.
+#[test]
+fn bulk_tcp_reports_both_raw_streams() {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        "tcp",
+        "--workload",
+        "bulk",
+        "--block-bytes",
+        "65536",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(v["workload"], "bulk");
+    assert!(v["fabric_mb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["baseline"]["name"], "raw-tcp-stream");
+    assert!(v["baseline"]["mb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["baseline_hot"]["name"], "raw-tcp-stream-one-block");
+    assert!(v["baseline_hot"]["mb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
 }
 
 #[test]
