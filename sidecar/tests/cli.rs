@@ -183,6 +183,26 @@ fn verbs_without_the_lab_says_what_is_missing() {
     assert!(stderr.contains("AGENTFABRIC_LAB_ADDR_A"), "{stderr}");
 }
 
+/// Busy polling is a verbs setting: asking for it on another transport is refused, not ignored.
+#[test]
+fn busy_poll_on_tcp_is_refused() {
+    let out = agentfabric(&[
+        "bench",
+        "--transport",
+        "tcp",
+        "--workload",
+        "pingpong",
+        "--busy-poll",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--busy-poll applies to the verbs transport only"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn bad_numbers_are_refused_without_a_panic() {
     for args in [

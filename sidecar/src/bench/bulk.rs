@@ -29,7 +29,7 @@ pub const BATCH_BYTES: u64 = 64 << 20;
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let block = s.size as u64;
     let count = (BATCH_BYTES / block).max(1);
-    let pair = FabricPair::new(s.transport, Config::default(), "bulk").await?;
+    let pair = FabricPair::new(s, Config::default(), "bulk").await?;
     let src = pair.client.register((block * count) as usize)?;
     let dst = pair.server.register((block * count) as usize)?;
     let blocks: Vec<Block> = (0..count)
@@ -90,6 +90,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "duration_s": round3(s.duration.as_secs_f64()),
         "warmup_s": round3(s.warmup.as_secs_f64()),
         "threads": s.threads,
+        "busy_poll": s.busy_poll,
         "version": env!("CARGO_PKG_VERSION"),
         "fabric_mb_s": round2(fabric_mb_s),
         "baseline": {"name": base_name, "mb_s": base_mb_s.map(round2)},

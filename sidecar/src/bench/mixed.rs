@@ -234,7 +234,7 @@ async fn loaded_phase(
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let limit = s.phase_limit();
 
-    let pair = FabricPair::new(s.transport, Config::default(), "prio").await?;
+    let pair = FabricPair::new(s, Config::default(), "prio").await?;
     let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
 
@@ -280,7 +280,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         priorities: false,
         ..Default::default()
     };
-    let pair = FabricPair::new(s.transport, fifo_config, "fifo").await?;
+    let pair = FabricPair::new(s, fifo_config, "fifo").await?;
     let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
     let (fifo, bulk_fifo, stats_fifo) = loaded_phase(&pair, &bulk, s).await?;
     drop(bulk);
@@ -298,6 +298,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "duration_s": s.duration.as_secs_f64(),
         "warmup_s": s.warmup.as_secs_f64(),
         "threads": s.threads,
+        "busy_poll": s.busy_poll,
         "version": env!("CARGO_PKG_VERSION"),
         "idle": idle.to_json(None),
         "loaded": loaded.to_json(None),

@@ -162,6 +162,10 @@ pub struct BenchArgs {
     /// Block size in bytes for the bulk workload (default 1048576).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub block_bytes: Option<usize>,
+    /// verbs: spin on the completion queue (`VerbsConfig::busy_poll`), as perftest does, instead
+    /// of sleeping on the completion channel.
+    #[arg(long)]
+    pub busy_poll: bool,
     /// How mixed's bulk load moves its bytes: messages on a bulk channel, or batched region
     /// writes through the transfer API.
     #[arg(long, value_enum, default_value = "channel")]
@@ -233,6 +237,8 @@ pub struct Settings {
     pub perftest: Option<std::path::PathBuf>,
     /// Mixed: how the bulk load moves its bytes.
     pub bulk_api: BulkApi,
+    /// verbs: spin on the completion queue.
+    pub busy_poll: bool,
 }
 
 impl Settings {
@@ -253,6 +259,7 @@ impl Settings {
             threads: usize::from(a.threads),
             perftest: a.perftest.clone(),
             bulk_api: a.bulk_api,
+            busy_poll: a.busy_poll,
         }
     }
 
@@ -329,6 +336,11 @@ async fn run(s: Settings) -> BenchResult<Output> {
         s.threads
     ));
     match s.workload {
+        _ if s.busy_poll && s.transport != TransportKind::Verbs => Err(format!(
+            "--busy-poll applies to the verbs transport only, not {}",
+            s.transport
+        )
+        .into()),
         Workload::Mixed | Workload::Bulk if s.transport == TransportKind::Quic => Err(format!(
             "workload {} does not run over quic yet (pingpong and toolcall do)",
             s.workload.name()
@@ -461,9 +473,9 @@ pub struct FabricPair {
 }
 
 impl FabricPair {
-    /// Builds two nodes with `config` on `transport`; `tag` names them.
-    pub async fn new(transport: TransportKind, config: Config, tag: &str) -> BenchResult<Self> {
-        let (server, client, url) = match transport {
+    /// Builds two nodes with `config` on the run's transport; `tag` names them.
+    pub async fn new(s: &Settings, config: Config, tag: &str) -> BenchResult<Self> {
+        let (server, client, url) = match s.transport {
             TransportKind::Tcp => {
                 let mk = |name: String| {
                     Node::builder(name)
@@ -478,7 +490,7 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
-            TransportKind::Verbs => verbs::nodes(&config, tag)?,
+            TransportKind::Verbs => verbs::nodes(&config, tag, s.busy_poll)?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

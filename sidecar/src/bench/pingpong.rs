@@ -29,7 +29,7 @@ const SLICE: Duration = Duration::from_millis(500);
 
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
-    let pair = FabricPair::new(s.transport, Config::default(), "pingpong").await?;
+    let pair = FabricPair::new(s, Config::default(), "pingpong").await?;
     let mut fabric = Pinger::Fabric(pair.coordination_pinger(s.size).await?);
     // `None`: an external baseline (perftest), not measured here.
     let (mut base, base_name) = match s.transport {
@@ -127,6 +127,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "duration_s": s.duration.as_secs_f64(),
         "warmup_s": s.warmup.as_secs_f64(),
         "threads": s.threads,
+        "busy_poll": s.busy_poll,
         "version": env!("CARGO_PKG_VERSION"),
         "fabric": fabric_sum.to_json(None),
         "baseline": base_sum.map(|b| b.to_json(Some(base_name))),

@@ -38,8 +38,9 @@ fn listen_addr() -> BenchResult<String> {
 
 /// (server, client, listen URL) for `FabricPair::new`. Under emulation (Soft-RoCE in a TCG VM)
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
-/// 10 s, as the conformance suite does for verbs.
-pub fn nodes(cfg: &Config, tag: &str) -> BenchResult<(Node, Node, String)> {
+/// 10 s, as the conformance suite does for verbs. With `busy_poll` both nodes spin on their
+/// completion queues, as perftest does.
+pub fn nodes(cfg: &Config, tag: &str, busy_poll: bool) -> BenchResult<(Node, Node, String)> {
     let url = format!("verbs://{}:0", listen_addr()?);
     let mut cfg = cfg.clone();
     if cfg.peer_timeout == Config::default().peer_timeout {
@@ -47,7 +48,10 @@ pub fn nodes(cfg: &Config, tag: &str) -> BenchResult<(Node, Node, String)> {
     }
     let mk = |name: String| {
         Node::builder(name)
-            .transport(VerbsTransport::with_config(VerbsConfig::default()))
+            .transport(VerbsTransport::with_config(VerbsConfig {
+                busy_poll,
+                ..VerbsConfig::default()
+            }))
             .config(cfg.clone())
             .build()
     };
