@@ -16,7 +16,7 @@
 
 use std::time::Instant;
 
-use agentfabric::{Block, Config};
+use agentfabric::Config;
 use serde_json::json;
 
 use super::report::{fmt_ratio, ratio, round2, round3, Table};
@@ -30,15 +30,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let block = s.size as u64;
     let count = (BATCH_BYTES / block).max(1);
     let pair = FabricPair::new(s, Config::default(), "bulk").await?;
-    let src = pair.client.register((block * count) as usize)?;
-    let dst = pair.server.register((block * count) as usize)?;
-    let blocks: Vec<Block> = (0..count)
-        .map(|i| Block {
-            local: i * block,
-            remote: i * block,
-            len: block,
-        })
-        .collect();
+    let (src, dst, blocks) = pair.region_pair(block, count)?;
     let remote = dst.descriptor();
 
     progress("phase fabric: batched region writes");

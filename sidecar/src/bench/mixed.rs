@@ -71,15 +71,7 @@ impl BulkSource {
             BulkApi::Transfer => {
                 let block = size as u64;
                 let count = (TRANSFER_SPAN / block).clamp(1, TRANSFER_MAX_BLOCKS);
-                let src = pair.client.register((block * count) as usize)?;
-                let dst = pair.server.register((block * count) as usize)?;
-                let blocks: Vec<Block> = (0..count)
-                    .map(|i| Block {
-                        local: i * block,
-                        remote: i * block,
-                        len: block,
-                    })
-                    .collect();
+                let (src, dst, blocks) = pair.region_pair(block, count)?;
                 BulkSource::Transfer {
                     peer: pair.peer.clone(),
                     src,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentfabric::mem::MemNetwork;
-use agentfabric::{Bytes, Channel, Class, Config, Node, Peer};
+use agentfabric::{Block, Bytes, Channel, Class, Config, Node, Peer, Region};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use tokio::task::AbortHandle;
@@ -473,6 +473,21 @@ pub struct FabricPair {
 }
 
 impl FabricPair {
+    /// Registers a region of `count` blocks of `block` bytes on each node (the source on the
+    /// client, the destination on the server) and lists the blocks, each to the same offset.
+    pub fn region_pair(&self, block: u64, count: u64) -> BenchResult<(Region, Region, Vec<Block>)> {
+        let src = self.client.register((block * count) as usize)?;
+        let dst = self.server.register((block * count) as usize)?;
+        let blocks = (0..count)
+            .map(|i| Block {
+                local: i * block,
+                remote: i * block,
+                len: block,
+            })
+            .collect();
+        Ok((src, dst, blocks))
+    }
+
     /// Builds two nodes with `config` on the run's transport; `tag` names them.
     pub async fn new(s: &Settings, config: Config, tag: &str) -> BenchResult<Self> {
         let (server, client, url) = match s.transport {
