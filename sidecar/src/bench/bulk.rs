@@ -7,8 +7,10 @@
 //! regions' size block by block and the reader fills another of that size, so both sides' copies
 //! in and out of the kernel touch as much memory as the transfer's. The stream of one
 //! cache-resident block over and over (faster: its copies never leave the caches) is reported
-//! beside it as `baseline_hot`. Over verbs the blocks travel as
-//! two-sided sends through the session (the transport has no one-sided RDMA WRITE yet).
+//! beside it as `baseline_hot`.
+//!
+//! Over verbs the blocks travel as two-sided sends through the session (the transport has no
+//! one-sided RDMA WRITE yet).
 //!
 //! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
 //! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.

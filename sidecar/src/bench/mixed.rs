@@ -62,7 +62,7 @@ enum BulkSource {
 }
 
 impl BulkSource {
-    async fn new(pair: &FabricPair, api: BulkApi, size: usize) -> BenchResult<BulkSource> {
+    fn new(pair: &FabricPair, api: BulkApi, size: usize) -> BenchResult<BulkSource> {
         Ok(match api {
             BulkApi::Channel => BulkSource::Channel {
                 channel: pair.peer.channel(Class::Bulk, 3)?,
@@ -228,7 +228,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
 
     let pair = FabricPair::new(s, Config::default(), "prio").await?;
     let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
-    let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
+    let bulk = BulkSource::new(&pair, s.bulk_api, s.size)?;
 
     progress("phase idle: coordination round trips alone");
     let idle = tokio::time::timeout(limit, coord.measure(s.warmup, s.duration))
@@ -273,7 +273,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         ..Default::default()
     };
     let pair = FabricPair::new(s, fifo_config, "fifo").await?;
-    let bulk = BulkSource::new(&pair, s.bulk_api, s.size).await?;
+    let bulk = BulkSource::new(&pair, s.bulk_api, s.size)?;
     let (fifo, bulk_fifo, stats_fifo) = loaded_phase(&pair, &bulk, s).await?;
     drop(bulk);
     drop(pair);
