@@ -152,7 +152,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub workload: Workload,
     /// Message size in bytes: the round-trip payload for pingpong (default 64), the bulk message
-    /// size for mixed (default 1048576; coordination messages stay 64 B).
+    /// (or block, with `--bulk-api transfer`) size for mixed (default 1048576; coordination
+    /// messages stay 64 B).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub size: Option<usize>,
     /// Measured seconds per measurement, after the warm-up (default 3 for pingpong, 2 per phase
