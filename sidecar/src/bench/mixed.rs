@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentfabric::{Block, Bytes, Channel, Class, Config, Peer, Region, RegionDescriptor};
+use agentfabric::{Block, Bytes, Channel, Class, Config, Peer, Region};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -53,9 +53,7 @@ enum BulkSource {
     Transfer {
         peer: Peer,
         src: Region,
-        /// Kept registered for the life of the load.
-        _dst: Region,
-        remote: RegionDescriptor,
+        dst: Region,
         batches: Arc<Vec<Vec<Block>>>,
         landed: Arc<AtomicU64>,
     },
@@ -75,8 +73,7 @@ impl BulkSource {
                 BulkSource::Transfer {
                     peer: pair.peer.clone(),
                     src,
-                    remote: dst.descriptor(),
-                    _dst: dst,
+                    dst,
                     batches: Arc::new(blocks.chunks(TRANSFER_BATCH).map(<[_]>::to_vec).collect()),
                     landed: Arc::new(AtomicU64::new(0)),
                 }
@@ -122,12 +119,11 @@ impl<'a> BulkLoad<'a> {
             BulkSource::Transfer {
                 peer,
                 src,
-                remote,
+                dst,
                 batches,
                 landed,
-                ..
             } => {
-                let (peer, src, remote) = (peer.clone(), src.clone(), *remote);
+                let (peer, src, remote) = (peer.clone(), src.clone(), dst.descriptor());
                 let (batches, landed) = (batches.clone(), landed.clone());
                 tokio::spawn(async move {
                     for batch in batches.iter().cycle() {
@@ -157,11 +153,12 @@ impl<'a> BulkLoad<'a> {
                 BulkSource::Transfer {
                     peer,
                     src,
-                    remote,
+                    dst,
                     batches,
                     ..
                 } => {
-                    peer.write(src, remote, &batches[0][..1], None).await?;
+                    peer.write(src, &dst.descriptor(), &batches[0][..1], None)
+                        .await?;
                 }
             }
             BenchResult::Ok(())
