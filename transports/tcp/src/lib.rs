@@ -183,7 +183,7 @@ pub struct TcpConfig {
     /// there; `None` keeps that setting.
     pub bulk_send_buffer_size: Option<usize>,
     /// Where the bulk lane's system calls run. Default
-    /// [`BulkLaneIo::Threads`]`(`[`ThreadPriority::Idle`]`)`: see [`BulkLaneIo`].
+    /// [`BulkLaneIo::Threads`]`(`[`ThreadPriority::Nice`]`(10))`: see [`BulkLaneIo`].
     pub bulk_lane_io: BulkLaneIo,
 }
 
