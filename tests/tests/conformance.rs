@@ -2,6 +2,7 @@
 //! and instantiated per transport by `conformance!` at the bottom.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use agentfabric::frame::{Header, Kind as FrameKind, OutFrame};
@@ -554,6 +555,40 @@ async fn concurrent_senders_on_one_channel(kind: Kind) {
     }
 }
 
+/// A receive dropped while it joins a large fragmented message (it yields between slices)
+/// loses nothing: the next receive returns that message whole, then the one after it.
+async fn receive_dropped_mid_join_loses_nothing(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let tx = p.client_peer.channel(Class::Bulk, 3).unwrap();
+    let big = body(1, 0, 4 << 20);
+    tx.send(big.clone()).await.unwrap();
+    tx.send(body(1, 1, 100)).await.unwrap();
+    // Acknowledged means both messages are in the receiving node, ready to take.
+    within(LIMIT, tx.flush()).await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+
+    let mut recv = Box::pin(rx.recv());
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(recv.as_mut().poll(cx))).await;
+    assert!(
+        first.is_pending(),
+        "a 4 MiB message should be joined in slices, yielding after the first"
+    );
+    drop(recv);
+
+    let m = within(LIMIT, rx.recv()).await.unwrap();
+    assert_eq!(
+        m.body.len(),
+        big.len(),
+        "the dropped join's message comes back whole"
+    );
+    assert!(
+        m.body[..] == big[..],
+        "the dropped join's message is intact"
+    );
+    let m = within(LIMIT, rx.recv()).await.unwrap();
+    assert_eq!(check_body(&m.body), (1, 1), "then the next message, once");
+}
+
 /// Receivers that give up waiting over and over (a timeout cancels `recv` at random points,
 /// often right after the transport woke the waiting task to read) while another task waits on a
 /// quiet channel of the same peer: nothing is lost, repeated or stuck, and the quiet channel
@@ -638,6 +673,7 @@ macro_rules! suite {
                 ordering_across_interleaved_channels,
                 concurrent_senders_on_one_channel,
                 cancelled_receives_lose_nothing,
+                receive_dropped_mid_join_loses_nothing,
                 exactly_once_across_reconnects,
                 coordination_overtakes_saturating_bulk,
                 bounded_memory_under_overload,

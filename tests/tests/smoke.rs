@@ -52,3 +52,41 @@ async fn smoke_mem_and_tcp() {
         h.abort();
     }
 }
+
+/// A task that drains a channel full of ready messages in a loop yields its worker now and
+/// then (each `recv` spends tokio task budget), so other tasks on the same worker still run:
+/// on a single-threaded runtime, the spawned task gets to run before the loop ends.
+#[tokio::test(flavor = "current_thread")]
+async fn draining_a_full_channel_lets_other_tasks_run() {
+    use agentfabric_tests::{pair, within, Kind};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const MESSAGES: u32 = 1000;
+    let p = pair(Kind::Mem, agentfabric::Config::default()).await;
+    let tx = p.client_peer.channel(Class::Coordination, 3).unwrap();
+    for i in 0..MESSAGES {
+        tx.send(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    // Acknowledged: every message is in the receiving node, so no `recv` below has to wait.
+    within(Duration::from_secs(10), tx.flush()).await.unwrap();
+    let rx = within(Duration::from_secs(10), p.server_peer.accept_channel())
+        .await
+        .unwrap();
+
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+    let mut seen_at = None;
+    for i in 0..MESSAGES {
+        let m = rx.recv().await.unwrap();
+        assert_eq!(&m.body[..], &i.to_le_bytes(), "in order");
+        if seen_at.is_none() && ran.load(Ordering::SeqCst) {
+            seen_at = Some(i);
+        }
+    }
+    assert!(
+        seen_at.is_some(),
+        "the other task never ran while {MESSAGES} ready messages were drained"
+    );
+}

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::rx::{RxHalf, RxWake};
 use crate::class::Class;
 use crate::core::id_map::{id_map, IdMap};
+use crate::core::Delivered;
 use crate::core::{Event, Session};
 use crate::error::Error;
 use crate::frame::{Frame, Lane};
@@ -120,6 +121,9 @@ pub(crate) struct PeerState {
     pub(crate) responses: HashMap<u64, ResponseSlot>,
     pub(crate) next_tag: u64,
     pub(crate) request_rtt: HashMap<u32, Box<Histogram<u64>>>,
+    /// Per channel, a message taken by a `Channel::recv` that was dropped while joining it:
+    /// the next receive on the channel returns it first.
+    pub(crate) unjoined: HashMap<u32, Delivered>,
     /// Set by `Peer::drop_connection`: the driver closes the current connection.
     pub(crate) kill_connection: bool,
     pub(crate) connected_to: String,
@@ -194,6 +198,13 @@ impl PeerState {
         }
     }
 
+    /// Keeps a message whose join a dropped `Channel::recv` left unfinished, for the channel's
+    /// next receive, and wakes a receiver waiting on the channel (another clone's).
+    pub(crate) fn put_back_unjoined(&mut self, ch: u32, m: Delivered) {
+        self.unjoined.insert(ch, m);
+        self.recv_wakers.wake(ch, &mut self.wakes);
+    }
+
     pub(crate) fn new(session: Session, connected_to: String) -> PeerState {
         PeerState {
             session,
@@ -207,6 +218,7 @@ impl PeerState {
             responses: HashMap::new(),
             next_tag: 1,
             request_rtt: HashMap::new(),
+            unjoined: HashMap::new(),
             kill_connection: false,
             connected_to,
             sink: None,
