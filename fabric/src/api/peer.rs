@@ -308,10 +308,7 @@ impl Channel {
     /// `try_recv`) on the channel; with several tasks receiving on clones of one channel, that
     /// message may then come after one another task took meanwhile.
     pub async fn recv(&self) -> Result<Message> {
-        let m = match self.take_unjoined() {
-            Some(m) => m,
-            None => self.recv_unassembled().await?,
-        };
+        let m = self.recv_unassembled().await?;
         if m.parts.is_empty() || m.len() <= JOIN_SLICE {
             return Ok(message(m));
         }
@@ -322,17 +319,10 @@ impl Channel {
         };
         let body = join_yielding(&keep.msg).await;
         keep.joined = true;
-        keep.msg.parts.clear();
-        Ok(message(crate::core::Delivered {
-            body,
-            parts: Vec::new(),
-            ..keep.msg.clone()
-        }))
-    }
-
-    /// A message whose join a dropped [`Channel::recv`] left unfinished, if any.
-    fn take_unjoined(&self) -> Option<crate::core::Delivered> {
-        self.peer.shared.lock().unjoined.remove(&self.id)
+        let mut m = std::mem::take(&mut keep.msg);
+        m.parts.clear();
+        m.body = body;
+        Ok(message(m))
     }
 
     /// As [`Channel::recv`], leaving a fragmented message in its pieces (the fabric's own bulk
@@ -340,6 +330,12 @@ impl Channel {
     pub(crate) async fn recv_unassembled(&self) -> Result<crate::core::Delivered> {
         let shared = &*self.peer.shared;
         let take = |st: &mut PeerState| -> Option<Result<crate::core::Delivered>> {
+            // A message a dropped `recv` put back comes before the session's next one.
+            if !st.unjoined.is_empty() {
+                if let Some(m) = st.unjoined.remove(&self.id) {
+                    return Some(Ok(m));
+                }
+            }
             if let Some(m) = st.session.recv_unassembled(self.id) {
                 if st.session.has_urgent_output() {
                     st.kick();
@@ -544,10 +540,7 @@ struct KeepUnjoined<'a> {
 impl Drop for KeepUnjoined<'_> {
     fn drop(&mut self) {
         if !self.joined {
-            let msg = crate::core::Delivered {
-                parts: std::mem::take(&mut self.msg.parts),
-                ..self.msg.clone()
-            };
+            let msg = std::mem::take(&mut self.msg);
             self.channel
                 .peer
                 .shared
