@@ -59,7 +59,8 @@ impl<'a> ConnDriver<'a> {
             rx.failed = None;
             rx.frames.clear();
             let mut st = shared.lock();
-            st.sink = Some(conn.sink);
+            shared.tx.connect(conn.sink);
+            st.connected = true;
             st.timer_at = None;
             ingest(&mut st, &mut leftover, Feeder::Driver);
             st.dispatch();
@@ -72,7 +73,8 @@ impl<'a> ConnDriver<'a> {
     }
 
     fn end(&mut self, end: ConnEnd) -> Poll<ConnEnd> {
-        self.shared.lock().sink = None;
+        let mut st = self.shared.lock();
+        self.shared.disconnect(&mut st);
         Poll::Ready(end)
     }
 }
@@ -128,58 +130,45 @@ impl Future for ConnDriver<'_> {
                         let err = Error::from(fe);
                         tracing::warn!(peer = %shared.remote_name, error = %err, "malformed frame; session closed");
                         st.kill(err);
-                        st.sink = None;
+                        shared.disconnect(&mut st);
                         return Poll::Ready(ConnEnd::SessionDead);
                     }
                     st.dispatch();
-                    st.sink = None;
+                    shared.disconnect(&mut st);
                     return Poll::Ready(ConnEnd::Lost(e.to_string()));
                 }
                 Poll::Pending => {}
             }
             if st.kill_connection {
                 st.kill_connection = false;
-                st.sink = None;
+                shared.disconnect(&mut st);
                 return Poll::Ready(ConnEnd::Lost("connection dropped on request".into()));
             }
 
-            // 2. Timers, then write what the session has.
+            // 2. Timers, then stage what the session has (written below, outside the lock).
             let now = Instant::now();
             if st.timer_at.is_some_and(|t| now >= t) {
                 st.session.handle_timeout(now);
                 st.timer_at = None;
             }
-            match st.pump(cx, now) {
-                Poll::Ready(Ok(more)) => {
-                    if more {
-                        progress = true;
-                        work += super::shared::SEND_BATCH;
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    st.dispatch();
-                    st.sink = None;
-                    return Poll::Ready(ConnEnd::Lost(e.to_string()));
-                }
-                Poll::Pending => {}
-            }
+            let more = st.pump(now);
+            // This task writes with its own waker (registered for write readiness), below.
+            st.flush_pending = false;
             st.dispatch();
             if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 st.driver = Some(cx.waker().clone());
             }
 
             if st.session.dead().is_some() {
-                // Write what is queued (a Close frame), then close the connection.
-                let Some(sink) = st.sink.as_mut() else {
+                // Write what is staged (a Close frame), then close the connection.
+                if !st.connected {
                     return Poll::Ready(ConnEnd::SessionDead);
-                };
-                if sink.queued_bytes() > 0 && sink.poll_flush(cx).is_pending() {
+                }
+                drop(st);
+                if shared.tx.poll_close(cx).is_pending() {
                     return Poll::Pending;
                 }
-                if sink.poll_close(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                st.sink = None;
+                shared.disconnect(&mut shared.lock());
                 return Poll::Ready(ConnEnd::SessionDead);
             }
 
@@ -202,6 +191,23 @@ impl Future for ConnDriver<'_> {
             }
             let armed = st.timer_at.is_some();
             drop(st);
+            match shared.tx.flush(cx) {
+                // Another task is writing; it wakes this one when it is done.
+                Poll::Ready(Ok(false)) => {}
+                Poll::Ready(Ok(true)) => {
+                    if more {
+                        progress = true;
+                        work += super::shared::SEND_BATCH;
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    let mut st = shared.lock();
+                    st.dispatch();
+                    shared.disconnect(&mut st);
+                    return Poll::Ready(ConnEnd::Lost(e.to_string()));
+                }
+                Poll::Pending => {}
+            }
             if armed && this.timer.as_mut().poll(cx).is_ready() {
                 progress = true;
             }

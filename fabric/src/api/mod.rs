@@ -5,6 +5,7 @@ mod node;
 mod peer;
 mod rx;
 mod shared;
+mod tx;
 
 pub use node::{Node, NodeBuilder};
 pub use peer::{Channel, ChannelSnapshot, Message, Peer, PeerStats};

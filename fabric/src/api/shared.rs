@@ -2,10 +2,10 @@
 //! one mutex, plus the wakers that turn the session's events into progress for waiting futures.
 //!
 //! The lock is held only for short, allocation-free work (queue a message, take a message, drain
-//! frames); transport I/O happens outside it.
+//! frames); transport I/O happens outside it: received frames are read before it is taken
+//! (`rx.rs`), frames to send are staged under it and written after it is released (`tx.rs`).
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -15,13 +15,13 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::rx::{RxHalf, RxWake};
+use super::tx::TxHalf;
 use crate::class::Class;
 use crate::core::id_map::{id_map, IdMap};
 use crate::core::Delivered;
 use crate::core::{Event, Session};
 use crate::error::Error;
 use crate::frame::{Frame, Lane};
-use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued
 /// while a batch is written waits for little; large enough to amortise the system call.
@@ -127,8 +127,12 @@ pub(crate) struct PeerState {
     /// Set by `Peer::drop_connection`: the driver closes the current connection.
     pub(crate) kill_connection: bool,
     pub(crate) connected_to: String,
-    /// The sending half of the current connection; `None` while disconnected.
-    pub(crate) sink: Option<Box<dyn FrameSink>>,
+    /// Whether a connection is up (its sending half is in `tx`).
+    pub(crate) connected: bool,
+    /// Where frames pulled from the session are staged for writing (shared with `PeerShared`).
+    pub(crate) tx: Arc<TxHalf>,
+    /// Frames were staged: the task holding the lock writes them once it has released it.
+    pub(crate) flush_pending: bool,
     /// The deadline the driver's timer is armed for.
     pub(crate) timer_at: Option<Instant>,
     /// Until when the driver watches the timers (see [`PeerState::watching`]).
@@ -221,52 +225,56 @@ impl PeerState {
             unjoined: HashMap::new(),
             kill_connection: false,
             connected_to,
-            sink: None,
+            connected: false,
+            tx: Arc::default(),
+            flush_pending: false,
             timer_at: None,
             watch_until: None,
             wakes: WakeList::default(),
         }
     }
 
-    /// Pulls frames from the session into the sink and writes them. `Ready(Ok(true))` means the
-    /// batch limit was hit and everything written: call again for more.
-    pub(crate) fn pump(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<io::Result<bool>> {
-        let Some(sink) = self.sink.as_mut() else {
-            return Poll::Ready(Ok(false));
-        };
+    /// Pulls frames from the session and stages them for writing (see `tx.rs`): whoever holds
+    /// the lock writes them once it has released it. `true` means the batch limit was hit: once
+    /// what is staged is written, call again for more.
+    pub(crate) fn pump(&mut self, now: Instant) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let tx = Arc::clone(&self.tx);
+        let mut staged = tx.staged();
         loop {
             // Bulk stops at the batch limit; coordination, tool calls, acks and keepalives go on
             // as long as the latency lane has room, however backed up the bulk lane is.
-            let bulk_ok = sink.queued_bytes() < SEND_BATCH;
-            if !bulk_ok && sink.queued_bytes_in(Lane::Latency) >= SEND_BATCH {
+            let bulk_ok = tx.queued(&staged) < SEND_BATCH;
+            if !bulk_ok && tx.queued_in(&staged, Lane::Latency) >= SEND_BATCH {
                 break;
             }
             match self.session.poll_transmit_lane(now, bulk_ok) {
-                Some(f) => sink.push(f),
+                Some(f) => staged.push(f),
                 None => break,
             }
         }
-        let hit_limit = sink.queued_bytes() >= SEND_BATCH;
-        sink.poll_flush(cx).map_ok(|()| hit_limit)
+        self.flush_pending |= !staged.is_empty();
+        tx.queued(&staged) >= SEND_BATCH
     }
 
     /// After the application changed the session (queued a message, read one): write what is
-    /// ready from this task when the connection takes it at once, which saves a task switch on
-    /// the latency path; otherwise leave the work to the driver.
+    /// ready from this task (once the lock is released) when the connection takes it at once,
+    /// which saves a task switch on the latency path; otherwise leave the work to the driver.
     pub(crate) fn kick(&mut self) {
         self.kick_at(Instant::now());
     }
 
     /// As [`PeerState::kick`], at `now`.
     pub(crate) fn kick_at(&mut self, now: Instant) {
-        let mut cx = Context::from_waker(Waker::noop());
-        let done = matches!(self.pump(&mut cx, now), Poll::Ready(Ok(false)));
+        let more = self.pump(now);
         self.dispatch();
-        // The driver must run if writing would block (only its waker is registered for write
-        // readiness), failed, has more, or the session now needs an earlier timer that the
-        // driver is not already watching for.
+        // The driver must run if there is more to send than one batch, or the session now needs
+        // an earlier timer that the driver is not already watching for. (A write that would
+        // block or fails wakes it too: see `TxHalf::flush_from_task`.)
         let earlier_timer = self.timer_needs_driver() && !self.watching(now);
-        if !done || earlier_timer || self.sink.is_none() {
+        if more || earlier_timer || !self.connected {
             self.wake_driver();
         }
     }
@@ -343,6 +351,8 @@ pub(crate) struct PeerShared {
     pub(crate) rx_wake: Arc<RxWake>,
     /// `rx_wake` as a waker: the only waker the transport's receive side is polled with.
     pub(crate) rx_waker: Waker,
+    /// The connection's sending half (see `tx.rs`); also in `PeerState::tx`.
+    pub(crate) tx: Arc<TxHalf>,
 }
 
 /// Bytes a task waiting in `recv` reads from the connection in one go before it leaves the rest
@@ -362,6 +372,7 @@ impl PeerShared {
         PeerShared {
             remote_name,
             session_id,
+            tx: Arc::clone(&state.tx),
             state: Mutex::new(state),
             rx: Mutex::new(RxHalf::default()),
             rx_waker: Waker::from(rx_wake.clone()),
@@ -443,18 +454,29 @@ impl PeerShared {
         rx.frames.clear();
         rx.failed = None;
     }
-    /// Locks the state; tasks woken meanwhile are woken when the guard is dropped.
+    /// Locks the state; tasks woken meanwhile are woken, and frames staged meanwhile written,
+    /// when the guard is dropped.
     pub(crate) fn lock(&self) -> StateGuard<'_> {
         // A panic while holding the lock leaves plain data behind; keep going with it.
         StateGuard {
             guard: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())),
+            tx: &self.tx,
         }
+    }
+
+    /// Marks the connection gone: drops its sending half, and what was staged for it.
+    pub(crate) fn disconnect(&self, st: &mut PeerState) {
+        st.connected = false;
+        st.flush_pending = false;
+        self.tx.disconnect();
     }
 }
 
-/// The locked state. Dropping it releases the lock, then wakes the tasks that events made ready.
+/// The locked state. Dropping it releases the lock, then wakes the tasks that events made ready
+/// and writes the frames staged meanwhile.
 pub(crate) struct StateGuard<'a> {
     guard: Option<MutexGuard<'a, PeerState>>,
+    tx: &'a TxHalf,
 }
 
 impl std::ops::Deref for StateGuard<'_> {
@@ -474,8 +496,13 @@ impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         if let Some(mut g) = self.guard.take() {
             let wakes = std::mem::take(&mut g.wakes);
+            let flush = std::mem::take(&mut g.flush_pending);
+            let driver = if flush { g.driver.clone() } else { None };
             drop(g);
             wakes.wake_all();
+            if flush {
+                self.tx.flush_from_task(driver);
+            }
         }
     }
 }
