@@ -36,7 +36,9 @@ pub mod sim;
 pub mod tools;
 pub mod transport;
 
-pub use api::{Channel, ChannelSnapshot, Message, Node, NodeBuilder, Peer, PeerStats};
+pub use api::{
+    Channel, ChannelSnapshot, Message, MessageParts, Node, NodeBuilder, Peer, PeerStats,
+};
 pub use bulk::{Block, Region, RegionDescriptor};
 pub use bytes::Bytes;
 pub use class::{Class, Priority};

@@ -90,3 +90,57 @@ async fn draining_a_full_channel_lets_other_tasks_run() {
         "the other task never ran while {MESSAGES} ready messages were drained"
     );
 }
+
+/// `recv_parts` hands a fragmented message over in its chunks, unjoined, whose concatenation
+/// is the body sent; a small message comes as one chunk; a request keeps its id; order holds
+/// across both kinds of receive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_parts_hands_over_chunks_without_joining_them() {
+    use agentfabric_tests::{pair, within, Kind};
+
+    let p = pair(Kind::Mem, agentfabric::Config::default()).await;
+    let tx = p.client_peer.channel(Class::Bulk, 0).unwrap();
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    tx.send(big.clone()).await.unwrap();
+    tx.send("small").await.unwrap();
+    tx.send("after").await.unwrap();
+    let rx = within(Duration::from_secs(10), p.server_peer.accept_channel())
+        .await
+        .unwrap();
+
+    let m = within(Duration::from_secs(10), rx.recv_parts())
+        .await
+        .unwrap();
+    assert!(
+        m.parts.len() > 1,
+        "a 3 MiB message travels in several chunks"
+    );
+    assert_eq!(m.len(), big.len());
+    assert_eq!(m.request_id, None);
+    assert_eq!(m.clone().into_message().body, big);
+    assert_eq!(m.parts.concat(), big);
+
+    let m = within(Duration::from_secs(10), rx.recv_parts())
+        .await
+        .unwrap();
+    assert_eq!(m.parts, vec![agentfabric::Bytes::from_static(b"small")]);
+    let m = within(Duration::from_secs(10), rx.recv()).await.unwrap();
+    assert_eq!(
+        &m.body[..],
+        b"after",
+        "recv goes on where recv_parts left off"
+    );
+
+    // A request received in parts can still be answered.
+    let ctx = p.client_peer.channel(Class::ToolCall, 0).unwrap();
+    let answer = tokio::spawn(async move { ctx.request("ping", Duration::from_secs(10)).await });
+    let rq = within(Duration::from_secs(10), p.server_peer.accept_channel())
+        .await
+        .unwrap();
+    let m = within(Duration::from_secs(10), rq.recv_parts())
+        .await
+        .unwrap();
+    assert!(m.request_id.is_some());
+    rq.respond(&m.into_message(), "pong").await.unwrap();
+    assert_eq!(&answer.await.unwrap().unwrap()[..], b"pong");
+}

@@ -8,4 +8,4 @@ mod shared;
 mod tx;
 
 pub use node::{Node, NodeBuilder};
-pub use peer::{Channel, ChannelSnapshot, Message, Peer, PeerStats};
+pub use peer::{Channel, ChannelSnapshot, Message, MessageParts, Peer, PeerStats};

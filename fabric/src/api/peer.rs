@@ -187,6 +187,42 @@ pub struct Message {
     pub request_id: Option<u64>,
 }
 
+/// A received message left in the chunks it travelled in ([`Channel::recv_parts`]): no copy is
+/// made to join them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageParts {
+    /// The body's chunks, in order: one for a message that fit one chunk, several for a
+    /// fragmented one. Their concatenation is the body [`Channel::recv`] would have returned.
+    pub parts: Vec<Bytes>,
+    /// `Some(id)` when the message is a request to answer with [`Channel::respond`].
+    pub request_id: Option<u64>,
+}
+
+impl MessageParts {
+    /// The body's length in bytes.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    /// Joins the chunks into one [`Message`] (one copy, none for a single chunk).
+    pub fn into_message(mut self) -> Message {
+        let body = match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.pop().unwrap_or_default(),
+            _ => Bytes::from(self.parts.concat()),
+        };
+        Message {
+            body,
+            request_id: self.request_id,
+        }
+    }
+}
+
 /// An ordered, reliable stream of messages with a class and a priority, inside a peer session.
 /// Cheap to clone; clones share the channel.
 ///
@@ -323,6 +359,24 @@ impl Channel {
         m.parts.clear();
         m.body = body;
         Ok(message(m))
+    }
+
+    /// As [`Channel::recv`], but a fragmented message comes in the chunks it travelled in, with
+    /// no copy to join them: for a consumer that writes the bytes somewhere anyway (a KV-cache
+    /// block into its pages, a file, a hash), this saves a copy of every byte, and the time a
+    /// worker would spend on it. Ordering, delivery and failure guarantees are those of
+    /// [`Channel::recv`]; cancel-safe: dropping the future loses no message.
+    pub async fn recv_parts(&self) -> Result<MessageParts> {
+        let mut m = self.recv_unassembled().await?;
+        let parts = if m.parts.is_empty() {
+            vec![std::mem::take(&mut m.body)]
+        } else {
+            std::mem::take(&mut m.parts)
+        };
+        Ok(MessageParts {
+            parts,
+            request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
+        })
     }
 
     /// As [`Channel::recv`], leaving a fragmented message in its pieces (the fabric's own bulk
