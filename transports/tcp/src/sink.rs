@@ -28,6 +28,8 @@ pub(crate) struct TcpFrameSink<W> {
     front_written: usize,
     /// Bytes in `queue` not yet written: exactly what `queued_bytes` reports.
     queued: usize,
+    /// Most bytes handed to one write call.
+    max_write: usize,
     /// The write direction has been shut down.
     closed: bool,
 }
@@ -39,7 +41,16 @@ impl<W> TcpFrameSink<W> {
             queue: VecDeque::with_capacity(INITIAL_QUEUE),
             front_written: 0,
             queued: 0,
+            max_write: usize::MAX,
             closed: false,
+        }
+    }
+
+    /// As [`TcpFrameSink::new`], handing at most `max_write` bytes to one write call.
+    pub(crate) fn with_max_write(io: W, max_write: usize) -> Self {
+        TcpFrameSink {
+            max_write: max_write.max(1),
+            ..TcpFrameSink::new(io)
         }
     }
 
@@ -67,28 +78,32 @@ impl<W> TcpFrameSink<W> {
 }
 
 /// Fills `slices` with what remains to be written, starting `front_written` bytes into the
-/// front frame; returns how many slices were filled. Empty slices are never produced.
+/// front frame, `max_bytes` at most; returns how many slices were filled. Empty slices are
+/// never produced.
 fn fill_slices<'a>(
     queue: &'a VecDeque<OutFrame>,
     front_written: usize,
+    max_bytes: usize,
     slices: &mut [IoSlice<'a>; MAX_IOVECS],
 ) -> usize {
     let mut n = 0;
+    let mut room = max_bytes;
     let mut skip = front_written;
     for frame in queue {
-        if skip < HEADER_LEN {
-            slices[n] = IoSlice::new(&frame.header[skip..]);
-            n += 1;
-            if n == MAX_IOVECS {
-                break;
+        for (part, part_skip) in [
+            (&frame.header[..], skip),
+            (&frame.payload[..], skip.saturating_sub(HEADER_LEN)),
+        ] {
+            if part_skip >= part.len() {
+                continue;
             }
-        }
-        let payload_skip = skip.saturating_sub(HEADER_LEN);
-        if payload_skip < frame.payload.len() {
-            slices[n] = IoSlice::new(&frame.payload[payload_skip..]);
+            let rest = &part[part_skip..];
+            let take = rest.len().min(room);
+            slices[n] = IoSlice::new(&rest[..take]);
             n += 1;
-            if n == MAX_IOVECS {
-                break;
+            room -= take;
+            if n == MAX_IOVECS || room == 0 {
+                return n;
             }
         }
         skip = 0;
@@ -116,7 +131,8 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for TcpFrameSink<W> {
         while !self.queue.is_empty() {
             let written = {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let count = fill_slices(&self.queue, self.front_written, &mut slices);
+                let count =
+                    fill_slices(&self.queue, self.front_written, self.max_write, &mut slices);
                 ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?
             };
             if written == 0 {

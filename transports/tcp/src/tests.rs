@@ -334,6 +334,8 @@ struct StingyWriter {
     limits: Vec<usize>,
     calls: usize,
     max_slices_seen: usize,
+    /// Most bytes offered to one call.
+    max_offered: usize,
 }
 
 impl StingyWriter {
@@ -344,11 +346,14 @@ impl StingyWriter {
             limits,
             calls: 0,
             max_slices_seen: 0,
+            max_offered: 0,
         }
     }
 
     fn take(&mut self, bufs: &[IoSlice<'_>]) -> usize {
         self.max_slices_seen = self.max_slices_seen.max(bufs.len());
+        let offered: usize = bufs.iter().map(|b| b.len()).sum();
+        self.max_offered = self.max_offered.max(offered);
         assert!(
             bufs.iter().all(|b| !b.is_empty()),
             "empty slice handed to writev"
@@ -439,6 +444,31 @@ async fn sink_handles_every_kind_of_partial_write_exactly() {
         let calls = sink.io.calls;
         poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
         assert_eq!(sink.io.calls, calls);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_sink_with_a_write_cap_offers_no_more_per_call_and_writes_everything_exactly() {
+    bounded(async {
+        // Frames larger than the cap, smaller ones, and empty payloads.
+        let frames: Vec<OutFrame> = (0..200u64)
+            .map(|i| data_frame(i, [0, 5, 1000, 70_000, 200_000][i as usize % 5]))
+            .collect();
+        let expected = wire(&frames);
+        const CAP: usize = 64 << 10;
+        let mut sink =
+            TcpFrameSink::with_max_write(StingyWriter::new(vec![usize::MAX, 9, 40_000]), CAP);
+        for f in frames {
+            sink.push(f);
+        }
+        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
+        assert!(sink.io.written == expected, "bytes written differ");
+        assert_eq!(
+            sink.io.max_offered, CAP,
+            "a write was offered more than the cap"
+        );
+        assert_eq!(sink.queued_bytes(), 0);
     })
     .await
 }
