@@ -174,9 +174,10 @@ pub struct BenchArgs {
     /// Warm-up seconds before each measurement (not recorded).
     #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
     pub warmup: Duration,
-    /// Worker threads of the tokio runtime that runs both nodes.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub threads: u16,
+    /// Worker threads of the tokio runtime that runs both nodes [default: one fewer than the
+    /// machine's cores, at least 1: see `default_threads`].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: Option<u16>,
     /// Print one JSON object on standard output instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -257,7 +258,7 @@ impl Settings {
             size: a.size.unwrap_or(size),
             duration: a.duration.unwrap_or(duration),
             warmup: a.warmup,
-            threads: usize::from(a.threads),
+            threads: a.threads.map_or_else(default_threads, usize::from),
             perftest: a.perftest.clone(),
             bulk_api: a.bulk_api,
             busy_poll: a.busy_poll,
@@ -571,6 +572,19 @@ impl FabricPair {
             .map_err(|_| "the first coordination round trip took over 5 s")??;
         Ok(p)
     }
+}
+
+/// The runtime's worker count when `--threads` is not given: one fewer than the machine's cores
+/// (at least one). The workers are not all the fabric's threads: the tcp transport's bulk lane
+/// has two threads per connection, and the kernel's copies for every socket run on the cores
+/// too. With as many workers as cores, a coordination task woken while bulk runs often lands
+/// on a core another worker holds and waits its turn there; measured on 2 cores (`agentfabric
+/// bench --transport tcp --workload mixed`): loaded p99 108–116 µs with 2 workers, 57–63 µs
+/// with 1, bulk near or above its solo rate either way; pingpong ratios alike with 1 or 2.
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .max(1)
 }
 
 impl Drop for FabricPair {
