@@ -145,6 +145,9 @@ async fn tcp_pair() -> BenchResult<(TcpStream, TcpStream)> {
 /// for `tcp` (sent from and received into buffers of `span` bytes), a tokio mpsc channel of
 /// [`Bytes`] otherwise (`span` unused: nothing is copied). Counted at the receiver over
 /// `duration`, after `warmup`.
+///
+/// The raw TCP stream is written and read by two threads of its own with blocking sockets, as a
+/// plain streaming program would be: its rate does not depend on the runtime's worker count.
 pub async fn stream_mb_s(
     tcp: bool,
     block: usize,
@@ -152,38 +155,73 @@ pub async fn stream_mb_s(
     warmup: Duration,
     duration: Duration,
 ) -> BenchResult<f64> {
-    let received = Arc::new(AtomicU64::new(0));
-    let (writer, reader) = if tcp {
-        let (mut client, mut server) = tcp_pair().await?;
-        // Both ends walk buffers of `span` bytes, block by block, as a transfer between two
-        // regions of that size does: with `span` larger than the caches, the copies in and out
-        // of the kernel touch memory as the fabric's do.
-        let span = span.max(block);
-        let writer = tokio::spawn(async move {
-            let data = vec![0x5au8; span];
-            for chunk in data.chunks(block).cycle() {
-                if client.write_all(chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let counter = received.clone();
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; span];
-            let mut at = 0;
-            loop {
-                let end = (at + STREAM_READ).min(span);
-                match server.read(&mut buf[at..end]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        counter.fetch_add(n as u64, Ordering::Relaxed);
-                        at = if at + n == span { 0 } else { at + n };
-                    }
-                }
-            }
-        });
-        (writer, reader)
+    if tcp {
+        tcp_stream_mb_s(block, span, warmup, duration).await
     } else {
+        Ok(mpsc_stream_mb_s(block, warmup, duration).await)
+    }
+}
+
+/// [`stream_mb_s`] over raw TCP.
+async fn tcp_stream_mb_s(
+    block: usize,
+    span: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> BenchResult<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let (client, server) = tcp_pair().await?;
+    let (client, server) = (client.into_std()?, server.into_std()?);
+    client.set_nonblocking(false)?;
+    server.set_nonblocking(false)?;
+    let closers = [client.try_clone()?, server.try_clone()?];
+    // Both ends walk buffers of `span` bytes, block by block, as a transfer between two
+    // regions of that size does: with `span` larger than the caches, the copies in and out
+    // of the kernel touch memory as the fabric's do.
+    let span = span.max(block);
+    let writer = std::thread::spawn(move || {
+        let mut client = client;
+        let data = vec![0x5au8; span];
+        for chunk in data.chunks(block).cycle() {
+            if std::io::Write::write_all(&mut client, chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let counter = received.clone();
+    let reader = std::thread::spawn(move || {
+        let mut server = server;
+        let mut buf = vec![0u8; span];
+        let mut at = 0;
+        loop {
+            let end = (at + STREAM_READ).min(span);
+            match std::io::Read::read(&mut server, &mut buf[at..end]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                    at = if at + n == span { 0 } else { at + n };
+                }
+            }
+        }
+    });
+    let mb_s = measure(&received, warmup, duration).await;
+    // Shutting the sockets down ends both threads' blocked calls.
+    for s in &closers {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    tokio::task::spawn_blocking(move || {
+        let _ = writer.join();
+        let _ = reader.join();
+    })
+    .await
+    .map_err(|e| format!("raw TCP stream threads: {e}"))?;
+    Ok(mb_s)
+}
+
+/// [`stream_mb_s`] over a tokio mpsc channel.
+async fn mpsc_stream_mb_s(block: usize, warmup: Duration, duration: Duration) -> f64 {
+    let received = Arc::new(AtomicU64::new(0));
+    let (writer, reader) = {
         let (tx, mut rx) = mpsc::channel::<Bytes>(8);
         let writer = tokio::spawn(async move {
             let data = Bytes::from(vec![0x5au8; block]);
@@ -197,11 +235,17 @@ pub async fn stream_mb_s(
         });
         (writer, reader)
     };
+    let mb_s = measure(&received, warmup, duration).await;
+    writer.abort();
+    reader.abort();
+    mb_s
+}
+
+/// MB/s counted in `received` over `duration`, after `warmup`.
+async fn measure(received: &AtomicU64, warmup: Duration, duration: Duration) -> f64 {
     tokio::time::sleep(warmup).await;
     let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(duration).await;
     let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
-    writer.abort();
-    reader.abort();
-    Ok((b1 - b0) as f64 / (t1 - t0).as_secs_f64() / 1e6)
+    (b1 - b0) as f64 / (t1 - t0).as_secs_f64() / 1e6
 }
