@@ -50,7 +50,9 @@ fn check_common(v: &serde_json::Value, workload: &str) {
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["size_bytes"].as_u64().unwrap() > 0);
     assert!(v["duration_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["threads"], 2);
+    // The default: one fewer than the cores, at least 1.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(v["threads"], cores.saturating_sub(1).max(1));
     assert!(v["fabric_stats"].is_object());
 }
 
