@@ -289,14 +289,10 @@ mod tests {
     fn a_driver_that_finds_the_sink_busy_is_woken_when_the_writer_leaves() {
         let (tx, written, ctl) = half(true, false);
         tx.staged().push(frame(1));
+        let driver = Arc::new(Count::default());
         let writer = {
-            let tx = tx.clone();
-            let driver = Arc::new(Count::default());
-            let w = Waker::from(driver.clone());
-            (
-                std::thread::spawn(move || tx.flush_from_task(Some(w))),
-                driver,
-            )
+            let (tx, w) = (tx.clone(), Waker::from(driver.clone()));
+            std::thread::spawn(move || tx.flush_from_task(Some(w)))
         };
         ctl.started_rx.recv().unwrap();
         let mut cx = Context::from_waker(Waker::noop());
@@ -305,12 +301,8 @@ mod tests {
             "the driver does not wait for the writer"
         );
         ctl.go_tx.send(()).unwrap();
-        writer.0.join().unwrap();
-        assert_eq!(
-            writer.1 .0.load(Ordering::SeqCst),
-            1,
-            "the driver was woken"
-        );
+        writer.join().unwrap();
+        assert_eq!(driver.0.load(Ordering::SeqCst), 1, "the driver was woken");
         assert_eq!(*written.lock().unwrap(), vec![1]);
     }
 
