@@ -66,6 +66,14 @@
 //! hand-over between the threads and the runtime). [`BulkLaneIo::Runtime`] keeps everything on
 //! the runtime.
 //!
+//! Two things limit "at once". On a kernel without full preemption (`PREEMPT_NONE`, common on
+//! servers) a thread inside a system call keeps its core until the call returns, so the writer
+//! thread hands at most 128 KiB to one call. And the threads need cores: a runtime with as many
+//! workers as the machine has cores leaves a woken worker queued behind the other workers while
+//! the lane threads run (measured on 2 cores: loaded p99 108–116 µs with 2 workers, 57–64 µs
+//! with 1, bulk near its solo rate either way). Size the runtime to leave the bulk lanes a core;
+//! `agentfabric bench` runs one fewer worker than there are cores.
+//!
 //! # Design choices
 //!
 //! - **No framing bytes of its own** past the preamble. Every fabric frame opens with a fixed
