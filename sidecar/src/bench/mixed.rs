@@ -1,22 +1,30 @@
 //! Workload `mixed`: 64-byte coordination round trips while bulk traffic to the same peer (a bulk
 //! channel, or region transfers) is kept saturated.
 //!
-//! Phases, each `warmup` then `duration` long:
+//! Phases:
 //! 1. `idle`: coordination round trips alone (default configuration);
-//! 2. bulk alone (`bulk_solo_mb_s`), then the raw streaming baseline of the same block size
-//!    (`bulk_baseline`: raw TCP for `tcp`, a tokio mpsc channel for `mem`; for `verbs`,
-//!    perftest's `ib_write_bw` from the same lab boot, given with `--perftest`, else null);
+//! 2. `bulk_solo`: bulk alone (`bulk_solo_mb_s`);
 //! 3. `loaded`: round trips while one task keeps the bulk path full (priorities on, the
 //!    default): with `--bulk-api channel` (the default) it keeps a bulk channel's send queue full
 //!    of `block`-byte messages, and `bulk_mb_s` is counted at the receiver; with
 //!    `--bulk-api transfer` it writes batches of `block`-byte blocks from a registered region into
 //!    the peer's ([`agentfabric::Peer::write`], a KV-cache hand-off), and `bulk_mb_s` counts the
 //!    bytes of completed batches; either way over the measured part;
-//! 4. `fifo`: the same on a fresh pair of nodes built with `priorities: false`.
+//! 4. `bulk_baseline`: the raw streaming baseline of the same block size (raw TCP for `tcp`, a
+//!    tokio mpsc channel for `mem`; for `verbs`, perftest's `ib_write_bw` from the same lab
+//!    boot, given with `--perftest`, else null), `warmup` then `duration`;
+//! 5. `fifo`: as `loaded`, on a fresh pair of nodes built with `priorities: false`, `warmup` then
+//!    `duration`.
+//!
+//! Phases 1 to 3, whose figures are compared with each other, are interleaved: [`ROUNDS`]
+//! rounds of idle, solo and loaded slices, each slice `duration / ROUNDS` long after a warm-up
+//! of `warmup / ROUNDS`. A machine's speed drifts between seconds (bulk alone moved 2.7 GB/s in
+//! one run and 4.4 GB/s in the next); slices taken side by side see the same drift.
 //!
 //! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
-//! cumulative; each latency phase opens its own coordination channel, so the channel's
-//! queueing-delay histogram covers that phase (and its warm-up) only.
+//! cumulative; the idle and loaded slices each use a coordination channel of their own, so the
+//! loaded channel's queueing-delay histogram covers the loaded slices (and their warm-ups)
+//! only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +43,9 @@ use super::{Output, Workload};
 
 /// Size of the coordination messages.
 pub const COORDINATION_SIZE: usize = 64;
+
+/// Rounds of idle, bulk-alone and loaded slices (see the module docs).
+const ROUNDS: u32 = 4;
 
 /// Bytes of the regions a transfer load cycles through (rounded down to whole blocks).
 const TRANSFER_SPAN: u64 = 64 << 20;
@@ -219,28 +230,103 @@ async fn loaded_phase(
     Ok((summary, mb_s, stats))
 }
 
+/// What the interleaved rounds measured.
+struct Rounds {
+    idle: Summary,
+    loaded: Summary,
+    bulk_solo: f64,
+    bulk_loaded: f64,
+    stats_loaded: serde_json::Value,
+}
+
+/// Bytes delivered and seconds measured, summed over slices.
+#[derive(Default)]
+struct Rate {
+    bytes: u64,
+    secs: f64,
+}
+
+impl Rate {
+    /// Adds what `delivered` counted since `start`.
+    fn add(&mut self, delivered: &AtomicU64, start: (u64, Instant)) {
+        self.bytes += delivered.load(Ordering::Relaxed).saturating_sub(start.0);
+        self.secs += start.1.elapsed().as_secs_f64();
+    }
+
+    fn mb_s(&self) -> f64 {
+        if self.secs <= 0.0 {
+            return 0.0;
+        }
+        self.bytes as f64 / self.secs / 1e6
+    }
+}
+
+/// Phases idle, bulk_solo and loaded, in [`ROUNDS`] rounds of one slice each.
+async fn interleaved(pair: &FabricPair, bulk: &BulkSource, s: &Settings) -> BenchResult<Rounds> {
+    let (slice, warmup) = (s.duration / ROUNDS, s.warmup / ROUNDS);
+    let delivered = bulk.delivered(pair);
+    let mut idle_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
+    let mut loaded_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
+    let (mut idle, mut loaded) = (new_histogram(), new_histogram());
+    let (mut solo_rate, mut loaded_rate) = (Rate::default(), Rate::default());
+    for _ in 0..ROUNDS {
+        idle_coord.run_until(Instant::now() + warmup, None).await?;
+        idle_coord
+            .run_until(Instant::now() + slice, Some(&mut idle))
+            .await?;
+
+        let load = BulkLoad::start(bulk);
+        tokio::time::sleep(warmup).await;
+        let start = snapshot(delivered);
+        tokio::time::sleep(slice).await;
+        solo_rate.add(delivered, start);
+        load.stop().await?;
+
+        let load = BulkLoad::start(bulk);
+        loaded_coord
+            .run_until(Instant::now() + warmup, None)
+            .await?;
+        let start = snapshot(delivered);
+        let r = loaded_coord
+            .run_until(Instant::now() + slice, Some(&mut loaded))
+            .await;
+        loaded_rate.add(delivered, start);
+        load.stop().await?;
+        r?;
+    }
+    let stats_loaded = match loaded_coord.as_fabric() {
+        Some(f) => fabric_stats_json(pair, f),
+        None => serde_json::Value::Null,
+    };
+    Ok(Rounds {
+        idle: Summary::from_histogram(&idle),
+        loaded: Summary::from_histogram(&loaded),
+        bulk_solo: solo_rate.mb_s(),
+        bulk_loaded: loaded_rate.mb_s(),
+        stats_loaded,
+    })
+}
+
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let limit = s.phase_limit();
 
     let pair = FabricPair::new(s, Config::default(), "prio").await?;
-    let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let bulk = BulkSource::new(&pair, s.bulk_api, s.size)?;
 
-    progress("phase idle: coordination round trips alone");
-    let idle = tokio::time::timeout(limit, coord.measure(s.warmup, s.duration))
+    progress(&format!(
+        "phases idle, bulk_solo and loaded (priorities on): {ROUNDS} interleaved rounds"
+    ));
+    let rounds = tokio::time::timeout(limit * ROUNDS, interleaved(&pair, &bulk, s))
         .await
-        .map_err(|_| "the idle phase did not finish")??;
-    let idle = Summary::from_histogram(&idle);
-    drop(coord);
-
-    progress("phase bulk_solo: bulk alone");
-    let load = BulkLoad::start(&bulk);
-    tokio::time::sleep(s.warmup).await;
-    let start = snapshot(bulk.delivered(&pair));
-    tokio::time::sleep(s.duration).await;
-    let bulk_solo = mb_s(bulk.delivered(&pair), start);
-    load.stop().await?;
+        .map_err(|_| "the interleaved idle, bulk_solo and loaded phases did not finish")??;
+    let Rounds {
+        idle,
+        loaded,
+        bulk_solo,
+        bulk_loaded,
+        stats_loaded,
+    } = rounds;
 
     let (base_name, bulk_base) = match s.transport {
         TransportKind::Tcp | TransportKind::Mem => {
@@ -258,9 +344,6 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         ),
         TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };
-
-    progress("phase loaded: coordination round trips while bulk runs (priorities on)");
-    let (loaded, bulk_loaded, stats_loaded) = loaded_phase(&pair, &bulk, s).await?;
     drop(bulk);
     drop(pair);
 

@@ -419,19 +419,6 @@ impl Pinger {
             n += 1;
         }
     }
-
-    /// Warm-up for `warmup` (not recorded), then round trips for `duration`, all recorded.
-    pub async fn measure(
-        &mut self,
-        warmup: Duration,
-        duration: Duration,
-    ) -> BenchResult<Histogram<u64>> {
-        let mut hist = new_histogram();
-        self.run_until(Instant::now() + warmup, None).await?;
-        self.run_until(Instant::now() + duration, Some(&mut hist))
-            .await?;
-        Ok(hist)
-    }
 }
 
 /// A client channel of a [`FabricPair`]: sends a payload and waits for the echo.
