@@ -1,5 +1,9 @@
 use agentfabric::{Class, Node};
+use agentfabric_tests::{pair, within, Kind};
 use std::time::Duration;
+
+/// Bound on every wait in these tests.
+const LIMIT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_mem_and_tcp() {
@@ -58,7 +62,6 @@ async fn smoke_mem_and_tcp() {
 /// on a single-threaded runtime, the spawned task gets to run before the loop ends.
 #[tokio::test(flavor = "current_thread")]
 async fn draining_a_full_channel_lets_other_tasks_run() {
-    use agentfabric_tests::{pair, within, Kind};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -69,10 +72,8 @@ async fn draining_a_full_channel_lets_other_tasks_run() {
         tx.send(i.to_le_bytes().to_vec()).await.unwrap();
     }
     // Acknowledged: every message is in the receiving node, so no `recv` below has to wait.
-    within(Duration::from_secs(10), tx.flush()).await.unwrap();
-    let rx = within(Duration::from_secs(10), p.server_peer.accept_channel())
-        .await
-        .unwrap();
+    within(LIMIT, tx.flush()).await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
 
     let ran = Arc::new(AtomicBool::new(false));
     let flag = ran.clone();
@@ -96,21 +97,15 @@ async fn draining_a_full_channel_lets_other_tasks_run() {
 /// across both kinds of receive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recv_parts_hands_over_chunks_without_joining_them() {
-    use agentfabric_tests::{pair, within, Kind};
-
     let p = pair(Kind::Mem, agentfabric::Config::default()).await;
     let tx = p.client_peer.channel(Class::Bulk, 0).unwrap();
     let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     tx.send(big.clone()).await.unwrap();
     tx.send("small").await.unwrap();
     tx.send("after").await.unwrap();
-    let rx = within(Duration::from_secs(10), p.server_peer.accept_channel())
-        .await
-        .unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
 
-    let m = within(Duration::from_secs(10), rx.recv_parts())
-        .await
-        .unwrap();
+    let m = within(LIMIT, rx.recv_parts()).await.unwrap();
     assert!(
         m.parts.len() > 1,
         "a 3 MiB message travels in several chunks"
@@ -120,11 +115,9 @@ async fn recv_parts_hands_over_chunks_without_joining_them() {
     assert_eq!(m.clone().into_message().body, big);
     assert_eq!(m.parts.concat(), big);
 
-    let m = within(Duration::from_secs(10), rx.recv_parts())
-        .await
-        .unwrap();
+    let m = within(LIMIT, rx.recv_parts()).await.unwrap();
     assert_eq!(m.parts, vec![agentfabric::Bytes::from_static(b"small")]);
-    let m = within(Duration::from_secs(10), rx.recv()).await.unwrap();
+    let m = within(LIMIT, rx.recv()).await.unwrap();
     assert_eq!(
         &m.body[..],
         b"after",
@@ -133,14 +126,51 @@ async fn recv_parts_hands_over_chunks_without_joining_them() {
 
     // A request received in parts can still be answered.
     let ctx = p.client_peer.channel(Class::ToolCall, 0).unwrap();
-    let answer = tokio::spawn(async move { ctx.request("ping", Duration::from_secs(10)).await });
-    let rq = within(Duration::from_secs(10), p.server_peer.accept_channel())
-        .await
-        .unwrap();
-    let m = within(Duration::from_secs(10), rq.recv_parts())
-        .await
-        .unwrap();
+    let answer = tokio::spawn(async move { ctx.request("ping", LIMIT).await });
+    let rq = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let m = within(LIMIT, rq.recv_parts()).await.unwrap();
     assert!(m.request_id.is_some());
     rq.respond(&m.into_message(), "pong").await.unwrap();
     assert_eq!(&answer.await.unwrap().unwrap()[..], b"pong");
+}
+
+/// Two receivers on clones of one channel, each dropped in the middle of joining a large
+/// message, both put their message back: the next receives return both, whole, then the
+/// message after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_receives_dropped_mid_join_lose_neither_message() {
+    use std::future::Future;
+
+    let p = pair(Kind::Mem, agentfabric::Config::default()).await;
+    let tx = p.client_peer.channel(Class::Bulk, 0).unwrap();
+    let big = |fill: u8| vec![fill; 4 << 20];
+    tx.send(big(1)).await.unwrap();
+    tx.send(big(2)).await.unwrap();
+    tx.send("after").await.unwrap();
+    within(LIMIT, tx.flush()).await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+
+    let (a, b) = (rx.clone(), rx.clone());
+    let (mut ra, mut rb) = (Box::pin(a.recv()), Box::pin(b.recv()));
+    let polled = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready((ra.as_mut().poll(cx), rb.as_mut().poll(cx)))
+    })
+    .await;
+    assert!(
+        polled.0.is_pending() && polled.1.is_pending(),
+        "each 4 MiB message should be joined in slices, yielding after the first"
+    );
+    drop((ra, rb));
+
+    let mut fills = Vec::new();
+    for _ in 0..2 {
+        let m = within(LIMIT, rx.recv()).await.unwrap();
+        assert_eq!(m.body.len(), 4 << 20, "a put-back message comes back whole");
+        assert!(m.body.iter().all(|&x| x == m.body[0]), "and intact");
+        fills.push(m.body[0]);
+    }
+    fills.sort();
+    assert_eq!(fills, vec![1, 2], "neither put-back message is lost");
+    let m = within(LIMIT, rx.recv()).await.unwrap();
+    assert_eq!(&m.body[..], b"after");
 }

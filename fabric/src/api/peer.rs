@@ -350,12 +350,11 @@ impl Channel {
         }
         let mut keep = KeepUnjoined {
             channel: self,
-            msg: m,
-            joined: false,
+            msg: Some(m),
         };
-        let body = join_yielding(&keep.msg).await;
-        keep.joined = true;
-        let mut m = std::mem::take(&mut keep.msg);
+        let body = join_yielding(keep.msg.as_ref().expect("held until joined")).await;
+        // Joined: the message is the receiver's now.
+        let mut m = keep.msg.take().expect("held until joined");
         m.parts.clear();
         m.body = body;
         Ok(message(m))
@@ -375,7 +374,7 @@ impl Channel {
         };
         Ok(MessageParts {
             parts,
-            request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
+            request_id: request_id(&m),
         })
     }
 
@@ -385,10 +384,8 @@ impl Channel {
         let shared = &*self.peer.shared;
         let take = |st: &mut PeerState| -> Option<Result<crate::core::Delivered>> {
             // A message a dropped `recv` put back comes before the session's next one.
-            if !st.unjoined.is_empty() {
-                if let Some(m) = st.unjoined.remove(&self.id) {
-                    return Some(Ok(m));
-                }
+            if let Some(m) = st.take_unjoined(self.id) {
+                return Some(Ok(m));
             }
             if let Some(m) = st.session.recv_unassembled(self.id) {
                 if st.session.has_urgent_output() {
@@ -429,7 +426,7 @@ impl Channel {
     /// The next message if one is ready.
     pub fn try_recv(&self) -> Result<Option<Message>> {
         let mut st = self.peer.shared.lock();
-        if let Some(m) = st.unjoined.remove(&self.id) {
+        if let Some(m) = st.take_unjoined(self.id) {
             drop(st);
             return Ok(Some(message(m)));
         }
@@ -586,15 +583,13 @@ async fn join_yielding(m: &crate::core::Delivered) -> Bytes {
 /// message goes back to the channel for the next receive.
 struct KeepUnjoined<'a> {
     channel: &'a Channel,
-    msg: crate::core::Delivered,
-    /// Set once the join is done: the message is then the receiver's.
-    joined: bool,
+    /// `None` once the join is done.
+    msg: Option<crate::core::Delivered>,
 }
 
 impl Drop for KeepUnjoined<'_> {
     fn drop(&mut self) {
-        if !self.joined {
-            let msg = std::mem::take(&mut self.msg);
+        if let Some(msg) = self.msg.take() {
             self.channel
                 .peer
                 .shared
@@ -608,9 +603,14 @@ impl Drop for KeepUnjoined<'_> {
 fn message(mut m: crate::core::Delivered) -> Message {
     m.assemble();
     Message {
+        request_id: request_id(&m),
         body: m.body,
-        request_id: (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag),
     }
+}
+
+/// `Some(id)` when `m` is a request (its tag is the id to answer with).
+fn request_id(m: &crate::core::Delivered) -> Option<u64> {
+    (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag)
 }
 
 struct SlotGuard<'a> {

@@ -5,7 +5,7 @@
 //! frames); transport I/O happens outside it: received frames are read before it is taken
 //! (`rx.rs`), frames to send are staged under it and written after it is released (`tx.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -121,9 +121,10 @@ pub(crate) struct PeerState {
     pub(crate) responses: HashMap<u64, ResponseSlot>,
     pub(crate) next_tag: u64,
     pub(crate) request_rtt: HashMap<u32, Box<Histogram<u64>>>,
-    /// Per channel, a message taken by a `Channel::recv` that was dropped while joining it:
-    /// the next receive on the channel returns it first.
-    pub(crate) unjoined: HashMap<u32, Delivered>,
+    /// Per channel, the messages taken by `Channel::recv`s that were dropped while joining
+    /// them (several receivers on clones of one channel may each leave one): the next receives
+    /// on the channel return them first.
+    unjoined: HashMap<u32, VecDeque<Delivered>>,
     /// Set by `Peer::drop_connection`: the driver closes the current connection.
     pub(crate) kill_connection: bool,
     pub(crate) connected_to: String,
@@ -205,8 +206,21 @@ impl PeerState {
     /// Keeps a message whose join a dropped `Channel::recv` left unfinished, for the channel's
     /// next receive, and wakes a receiver waiting on the channel (another clone's).
     pub(crate) fn put_back_unjoined(&mut self, ch: u32, m: Delivered) {
-        self.unjoined.insert(ch, m);
+        self.unjoined.entry(ch).or_default().push_back(m);
         self.recv_wakers.wake(ch, &mut self.wakes);
+    }
+
+    /// The oldest message put back on channel `ch` (see [`PeerState::put_back_unjoined`]).
+    pub(crate) fn take_unjoined(&mut self, ch: u32) -> Option<Delivered> {
+        if self.unjoined.is_empty() {
+            return None;
+        }
+        let queue = self.unjoined.get_mut(&ch)?;
+        let m = queue.pop_front();
+        if queue.is_empty() {
+            self.unjoined.remove(&ch);
+        }
+        m
     }
 
     pub(crate) fn new(session: Session, connected_to: String) -> PeerState {

@@ -31,7 +31,7 @@ pub(crate) struct Sent {
 }
 
 /// A message received whole and ready for the application.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
     /// The message body (empty until [`Delivered::assemble`] for a fragmented message taken
     /// with [`Session::recv_unassembled`](super::Session::recv_unassembled)).
