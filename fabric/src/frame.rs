@@ -274,7 +274,8 @@ pub fn cut_frames<B: AsRef<[u8]>>(
 }
 
 /// Which lane of a transport a frame should take, for transports that can carry more than one
-/// ordered lane per connection (several TCP connections, QUIC streams, queue pairs).
+/// ordered lane per connection (several TCP connections, queue pairs; QUIC maps finer flows to
+/// streams with [`OrderKey`]).
 ///
 /// Bulk data rides its own lane so that coordination never queues behind bulk bytes already
 /// inside the transport (socket buffers, send queues): priority then holds below the fabric too.

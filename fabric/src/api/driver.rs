@@ -1,10 +1,10 @@
 //! The task that moves a session's frames over one transport connection.
 //!
 //! A hand-written future (no boxed future, no allocation per message): it drains what the
-//! connection received into the session, fires the session's timers, pulls frames from the
-//! session into the transport's send queue in batches, and flushes them with one vectored write
-//! where the transport allows. It ends when the connection breaks, is replaced by a resumed one,
-//! or the session dies.
+//! connection received into the session, fires the session's timers, stages the session's
+//! frames in batches and, once the session's lock is released, writes them (one vectored write
+//! where the transport allows; see `tx.rs`). It ends when the connection breaks, is replaced by
+//! a resumed one, or the session dies.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,8 +42,8 @@ pub(crate) struct ConnDriver<'a> {
 }
 
 impl<'a> ConnDriver<'a> {
-    /// Takes over `conn`: its sending half goes into the shared state (so application tasks can
-    /// write without a task switch), its receiving half into the shared receiving half (so a
+    /// Takes over `conn`: its sending half goes into the shared sending half (so application
+    /// tasks can write without a task switch), its receiving half into the shared receiving half (so a
     /// task waiting in `recv` can read it); `leftover` frames (read with the handshake) are fed
     /// to the session first.
     pub(crate) fn new(
@@ -59,8 +59,7 @@ impl<'a> ConnDriver<'a> {
             rx.failed = None;
             rx.frames.clear();
             let mut st = shared.lock();
-            shared.tx.connect(conn.sink);
-            st.connected = true;
+            shared.connect(&mut st, conn.sink);
             st.timer_at = None;
             ingest(&mut st, &mut leftover, Feeder::Driver);
             st.dispatch();
@@ -151,9 +150,8 @@ impl Future for ConnDriver<'_> {
                 st.session.handle_timeout(now);
                 st.timer_at = None;
             }
-            let more = st.pump(now);
-            // This task writes with its own waker (registered for write readiness), below.
-            st.flush_pending = false;
+            // Written below, by this task with its own waker (registered for write readiness).
+            let more = st.pump(now).more;
             st.dispatch();
             if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 st.driver = Some(cx.waker().clone());
@@ -161,9 +159,6 @@ impl Future for ConnDriver<'_> {
 
             if st.session.dead().is_some() {
                 // Write what is staged (a Close frame), then close the connection.
-                if !st.connected {
-                    return Poll::Ready(ConnEnd::SessionDead);
-                }
                 drop(st);
                 if shared.tx.poll_close(cx).is_pending() {
                     return Poll::Pending;

@@ -5,6 +5,7 @@ mod node;
 mod peer;
 mod rx;
 mod shared;
+mod sync;
 mod tx;
 
 pub use node::{Node, NodeBuilder};

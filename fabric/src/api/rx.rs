@@ -20,10 +20,10 @@
 //! Lock order: `PeerShared::rx` before `PeerShared::state`; `RxWake`'s own lock is a leaf, and
 //! wakers are called after it is released.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
 
+use super::sync::{lock, Contention};
 use crate::frame::Frame;
 use crate::transport::{FrameStream, RecvError};
 
@@ -45,7 +45,7 @@ pub(crate) struct RxWake {
     /// A task found the receiving half locked: whoever holds it reads again, or hands the
     /// reading on, after unlocking (the wake that task came for may have arrived after the
     /// holder's last poll of the transport).
-    contended: AtomicBool,
+    contention: Contention,
 }
 
 #[derive(Default)]
@@ -61,28 +61,19 @@ struct WakeState {
 
 impl RxWake {
     fn state(&self) -> MutexGuard<'_, WakeState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Locks `rx` if it is free. When it is not, the holder is told (see
     /// [`RxWake::release`]), so the wake-up this task came for is not lost.
     pub(crate) fn try_lock<'a>(&self, rx: &'a Mutex<RxHalf>) -> Option<MutexGuard<'a, RxHalf>> {
-        self.contended.store(true, Ordering::SeqCst);
-        let g = match rx.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::WouldBlock) => return None,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        };
-        // Whatever the others came for, this holder's polls see it.
-        self.contended.store(false, Ordering::SeqCst);
-        Some(g)
+        self.contention.try_lock(rx)
     }
 
     /// Unlocks `guard`; `true` when another task found it locked meanwhile: the caller reads
     /// the transport again, or hands the reading on.
     pub(crate) fn release(&self, guard: MutexGuard<'_, RxHalf>) -> bool {
-        drop(guard);
-        self.contended.swap(false, Ordering::SeqCst)
+        self.contention.release(guard)
     }
 
     /// Sets the driver's waker (the fallback when no reader waits).
@@ -212,7 +203,7 @@ impl Drop for ReaderSlot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]
     struct Count(AtomicUsize);
@@ -300,19 +291,5 @@ mod tests {
         drop(c);
         waker.wake_by_ref();
         assert_eq!(n(&bulk), 1);
-    }
-
-    #[test]
-    fn a_holder_learns_that_another_task_found_the_half_locked() {
-        let wake = RxWake::default();
-        let rx = Mutex::new(RxHalf::default());
-        let held = wake.try_lock(&rx).expect("free");
-        assert!(wake.try_lock(&rx).is_none());
-        assert!(
-            wake.release(held),
-            "the contention is reported to the holder"
-        );
-        let held = wake.try_lock(&rx).expect("free again");
-        assert!(!wake.release(held), "nothing to report without contention");
     }
 }

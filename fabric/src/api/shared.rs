@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::rx::{RxHalf, RxWake};
+use super::sync::lock;
 use super::tx::TxHalf;
 use crate::class::Class;
 use crate::core::id_map::{id_map, IdMap};
@@ -22,6 +23,7 @@ use crate::core::Delivered;
 use crate::core::{Event, Session};
 use crate::error::Error;
 use crate::frame::{Frame, Lane};
+use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued
 /// while a batch is written waits for little; large enough to amortise the system call.
@@ -142,6 +144,15 @@ pub(crate) struct PeerState {
     wakes: WakeList,
 }
 
+/// What [`PeerState::pump`] did.
+#[derive(Default)]
+pub(crate) struct Pumped {
+    /// Frames are staged, to be written.
+    pub(crate) staged: bool,
+    /// The batch limit was hit: there may be more to pull once the staged frames are written.
+    pub(crate) more: bool,
+}
+
 /// Who feeds frames to the session.
 #[derive(Clone, Copy)]
 pub(crate) enum Feeder {
@@ -248,14 +259,14 @@ impl PeerState {
         }
     }
 
-    /// Pulls frames from the session and stages them for writing (see `tx.rs`): whoever holds
-    /// the lock writes them once it has released it. `true` means the batch limit was hit: once
-    /// what is staged is written, call again for more.
-    pub(crate) fn pump(&mut self, now: Instant) -> bool {
+    /// Pulls frames from the session and stages them for writing (see `tx.rs`). Returns
+    /// whether anything is staged, and whether the batch limit was hit (once what is staged is
+    /// written, call again for more).
+    pub(crate) fn pump(&mut self, now: Instant) -> Pumped {
         if !self.connected {
-            return false;
+            return Pumped::default();
         }
-        let tx = Arc::clone(&self.tx);
+        let tx = &*self.tx;
         let mut staged = tx.staged();
         loop {
             // Bulk stops at the batch limit; coordination, tool calls, acks and keepalives go on
@@ -269,8 +280,10 @@ impl PeerState {
                 None => break,
             }
         }
-        self.flush_pending |= !staged.is_empty();
-        tx.queued(&staged) >= SEND_BATCH
+        Pumped {
+            staged: !staged.is_empty(),
+            more: tx.queued(&staged) >= SEND_BATCH,
+        }
     }
 
     /// After the application changed the session (queued a message, read one): write what is
@@ -282,7 +295,9 @@ impl PeerState {
 
     /// As [`PeerState::kick`], at `now`.
     pub(crate) fn kick_at(&mut self, now: Instant) {
-        let more = self.pump(now);
+        let Pumped { staged, more } = self.pump(now);
+        // Written by this task once it releases the lock (see `StateGuard`'s drop).
+        self.flush_pending |= staged;
         self.dispatch();
         // The driver must run if there is more to send than one batch, or the session now needs
         // an earlier timer that the driver is not already watching for. (A write that would
@@ -396,7 +411,7 @@ impl PeerShared {
 
     /// Locks the receiving half.
     pub(crate) fn rx(&self) -> MutexGuard<'_, RxHalf> {
-        self.rx.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.rx)
     }
 
     /// Reads what the connection has into the session from an application task waiting in
@@ -471,11 +486,16 @@ impl PeerShared {
     /// Locks the state; tasks woken meanwhile are woken, and frames staged meanwhile written,
     /// when the guard is dropped.
     pub(crate) fn lock(&self) -> StateGuard<'_> {
-        // A panic while holding the lock leaves plain data behind; keep going with it.
         StateGuard {
-            guard: Some(self.state.lock().unwrap_or_else(|e| e.into_inner())),
+            guard: Some(lock(&self.state)),
             tx: &self.tx,
         }
+    }
+
+    /// Installs a new connection's sending half (what was staged for an older one is dropped).
+    pub(crate) fn connect(&self, st: &mut PeerState, sink: Box<dyn FrameSink>) {
+        self.tx.connect(sink);
+        st.connected = true;
     }
 
     /// Marks the connection gone: drops its sending half, and what was staged for it.

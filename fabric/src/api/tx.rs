@@ -15,14 +15,17 @@
 //! waker (and so learns of write readiness and errors). A driver that finds `sink` held does not
 //! spin on it: the holder wakes it when it leaves.
 //!
-//! Lock order: the session's state, then `staged`; `sink`, then `staged`. Nothing takes the
-//! session's state while holding `sink`.
+//! Lock order: the session's state, then `sink`, then `staged`. Writers take `sink` without the
+//! state (after releasing it) and never take the state while holding `sink`; only connecting
+//! and disconnecting take `sink` under the state's lock, and they wait for a write in progress
+//! (rare: once per connection).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use super::sync::{lock, Contention};
 use crate::frame::{Lane, OutFrame};
 use crate::transport::FrameSink;
 
@@ -53,16 +56,11 @@ pub(crate) struct TxHalf {
     /// `None` while disconnected.
     sink: Mutex<Option<Box<dyn FrameSink>>>,
     /// A task found `sink` held while frames were staged: the holder writes once more.
-    contended: AtomicBool,
+    contention: Contention,
     /// The driver found `sink` held: the holder wakes it when it leaves.
     driver_waiting: AtomicBool,
     /// Per lane, the bytes the sink held after its last write (staged bytes not included).
     in_sink: [AtomicUsize; Lane::COUNT],
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep going with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TxHalf {
@@ -141,19 +139,13 @@ impl TxHalf {
     /// holds the sink (and so writes it).
     fn write_all(&self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
         loop {
-            self.contended.store(true, Ordering::SeqCst);
-            let mut guard = match self.sink.try_lock() {
-                Ok(g) => g,
-                Err(TryLockError::WouldBlock) => return None,
-                Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            };
-            self.contended.store(false, Ordering::SeqCst);
+            let mut guard = self.contention.try_lock(&self.sink)?;
             let r = match guard.as_deref_mut() {
                 Some(sink) => self.write(sink, cx),
                 None => Poll::Ready(Ok(())),
             };
-            drop(guard);
-            if !matches!(r, Poll::Ready(Ok(()))) || !self.contended.swap(false, Ordering::SeqCst) {
+            let came = self.contention.release(guard);
+            if !matches!(r, Poll::Ready(Ok(()))) || !came {
                 return Some(r);
             }
             // Another task staged frames while this one wrote: write them too.
