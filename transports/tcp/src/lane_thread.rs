@@ -21,12 +21,16 @@
 //!
 //! The writer thread starts with the first bulk frame, so a connection that never sends bulk
 //! costs one thread (the reader, blocked in `read`), not two.
+//!
+//! Both threads and both halves share one socket (one file descriptor, in blocking mode) through
+//! an `Arc`: a shared reference is enough to read, write and shut it down, and a copy made with
+//! `try_clone` would only add a descriptor to the same socket, sharing its `O_NONBLOCK` flag.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -49,9 +53,10 @@ const TAKE_LIMIT: usize = 256 << 10;
 /// without full preemption, a write runs to its end on its core, delivery to the receiving
 /// socket included: a 256 KiB write holds the core for about 100 µs, and a coordination task
 /// woken on that core waits that long. Measured (`agentfabric bench --transport tcp --workload
-/// mixed --threads 1`, 2 cores): `ratio_loaded_idle_p99` 1.95–2.23 with 256 KiB writes,
-/// 1.85–1.95 with 64 KiB (bulk in the loaded phase 2.9–3.1 GB/s), 1.87–2.0 with 128 KiB (bulk
-/// 3.4 GB/s, as with 256 KiB).
+/// mixed --threads 1`, 2 cores): `ratio_loaded_idle_p99` 1.85–2.23 with 256 KiB writes,
+/// 1.85–1.95 with 64 KiB but less bulk (2.9–3.1 GB/s in the loaded phase), 1.87–2.0 with
+/// 128 KiB (bulk 3.4 GB/s, as with 256 KiB). The gain is small and lies in the spread of the
+/// runs, not in the loaded p99 itself (57–64 µs with 128 KiB against 58–63 µs with 256 KiB).
 const WRITE_MAX: usize = 128 << 10;
 
 /// Stack of each lane thread: they keep their buffers on the heap.
@@ -62,11 +67,16 @@ const THREAD_STACK: usize = 256 << 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadPriority {
     /// Linux `SCHED_IDLE`: the threads run only on CPU time nothing else wants, and the kernel
-    /// preempts them as soon as any normal thread wakes. The lowest coordination latency under
-    /// bulk, but bulk nearly stops while the application keeps the CPUs busy (measured: 0.22 of
-    /// its solo rate beside a saturating ping-pong). (Elsewhere than Linux: nice 19.)
+    /// preempts them as soon as any normal thread wakes. Bulk nearly stops while the
+    /// application keeps the CPUs busy, and coordination latency gains only with small writes:
+    /// measured at two runtime workers (`agentfabric bench --transport tcp --workload mixed
+    /// --threads 2`, 2 cores), `ratio_loaded_idle_p99` 3.3 against `Nice(10)`'s 2.7–3.3 with
+    /// 256 KiB writes (bulk 0.29 of its solo rate), and 1.7–1.9 with 32–64 KiB writes, but with
+    /// bulk at 0.09–0.16 of solo. Elsewhere than Linux a no-op, as [`ThreadPriority::Inherit`].
     Idle,
     /// A nice value (-20..=19; raising priority, below the process's own, needs privileges).
+    /// Linux only: elsewhere `setpriority` would renice the whole process, so this is a no-op
+    /// there, as [`ThreadPriority::Inherit`].
     Nice(i8),
     /// The priority of the thread that made the connection.
     Inherit,
@@ -75,6 +85,7 @@ pub enum ThreadPriority {
 impl ThreadPriority {
     /// Applies the priority to the calling thread. A failure is logged, not fatal: the lane
     /// still works, only without the scheduling preference.
+    #[cfg(target_os = "linux")]
     fn apply(self) {
         let result = match self {
             ThreadPriority::Inherit => return,
@@ -83,6 +94,20 @@ impl ThreadPriority {
         };
         if let Err(e) = result {
             tracing::warn!(priority = ?self, error = %e, "cannot set the bulk lane thread's priority");
+        }
+    }
+
+    /// Leaves the calling thread's priority as it is: outside Linux, `setpriority` with
+    /// `PRIO_PROCESS` and who = 0 renices the whole process (the runtime's workers with it), and
+    /// there is no portable per-thread call. Logged at debug level, since it happens on every
+    /// connection with the default settings.
+    #[cfg(not(target_os = "linux"))]
+    fn apply(self) {
+        if self != ThreadPriority::Inherit {
+            tracing::debug!(
+                priority = ?self,
+                "bulk lane thread priorities are applied on Linux only; the thread keeps its creator's"
+            );
         }
     }
 }
@@ -98,11 +123,7 @@ fn set_idle() -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(not(target_os = "linux"))]
-fn set_idle() -> io::Result<()> {
-    set_nice(19)
-}
-
+#[cfg(target_os = "linux")]
 fn set_nice(n: i32) -> io::Result<()> {
     // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value only.
     // SAFETY: plain system call.
@@ -130,9 +151,12 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
-/// Sets its flag when the thread's loop ends, however it ends.
-struct Exit<'a>(&'a AtomicBool);
+/// Sets its flag when the thread's loop ends, however it ends (for the tests, which wait for
+/// the threads' end).
+#[cfg(test)]
+struct Exit<'a>(&'a std::sync::atomic::AtomicBool);
 
+#[cfg(test)]
 impl Drop for Exit<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
@@ -141,8 +165,9 @@ impl Drop for Exit<'_> {
 
 /// A blocking socket seen as an always-ready tokio reader and writer, so that the thread can
 /// drive [`TcpFrameStream`] and [`TcpFrameSink`] (with a no-op waker) and share their framing
-/// and partial-write logic.
-struct Blocking(TcpStream);
+/// and partial-write logic. The socket is shared with the lane's other direction and with the
+/// half that owns the thread (which shuts it down to stop the thread).
+struct Blocking(Arc<TcpStream>);
 
 impl AsyncRead for Blocking {
     fn poll_read(
@@ -150,43 +175,40 @@ impl AsyncRead for Blocking {
         _cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        use std::os::fd::AsRawFd;
-        let fd = self.0.as_raw_fd();
-        // SAFETY: the spare part of `buf` is valid for writes of its length; `read` writes at
-        // most that many bytes and reports how many, which are then marked initialized.
+        // `recv` into the uninitialized spare space: `Read::read` would need it zeroed first,
+        // a memset of the whole read buffer per call.
+        let socket = socket2::SockRef::from(&*self.0);
         loop {
-            let spare = unsafe { buf.unfilled_mut() };
-            let rc = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            // SAFETY: `recv` only writes into the slice, never de-initializes it.
+            match socket.recv(unsafe { buf.unfilled_mut() }) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(n) => {
+                    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
                 }
-                return Poll::Ready(Err(e));
             }
-            let n = rc as usize;
-            unsafe { buf.assume_init(n) };
-            buf.advance(n);
-            return Poll::Ready(Ok(()));
         }
     }
 }
 
 impl AsyncWrite for Blocking {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Poll::Ready(self.0.write(buf))
+        Poll::Ready((&*self.0).write(buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Poll::Ready(self.0.write_vectored(bufs))
+        Poll::Ready((&*self.0).write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -209,13 +231,6 @@ fn run_blocking<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> T {
         Poll::Ready(v) => v,
         Poll::Pending => unreachable!("blocking I/O returned Pending"),
     }
-}
-
-/// Puts a blocking copy of `stream` in blocking mode; `stream` is no longer polled by tokio.
-fn blocking_clone(stream: &TcpStream) -> io::Result<TcpStream> {
-    let s = stream.try_clone()?;
-    s.set_nonblocking(false)?;
-    Ok(s)
 }
 
 fn spawn(
@@ -259,7 +274,8 @@ struct WriterShared {
     state: Mutex<WriterState>,
     work: Condvar,
     /// The thread has ended.
-    exited: AtomicBool,
+    #[cfg(test)]
+    exited: std::sync::atomic::AtomicBool,
     /// Wire bytes in `WriterState::queue` (changed under the state's lock, read without it by
     /// `queued_bytes`).
     queued: AtomicUsize,
@@ -270,7 +286,7 @@ pub(crate) struct ThreadSink {
     shared: Arc<WriterShared>,
     /// The lane's socket (blocking mode), kept to start the thread and to shut the direction
     /// down when the sink is dropped.
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     started: bool,
     priority: ThreadPriority,
     /// Frames pushed since the last flush (handed over together, under one lock).
@@ -279,24 +295,30 @@ pub(crate) struct ThreadSink {
 }
 
 impl ThreadSink {
-    /// Takes over `socket` (switched to blocking mode).
-    pub(crate) fn new(socket: TcpStream, priority: ThreadPriority) -> io::Result<ThreadSink> {
-        socket.set_nonblocking(false)?;
-        Ok(ThreadSink {
+    /// Writes `socket`, which must be in blocking mode (the thread blocks in `write`; a
+    /// non-blocking socket would fail it with `WouldBlock`).
+    pub(crate) fn new(socket: Arc<TcpStream>, priority: ThreadPriority) -> ThreadSink {
+        ThreadSink {
             shared: Arc::default(),
             socket,
             started: false,
             priority,
             pending: Vec::new(),
             pending_bytes: 0,
-        })
+        }
+    }
+
+    /// No thread runs and no frame waits for one: flushing has nothing to do, and closing only
+    /// shuts the direction down (a connection that never sends bulk never starts the thread).
+    fn needs_no_thread(&self) -> bool {
+        !self.started && self.pending.is_empty()
     }
 
     fn start(&mut self) -> io::Result<()> {
         if self.started {
             return Ok(());
         }
-        let socket = blocking_clone(&self.socket)?;
+        let socket = self.socket.clone();
         let shared = self.shared.clone();
         spawn("af-tcp-bulk-tx", self.priority, move || {
             write_loop(socket, &shared)
@@ -308,12 +330,8 @@ impl ThreadSink {
     /// Hands the pending frames to the thread and looks at its progress: `Ready` when it took
     /// everything handed over (with `close`: when it also shut the direction down).
     fn hand_over(&mut self, cx: &Context<'_>, close: bool) -> Poll<io::Result<()>> {
-        if let Err(e) = self.start() {
-            return Poll::Ready(Err(io::Error::new(
-                e.kind(),
-                format!("cannot start the tcp bulk lane's writer thread: {e}"),
-            )));
-        }
+        // Refusals first: a direction closed before the thread started must not start one
+        // just to fail its first write with a bare EPIPE.
         let mut st = lock(&self.shared.state);
         if let Some((kind, text)) = &st.error {
             return Poll::Ready(Err(io::Error::new(*kind, text.clone())));
@@ -323,6 +341,18 @@ impl ThreadSink {
                 io::ErrorKind::BrokenPipe,
                 "frames pushed after the tcp bulk lane's sending side was closed",
             )));
+        }
+        if !self.started {
+            // Not under the lock: the new thread takes it first thing. Until the frames below
+            // are handed over it has no work, so no refusal can appear meanwhile.
+            drop(st);
+            if let Err(e) = self.start() {
+                return Poll::Ready(Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot start the tcp bulk lane's writer thread: {e}"),
+                )));
+            }
+            st = lock(&self.shared.state);
         }
         if !self.pending.is_empty() {
             st.queue.extend(self.pending.drain(..));
@@ -358,14 +388,17 @@ impl FrameSink for ThreadSink {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.started && self.pending.is_empty() {
+        if self.needs_no_thread() {
             return Poll::Ready(Ok(()));
         }
         self.hand_over(cx, false)
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.started && self.pending.is_empty() {
+        if self.needs_no_thread() {
+            // Marked closed whatever `shutdown` says: the caller closed this side, so frames
+            // pushed later are refused as after a close by the thread.
+            lock(&self.shared.state).closed = true;
             return Poll::Ready(self.socket.shutdown(Shutdown::Write));
         }
         self.hand_over(cx, true)
@@ -382,7 +415,8 @@ impl Drop for ThreadSink {
     }
 }
 
-fn write_loop(socket: TcpStream, shared: &WriterShared) {
+fn write_loop(socket: Arc<TcpStream>, shared: &WriterShared) {
+    #[cfg(test)]
     let _exit = Exit(&shared.exited);
     let mut sink = TcpFrameSink::with_max_write(Blocking(socket), WRITE_MAX);
     loop {
@@ -458,26 +492,28 @@ struct ReaderShared {
     state: Mutex<ReaderState>,
     room: Condvar,
     /// The thread has ended.
-    exited: AtomicBool,
+    #[cfg(test)]
+    exited: std::sync::atomic::AtomicBool,
 }
 
 /// The bulk lane's receiving half, read by a thread of its own (see the module docs).
 pub(crate) struct ThreadStream {
     shared: Arc<ReaderShared>,
     /// Kept to shut the direction down (unblocking the thread's `read`) when dropped.
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     /// The end was reported; every later call reports a clean end.
     ended: bool,
 }
 
 impl ThreadStream {
-    /// Takes over `socket` (switched to blocking mode) and starts the reader thread.
+    /// Starts the reader thread on `socket`, which must be in blocking mode (the thread blocks
+    /// in `read`; a non-blocking socket would fail it with `WouldBlock`).
     pub(crate) fn start(
-        socket: TcpStream,
+        socket: Arc<TcpStream>,
         read_size: usize,
         priority: ThreadPriority,
     ) -> io::Result<ThreadStream> {
-        let reader = blocking_clone(&socket)?;
+        let reader = socket.clone();
         let shared = Arc::new(ReaderShared::default());
         let s = shared.clone();
         spawn("af-tcp-bulk-rx", priority, move || {
@@ -536,6 +572,7 @@ impl Drop for ThreadStream {
 }
 
 fn read_loop(mut stream: TcpFrameStream<Blocking>, shared: &ReaderShared) {
+    #[cfg(test)]
     let _exit = Exit(&shared.exited);
     let mut out = Vec::new();
     loop {
@@ -572,6 +609,7 @@ fn read_loop(mut stream: TcpFrameStream<Blocking>, shared: &ReaderShared) {
 mod tests {
     use std::io::Read;
     use std::net::TcpListener;
+    use std::sync::atomic::AtomicBool;
     use std::time::{Duration, Instant};
 
     use agentfabric::frame::{Header, Kind};
@@ -580,11 +618,12 @@ mod tests {
 
     use super::*;
 
-    fn socket_pair() -> (TcpStream, TcpStream) {
+    /// A connected pair of blocking sockets, the first shared as the lane halves take it.
+    fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        (a, b)
+        (Arc::new(a), b)
     }
 
     fn bulk_frame(seq: u64, len: usize) -> OutFrame {
@@ -609,7 +648,7 @@ mod tests {
     #[tokio::test]
     async fn frames_cross_both_threads_in_order_and_the_threads_end_with_their_halves() {
         let (a, mut b) = socket_pair();
-        let mut sink = ThreadSink::new(a.try_clone().unwrap(), ThreadPriority::Inherit).unwrap();
+        let mut sink = ThreadSink::new(a.clone(), ThreadPriority::Inherit);
         let mut stream = ThreadStream::start(a, 64 << 10, ThreadPriority::Inherit).unwrap();
         let (writer, reader) = (sink.shared.clone(), stream.shared.clone());
 
@@ -675,7 +714,7 @@ mod tests {
     #[tokio::test]
     async fn a_writer_blocked_on_a_peer_that_stopped_reading_ends_when_dropped() {
         let (a, b) = socket_pair();
-        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit).unwrap();
+        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit);
         let writer = sink.shared.clone();
         // Far more than loopback socket buffers hold; the peer never reads.
         let block = bulk_frame(0, 1 << 20);
@@ -700,7 +739,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_error_is_reported_by_later_flushes() {
         let (a, b) = socket_pair();
-        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit).unwrap();
+        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit);
         drop(b);
         // The peer is gone: writing fails (reset or broken pipe) sooner or later.
         let until = Instant::now() + Duration::from_secs(10);
@@ -723,6 +762,29 @@ mod tests {
         assert_eq!(again.kind(), err.kind());
     }
 
+    #[tokio::test]
+    async fn frames_pushed_after_a_close_before_any_bulk_are_refused() {
+        let (a, mut b) = socket_pair();
+        let mut sink = ThreadSink::new(a, ThreadPriority::Inherit);
+        std::future::poll_fn(|cx| sink.poll_close(cx))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(b.read_to_end(&mut rest).unwrap(), 0);
+        sink.push(bulk_frame(0, 10));
+        let late = std::future::poll_fn(|cx| sink.poll_flush(cx))
+            .await
+            .unwrap_err();
+        assert_eq!(late.kind(), io::ErrorKind::BrokenPipe, "{late}");
+        assert!(
+            late.to_string().contains("sending side was closed"),
+            "{late}"
+        );
+        assert!(!sink.started, "no writer thread for refused frames");
+    }
+
+    // Linux only: elsewhere the priorities are not applied (see `ThreadPriority::apply`).
+    #[cfg(target_os = "linux")]
     #[test]
     fn thread_priorities_are_applied_to_the_calling_thread() {
         let nice = std::thread::spawn(|| {
@@ -733,16 +795,13 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(nice, 7);
-        #[cfg(target_os = "linux")]
-        {
-            let policy = std::thread::spawn(|| {
-                ThreadPriority::Idle.apply();
-                // SAFETY: plain system call on the calling thread.
-                unsafe { libc::sched_getscheduler(0) }
-            })
-            .join()
-            .unwrap();
-            assert_eq!(policy, libc::SCHED_IDLE);
-        }
+        let policy = std::thread::spawn(|| {
+            ThreadPriority::Idle.apply();
+            // SAFETY: plain system call on the calling thread.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_IDLE);
     }
 }

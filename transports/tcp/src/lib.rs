@@ -24,9 +24,11 @@
 //! lane's own queue, written with its own vectored writes: a full bulk socket never holds back a
 //! latency frame, in the process or in the kernel. Frames of one lane keep their order; the lanes
 //! are independent, which the session tolerates because all the data of one channel takes the
-//! same lane. The stream reads both lanes, latency lane first, at most one read per lane in turn,
-//! so latency frames come out first and are never stuck behind the reading of a large bulk
-//! frame.
+//! same lane. The stream steps both lanes in turn, latency lane first, so latency frames come
+//! out first and are never stuck behind the reading of a large bulk frame: a lane read on the
+//! runtime gets at most one read per turn, and the bulk lane on its own thread (the default, see
+//! [below](#bulk-lane-threads)) is read by that thread, the stream only taking the frames it
+//! queued.
 //!
 //! **Pairing.** Each TCP connection opens with a 16-byte preamble: magic `"AFTL"`, version (1),
 //! lane, lane count (2), a reserved zero byte and a random 64-bit connection id
@@ -51,28 +53,28 @@
 //!
 //! By default ([`BulkLaneIo::Threads`]) the bulk lane's socket is not read or written by the
 //! async runtime but by two threads of the connection's own (one per direction; the writer
-//! starts with the first bulk frame), at a lower scheduling priority (nice 10 by default,
-//! [`ThreadPriority`]). Why: on a fast link moving bulk bytes is CPU work (the kernel's copies),
-//! and on the runtime's workers each bulk write or read holds a worker for tens of
-//! microseconds; a coordination message arriving meanwhile waits for a free worker, for the
-//! runtime to poll its socket, and for its task's turn. The runtime has no priorities, the
+//! starts with the first bulk frame), at a lower scheduling priority (nice 10 by default, on
+//! Linux only: [`ThreadPriority`]). Why: on a fast link moving bulk bytes is CPU work (the
+//! kernel's copies), and on the runtime's workers each bulk write or read holds a worker for
+//! tens of microseconds; a coordination message arriving meanwhile waits for a free worker, for
+//! the runtime to poll its socket, and for its task's turn. The runtime has no priorities, the
 //! kernel has: with the bulk copies on low-priority threads, a worker woken for a coordination
-//! frame preempts them at once. Measured with `agentfabric bench --transport tcp --workload
-//! mixed` (both nodes in one process on 2 cores, see `bench/RESULTS.md`): the coordination round
-//! trip under a saturating bulk stream went from p50 ≈ 230 µs / p99 ≈ 500 µs on the runtime to
-//! p50 ≈ 20 µs (the idle figure) / p99 ≈ 140 µs, the bulk rate staying at about 0.8 of its solo
-//! rate. The price: two threads per connection that carries bulk (one for a connection that
-//! only receives it), and about 15 % less region-transfer throughput when bulk runs alone (the
-//! hand-over between the threads and the runtime). [`BulkLaneIo::Runtime`] keeps everything on
-//! the runtime.
+//! frame is preferred over them (not always at once: see below). Measured with `agentfabric
+//! bench --transport tcp --workload mixed` (both nodes in one process on 2 cores, one runtime
+//! worker, see `bench/RESULTS.md`): under a saturating bulk stream the coordination round
+//! trip's p99 was 57–62 µs against 31–32 µs idle (ratio 1.79–1.99), with bulk at 0.84–0.98 of
+//! its solo rate; with [`BulkLaneIo::Runtime`] (two workers) the loaded p99 was about 1 ms
+//! (ratio 24) while bulk moved 5.5 GB/s. The price: a reader thread per connection, whether or
+//! not it carries bulk, and a writer thread from its first bulk frame. [`BulkLaneIo::Runtime`]
+//! keeps everything on the runtime.
 //!
-//! Two things limit "at once". On a kernel without full preemption (`PREEMPT_NONE`, common on
-//! servers) a thread inside a system call keeps its core until the call returns, so the writer
-//! thread hands at most 128 KiB to one call. And the threads need cores: a runtime with as many
-//! workers as the machine has cores leaves a woken worker queued behind the other workers while
-//! the lane threads run (measured on 2 cores: loaded p99 108–116 µs with 2 workers, 57–64 µs
-//! with 1, bulk near its solo rate either way). Size the runtime to leave the bulk lanes a core;
-//! `agentfabric bench` runs one fewer worker than there are cores.
+//! Two things limit that preference. On a kernel without full preemption (`PREEMPT_NONE`,
+//! common on servers) a thread inside a system call keeps its core until the call returns, so
+//! the writer thread hands at most 128 KiB to one call. And the threads need cores: a runtime
+//! with as many workers as the machine has cores leaves a woken worker queued behind the other
+//! workers while the lane threads run (measured on 2 cores: loaded p99 108–116 µs with 2
+//! workers, 57–64 µs with 1, bulk near its solo rate either way). Size the runtime to leave the
+//! bulk lanes a core; `agentfabric bench` runs one fewer worker than there are cores.
 //!
 //! # Design choices
 //!
@@ -119,13 +121,16 @@
 //! TCP is reliable ([`Transport::reliable`] is `true`): frames pushed on one connection arrive
 //! complete, exactly once, and in the order pushed among the frames of one lane (hence of one
 //! channel), while the connection lives. Frames of different lanes may arrive in any relative
-//! order. A frame handed to the kernel (counted out of `queued_bytes`) may still be lost if the
-//! connection then fails; the session's acks and resume cover that case.
+//! order. A frame counted out of `queued_bytes` may still be lost if the connection then fails;
+//! the session's acks and resume cover that case. Such a frame was handed to the kernel, or, on
+//! the bulk lane's writer thread, taken by that thread, which holds up to 256 KiB plus a frame
+//! ahead of the kernel.
 
 #![warn(missing_docs)]
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentfabric::frame::Lane;
@@ -443,7 +448,11 @@ fn into_connection(
         }
         BulkLaneIo::Threads(priority) => {
             let bulk = bulk.into_std()?;
-            let bulk_tx = ThreadSink::new(bulk.try_clone()?, priority)?;
+            // Once, for both threads, which share the socket: they block in their system
+            // calls, and tokio no longer polls it.
+            bulk.set_nonblocking(false)?;
+            let bulk = Arc::new(bulk);
+            let bulk_tx = ThreadSink::new(bulk.clone(), priority);
             let bulk_rx = ThreadStream::start(bulk, config.read_size(), priority)?;
             (
                 Box::new(LanedSink::with_bulk_thread(latency_tx, bulk_tx)),

@@ -162,11 +162,14 @@ impl<R: AsyncRead + Unpin> LaneStream<R> {
     }
 }
 
-/// The receiving half of a fabric connection: one [`TcpFrameStream`] per lane.
+/// The receiving half of a fabric connection: one [`LaneStream`] per lane, a [`TcpFrameStream`]
+/// read from the runtime or (the bulk lane, [`crate::BulkLaneIo::Threads`]) a [`ThreadStream`]
+/// whose thread reads it.
 ///
-/// Every call steps both lanes in turn, latency lane first, one read at a most per lane per
-/// turn, so frames of lane 0 are never held back by a large bulk frame being read on lane 1,
-/// and appear first in `out`.
+/// Every call steps both lanes in turn, latency lane first, at most one read per lane read from
+/// the runtime per turn (a threaded lane's step only takes the frames its thread queued), so
+/// frames of lane 0 are never held back by a large bulk frame being read on lane 1, and appear
+/// first in `out`.
 pub(crate) struct LanedStream<R> {
     pub(crate) lanes: [LaneStream<R>; Lane::COUNT],
     /// Lanes that reached a clean end of stream (no partial frame left).
@@ -178,11 +181,7 @@ pub(crate) struct LanedStream<R> {
 impl<R> LanedStream<R> {
     /// `readers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1).
     pub(crate) fn new(readers: [R; Lane::COUNT], read_size: usize) -> Self {
-        let [latency_reader, bulk_reader] = readers;
-        LanedStream::of([
-            LaneStream::Runtime(TcpFrameStream::new(latency_reader, read_size)),
-            LaneStream::Runtime(TcpFrameStream::new(bulk_reader, read_size)),
-        ])
+        LanedStream::of(readers.map(|r| LaneStream::Runtime(TcpFrameStream::new(r, read_size))))
     }
 
     /// The latency lane read from the runtime, the bulk lane by its own thread.
