@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::BenchResult;
+use super::{BenchResult, Rate};
 
 /// Bytes per read of the streaming baseline's receiver.
 const STREAM_READ: usize = 256 << 10;
@@ -141,29 +141,13 @@ async fn tcp_pair() -> BenchResult<(TcpStream, TcpStream)> {
     Ok((client, server))
 }
 
-/// Throughput in MB/s (10^6 bytes per second) of a raw stream of `block`-byte messages: raw TCP
-/// for `tcp` (sent from and received into buffers of `span` bytes), a tokio mpsc channel of
-/// [`Bytes`] otherwise (`span` unused: nothing is copied). Counted at the receiver over
-/// `duration`, after `warmup`.
+/// Throughput in MB/s (10^6 bytes per second) of a raw TCP stream of `block`-byte writes, sent
+/// from and received into buffers of `span` bytes (at least one block). Counted at the receiver
+/// over `duration`, after `warmup`.
 ///
-/// The raw TCP stream is written and read by two threads of its own with blocking sockets, as a
-/// plain streaming program would be: its rate does not depend on the runtime's worker count.
-pub async fn stream_mb_s(
-    tcp: bool,
-    block: usize,
-    span: usize,
-    warmup: Duration,
-    duration: Duration,
-) -> BenchResult<f64> {
-    if tcp {
-        tcp_stream_mb_s(block, span, warmup, duration).await
-    } else {
-        Ok(mpsc_stream_mb_s(block, warmup, duration).await)
-    }
-}
-
-/// [`stream_mb_s`] over raw TCP.
-async fn tcp_stream_mb_s(
+/// The stream is written and read by two threads of its own with blocking sockets, as a plain
+/// streaming program would be: its rate does not depend on the runtime's worker count.
+pub(crate) async fn tcp_stream_mb_s(
     block: usize,
     span: usize,
     warmup: Duration,
@@ -204,7 +188,7 @@ async fn tcp_stream_mb_s(
             }
         }
     });
-    let mb_s = measure(&received, warmup, duration).await;
+    let mb_s = measure(&received, warmup, duration).await.mb_s();
     // Shutting the sockets down ends both threads' blocked calls.
     for s in &closers {
         let _ = s.shutdown(std::net::Shutdown::Both);
@@ -218,8 +202,10 @@ async fn tcp_stream_mb_s(
     Ok(mb_s)
 }
 
-/// [`stream_mb_s`] over a tokio mpsc channel.
-async fn mpsc_stream_mb_s(block: usize, warmup: Duration, duration: Duration) -> f64 {
+/// Throughput in MB/s (10^6 bytes per second) of a tokio mpsc channel carrying `block`-byte
+/// [`Bytes`] (refcounted: nothing is copied). Counted at the receiver over `duration`, after
+/// `warmup`.
+pub(crate) async fn mpsc_stream_mb_s(block: usize, warmup: Duration, duration: Duration) -> f64 {
     let received = Arc::new(AtomicU64::new(0));
     let (writer, reader) = {
         let (tx, mut rx) = mpsc::channel::<Bytes>(8);
@@ -235,17 +221,14 @@ async fn mpsc_stream_mb_s(block: usize, warmup: Duration, duration: Duration) ->
         });
         (writer, reader)
     };
-    let mb_s = measure(&received, warmup, duration).await;
+    let mb_s = measure(&received, warmup, duration).await.mb_s();
     writer.abort();
     reader.abort();
     mb_s
 }
 
-/// MB/s counted in `received` over `duration`, after `warmup`.
-async fn measure(received: &AtomicU64, warmup: Duration, duration: Duration) -> f64 {
+/// What `received` counted over `duration`, after `warmup`.
+pub(crate) async fn measure(received: &AtomicU64, warmup: Duration, duration: Duration) -> Rate {
     tokio::time::sleep(warmup).await;
-    let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
-    tokio::time::sleep(duration).await;
-    let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
-    (b1 - b0) as f64 / (t1 - t0).as_secs_f64() / 1e6
+    Rate::during(received, tokio::time::sleep(duration)).await.0
 }

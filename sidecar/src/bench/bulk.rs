@@ -24,7 +24,9 @@ use serde_json::json;
 use super::report::{fmt_ratio, ratio, round2, round3, Table};
 use super::{baseline, progress, BenchResult, FabricPair, Output, Settings, TransportKind};
 
-/// Bytes moved by one batch (rounded to whole blocks).
+/// Bytes moved by one batch, and so the size of the regions it moves them between (rounded down
+/// to whole blocks, at least one). `mixed --bulk-api transfer` cycles through regions of this
+/// size too.
 pub const BATCH_BYTES: u64 = 64 << 20;
 
 /// Runs the workload and builds its report.
@@ -62,15 +64,15 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         }
         TransportKind::Tcp => {
             progress("phase baseline: raw TCP streaming between region-sized buffers");
-            let span = (block * count) as usize;
-            let mb_s = baseline::stream_mb_s(true, s.size, span, s.warmup, s.duration).await?;
+            let span = src.len() as usize;
+            let mb_s = baseline::tcp_stream_mb_s(s.size, span, s.warmup, s.duration).await?;
             progress("phase baseline_hot: raw TCP streaming of one cache-resident block");
-            let hot = baseline::stream_mb_s(true, s.size, s.size, s.warmup, s.duration).await?;
+            let hot = baseline::tcp_stream_mb_s(s.size, s.size, s.warmup, s.duration).await?;
             ("raw-tcp-stream", Some(mb_s), Some(hot))
         }
         TransportKind::Mem | TransportKind::Quic => {
             progress("phase baseline: raw streaming");
-            let mb_s = baseline::stream_mb_s(false, s.size, s.size, s.warmup, s.duration).await?;
+            let mb_s = baseline::mpsc_stream_mb_s(s.size, s.warmup, s.duration).await;
             ("tokio-mpsc", Some(mb_s), None)
         }
     };

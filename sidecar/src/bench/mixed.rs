@@ -10,9 +10,13 @@
 //!    `--bulk-api transfer` it writes batches of `block`-byte blocks from a registered region into
 //!    the peer's ([`agentfabric::Peer::write`], a KV-cache hand-off), and `bulk_mb_s` counts the
 //!    bytes of completed batches; either way over the measured part;
-//! 4. `bulk_baseline`: the raw streaming baseline of the same block size (raw TCP for `tcp`, a
-//!    tokio mpsc channel for `mem`; for `verbs`, perftest's `ib_write_bw` from the same lab
-//!    boot, given with `--perftest`, else null), `warmup` then `duration`;
+//! 4. `bulk_baseline`: the raw streaming baseline of the same block size, `warmup` then
+//!    `duration`: for `tcp`, raw TCP streaming one cache-resident block over and over with
+//!    `--bulk-api channel` (as the channel load sends one message's buffer), and between buffers
+//!    of the transfer regions' size with `--bulk-api transfer` (as the transfers' copies walk
+//!    them); for `mem`, a tokio mpsc channel; for `verbs`, perftest's `ib_write_bw` from the same
+//!    lab boot, given with `--perftest`, else null. It runs after phases 1 to 3's nodes are
+//!    gone;
 //! 5. `fifo`: as `loaded`, on a fresh pair of nodes built with `priorities: false`, `warmup` then
 //!    `duration`.
 //!
@@ -31,13 +35,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentfabric::{Block, Bytes, Channel, Class, Config, Peer, Region};
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+use super::bulk::BATCH_BYTES;
 use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
 use super::{
     baseline, fabric_stats_json, new_histogram, progress, BenchResult, BulkApi, FabricPair, Pinger,
-    Settings, TransportKind,
+    Rate, Settings, TransportKind,
 };
 use super::{Output, Workload};
 
@@ -47,18 +53,20 @@ pub const COORDINATION_SIZE: usize = 64;
 /// Rounds of idle, bulk-alone and loaded slices (see the module docs).
 const ROUNDS: u32 = 4;
 
-/// Bytes of the regions a transfer load cycles through (rounded down to whole blocks).
-const TRANSFER_SPAN: u64 = 64 << 20;
 /// Blocks per region write of a transfer load: small batches, so that the bytes counted at each
 /// batch's completion track the rate closely.
 const TRANSFER_BATCH: usize = 16;
 /// Most blocks a transfer load's regions hold, whatever the block size.
 const TRANSFER_MAX_BLOCKS: u64 = 4096;
 
-/// What the bulk load sends, and where its delivered bytes are counted.
+/// What the bulk load sends, and where its delivered bytes are counted (`delivered`).
 enum BulkSource {
     /// `block`-byte messages on a bulk channel, counted by the receiving node.
-    Channel { channel: Channel, block: Bytes },
+    Channel {
+        channel: Channel,
+        block: Bytes,
+        delivered: Arc<AtomicU64>,
+    },
     /// Region writes of `batches`, counted as each batch completes (the blocks have then landed
     /// in the peer's region).
     Transfer {
@@ -66,7 +74,7 @@ enum BulkSource {
         src: Region,
         dst: Region,
         batches: Arc<Vec<Vec<Block>>>,
-        landed: Arc<AtomicU64>,
+        delivered: Arc<AtomicU64>,
     },
 }
 
@@ -76,17 +84,18 @@ impl BulkSource {
             BulkApi::Channel => BulkSource::Channel {
                 channel: pair.peer.channel(Class::Bulk, 3)?,
                 block: Bytes::from(vec![0x5au8; size]),
+                delivered: pair.bulk_received.clone(),
             },
             BulkApi::Transfer => {
                 let block = size as u64;
-                let count = (TRANSFER_SPAN / block).clamp(1, TRANSFER_MAX_BLOCKS);
+                let count = (BATCH_BYTES / block).clamp(1, TRANSFER_MAX_BLOCKS);
                 let (src, dst, blocks) = pair.region_pair(block, count)?;
                 BulkSource::Transfer {
                     peer: pair.peer.clone(),
                     src,
                     dst,
                     batches: Arc::new(blocks.chunks(TRANSFER_BATCH).map(<[_]>::to_vec).collect()),
-                    landed: Arc::new(AtomicU64::new(0)),
+                    delivered: Arc::new(AtomicU64::new(0)),
                 }
             }
         })
@@ -101,10 +110,11 @@ impl BulkSource {
     }
 
     /// The counter of bytes delivered.
-    fn delivered<'a>(&'a self, pair: &'a FabricPair) -> &'a AtomicU64 {
+    fn delivered(&self) -> &AtomicU64 {
         match self {
-            BulkSource::Channel { .. } => &pair.bulk_received,
-            BulkSource::Transfer { landed, .. } => landed,
+            BulkSource::Channel { delivered, .. } | BulkSource::Transfer { delivered, .. } => {
+                delivered
+            }
         }
     }
 }
@@ -119,7 +129,7 @@ struct BulkLoad<'a> {
 impl<'a> BulkLoad<'a> {
     fn start(source: &'a BulkSource) -> BulkLoad<'a> {
         let task = match source {
-            BulkSource::Channel { channel, block } => {
+            BulkSource::Channel { channel, block, .. } => {
                 let (ch, block) = (channel.clone(), block.clone());
                 tokio::spawn(async move {
                     loop {
@@ -132,14 +142,14 @@ impl<'a> BulkLoad<'a> {
                 src,
                 dst,
                 batches,
-                landed,
+                delivered,
             } => {
                 let (peer, src, remote) = (peer.clone(), src.clone(), dst.descriptor());
-                let (batches, landed) = (batches.clone(), landed.clone());
+                let (batches, delivered) = (batches.clone(), delivered.clone());
                 tokio::spawn(async move {
                     for batch in batches.iter().cycle() {
                         let done = peer.write(&src, &remote, batch, None).await?;
-                        landed.fetch_add(done.bytes, Ordering::Relaxed);
+                        delivered.fetch_add(done.bytes, Ordering::Relaxed);
                     }
                     Ok(())
                 })
@@ -148,8 +158,9 @@ impl<'a> BulkLoad<'a> {
         BulkLoad { source, task }
     }
 
-    /// Stops sending and waits until what was queued has been received, so that the next phase
-    /// starts on an empty link.
+    /// Stops sending and waits until what was queued has been received (for transfers, as
+    /// nearly as the public API allows: see below), so that the next phase starts on an empty
+    /// link.
     async fn stop(self) -> BenchResult<()> {
         self.task.abort();
         // Cancelled is the expected outcome; an error means the session failed first.
@@ -159,8 +170,10 @@ impl<'a> BulkLoad<'a> {
         let drained = async {
             match self.source {
                 BulkSource::Channel { channel, .. } => channel.flush().await?,
-                // Transfers share one ordered channel to the peer: a last one-block write
-                // completes after every block the cancelled batch had sent.
+                // `Peer::write` promises only that the cancelled batch's blocks already sent
+                // may still land, not when. A last one-block write is a best-effort drain: it
+                // follows them onto the same session and, in practice, completes once they are
+                // through; nothing in the public API makes that certain.
                 BulkSource::Transfer {
                     peer,
                     src,
@@ -181,18 +194,32 @@ impl<'a> BulkLoad<'a> {
     }
 }
 
-/// Bulk throughput in MB/s from a counter of delivered bytes and a snapshot of it.
-fn mb_s(delivered: &AtomicU64, start: (u64, Instant)) -> f64 {
-    let (b1, t1) = (delivered.load(Ordering::Relaxed), Instant::now());
-    let secs = (t1 - start.1).as_secs_f64();
-    if secs <= 0.0 {
-        return 0.0;
-    }
-    b1.saturating_sub(start.0) as f64 / secs / 1e6
-}
-
-fn snapshot(delivered: &AtomicU64) -> (u64, Instant) {
-    (delivered.load(Ordering::Relaxed), Instant::now())
+/// Coordination round trips on `coord` while `bulk` keeps the bulk path full: `warmup` of
+/// them, then `dur` recorded into `hist`. Returns the bulk bytes delivered over the recorded
+/// part; the load is stopped (and drained) before this returns, error or not.
+async fn loaded_slice(
+    coord: &mut Pinger,
+    bulk: &BulkSource,
+    warmup: Duration,
+    dur: Duration,
+    hist: &mut Histogram<u64>,
+) -> BenchResult<Rate> {
+    let load = BulkLoad::start(bulk);
+    // A round trip's error is returned only after the load is stopped: the load must not
+    // outlive the slice.
+    let work = async {
+        coord.run_until(Instant::now() + warmup, None).await?;
+        let (rate, r) = Rate::during(
+            bulk.delivered(),
+            coord.run_until(Instant::now() + dur, Some(hist)),
+        )
+        .await;
+        r?;
+        BenchResult::Ok(rate)
+    };
+    let r = work.await;
+    load.stop().await?;
+    r
 }
 
 /// Runs coordination round trips while bulk runs: returns their summary and the bulk MB/s
@@ -205,29 +232,18 @@ async fn loaded_phase(
     bulk: &BulkSource,
     s: &Settings,
 ) -> BenchResult<(Summary, f64, serde_json::Value)> {
-    let fabric = pair.coordination_pinger(COORDINATION_SIZE).await?;
-    let mut coord = Pinger::Fabric(fabric);
-    let load = BulkLoad::start(bulk);
-    let delivered = bulk.delivered(pair);
-    let work = async {
-        coord.run_until(Instant::now() + s.warmup, None).await?;
-        let start = snapshot(delivered);
-        let mut h = new_histogram();
-        coord
-            .run_until(Instant::now() + s.duration, Some(&mut h))
-            .await?;
-        BenchResult::Ok((Summary::from_histogram(&h), mb_s(delivered, start)))
-    };
+    let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
+    let mut h = new_histogram();
+    let slice = loaded_slice(&mut coord, bulk, s.warmup, s.duration, &mut h);
     let limit = s.phase_limit();
-    let r = tokio::time::timeout(limit, work).await;
-    load.stop().await?;
-    let (summary, mb_s) =
-        r.map_err(|_| format!("a loaded phase did not finish within {limit:?}"))??;
+    let rate = tokio::time::timeout(limit, slice)
+        .await
+        .map_err(|_| format!("a loaded phase did not finish within {limit:?}"))??;
     let stats = match coord.as_fabric() {
         Some(f) => fabric_stats_json(pair, f),
         None => serde_json::Value::Null,
     };
-    Ok((summary, mb_s, stats))
+    Ok((Summary::from_histogram(&h), rate.mb_s(), stats))
 }
 
 /// What the interleaved rounds measured.
@@ -239,32 +255,9 @@ struct Rounds {
     stats_loaded: serde_json::Value,
 }
 
-/// Bytes delivered and seconds measured, summed over slices.
-#[derive(Default)]
-struct Rate {
-    bytes: u64,
-    secs: f64,
-}
-
-impl Rate {
-    /// Adds what `delivered` counted since `start`.
-    fn add(&mut self, delivered: &AtomicU64, start: (u64, Instant)) {
-        self.bytes += delivered.load(Ordering::Relaxed).saturating_sub(start.0);
-        self.secs += start.1.elapsed().as_secs_f64();
-    }
-
-    fn mb_s(&self) -> f64 {
-        if self.secs <= 0.0 {
-            return 0.0;
-        }
-        self.bytes as f64 / self.secs / 1e6
-    }
-}
-
 /// Phases idle, bulk_solo and loaded, in [`ROUNDS`] rounds of one slice each.
 async fn interleaved(pair: &FabricPair, bulk: &BulkSource, s: &Settings) -> BenchResult<Rounds> {
     let (slice, warmup) = (s.duration / ROUNDS, s.warmup / ROUNDS);
-    let delivered = bulk.delivered(pair);
     let mut idle_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let mut loaded_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let (mut idle, mut loaded) = (new_histogram(), new_histogram());
@@ -276,23 +269,10 @@ async fn interleaved(pair: &FabricPair, bulk: &BulkSource, s: &Settings) -> Benc
             .await?;
 
         let load = BulkLoad::start(bulk);
-        tokio::time::sleep(warmup).await;
-        let start = snapshot(delivered);
-        tokio::time::sleep(slice).await;
-        solo_rate.add(delivered, start);
+        solo_rate += baseline::measure(bulk.delivered(), warmup, slice).await;
         load.stop().await?;
 
-        let load = BulkLoad::start(bulk);
-        loaded_coord
-            .run_until(Instant::now() + warmup, None)
-            .await?;
-        let start = snapshot(delivered);
-        let r = loaded_coord
-            .run_until(Instant::now() + slice, Some(&mut loaded))
-            .await;
-        loaded_rate.add(delivered, start);
-        load.stop().await?;
-        r?;
+        loaded_rate += loaded_slice(&mut loaded_coord, bulk, warmup, slice, &mut loaded).await?;
     }
     let stats_loaded = match loaded_coord.as_fabric() {
         Some(f) => fabric_stats_json(pair, f),
@@ -317,9 +297,16 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     progress(&format!(
         "phases idle, bulk_solo and loaded (priorities on): {ROUNDS} interleaved rounds"
     ));
-    let rounds = tokio::time::timeout(limit * ROUNDS, interleaved(&pair, &bulk, s))
+    // Three phases' worth of warm-up and measurement, interleaved.
+    let rounds_limit = limit * 3;
+    let rounds = tokio::time::timeout(rounds_limit, interleaved(&pair, &bulk, s))
         .await
-        .map_err(|_| "the interleaved idle, bulk_solo and loaded phases did not finish")??;
+        .map_err(|_| {
+            format!(
+                "the interleaved idle, bulk_solo and loaded phases did not finish within \
+                 {rounds_limit:?}"
+            )
+        })??;
     let Rounds {
         idle,
         loaded,
@@ -327,15 +314,22 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         bulk_loaded,
         stats_loaded,
     } = rounds;
+    // Phases 1 to 3's nodes go first (their regions, session and transport threads), so that
+    // the baseline has the machine to itself as the fabric had.
+    let span = bulk.span();
+    drop(bulk);
+    drop(pair);
 
     let (base_name, bulk_base) = match s.transport {
-        TransportKind::Tcp | TransportKind::Mem => {
-            let tcp = s.transport == TransportKind::Tcp;
-            let name = if tcp { "raw-tcp-stream" } else { "tokio-mpsc" };
-            progress(&format!("phase bulk_baseline: {name} streaming"));
-            let mb_s =
-                baseline::stream_mb_s(tcp, s.size, bulk.span(), s.warmup, s.duration).await?;
-            (name, Some(mb_s))
+        TransportKind::Tcp => {
+            progress("phase bulk_baseline: raw-tcp-stream streaming");
+            let mb_s = baseline::tcp_stream_mb_s(s.size, span, s.warmup, s.duration).await?;
+            ("raw-tcp-stream", Some(mb_s))
+        }
+        TransportKind::Mem => {
+            progress("phase bulk_baseline: tokio-mpsc streaming");
+            let mb_s = baseline::mpsc_stream_mb_s(s.size, s.warmup, s.duration).await;
+            ("tokio-mpsc", Some(mb_s))
         }
         TransportKind::Verbs => (
             "ib_write_bw",
@@ -344,8 +338,6 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         ),
         TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };
-    drop(bulk);
-    drop(pair);
 
     progress("phase fifo: the same with priorities off");
     let fifo_config = Config {
@@ -387,7 +379,8 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
 
     let mut t = Table::new(&format!(
         "agentfabric {} bench: transport={} workload=mixed coordination={} B bulk block={} B \
-         by {} duration={:.2} s/phase warmup={:.2} s threads={}",
+         by {} duration={:.2} s/phase warmup={:.2} s/phase (idle, bulk_solo and loaded split in \
+         {ROUNDS} rounds) threads={}",
         env!("CARGO_PKG_VERSION"),
         s.transport,
         COORDINATION_SIZE,

@@ -5,12 +5,16 @@
 //! baseline is perftest from the same boot, see [`verbs`]). Workloads:
 //! - [`pingpong`]: coordination round trips of `--size` bytes, against raw TCP (or a pair of tokio
 //!   mpsc channels for `mem`), interleaved in slices so both see the same machine noise;
-//! - [`mixed`]: 64-byte coordination round trips while a bulk channel to the same peer is kept
-//!   saturated, with priorities on and off (FIFO), plus bulk throughput alone.
+//! - [`mixed`]: 64-byte coordination round trips while bulk traffic to the same peer is kept
+//!   saturated (messages on a bulk channel, or region writes with `--bulk-api transfer`), with
+//!   priorities on and off (FIFO), plus bulk throughput alone;
+//! - [`bulk`]: batched region writes against raw streaming of the same block size;
+//! - [`toolcall`]: tool calls with an injected slow tail, without and with hedging.
 //!
 //! Every sample after the warm-up goes into an HDR histogram in nanoseconds ([`report`]).
 
 use std::fmt;
+use std::future::Future;
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -126,8 +130,8 @@ impl Workload {
 pub enum BulkApi {
     /// Messages of `--size` bytes sent back to back on a bulk channel.
     Channel,
-    /// Batched region writes ([`agentfabric::Peer::write`]) of `--size`-byte blocks, as a KV-cache
-    /// hand-off does.
+    /// Batched region writes (`Peer::write`) of `--size`-byte blocks, as a KV-cache hand-off
+    /// does.
     Transfer,
 }
 
@@ -156,8 +160,8 @@ pub struct BenchArgs {
     /// messages stay 64 B).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub size: Option<usize>,
-    /// Measured seconds per measurement, after the warm-up (default 3 for pingpong, 2 per phase
-    /// for mixed).
+    /// Measured seconds per measurement, after the warm-up (default 3; 2 per phase for mixed,
+    /// whose idle, bulk_solo and loaded phases are each split into 4 interleaved rounds).
     #[arg(long, value_parser = parse_duration, value_name = "SECONDS")]
     pub duration: Option<Duration>,
     /// Block size in bytes for the bulk workload (default 1048576).
@@ -171,11 +175,13 @@ pub struct BenchArgs {
     /// writes through the transfer API.
     #[arg(long, value_enum, default_value = "channel")]
     pub bulk_api: BulkApi,
-    /// Warm-up seconds before each measurement (not recorded).
+    /// Warm-up seconds before each measurement (not recorded; mixed splits it, like
+    /// `--duration`, across the 4 rounds of its idle, bulk_solo and loaded phases).
     #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
     pub warmup: Duration,
     /// Worker threads of the tokio runtime that runs both nodes [default: one fewer than the
-    /// machine's cores, at least 1: see `default_threads`].
+    /// machine's cores, at least 1, leaving a core to the transports' own threads and the
+    /// kernel's copies].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
     /// Print one JSON object on standard output instead of a table.
@@ -227,7 +233,8 @@ pub struct Settings {
     pub transport: TransportKind,
     /// Workload.
     pub workload: Workload,
-    /// Pingpong: payload bytes. Mixed: bulk message bytes.
+    /// Pingpong: payload bytes. Mixed: bulk message or block bytes (per `bulk_api`). Bulk: block
+    /// bytes. Toolcall: argument bytes.
     pub size: usize,
     /// Measured time of each measurement.
     pub duration: Duration,
@@ -363,6 +370,42 @@ pub fn progress(msg: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     eprintln!("[agentfabric bench +{t:.2}s] {msg}");
+}
+
+/// Bytes a counter advanced by and the seconds it took, summed over one or more slices: a
+/// throughput measured in slices is the sum of their bytes over the sum of their times.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Rate {
+    bytes: u64,
+    secs: f64,
+}
+
+impl Rate {
+    /// Runs `work` and returns, with its output, what `counter` advanced by while it ran.
+    pub(crate) async fn during<T>(counter: &AtomicU64, work: impl Future<Output = T>) -> (Rate, T) {
+        let (b0, t0) = (counter.load(Ordering::Relaxed), Instant::now());
+        let out = work.await;
+        let rate = Rate {
+            bytes: counter.load(Ordering::Relaxed).saturating_sub(b0),
+            secs: t0.elapsed().as_secs_f64(),
+        };
+        (rate, out)
+    }
+
+    /// MB/s (10^6 bytes per second); 0 when no time was measured.
+    pub(crate) fn mb_s(self) -> f64 {
+        if self.secs <= 0.0 {
+            return 0.0;
+        }
+        self.bytes as f64 / self.secs / 1e6
+    }
+}
+
+impl std::ops::AddAssign for Rate {
+    fn add_assign(&mut self, other: Rate) {
+        self.bytes += other.bytes;
+        self.secs += other.secs;
+    }
 }
 
 /// A histogram of round-trip times in nanoseconds, 1 ns to 100 s, 3 significant digits.

@@ -35,7 +35,7 @@ pub fn node(name: String, cfg: &Config) -> BenchResult<Node> {
         .build()?)
 }
 
-/// (server, client, listen URL) for [`FabricPair::new`].
+/// (server, client, listen URL) for [`FabricPair::new`](super::FabricPair::new).
 pub fn nodes(cfg: &Config, tag: &str) -> BenchResult<(Node, Node, String)> {
     Ok((
         node(format!("bench-{tag}-server"), cfg)?,
