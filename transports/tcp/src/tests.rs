@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::listener::TcpFrameListener;
 use crate::preamble::{Preamble, PreambleError};
-use crate::sink::{LaneSink, TcpFrameSink};
+use crate::sink::{LaneSink, TcpFrameSink, COALESCE_MAX};
 use crate::stream::TcpFrameStream;
 
 use super::*;
@@ -336,6 +336,9 @@ struct StingyWriter {
     max_slices_seen: usize,
     /// Most bytes offered to one call.
     max_offered: usize,
+    /// Calls that offered one contiguous buffer (`poll_write`), and the bytes they offered.
+    plain_calls: usize,
+    plain_bytes: usize,
 }
 
 impl StingyWriter {
@@ -347,6 +350,8 @@ impl StingyWriter {
             calls: 0,
             max_slices_seen: 0,
             max_offered: 0,
+            plain_calls: 0,
+            plain_bytes: 0,
         }
     }
 
@@ -376,10 +381,12 @@ impl StingyWriter {
 
 impl AsyncWrite for StingyWriter {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.plain_calls += 1;
+        self.plain_bytes += buf.len();
         self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
@@ -469,6 +476,37 @@ async fn a_sink_with_a_write_cap_offers_no_more_per_call_and_writes_everything_e
             "a write was offered more than the cap"
         );
         assert_eq!(sink.queued_bytes(), 0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn small_writes_go_out_as_one_plain_buffer_and_large_ones_vectored() {
+    bounded(async {
+        // Twelve coordination-sized frames: one plain write of all of them, joined in order.
+        let small: Vec<OutFrame> = (0..12u64).map(|i| data_frame(i, 64)).collect();
+        let expected = wire(&small);
+        assert!(expected.len() <= COALESCE_MAX);
+        let mut sink = TcpFrameSink::new(StingyWriter::new(vec![usize::MAX]));
+        for f in small {
+            sink.push(f);
+        }
+        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
+        assert!(sink.io.written == expected, "bytes written differ");
+        assert_eq!((sink.io.calls, sink.io.plain_calls), (1, 1));
+        assert_eq!(sink.io.plain_bytes, expected.len());
+
+        // Frames too large to copy go out vectored, as they are.
+        let large: Vec<OutFrame> = (0..4u64).map(|i| data_frame(i, 3000)).collect();
+        let expected = wire(&large);
+        let mut sink = TcpFrameSink::new(StingyWriter::new(vec![usize::MAX]));
+        for f in large {
+            sink.push(f);
+        }
+        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
+        assert!(sink.io.written == expected, "bytes written differ");
+        assert_eq!((sink.io.calls, sink.io.plain_calls), (1, 0));
+        assert_eq!(sink.io.max_slices_seen, 8);
     })
     .await
 }
