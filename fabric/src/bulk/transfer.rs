@@ -186,7 +186,8 @@ impl Peer {
     }
 
     /// Reads (pulls) `blocks` from the peer's region `remote` into the local region `local`;
-    /// otherwise as [`Peer::write`].
+    /// otherwise as [`Peer::write`]. Dropping the future may leave the block being copied in
+    /// landed in part (a large block is copied in slices, yielding between them).
     pub async fn read(
         &self,
         local: &Region,
