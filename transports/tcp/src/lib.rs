@@ -95,7 +95,8 @@
 //!   and handed to a plain `send`, which on Linux costs about 0.25 µs less than a `writev`
 //!   (measured on the pingpong bench), far more than the copy. Partial writes are tracked
 //!   exactly per lane (how far into the front frame the kernel took), and the slice array lives
-//!   on the stack and the join buffer is reused, so steady-state sending allocates nothing. `queued_bytes` is the sum of both lanes' queues.
+//!   on the stack and the join buffer is reused, so steady-state sending allocates nothing.
+//!   `queued_bytes` is the sum of both lanes' queues.
 //! - **Zero-copy receive.** Each lane reads into one large [`BytesMut`](bytes::BytesMut)
 //!   ([`TcpConfig::read_buffer_size`], 256 KiB by default), then cuts every whole frame out of it
 //!   with `split_to(len).freeze()`: each delivered [`Frame`](agentfabric::frame::Frame)'s payload is
