@@ -32,6 +32,7 @@ pub mod core;
 pub mod error;
 pub mod frame;
 pub mod mem;
+mod pace;
 pub mod sim;
 pub mod tools;
 pub mod transport;

@@ -16,6 +16,7 @@ use crate::class::{Class, Priority};
 use crate::core::{ChannelStats, SessionStats};
 use crate::error::{Error, Result};
 use crate::frame::{MSG_ERROR, MSG_REQUEST, MSG_RESPONSE};
+use crate::pace::CopyPacer;
 
 /// A session with another node. Cheap to clone; all clones are the same session.
 ///
@@ -337,22 +338,24 @@ impl Channel {
     ///
     /// Cooperative: each message taken spends one unit of tokio's task budget, so a task that
     /// drains a busy channel in a loop yields its worker to other tasks regularly, as it would
-    /// on tokio's own channels. A fragmented message of more than 1 MiB is joined into one
-    /// buffer 1 MiB at a time, yielding between slices: joining a 64 MiB message in one go
-    /// would hold the worker, and every coordination message waiting for it, for milliseconds.
+    /// on tokio's own channels. A fragmented message of more than 1 MiB (32 KiB on a runtime
+    /// with one worker) is joined into one buffer that much at a time, yielding between slices:
+    /// joining a 64 MiB message in one go would hold the worker, and every coordination message
+    /// waiting for it, for milliseconds.
     /// A receive dropped in the middle of a join puts the message back for the next `recv` (or
     /// `try_recv`) on the channel; with several tasks receiving on clones of one channel, that
     /// message may then come after one another task took meanwhile.
     pub async fn recv(&self) -> Result<Message> {
         let m = self.recv_unassembled().await?;
-        if m.parts.is_empty() || m.len() <= JOIN_SLICE {
+        let pacer = CopyPacer::new(JOIN_SLICE);
+        if m.parts.is_empty() || m.len() <= pacer.slice() {
             return Ok(message(m));
         }
         let mut keep = KeepUnjoined {
             channel: self,
             msg: Some(m),
         };
-        let body = join_yielding(keep.msg.as_ref().expect("held until joined")).await;
+        let body = join_yielding(keep.msg.as_ref().expect("held until joined"), pacer).await;
         // Joined: the message is the receiver's now.
         let mut m = keep.msg.take().expect("held until joined");
         m.parts.clear();
@@ -555,25 +558,23 @@ pub struct ChannelSnapshot {
 }
 
 /// Bytes [`Channel::recv`] copies while joining a fragmented message before it yields the
-/// worker: about 100 µs of copying. Measured on `bench --workload mixed` (1 MiB messages, two
-/// cores): 64 KiB slices lowered the coordination p99 only with a one-worker runtime, and with
-/// two workers cost a quarter of the bulk rate; 1 MiB leaves such messages unsliced and bounds
-/// what a 64 MiB message holds a worker for.
+/// worker, on a runtime with more than one worker: about 100 µs of copying. Measured on `bench
+/// --workload mixed` (1 MiB messages, two cores, two workers): 64 KiB slices cost a quarter of
+/// the bulk rate; 1 MiB leaves such messages unsliced and bounds what a 64 MiB message holds a
+/// worker for. With one worker the join goes 32 KiB at a time (`crate::pace`): the same bench
+/// with its bulk consumer on `recv` gave `ratio_loaded_idle_p99` 1.87–2.01 and bulk 0.71–0.74
+/// of solo, against 3.24–3.40 and 0.88–0.98 with 1 MiB messages joined in one go; a consumer
+/// that wants the bulk rate takes [`Channel::recv_parts`], which joins nothing.
 const JOIN_SLICE: usize = 1 << 20;
 
-/// Joins `m`'s pieces into one buffer, [`JOIN_SLICE`] bytes at a time, yielding the worker
-/// between slices. `m` is only read, so a dropped join loses nothing.
-async fn join_yielding(m: &crate::core::Delivered) -> Bytes {
+/// Joins `m`'s pieces into one buffer, paced by `pacer` (slices with the worker yielded
+/// between them). `m` is only read, so a dropped join loses nothing.
+async fn join_yielding(m: &crate::core::Delivered, mut pacer: CopyPacer) -> Bytes {
     let mut buf = bytes::BytesMut::with_capacity(m.len());
-    let mut since_yield = 0;
     for piece in m.pieces() {
-        for slice in piece.chunks(JOIN_SLICE) {
-            if since_yield >= JOIN_SLICE {
-                tokio::task::yield_now().await;
-                since_yield = 0;
-            }
+        for slice in piece.chunks(pacer.slice()) {
+            pacer.before(slice.len()).await;
             buf.extend_from_slice(slice);
-            since_yield += slice.len();
         }
     }
     buf.freeze()

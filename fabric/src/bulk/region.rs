@@ -7,17 +7,16 @@
 //! guard for the copy. Safe code cannot observe a torn write or free memory under a transfer.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use crate::error::{Error, Result};
+use crate::pace::CopyPacer;
 
 /// Alignment of region memory: a page, as RDMA registration and DMA prefer.
 pub const REGION_ALIGN: usize = 4096;
@@ -235,113 +234,17 @@ impl RegionInner {
         self.check(offset, len)?;
         let mut guard = self.mem.write().await;
         self.check(offset, len)?;
-        let mut pacer = CopyPacer::new();
+        // Not sliced beyond one worker: see `crate::pace`.
+        let mut pacer = CopyPacer::new(usize::MAX);
         let mut at = offset as usize;
         for p in pieces {
-            for part in p.chunks(pacer.slice) {
+            for part in p.chunks(pacer.slice()) {
                 pacer.before(part.len()).await;
                 guard[at..at + part.len()].copy_from_slice(part);
                 at += part.len();
             }
         }
         Ok(())
-    }
-}
-
-/// Bytes [`RegionInner::store_pieces`] copies before it yields the worker, on a runtime with a
-/// single worker. There, nothing else runs while a block is copied in: a 1 MiB block held the
-/// worker for about 100 µs, and a coordination message that arrived meanwhile waited that long.
-/// Measured with `agentfabric bench --transport tcp --workload mixed --bulk-api transfer` (one
-/// worker, two cores), `ratio_loaded_idle_p99` / bulk share of solo: unsliced 5.1–5.4 / 0.73;
-/// 64 KiB 2.5 / 0.84–0.92; 32 KiB 2.0–2.2 / 0.82–0.85; 24 KiB 1.9 / 0.76; 16 KiB 1.8 / 0.56–0.61
-/// (each yield costs a poll of the I/O driver).
-const STORE_SLICE_ONE_WORKER: usize = 32 << 10;
-
-/// Most time sliced copies spend waiting at their yields, as a multiple of the time they spent
-/// copying (on this worker, over the last [`PACE_WINDOW`] or so); past it, copies go on without
-/// yielding until they have caught up. Without this bound, on a worker that always has other
-/// tasks ready (in-process traffic), each yield waits for the runtime's next I/O poll, dozens of
-/// task polls later, and the copies all but stop: transfers of 64 KiB blocks under an in-process
-/// ping-pong completed nothing in 50 ms (debug build). With it, copies keep at least a ninth of
-/// the worker while other work is ready. Measured with `agentfabric bench --transport tcp
-/// --workload mixed --bulk-api transfer` (one worker): `ratio_loaded_idle_p99` 2.26–2.38 with a
-/// bound of 4, 2.12–2.17 with 8, 2.0–2.2 unbounded.
-const MAX_WAIT_PER_COPY: u32 = 8;
-
-/// The account of copying and waiting is halved once it spans this long, so it follows the
-/// worker's recent load.
-const PACE_WINDOW: Duration = Duration::from_millis(20);
-
-thread_local! {
-    /// This worker's account (time copying, time waiting at yields) of sliced copies.
-    static PACE: Cell<(Duration, Duration)> = const { Cell::new((Duration::ZERO, Duration::ZERO)) };
-    /// Yields taken by sliced copies on this thread.
-    #[cfg(test)]
-    static YIELDS: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Cuts a long copy on the runtime into slices and yields the worker between them (see
-/// [`STORE_SLICE_ONE_WORKER`] and [`MAX_WAIT_PER_COPY`]).
-struct CopyPacer {
-    /// Bytes between yields (`usize::MAX`: never yield).
-    slice: usize,
-    since_yield: usize,
-    /// When the current stretch of copying began.
-    mark: Instant,
-}
-
-impl CopyPacer {
-    fn new() -> CopyPacer {
-        CopyPacer {
-            slice: store_slice(),
-            since_yield: 0,
-            mark: Instant::now(),
-        }
-    }
-
-    /// Call before copying `n` bytes (at most `slice`): yields when a slice was copied since the
-    /// last yield, unless copies on this worker have already waited their share.
-    async fn before(&mut self, n: usize) {
-        if self.since_yield >= self.slice {
-            self.since_yield = 0;
-            let now = Instant::now();
-            let (copying, waiting) = PACE.get();
-            let copying = copying + (now - self.mark);
-            self.mark = now;
-            account(copying, waiting);
-            if waiting <= copying * MAX_WAIT_PER_COPY {
-                // Deferred until the runtime has polled its I/O driver: a coordination message
-                // that arrived meanwhile is taken before the copy goes on.
-                tokio::task::yield_now().await;
-                #[cfg(test)]
-                YIELDS.set(YIELDS.get() + 1);
-                let after = Instant::now();
-                self.mark = after;
-                // Read again: other copies on this worker ran meanwhile.
-                let (copying, waiting) = PACE.get();
-                account(copying, waiting + (after - now));
-            }
-        }
-        self.since_yield += n;
-    }
-}
-
-/// Records this worker's account of sliced copies, halved once it spans [`PACE_WINDOW`].
-fn account(copying: Duration, waiting: Duration) {
-    if copying + waiting > PACE_WINDOW {
-        PACE.set((copying / 2, waiting / 2));
-    } else {
-        PACE.set((copying, waiting));
-    }
-}
-
-/// How many bytes a store copies between yields. With more than one worker another worker polls
-/// the I/O driver while this one copies, and slicing only cost bulk rate (at two workers, 32 KiB
-/// slices: bulk share 0.58 against 0.74, the same coordination p99), so the copy is not cut.
-fn store_slice() -> usize {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.metrics().num_workers() == 1 => STORE_SLICE_ONE_WORKER,
-        _ => usize::MAX,
     }
 }
 
@@ -522,56 +425,5 @@ mod tests {
             saw.load(Ordering::SeqCst)
         });
         assert!(saw, "the store held the only worker from start to end");
-    }
-
-    #[test]
-    fn a_store_beside_a_busy_task_waits_at_yields_only_its_share() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let (yields, slices) = rt.block_on(async {
-            const LEN: usize = 8 << 20;
-            let table = Arc::new(RegionTable::default());
-            let region = table.register(AlignedBuf::new(LEN).expect("memory"));
-            let data = vec![7u8; LEN];
-            // Always ready, with 500 µs of work per poll: each yield of the store waits for at
-            // least one of its polls, far longer than a slice's copy.
-            let busy = tokio::spawn(async {
-                loop {
-                    let until = Instant::now() + Duration::from_micros(500);
-                    while Instant::now() < until {
-                        std::hint::spin_loop();
-                    }
-                    tokio::task::yield_now().await;
-                }
-            });
-            tokio::task::yield_now().await;
-            YIELDS.set(0);
-            region.write_at(0, &data).await.expect("store");
-            busy.abort();
-            (YIELDS.get(), LEN / STORE_SLICE_ONE_WORKER)
-        });
-        // Unbounded, the store would yield at every slice boundary.
-        assert!(
-            yields * 4 < slices,
-            "{yields} yields in {slices} slices beside a busy task"
-        );
-    }
-
-    #[test]
-    fn slice_size_follows_the_worker_count() {
-        let one = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        assert_eq!(
-            one.block_on(async { store_slice() }),
-            STORE_SLICE_ONE_WORKER
-        );
-        let two = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .expect("runtime");
-        assert_eq!(two.block_on(async { store_slice() }), usize::MAX);
-        assert_eq!(store_slice(), usize::MAX, "outside a runtime");
     }
 }
