@@ -347,8 +347,12 @@ impl Channel {
     /// message may then come after one another task took meanwhile.
     pub async fn recv(&self) -> Result<Message> {
         let m = self.recv_unassembled().await?;
+        if m.parts.is_empty() {
+            // In one piece: nothing to join (the common case, kept free of the pacer's cost).
+            return Ok(message(m));
+        }
         let pacer = CopyPacer::new(JOIN_SLICE);
-        if m.parts.is_empty() || m.len() <= pacer.slice() {
+        if m.len() <= pacer.slice() {
             return Ok(message(m));
         }
         let mut keep = KeepUnjoined {
