@@ -628,3 +628,52 @@ impl Drop for SlotGuard<'_> {
         self.shared.lock().responses.remove(&self.tag);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_large_join_lets_other_tasks_run_on_a_one_worker_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let saw = rt.block_on(async {
+            // A 1 MiB message in 256 KiB chunks, as it comes off the wire: unsliced with more
+            // workers (`JOIN_SLICE`), in 32 KiB slices with one.
+            let parts: Vec<Bytes> = (0..4u8).map(|i| Bytes::from(vec![i; 256 << 10])).collect();
+            let m = crate::core::Delivered {
+                body: Bytes::new(),
+                tag: 0,
+                msg_flags: 0,
+                credit: 0,
+                parts: parts.clone(),
+            };
+            let joining = Arc::new(AtomicBool::new(false));
+            let saw = Arc::new(AtomicBool::new(false));
+            let (j, s) = (joining.clone(), saw.clone());
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let other = tokio::spawn(async move {
+                let _ = started_tx.send(());
+                loop {
+                    if j.load(Ordering::SeqCst) {
+                        s.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+            started_rx.await.expect("task started");
+            joining.store(true, Ordering::SeqCst);
+            let body = join_yielding(&m, CopyPacer::new(JOIN_SLICE)).await;
+            joining.store(false, Ordering::SeqCst);
+            other.abort();
+            assert!(body == parts.concat(), "joined bytes differ");
+            saw.load(Ordering::SeqCst)
+        });
+        assert!(saw, "the join held the only worker from start to end");
+    }
+}
