@@ -111,6 +111,35 @@ fn slice_for_runtime(multi_worker_slice: usize) -> usize {
     }
 }
 
+/// Awaits `copy` beside another task; returns its output and whether the other task ran while
+/// it was running (on a one-worker runtime: whether the copy let the worker go).
+#[cfg(test)]
+pub(crate) async fn beside_another_task<F: std::future::Future>(copy: F) -> (F::Output, bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let running = Arc::new(AtomicBool::new(false));
+    let saw = Arc::new(AtomicBool::new(false));
+    let (r, s) = (running.clone(), saw.clone());
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let other = tokio::spawn(async move {
+        let _ = started_tx.send(());
+        loop {
+            if r.load(Ordering::SeqCst) {
+                s.store(true, Ordering::SeqCst);
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    started_rx.await.expect("task started");
+    running.store(true, Ordering::SeqCst);
+    let out = copy.await;
+    running.store(false, Ordering::SeqCst);
+    other.abort();
+    (out, saw.load(Ordering::SeqCst))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

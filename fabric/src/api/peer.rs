@@ -631,9 +631,6 @@ impl Drop for SlotGuard<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]
@@ -652,27 +649,11 @@ mod tests {
                 credit: 0,
                 parts: parts.clone(),
             };
-            let joining = Arc::new(AtomicBool::new(false));
-            let saw = Arc::new(AtomicBool::new(false));
-            let (j, s) = (joining.clone(), saw.clone());
-            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-            let other = tokio::spawn(async move {
-                let _ = started_tx.send(());
-                loop {
-                    if j.load(Ordering::SeqCst) {
-                        s.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    tokio::task::yield_now().await;
-                }
-            });
-            started_rx.await.expect("task started");
-            joining.store(true, Ordering::SeqCst);
-            let body = join_yielding(&m, CopyPacer::new(JOIN_SLICE)).await;
-            joining.store(false, Ordering::SeqCst);
-            other.abort();
+            let (body, saw) =
+                crate::pace::beside_another_task(join_yielding(&m, CopyPacer::new(JOIN_SLICE)))
+                    .await;
             assert!(body == parts.concat(), "joined bytes differ");
-            saw.load(Ordering::SeqCst)
+            saw
         });
         assert!(saw, "the join held the only worker from start to end");
     }

@@ -386,8 +386,6 @@ impl Region {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
 
     #[test]
@@ -400,29 +398,12 @@ mod tests {
             let table = Arc::new(RegionTable::default());
             let region = table.register(AlignedBuf::new(LEN).expect("memory"));
             let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-            let storing = Arc::new(AtomicBool::new(false));
-            let saw = Arc::new(AtomicBool::new(false));
-            let (s, w) = (storing.clone(), saw.clone());
-            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-            let other = tokio::spawn(async move {
-                let _ = started_tx.send(());
-                loop {
-                    if s.load(Ordering::SeqCst) {
-                        w.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    tokio::task::yield_now().await;
-                }
-            });
-            started_rx.await.expect("task started");
-            storing.store(true, Ordering::SeqCst);
-            region.write_at(0, &data).await.expect("store");
-            storing.store(false, Ordering::SeqCst);
-            other.abort();
+            let (stored, saw) = crate::pace::beside_another_task(region.write_at(0, &data)).await;
+            stored.expect("store");
             let mut back = vec![0u8; LEN];
             region.read_at(0, &mut back).await.expect("read");
             assert!(back == data, "stored bytes differ");
-            saw.load(Ordering::SeqCst)
+            saw
         });
         assert!(saw, "the store held the only worker from start to end");
     }
