@@ -455,6 +455,20 @@ async fn sink_handles_every_kind_of_partial_write_exactly() {
     .await
 }
 
+/// Pushes `frames` into `sink`, flushes it and checks that exactly their bytes were written.
+async fn push_and_flush(
+    mut sink: TcpFrameSink<StingyWriter>,
+    frames: Vec<OutFrame>,
+) -> TcpFrameSink<StingyWriter> {
+    let expected = wire(&frames);
+    for f in frames {
+        sink.push(f);
+    }
+    poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
+    assert!(sink.io.written == expected, "bytes written differ");
+    sink
+}
+
 #[tokio::test]
 async fn a_sink_with_a_write_cap_offers_no_more_per_call_and_writes_everything_exactly() {
     bounded(async {
@@ -462,15 +476,9 @@ async fn a_sink_with_a_write_cap_offers_no_more_per_call_and_writes_everything_e
         let frames: Vec<OutFrame> = (0..200u64)
             .map(|i| data_frame(i, [0, 5, 1000, 70_000, 200_000][i as usize % 5]))
             .collect();
-        let expected = wire(&frames);
         const CAP: usize = 64 << 10;
-        let mut sink =
-            TcpFrameSink::with_max_write(StingyWriter::new(vec![usize::MAX, 9, 40_000]), CAP);
-        for f in frames {
-            sink.push(f);
-        }
-        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
-        assert!(sink.io.written == expected, "bytes written differ");
+        let writer = StingyWriter::new(vec![usize::MAX, 9, 40_000]);
+        let sink = push_and_flush(TcpFrameSink::with_max_write(writer, CAP), frames).await;
         assert_eq!(
             sink.io.max_offered, CAP,
             "a write was offered more than the cap"
@@ -485,26 +493,23 @@ async fn small_writes_go_out_as_one_plain_buffer_and_large_ones_vectored() {
     bounded(async {
         // Twelve coordination-sized frames: one plain write of all of them, joined in order.
         let small: Vec<OutFrame> = (0..12u64).map(|i| data_frame(i, 64)).collect();
-        let expected = wire(&small);
-        assert!(expected.len() <= COALESCE_MAX);
-        let mut sink = TcpFrameSink::new(StingyWriter::new(vec![usize::MAX]));
-        for f in small {
-            sink.push(f);
-        }
-        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
-        assert!(sink.io.written == expected, "bytes written differ");
+        let bytes = wire(&small).len();
+        assert!(bytes <= COALESCE_MAX);
+        let sink = push_and_flush(
+            TcpFrameSink::new(StingyWriter::new(vec![usize::MAX])),
+            small,
+        )
+        .await;
         assert_eq!((sink.io.calls, sink.io.plain_calls), (1, 1));
-        assert_eq!(sink.io.plain_bytes, expected.len());
+        assert_eq!(sink.io.plain_bytes, bytes);
 
         // Frames too large to copy go out vectored, as they are.
         let large: Vec<OutFrame> = (0..4u64).map(|i| data_frame(i, 3000)).collect();
-        let expected = wire(&large);
-        let mut sink = TcpFrameSink::new(StingyWriter::new(vec![usize::MAX]));
-        for f in large {
-            sink.push(f);
-        }
-        poll_fn(|cx| sink.poll_flush(cx)).await.unwrap();
-        assert!(sink.io.written == expected, "bytes written differ");
+        let sink = push_and_flush(
+            TcpFrameSink::new(StingyWriter::new(vec![usize::MAX])),
+            large,
+        )
+        .await;
         assert_eq!((sink.io.calls, sink.io.plain_calls), (1, 0));
         assert_eq!(sink.io.max_slices_seen, 8);
     })
