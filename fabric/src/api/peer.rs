@@ -16,7 +16,7 @@ use crate::class::{Class, Priority};
 use crate::core::{ChannelStats, SessionStats};
 use crate::error::{Error, Result};
 use crate::frame::{MSG_ERROR, MSG_REQUEST, MSG_RESPONSE};
-use crate::pace::CopyPacer;
+use crate::pace::{CopyPacer, SLICE_ONE_WORKER};
 
 /// A session with another node. Cheap to clone; all clones are the same session.
 ///
@@ -347,8 +347,8 @@ impl Channel {
     /// message may then come after one another task took meanwhile.
     pub async fn recv(&self) -> Result<Message> {
         let m = self.recv_unassembled().await?;
-        if m.parts.is_empty() {
-            // In one piece: nothing to join (the common case, kept free of the pacer's cost).
+        if m.parts.is_empty() || m.len() <= SLICE_ONE_WORKER {
+            // In one piece, or below any slice: joined at once, without the pacer's cost.
             return Ok(message(m));
         }
         let pacer = CopyPacer::new(JOIN_SLICE);
