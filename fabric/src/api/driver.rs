@@ -153,9 +153,7 @@ impl Future for ConnDriver<'_> {
             // Written below, by this task with its own waker (registered for write readiness).
             let more = st.pump(now).more;
             st.dispatch();
-            if !st.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                st.driver = Some(cx.waker().clone());
-            }
+            shared.tx.set_driver(cx.waker());
 
             if st.session.dead().is_some() {
                 // Write what is staged (a Close frame), then close the connection.

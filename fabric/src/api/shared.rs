@@ -112,7 +112,6 @@ pub(crate) type ResponseSlot = oneshot::Sender<Result<Bytes, Error>>;
 
 pub(crate) struct PeerState {
     pub(crate) session: Session,
-    pub(crate) driver: Option<Waker>,
     pub(crate) recv_wakers: Waiters,
     pub(crate) send_wakers: Waiters,
     pub(crate) flush_wakers: Waiters,
@@ -237,7 +236,6 @@ impl PeerState {
     pub(crate) fn new(session: Session, connected_to: String) -> PeerState {
         PeerState {
             session,
-            driver: None,
             recv_wakers: Waiters::default(),
             send_wakers: Waiters::default(),
             flush_wakers: Waiters::default(),
@@ -357,8 +355,8 @@ impl PeerState {
     }
 
     pub(crate) fn wake_driver(&mut self) {
-        if let Some(w) = &self.driver {
-            self.wakes.push(w.clone());
+        if let Some(w) = self.tx.driver() {
+            self.wakes.push(w);
         }
     }
 
@@ -531,11 +529,10 @@ impl Drop for StateGuard<'_> {
         if let Some(mut g) = self.guard.take() {
             let wakes = std::mem::take(&mut g.wakes);
             let flush = std::mem::take(&mut g.flush_pending);
-            let driver = if flush { g.driver.clone() } else { None };
             drop(g);
             wakes.wake_all();
             if flush {
-                self.tx.flush_from_task(driver);
+                self.tx.flush_from_task();
             }
         }
     }

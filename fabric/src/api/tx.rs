@@ -61,6 +61,10 @@ pub(crate) struct TxHalf {
     driver_waiting: AtomicBool,
     /// Per lane, the bytes the sink held after its last write (staged bytes not included).
     in_sink: [AtomicUsize; Lane::COUNT],
+    /// The driver task's waker (a leaf lock): woken when a task's write would block or failed,
+    /// or when the driver waits for the sink. Read only on those paths, so a task's write costs
+    /// no waker clone.
+    driver: Mutex<Option<Waker>>,
 }
 
 impl TxHalf {
@@ -78,6 +82,19 @@ impl TxHalf {
     /// Bytes waiting on every lane (as [`TxHalf::queued_in`]).
     pub(crate) fn queued(&self, staged: &Staged) -> usize {
         self.queued_in(staged, Lane::Latency) + self.queued_in(staged, Lane::Bulk)
+    }
+
+    /// Records the driver task's waker (the driver calls this on every poll).
+    pub(crate) fn set_driver(&self, w: &Waker) {
+        let mut d = lock(&self.driver);
+        if !d.as_ref().is_some_and(|d| d.will_wake(w)) {
+            *d = Some(w.clone());
+        }
+    }
+
+    /// The driver task's waker, once it has polled.
+    pub(crate) fn driver(&self) -> Option<Waker> {
+        lock(&self.driver).clone()
     }
 
     /// Installs the sending half of a new connection; what was staged for an older one is
@@ -153,15 +170,15 @@ impl TxHalf {
     }
 
     /// Writes what is staged from an application task; when the write would block or failed,
-    /// `driver` is woken to finish it (its waker is the one registered for write readiness).
-    pub(crate) fn flush_from_task(&self, driver: Option<Waker>) {
+    /// the driver is woken to finish it (its waker is the one registered for write readiness).
+    pub(crate) fn flush_from_task(&self) {
         let mut cx = Context::from_waker(Waker::noop());
         let blocked = match self.write_all(&mut cx) {
             None => return,
             Some(r) => !matches!(r, Poll::Ready(Ok(()))),
         };
         if blocked || self.driver_waiting.swap(false, Ordering::SeqCst) {
-            if let Some(w) = driver {
+            if let Some(w) = self.driver() {
                 w.wake();
             }
         }
@@ -261,12 +278,12 @@ mod tests {
         tx.staged().push(frame(1));
         let writer = {
             let tx = tx.clone();
-            std::thread::spawn(move || tx.flush_from_task(None))
+            std::thread::spawn(move || tx.flush_from_task())
         };
         ctl.started_rx.recv().unwrap();
         // While the first task is inside its write, a second stages and cannot write itself.
         tx.staged().push(frame(2));
-        tx.flush_from_task(None);
+        tx.flush_from_task();
         assert_eq!(*written.lock().unwrap(), Vec::<u8>::new());
         ctl.go_tx.send(()).unwrap();
         writer.join().unwrap();
@@ -282,9 +299,10 @@ mod tests {
         let (tx, written, ctl) = half(true, false);
         tx.staged().push(frame(1));
         let driver = Arc::new(Count::default());
+        tx.set_driver(&Waker::from(driver.clone()));
         let writer = {
-            let (tx, w) = (tx.clone(), Waker::from(driver.clone()));
-            std::thread::spawn(move || tx.flush_from_task(Some(w)))
+            let tx = tx.clone();
+            std::thread::spawn(move || tx.flush_from_task())
         };
         ctl.started_rx.recv().unwrap();
         let mut cx = Context::from_waker(Waker::noop());
@@ -303,7 +321,8 @@ mod tests {
         let (tx, _written, _ctl) = half(false, true);
         tx.staged().push(frame(1));
         let driver = Arc::new(Count::default());
-        tx.flush_from_task(Some(Waker::from(driver.clone())));
+        tx.set_driver(&Waker::from(driver.clone()));
+        tx.flush_from_task();
         assert_eq!(driver.0.load(Ordering::SeqCst), 1);
         assert_eq!(tx.queued(&tx.staged()), HEADER_LEN + 1, "still in the sink");
     }
@@ -313,7 +332,8 @@ mod tests {
         let (tx, written, _ctl) = half(false, false);
         tx.staged().push(frame(7));
         let driver = Arc::new(Count::default());
-        tx.flush_from_task(Some(Waker::from(driver.clone())));
+        tx.set_driver(&Waker::from(driver.clone()));
+        tx.flush_from_task();
         assert_eq!(driver.0.load(Ordering::SeqCst), 0);
         assert_eq!(*written.lock().unwrap(), vec![7]);
         assert_eq!(tx.queued(&tx.staged()), 0);
