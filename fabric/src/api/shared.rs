@@ -492,7 +492,7 @@ impl PeerShared {
 
     /// Installs a new connection's sending half (what was staged for an older one is dropped).
     pub(crate) fn connect(&self, st: &mut PeerState, sink: Box<dyn FrameSink>) {
-        self.tx.connect(sink);
+        self.tx.set_sink(Some(sink));
         st.connected = true;
     }
 
@@ -500,7 +500,7 @@ impl PeerShared {
     pub(crate) fn disconnect(&self, st: &mut PeerState) {
         st.connected = false;
         st.flush_pending = false;
-        self.tx.disconnect();
+        self.tx.set_sink(None);
     }
 }
 

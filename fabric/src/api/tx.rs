@@ -97,22 +97,11 @@ impl TxHalf {
         lock(&self.driver).clone()
     }
 
-    /// Installs the sending half of a new connection; what was staged for an older one is
-    /// dropped (the session sends again whatever the peer did not acknowledge).
-    pub(crate) fn connect(&self, sink: Box<dyn FrameSink>) {
+    /// Installs the sending half of a new connection (`None`: disconnected). What was staged is
+    /// dropped either way: the session sends again whatever the peer did not acknowledge.
+    pub(crate) fn set_sink(&self, sink: Option<Box<dyn FrameSink>>) {
         let mut s = lock(&self.sink);
-        *s = Some(sink);
-        self.reset_staged();
-    }
-
-    /// Drops the connection's sending half and whatever is staged for it.
-    pub(crate) fn disconnect(&self) {
-        let mut s = lock(&self.sink);
-        *s = None;
-        self.reset_staged();
-    }
-
-    fn reset_staged(&self) {
+        *s = sink;
         let mut st = self.staged();
         st.frames.clear();
         st.bytes = [0; Lane::COUNT];
@@ -258,12 +247,12 @@ mod tests {
         let (started_tx, started_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel();
         let tx = Arc::new(TxHalf::default());
-        tx.connect(Box::new(FakeSink {
+        tx.set_sink(Some(Box::new(FakeSink {
             written: written.clone(),
             queue: Vec::new(),
             hold: hold.then_some((started_tx, go_rx)),
             would_block,
-        }));
+        })));
         (tx, written, HoldCtl { started_rx, go_tx })
     }
 
@@ -343,7 +332,7 @@ mod tests {
     fn disconnect_drops_what_was_staged() {
         let (tx, written, _ctl) = half(false, false);
         tx.staged().push(frame(1));
-        tx.disconnect();
+        tx.set_sink(None);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(tx.flush(&mut cx), Poll::Ready(Ok(true))));
         assert!(written.lock().unwrap().is_empty());
