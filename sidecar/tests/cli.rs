@@ -185,24 +185,44 @@ fn verbs_without_the_lab_says_what_is_missing() {
     assert!(stderr.contains("AGENTFABRIC_LAB_ADDR_A"), "{stderr}");
 }
 
-/// Busy polling is a verbs setting: asking for it on another transport is refused, not ignored.
+/// An option the chosen workload or transport does not use is refused, not ignored (the run
+/// would not measure what was asked), and the error names the option and where it applies.
 #[test]
-fn busy_poll_on_tcp_is_refused() {
-    let out = agentfabric(&[
-        "bench",
-        "--transport",
-        "tcp",
-        "--workload",
-        "pingpong",
-        "--busy-poll",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--busy-poll applies to the verbs transport only"),
-        "{stderr}"
-    );
+fn options_that_do_not_apply_are_refused() {
+    for (transport, workload, extra, expect) in [
+        (
+            "tcp",
+            "pingpong",
+            &["--busy-poll"][..],
+            "--busy-poll applies to the verbs transport only",
+        ),
+        (
+            "mem",
+            "pingpong",
+            &["--bulk-api", "transfer"][..],
+            "--bulk-api applies to the mixed workload only",
+        ),
+        (
+            "mem",
+            "mixed",
+            &["--block-bytes", "65536"][..],
+            "--block-bytes applies to the bulk workload (mixed takes --size) only",
+        ),
+        (
+            "tcp",
+            "bulk",
+            &["--perftest", "/nonexistent"][..],
+            "--perftest applies to the verbs transport only",
+        ),
+    ] {
+        let mut args = vec!["bench", "--transport", transport, "--workload", workload];
+        args.extend(extra);
+        let out = agentfabric(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

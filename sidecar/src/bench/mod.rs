@@ -172,9 +172,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub busy_poll: bool,
     /// How mixed's bulk load moves its bytes: messages on a bulk channel, or batched region
-    /// writes through the transfer API.
-    #[arg(long, value_enum, default_value = "channel")]
-    pub bulk_api: BulkApi,
+    /// writes through the transfer API [default: channel].
+    #[arg(long, value_enum)]
+    pub bulk_api: Option<BulkApi>,
     /// Warm-up seconds before each measurement (not recorded; mixed splits it, like
     /// `--duration`, across the 4 rounds of its idle, bulk_solo and loaded phases).
     #[arg(long, value_parser = parse_warmup, default_value = "0.5", value_name = "SECONDS")]
@@ -251,15 +251,36 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Applies the per-workload defaults to the parsed arguments.
-    pub fn from_args(a: &BenchArgs) -> Settings {
+    /// Applies the per-workload defaults to the parsed arguments. An option that the chosen
+    /// workload or transport does not use is refused, not ignored: the run would not measure
+    /// what was asked.
+    pub fn from_args(a: &BenchArgs) -> Result<Settings, String> {
+        let refuse = |option: &str, applies_to: &str| {
+            Err(format!(
+                "{option} applies to {applies_to} only, not to workload {} over {}",
+                a.workload.name(),
+                a.transport
+            ))
+        };
+        if a.bulk_api.is_some() && a.workload != Workload::Mixed {
+            return refuse("--bulk-api", "the mixed workload");
+        }
+        if a.block_bytes.is_some() && a.workload != Workload::Bulk {
+            return refuse("--block-bytes", "the bulk workload (mixed takes --size)");
+        }
+        if a.busy_poll && a.transport != TransportKind::Verbs {
+            return refuse("--busy-poll", "the verbs transport");
+        }
+        if a.perftest.is_some() && a.transport != TransportKind::Verbs {
+            return refuse("--perftest", "the verbs transport");
+        }
         let (size, duration) = match a.workload {
             Workload::Pingpong => (64, Duration::from_secs(3)),
             Workload::Mixed => (1 << 20, Duration::from_secs(2)),
             Workload::Bulk => (a.block_bytes.unwrap_or(1 << 20), Duration::from_secs(3)),
             Workload::Toolcall => (64, Duration::from_secs(3)),
         };
-        Settings {
+        Ok(Settings {
             transport: a.transport,
             workload: a.workload,
             size: a.size.unwrap_or(size),
@@ -267,9 +288,9 @@ impl Settings {
             warmup: a.warmup,
             threads: a.threads.map_or_else(default_threads, usize::from),
             perftest: a.perftest.clone(),
-            bulk_api: a.bulk_api,
+            bulk_api: a.bulk_api.unwrap_or(BulkApi::Channel),
             busy_poll: a.busy_poll,
-        }
+        })
     }
 
     /// A bound on how long one phase (warm-up and measurement) may take before the run is
@@ -281,7 +302,13 @@ impl Settings {
 
 /// Runs `agentfabric bench` and returns the process exit code.
 pub fn main(args: BenchArgs) -> ExitCode {
-    let settings = Settings::from_args(&args);
+    let settings = match Settings::from_args(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.threads)
         .thread_name("bench-worker")
@@ -345,11 +372,6 @@ async fn run(s: Settings) -> BenchResult<Output> {
         s.threads
     ));
     match s.workload {
-        _ if s.busy_poll && s.transport != TransportKind::Verbs => Err(format!(
-            "--busy-poll applies to the verbs transport only, not {}",
-            s.transport
-        )
-        .into()),
         Workload::Mixed | Workload::Bulk if s.transport == TransportKind::Quic => Err(format!(
             "workload {} does not run over quic yet (pingpong and toolcall do)",
             s.workload.name()
