@@ -211,14 +211,9 @@ impl MessageParts {
     }
 
     /// Joins the chunks into one [`Message`] (one copy, none for a single chunk).
-    pub fn into_message(mut self) -> Message {
-        let body = match self.parts.len() {
-            0 => Bytes::new(),
-            1 => self.parts.pop().unwrap_or_default(),
-            _ => Bytes::from(self.parts.concat()),
-        };
+    pub fn into_message(self) -> Message {
         Message {
-            body,
+            body: crate::core::concat(self.parts),
             request_id: self.request_id,
         }
     }

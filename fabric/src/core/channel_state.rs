@@ -30,6 +30,21 @@ pub(crate) struct Sent {
     pub(crate) payload: Bytes,
 }
 
+/// The concatenation of `parts`: no copy for none or one, one copy for more.
+pub(crate) fn concat(mut parts: Vec<Bytes>) -> Bytes {
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+            for p in &parts {
+                buf.extend_from_slice(p);
+            }
+            buf.freeze()
+        }
+    }
+}
+
 /// A message received whole and ready for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
@@ -54,12 +69,7 @@ impl Delivered {
         if self.parts.is_empty() {
             return;
         }
-        let len = self.parts.iter().map(Bytes::len).sum();
-        let mut buf = BytesMut::with_capacity(len);
-        for c in self.parts.drain(..) {
-            buf.extend_from_slice(&c);
-        }
-        self.body = buf.freeze();
+        self.body = concat(std::mem::take(&mut self.parts));
     }
 
     /// The body's pieces in order, without joining them (a single piece when it came whole or

@@ -9,6 +9,7 @@ pub(crate) mod id_map;
 mod scheduler;
 pub mod session;
 
+pub(crate) use channel_state::concat;
 pub use channel_state::Delivered;
 pub use handshake::{Handshake, HelloStatus};
 pub use session::{ChannelStats, Event, PeerParams, Role, Session, SessionStats, SYSTEM_CHANNEL};
