@@ -263,9 +263,8 @@ async fn interleaved(pair: &FabricPair, bulk: &BulkSource, s: &Settings) -> Benc
     let (mut idle, mut loaded) = (new_histogram(), new_histogram());
     let (mut solo_rate, mut loaded_rate) = (Rate::default(), Rate::default());
     for _ in 0..ROUNDS {
-        idle_coord.run_until(Instant::now() + warmup, None).await?;
         idle_coord
-            .run_until(Instant::now() + slice, Some(&mut idle))
+            .warm_then_record(warmup, slice, &mut idle)
             .await?;
 
         let load = BulkLoad::start(bulk);

@@ -484,6 +484,18 @@ impl Pinger {
             n += 1;
         }
     }
+
+    /// Round trips for `warmup`, not recorded, then for `dur`, recorded into `hist`; returns the
+    /// recorded count.
+    pub async fn warm_then_record(
+        &mut self,
+        warmup: Duration,
+        dur: Duration,
+        hist: &mut Histogram<u64>,
+    ) -> BenchResult<u64> {
+        self.run_until(Instant::now() + warmup, None).await?;
+        self.run_until(Instant::now() + dur, Some(hist)).await
+    }
 }
 
 /// A client channel of a [`FabricPair`]: sends a payload and waits for the echo.

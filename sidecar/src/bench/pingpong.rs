@@ -57,9 +57,8 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         let mut hb = new_histogram();
         let Some(base) = base.as_mut() else {
             progress("measuring the fabric (the baseline is perftest's, from --perftest)");
-            fabric.run_until(Instant::now() + s.warmup, None).await?;
             fabric
-                .run_until(Instant::now() + s.duration, Some(&mut hf))
+                .warm_then_record(s.warmup, s.duration, &mut hf)
                 .await?;
             return BenchResult::Ok((hf, hb));
         };
