@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::frame::{Frame, FrameError, Lane, OutFrame};
@@ -40,6 +41,82 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Listens on `addr` (the part after `scheme://`).
     fn listen<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>>;
+
+    /// Where this transport's hardware reaches memory directly (an RDMA device's protection
+    /// domain), for one-sided transfers between registered regions; `None` (the default) for
+    /// transports that move bytes through the session.
+    fn memory_domain(&self) -> Option<Arc<dyn MemoryDomain>> {
+        None
+    }
+}
+
+/// Memory registration with a device that reads and writes it directly (see
+/// [`Transport::memory_domain`]).
+pub trait MemoryDomain: Send + Sync {
+    /// Identifies the domain: a [`OneSided`] connection reaches memory registered here when its
+    /// [`OneSided::domain`] is this value.
+    fn id(&self) -> u64;
+
+    /// Registers the `len` bytes at `addr` for local access and for remote reads and writes by
+    /// peers that hold the registration's key.
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay allocated until the returned registration is dropped: the device
+    /// may write it at any time until then.
+    unsafe fn register(&self, addr: *mut u8, len: usize)
+        -> io::Result<Box<dyn MemoryRegistration>>;
+}
+
+/// Registered memory. Dropping it deregisters the memory: later remote accesses with its key
+/// fail on the device, never touch the memory.
+pub trait MemoryRegistration: Send + Sync {
+    /// The key local work requests name the memory with.
+    fn local_key(&self) -> u32;
+    /// The key a peer names the memory with in one-sided operations.
+    fn remote_key(&self) -> u32;
+}
+
+/// Which way a one-sided operation moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneSidedKind {
+    /// Local memory to the peer's (RDMA WRITE).
+    Write,
+    /// The peer's memory to local (RDMA READ).
+    Read,
+}
+
+/// One one-sided operation between registered memory on both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OneSidedOp {
+    /// Write or read.
+    pub kind: OneSidedKind,
+    /// Local address (inside memory registered in the connection's domain).
+    pub local_addr: u64,
+    /// The local registration's [`MemoryRegistration::local_key`].
+    pub local_key: u32,
+    /// Bytes to move.
+    pub len: u32,
+    /// Address on the peer, as its registration published it.
+    pub remote_addr: u64,
+    /// The peer registration's [`MemoryRegistration::remote_key`].
+    pub remote_key: u32,
+}
+
+/// Called once when a one-sided operation is over, with its outcome.
+pub type OneSidedDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// One-sided operations on a connection (see [`FrameSink::one_sided`]).
+pub trait OneSided: Send + Sync {
+    /// The [`MemoryDomain::id`] whose registrations this connection's operations can name.
+    fn domain(&self) -> u64;
+
+    /// Starts `op`, after the frames already pushed on the connection's sink were posted.
+    /// `done` is called with the outcome, or dropped unrun if the connection is torn down
+    /// first; either way only once the device can no longer touch the operation's memory, so
+    /// whatever keeps that memory alive can ride in `done`. A failed operation fails the
+    /// connection (an RDMA queue pair goes to its error state).
+    fn post(&self, op: OneSidedOp, done: OneSidedDone);
 }
 
 /// Accepts incoming connections.
@@ -95,6 +172,12 @@ pub trait FrameSink: Send {
 
     /// Flushes and closes the sending direction.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// One-sided operations on this connection, when the transport has them (RDMA). The handle
+    /// does not keep the connection alive: once it is gone, posts fail.
+    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
+        None
+    }
 }
 
 /// The receiving half of a connection.

@@ -166,6 +166,7 @@ async fn revoked_and_forged_regions_are_refused(kind: Kind) {
         region: 12345,
         len: 1 << 20,
         key: 0,
+        rdma: None,
     };
     let e = p
         .client_peer
@@ -262,11 +263,120 @@ async fn cancelled_transfer_stops(kind: Kind) {
     assert_eq!(got, [9u8; 100]);
 }
 
+/// Over verbs, transfers between regions registered with the device move one-sided (RDMA WRITE
+/// and READ): the session carries only the check and the notification, not the blocks.
+async fn one_sided_transfers_bypass_the_session(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const BLOCK: u64 = 64 << 10;
+    const N: u64 = 256;
+    let src = p.client.register((BLOCK * N) as usize).unwrap();
+    let dst = p.server.register((BLOCK * N) as usize).unwrap();
+    let d = dst.descriptor();
+    assert!(
+        d.rdma.is_some(),
+        "the server's region is not registered with its device"
+    );
+    assert!(src.descriptor().rdma.is_some());
+    let data: Vec<u8> = (0..BLOCK * N).map(|i| pattern(i ^ 0x55)).collect();
+    src.write_at(0, &data).await.unwrap();
+    // Reversed order, so a block landing at its own offset would be wrong.
+    let blocks: Vec<Block> = (0..N)
+        .map(|i| Block {
+            local: i * BLOCK,
+            remote: (N - 1 - i) * BLOCK,
+            len: BLOCK,
+        })
+        .collect();
+    let before = p.client_peer.stats().session.bytes_sent;
+    within(LIMIT, p.client_peer.write(&src, &d, &blocks, Some(5)))
+        .await
+        .unwrap();
+    let sent = p.client_peer.stats().session.bytes_sent - before;
+    assert!(
+        sent < BLOCK,
+        "{sent} bytes went through the session for a {} B one-sided transfer",
+        BLOCK * N
+    );
+    assert_eq!(within(LIMIT, p.server.notification()).await.unwrap().tag, 5);
+    let mut got = vec![0u8; BLOCK as usize];
+    for b in &blocks {
+        dst.read_at(b.remote, &mut got).await.unwrap();
+        assert!(
+            got[..] == data[b.local as usize..(b.local + BLOCK) as usize],
+            "block {} differs",
+            b.local / BLOCK
+        );
+    }
+    // And back by RDMA READ into a fresh region.
+    let back = p.client.register((BLOCK * N) as usize).unwrap();
+    let before = p.client_peer.stats().session.bytes_sent;
+    within(LIMIT, p.client_peer.read(&back, &d, &blocks, None))
+        .await
+        .unwrap();
+    let sent = p.client_peer.stats().session.bytes_sent - before;
+    assert!(
+        sent < BLOCK,
+        "{sent} bytes went through the session for a read"
+    );
+    let mut all = vec![0u8; (BLOCK * N) as usize];
+    back.read_at(0, &mut all).await.unwrap();
+    assert!(all == data, "data read back differs");
+    // Coordination still flows on the same session.
+    let coord = p.client_peer.channel(Class::Coordination, 3).unwrap();
+    coord.send("after").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    assert_eq!(&within(LIMIT, rx.recv()).await.unwrap().body[..], b"after");
+}
+
+/// A region revoked while one-sided writes into it are in flight: the device refuses the rest
+/// (the queue pair breaks), the transfer fails with a typed region error, and the session
+/// resumes on a new connection with coordination intact.
+async fn revoked_during_a_one_sided_transfer(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const BLOCK: u64 = 64 << 10;
+    const N: u64 = 1024;
+    let src = p.client.register((BLOCK * N) as usize).unwrap();
+    let dst = p.server.register((BLOCK * N) as usize).unwrap();
+    let d = dst.descriptor();
+    assert!(d.rdma.is_some());
+    let blocks: Vec<Block> = (0..N)
+        .map(|i| Block {
+            local: i * BLOCK,
+            remote: i * BLOCK,
+            len: BLOCK,
+        })
+        .collect();
+    let peer = p.client_peer.clone();
+    let t = tokio::spawn(async move { peer.write(&src, &d, &blocks, None).await });
+    // Let some blocks land, then revoke under the rest (64 MiB takes seconds under emulation).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dst.revoke().await;
+    match within(LIMIT, t).await.unwrap() {
+        Err(Error::Transfer { cause, .. }) => assert!(
+            matches!(
+                *cause,
+                Error::Region(RegionError::Revoked { .. } | RegionError::Unknown { .. })
+            ),
+            "unexpected cause {cause}"
+        ),
+        Ok(r) => panic!("the transfer finished before the revocation: {r:?}; make it longer"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    let coord = p.client_peer.channel(Class::Coordination, 4).unwrap();
+    coord.send("still here").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    assert_eq!(
+        &within(LIMIT, rx.recv()).await.unwrap().body[..],
+        b"still here"
+    );
+}
+
 macro_rules! suite {
-    ($module:ident, $kind:ident: $($case:ident),* $(,)?) => {
+    ($module:ident, $kind:ident, $attr:meta: $($case:ident),* $(,)?) => {
         mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[$attr]
                 async fn $case() {
                     super::$case(agentfabric_tests::Kind::$kind).await
                 }
@@ -277,7 +387,11 @@ macro_rules! suite {
 
 macro_rules! all_cases {
     ($module:ident, $kind:ident) => {
-        suite!($module, $kind:
+        // `cfg_attr(any(), …)` never applies: the cases run everywhere.
+        all_cases!($module, $kind, cfg_attr(any(), ignore));
+    };
+    ($module:ident, $kind:ident, $attr:meta) => {
+        suite!($module, $kind, $attr:
             thousand_block_batches_write_and_read,
             out_of_bounds_ranges_are_refused,
             revoked_and_forged_regions_are_refused,
@@ -290,3 +404,17 @@ macro_rules! all_cases {
 all_cases!(mem, Mem);
 all_cases!(tcp, Tcp);
 all_cases!(quic, Quic);
+// Needs an RDMA device: soft-roce/tests.d/25-verbs-bulk runs these in the lab with --ignored.
+// Over verbs the transfers move one-sided (RDMA WRITE and READ).
+all_cases!(
+    verbs,
+    Verbs,
+    ignore = "needs an RDMA device: run with soft-roce/lab test"
+);
+suite!(
+    verbs_rdma,
+    Verbs,
+    ignore = "needs an RDMA device: run with soft-roce/lab test":
+    one_sided_transfers_bypass_the_session,
+    revoked_during_a_one_sided_transfer,
+);

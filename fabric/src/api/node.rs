@@ -71,6 +71,8 @@ impl NodeBuilder {
                 crate::core::handshake::MAX_NAME
             )));
         }
+        // Regions are registered for one-sided access with the first transport that offers it.
+        let memory_domain = self.transports.iter().find_map(|t| t.memory_domain());
         let mut transports = HashMap::new();
         for t in self.transports {
             transports.insert(t.scheme(), t);
@@ -86,7 +88,7 @@ impl NodeBuilder {
                 incoming_tx: tx,
                 incoming_rx: tokio::sync::Mutex::new(rx),
                 tasks: Mutex::new(Vec::new()),
-                regions: Arc::new(RegionTable::default()),
+                regions: Arc::new(RegionTable::new(memory_domain)),
                 notify_tx,
                 notify_rx: tokio::sync::Mutex::new(notify_rx),
             }),

@@ -22,12 +22,12 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use super::sync::{lock, Contention};
 use crate::frame::{Lane, OutFrame};
-use crate::transport::FrameSink;
+use crate::transport::{FrameSink, OneSided};
 
 /// Frames pulled from the session and not yet handed to the sink.
 #[derive(Default)]
@@ -65,6 +65,8 @@ pub(crate) struct TxHalf {
     /// or when the driver waits for the sink. Read only on those paths, so a task's write costs
     /// no waker clone.
     driver: Mutex<Option<Waker>>,
+    /// The connection's one-sided operations, when its transport has them (a leaf lock).
+    one_sided: Mutex<Option<Arc<dyn OneSided>>>,
 }
 
 impl TxHalf {
@@ -97,9 +99,15 @@ impl TxHalf {
         lock(&self.driver).clone()
     }
 
+    /// The current connection's one-sided operations, if it has them.
+    pub(crate) fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
+        lock(&self.one_sided).clone()
+    }
+
     /// Installs the sending half of a new connection (`None`: disconnected). What was staged is
     /// dropped either way: the session sends again whatever the peer did not acknowledge.
     pub(crate) fn set_sink(&self, sink: Option<Box<dyn FrameSink>>) {
+        *lock(&self.one_sided) = sink.as_ref().and_then(|s| s.one_sided());
         let mut s = lock(&self.sink);
         *s = sink;
         let mut st = self.staged();

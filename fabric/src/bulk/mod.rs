@@ -6,6 +6,6 @@ mod region;
 mod transfer;
 
 pub(crate) use region::RegionTable;
-pub use region::{AlignedBuf, Region, RegionDescriptor, RegionError, REGION_ALIGN};
+pub use region::{AlignedBuf, RdmaAccess, Region, RegionDescriptor, RegionError, REGION_ALIGN};
 pub(crate) use transfer::serve_transfers;
 pub use transfer::{Block, Notification, TransferReport, MAX_INFLIGHT_BLOCKS, MAX_INFLIGHT_BYTES};

@@ -17,6 +17,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use crate::error::{Error, Result};
 use crate::pace::CopyPacer;
+use crate::transport::{MemoryDomain, MemoryRegistration};
 
 /// Alignment of region memory: a page, as RDMA registration and DMA prefer.
 pub const REGION_ALIGN: usize = 4096;
@@ -142,45 +143,100 @@ pub struct RegionDescriptor {
     pub len: u64,
     /// Access key: random per region; a descriptor without it is refused.
     pub key: u64,
+    /// How an RDMA device reaches the region directly, when the owning node registered it with
+    /// one (its transport has a [`MemoryDomain`](crate::transport::MemoryDomain)).
+    pub rdma: Option<RdmaAccess>,
+}
+
+/// The address and remote key of a region registered with an RDMA device: what one-sided
+/// operations name it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RdmaAccess {
+    /// The region's first byte, in the owner's address space (the registration's base).
+    pub addr: u64,
+    /// The registration's remote key.
+    pub rkey: u32,
 }
 
 impl RegionDescriptor {
     /// Encoded length.
-    pub const LEN: usize = 24;
+    pub const LEN: usize = 37;
 
-    /// The descriptor as 24 little-endian bytes.
+    /// The descriptor as [`RegionDescriptor::LEN`] little-endian bytes: region, len, key, then
+    /// a flag byte (1 when `rdma` is present), the RDMA address and remote key (zero without).
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         out[0..8].copy_from_slice(&self.region.to_le_bytes());
         out[8..16].copy_from_slice(&self.len.to_le_bytes());
         out[16..24].copy_from_slice(&self.key.to_le_bytes());
+        if let Some(r) = self.rdma {
+            out[24] = 1;
+            out[25..33].copy_from_slice(&r.addr.to_le_bytes());
+            out[33..37].copy_from_slice(&r.rkey.to_le_bytes());
+        }
         out
     }
 
-    /// Decodes [`RegionDescriptor::encode`]'s output; `None` for any other length.
+    /// Decodes [`RegionDescriptor::encode`]'s output; `None` for any other length or an unknown
+    /// flag byte.
     pub fn decode(b: &[u8]) -> Option<RegionDescriptor> {
         if b.len() != Self::LEN {
             return None;
         }
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let rdma = match b[24] {
+            0 => None,
+            1 => Some(RdmaAccess {
+                addr: word(25),
+                rkey: u32::from_le_bytes(b[33..37].try_into().expect("4 bytes")),
+            }),
+            _ => return None,
+        };
         Some(RegionDescriptor {
             region: word(0),
             len: word(8),
             key: word(16),
+            rdma,
         })
     }
+}
+
+/// A region's registration with an RDMA device.
+pub(crate) struct Registered {
+    /// The [`MemoryDomain::id`] it was made in.
+    pub(crate) domain: u64,
+    pub(crate) reg: Box<dyn MemoryRegistration>,
+    /// The region's base address.
+    pub(crate) addr: u64,
 }
 
 pub(crate) struct RegionInner {
     pub(crate) id: u64,
     pub(crate) key: u64,
     pub(crate) len: u64,
+    /// The RDMA registration, if any; taken (deregistered) by [`Region::revoke`]. Declared
+    /// before `mem` so that it is dropped first: the device lets go of the memory before the
+    /// memory can be freed.
+    pub(crate) rdma: Mutex<Option<Registered>>,
     pub(crate) mem: Arc<RwLock<AlignedBuf>>,
     pub(crate) revoked: AtomicBool,
     table: Weak<RegionTable>,
 }
 
 impl RegionInner {
+    /// The registration's lock.
+    pub(crate) fn registered(&self) -> std::sync::MutexGuard<'_, Option<Registered>> {
+        self.rdma.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the descriptor publishes for one-sided access, while registered.
+    pub(crate) fn rdma_access(&self) -> Option<RdmaAccess> {
+        self.registered().as_ref().map(|r| RdmaAccess {
+            addr: r.addr,
+            rkey: r.reg.remote_key(),
+        })
+    }
+
     /// Checks `offset..offset+len` against the region.
     pub(crate) fn check(&self, offset: u64, len: u64) -> std::result::Result<(), RegionError> {
         if self.revoked.load(Ordering::Acquire) {
@@ -265,9 +321,19 @@ impl AsRef<[u8]> for View {
 #[derive(Default)]
 pub(crate) struct RegionTable {
     regions: Mutex<HashMap<u64, Weak<RegionInner>>>,
+    /// Where new regions are also registered for one-sided access (the node's RDMA transport).
+    domain: Option<Arc<dyn MemoryDomain>>,
 }
 
 impl RegionTable {
+    /// A table whose regions are registered with `domain` too, when there is one.
+    pub(crate) fn new(domain: Option<Arc<dyn MemoryDomain>>) -> RegionTable {
+        RegionTable {
+            regions: Mutex::default(),
+            domain,
+        }
+    }
+
     /// The live region a descriptor names, after checking its key.
     pub(crate) fn lookup(
         &self,
@@ -284,7 +350,7 @@ impl RegionTable {
         Ok(r)
     }
 
-    pub(crate) fn register(self: &Arc<Self>, buf: AlignedBuf) -> Region {
+    pub(crate) fn register(self: &Arc<Self>, mut buf: AlignedBuf) -> Region {
         let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         regions.retain(|_, r| r.strong_count() > 0);
         let id = loop {
@@ -293,10 +359,15 @@ impl RegionTable {
                 break id;
             }
         };
+        let rdma = self
+            .domain
+            .as_ref()
+            .and_then(|d| register_with(d, &mut buf));
         let inner = Arc::new(RegionInner {
             id,
             key: rand::random(),
             len: buf.len() as u64,
+            rdma: Mutex::new(rdma),
             mem: Arc::new(RwLock::new(buf)),
             revoked: AtomicBool::new(false),
             table: Arc::downgrade(self),
@@ -310,6 +381,32 @@ impl RegionTable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+    }
+}
+
+/// Registers `buf` with `domain`. A failure (the device's limits, the locked-memory limit)
+/// leaves the region without one-sided access: transfers to and from it then move through the
+/// session, as on transports without RDMA. Said in the log, since it costs bandwidth.
+fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option<Registered> {
+    let addr = buf.as_mut_ptr();
+    // SAFETY: the registration is stored in the region beside the buffer and dropped before it
+    // (field order of `RegionInner`, and `Region::revoke`); the buffer's heap memory does not
+    // move when the `AlignedBuf` value does.
+    match unsafe { domain.register(addr, buf.len()) } {
+        Ok(reg) => Some(Registered {
+            domain: domain.id(),
+            reg,
+            addr: addr as u64,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                len = buf.len(),
+                "cannot register a region with the RDMA device; its transfers move through the \
+                 session"
+            );
+            None
+        }
     }
 }
 
@@ -338,6 +435,7 @@ impl Region {
             region: self.inner.id,
             len: self.inner.len,
             key: self.inner.key,
+            rdma: self.inner.rdma_access(),
         }
     }
 
@@ -373,6 +471,8 @@ impl Region {
         self.inner.revoked.store(true, Ordering::Release);
         // The write guard is granted only once every in-flight view is gone.
         drop(self.inner.mem.write().await);
+        // Deregistered: a peer's one-sided access with the old key now fails on the device.
+        drop(self.inner.registered().take());
         if let Some(t) = self.inner.table.upgrade() {
             t.forget(self.inner.id);
         }

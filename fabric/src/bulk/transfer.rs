@@ -8,23 +8,41 @@
 //! range against the region and copies the bytes in. A read sends the envelope and receives the
 //! bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and [`MAX_INFLIGHT_BYTES`]) are in flight per
 //! transfer, so a large batch never floods the send queue.
+//!
+//! One-sided path: when the connection has one-sided operations ([`OneSided`], RDMA), both
+//! regions are registered in its domain, and the descriptor carries the remote region's
+//! [`RdmaAccess`](super::region::RdmaAccess), the blocks move by RDMA WRITE or READ between the
+//! two regions: no copy, no work for the target's CPU. The target's checks run first, once per
+//! transfer: one request on the system channel checks the descriptor (key, registration, not
+//! revoked) and the range the blocks span, so a refused transfer moves nothing and says why, as on
+//! the other path. The local region stays locked (shared for a write, exclusive for a read) until
+//! the device is done with every operation: the lock rides in each operation's completion. If an
+//! operation fails (the target revoked the region meanwhile, the link went down), the queue pair
+//! breaks and the session resumes on a new connection; the failed block and the ones after it
+//! then go through the session, where the target either takes them or says why not.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::region::{Region, RegionDescriptor, RegionError, RegionTable};
+use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTable};
 use crate::api::{Channel, Message, Peer};
 use crate::error::{Error, Result};
 use crate::frame::MSG_REQUEST;
+use crate::transport::{OneSided, OneSidedKind, OneSidedOp};
 
 /// Blocks of one transfer in flight at once.
 pub const MAX_INFLIGHT_BLOCKS: usize = 32;
 /// Bytes of one transfer in flight at once (at least one block is always allowed).
 pub const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
+
+/// Longest block a one-sided operation carries (an RDMA work request carries less than 2 GiB); a
+/// transfer with a longer block goes through the session.
+const ONE_SIDED_MAX_BLOCK: u64 = 1 << 30;
 
 /// One block of a transfer: `len` bytes between offset `local` of the local region and offset
 /// `remote` of the remote one.
@@ -66,6 +84,8 @@ enum Op {
     Write = 1,
     Read = 2,
     Notify = 3,
+    /// Checks a descriptor and a range before one-sided operations on it.
+    Check = 4,
 }
 
 /// The fixed envelope that precedes a block (write) or asks for one (read, notify).
@@ -99,6 +119,7 @@ impl Envelope {
             1 => Op::Write,
             2 => Op::Read,
             3 => Op::Notify,
+            4 => Op::Check,
             _ => return None,
         };
         let region = RegionDescriptor::decode(&b[1..1 + RegionDescriptor::LEN])?;
@@ -232,10 +253,32 @@ impl Peer {
             }
         }
         let ch = self.transfer_channel()?;
+        let mut bytes = 0u64;
+        // Blocks before this one moved one-sided; the rest go through the session.
+        let mut from = 0;
+        if let Some(route) = self.one_sided_route(local, remote, blocks) {
+            check_remote(&ch, remote, blocks)
+                .await
+                .map_err(|(i, e)| fail(i, e))?;
+            match one_sided(dir, &route, local, blocks).await {
+                Ok(n) => {
+                    bytes = n;
+                    from = blocks.len();
+                }
+                Err((failed, n)) => {
+                    tracing::debug!(
+                        peer = %self.name(),
+                        block = failed,
+                        "one-sided transfer failed; the rest goes through the session"
+                    );
+                    bytes = n;
+                    from = failed;
+                }
+            }
+        }
         let mut inflight: JoinSet<(usize, u64, Result<()>)> = JoinSet::new();
         let mut inflight_bytes = 0u64;
-        let mut bytes = 0u64;
-        for (i, b) in blocks.iter().copied().enumerate() {
+        for (i, b) in blocks.iter().copied().enumerate().skip(from) {
             while inflight.len() >= MAX_INFLIGHT_BLOCKS
                 || (!inflight.is_empty() && inflight_bytes + b.len > MAX_INFLIGHT_BYTES)
             {
@@ -290,6 +333,177 @@ impl Peer {
             bytes,
             elapsed: start.elapsed(),
         })
+    }
+}
+
+/// How a transfer's blocks move one-sided: the connection's operations, the remote region's
+/// address and key, the local region's key.
+struct Route {
+    ops: Arc<dyn OneSided>,
+    remote: RdmaAccess,
+    local_key: u32,
+}
+
+impl Peer {
+    /// The one-sided route for a transfer between `local` and `remote`, when there is one (see
+    /// the module docs).
+    fn one_sided_route(
+        &self,
+        local: &Region,
+        remote: &RegionDescriptor,
+        blocks: &[Block],
+    ) -> Option<Route> {
+        let access = remote.rdma?;
+        if blocks.iter().any(|b| b.len > ONE_SIDED_MAX_BLOCK) {
+            return None;
+        }
+        let ops = self.shared.tx.one_sided()?;
+        let reg = local.inner.registered();
+        let r = reg.as_ref().filter(|r| r.domain == ops.domain())?;
+        Some(Route {
+            local_key: r.reg.local_key(),
+            ops,
+            remote: access,
+        })
+    }
+}
+
+/// Asks the target to check `remote` (key, registration, not revoked) and the range `blocks`
+/// span. On refusal: the index of the block to blame (the first out of bounds, else 0) and why.
+async fn check_remote(
+    ch: &Channel,
+    remote: &RegionDescriptor,
+    blocks: &[Block],
+) -> std::result::Result<(), (usize, Error)> {
+    // The ranges were checked against `remote.len` already: no overflow here.
+    let (Some(lo), Some(hi)) = (
+        blocks.iter().map(|b| b.remote).min(),
+        blocks.iter().map(|b| b.remote + b.len).max(),
+    ) else {
+        return Ok(());
+    };
+    let env = Envelope {
+        op: Op::Check,
+        region: *remote,
+        offset: lo,
+        len: hi - lo,
+        tag: 0,
+    };
+    let Err(e) = ch.request_with_head(None, env.encode()).await else {
+        return Ok(());
+    };
+    let e = remote_error(e);
+    if let Error::Region(RegionError::OutOfBounds { region_len, .. }) = e {
+        let beyond = blocks
+            .iter()
+            .position(|b| b.remote + b.len > region_len)
+            .unwrap_or(0);
+        let b = blocks[beyond];
+        let e = RegionError::OutOfBounds {
+            region: remote.region,
+            offset: b.remote,
+            len: b.len,
+            region_len,
+        };
+        return Err((beyond, Error::Region(e)));
+    }
+    Err((0, e))
+}
+
+/// Moves `blocks` by one-sided operations, at most [`MAX_INFLIGHT_BLOCKS`] (and
+/// [`MAX_INFLIGHT_BYTES`]) at a time. Returns the bytes moved, or the first block that did not
+/// move (with the bytes moved before it): the connection failed under it.
+async fn one_sided(
+    dir: Direction,
+    route: &Route,
+    local: &Region,
+    blocks: &[Block],
+) -> std::result::Result<u64, (usize, u64)> {
+    // The device reads the local region (write) or writes it (read): hold it shared or
+    // exclusive, with the region itself (its registration), until the last operation is over.
+    let inner = local.inner.clone();
+    let (keep, base): (Arc<dyn Send + Sync>, u64) = match dir {
+        Direction::Write => {
+            let g = inner.mem.clone().read_owned().await;
+            let base = g.as_ptr() as u64;
+            (Arc::new((g, inner.clone())), base)
+        }
+        Direction::Read => {
+            let mut g = inner.mem.clone().write_owned().await;
+            let base = g.as_mut_ptr() as u64;
+            (Arc::new((g, inner.clone())), base)
+        }
+    };
+    if inner.revoked.load(std::sync::atomic::Ordering::Acquire) {
+        // Revoked while waiting for the lock: the session path reports it.
+        return Err((0, 0));
+    }
+    let kind = match dir {
+        Direction::Write => OneSidedKind::Write,
+        Direction::Read => OneSidedKind::Read,
+    };
+    let mut ops = OpsInFlight::default();
+    for (i, b) in blocks.iter().enumerate() {
+        while ops.pending.len() >= MAX_INFLIGHT_BLOCKS
+            || (!ops.pending.is_empty() && ops.bytes + b.len > MAX_INFLIGHT_BYTES)
+        {
+            ops.wait_oldest().await.map_err(|idx| (idx, ops.moved))?;
+        }
+        let (tx, rx) = oneshot::channel();
+        let keep = keep.clone();
+        route.ops.post(
+            OneSidedOp {
+                kind,
+                local_addr: base + b.local,
+                local_key: route.local_key,
+                len: b.len as u32,
+                remote_addr: route.remote.addr + b.remote,
+                remote_key: route.remote.rkey,
+            },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+                drop(keep);
+            }),
+        );
+        ops.pending.push_back((i, b.len, rx));
+        ops.bytes += b.len;
+    }
+    while !ops.pending.is_empty() {
+        ops.wait_oldest().await.map_err(|idx| (idx, ops.moved))?;
+    }
+    Ok(ops.moved)
+}
+
+/// A transfer's one-sided operations in flight, oldest first.
+#[derive(Default)]
+struct OpsInFlight {
+    /// (block index, length, completion).
+    pending: VecDeque<(usize, u64, oneshot::Receiver<std::io::Result<()>>)>,
+    /// Bytes in flight.
+    bytes: u64,
+    /// Bytes of completed operations.
+    moved: u64,
+}
+
+impl OpsInFlight {
+    /// Waits for the oldest operation (a queue pair completes in order, so waiting for the
+    /// oldest first loses nothing); `Err(block)` when it failed or was dropped.
+    async fn wait_oldest(&mut self) -> std::result::Result<(), usize> {
+        let Some((idx, len, rx)) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        match rx.await {
+            Ok(Ok(())) => {
+                self.bytes -= len;
+                self.moved += len;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, block = idx, "one-sided operation failed");
+                Err(idx)
+            }
+            Err(_) => Err(idx),
+        }
     }
 }
 
@@ -394,6 +608,16 @@ async fn serve_channel(
                 };
                 answer(ch, &m, r).await?;
             }
+            Op::Check => {
+                let r = regions.lookup(&env.region).and_then(|r| {
+                    if r.rdma_access() != env.region.rdma {
+                        // Not the registration the region has: an old or forged descriptor.
+                        return Err(RegionError::BadKey { region: r.id });
+                    }
+                    r.check(env.offset, env.len)
+                });
+                answer(ch, &m, r.map(|()| Bytes::new())).await?;
+            }
             Op::Notify => {
                 let r = regions.lookup(&env.region).map(|r| r.id);
                 if let Ok(region) = r {
@@ -428,12 +652,13 @@ mod tests {
 
     #[test]
     fn envelope_and_region_errors_round_trip() {
-        let env = Envelope {
+        let mut env = Envelope {
             op: Op::Read,
             region: RegionDescriptor {
                 region: 1,
                 len: 2,
                 key: 3,
+                rdma: None,
             },
             offset: 4,
             len: 5,
@@ -441,6 +666,16 @@ mod tests {
         };
         assert_eq!(Envelope::decode(&env.encode()), Some(env));
         assert_eq!(Envelope::decode(&env.encode()[1..]), None);
+        env.op = Op::Check;
+        env.region.rdma = Some(RdmaAccess {
+            addr: 0x7f00_dead_b000,
+            rkey: 0x1234_5678,
+        });
+        assert_eq!(Envelope::decode(&env.encode()), Some(env));
+        // An unknown RDMA flag byte is refused, not read as "no RDMA".
+        let mut bad = env.encode().to_vec();
+        bad[1 + 24] = 2;
+        assert_eq!(Envelope::decode(&bad), None);
         let e = RegionError::OutOfBounds {
             region: 9,
             offset: 10,

@@ -12,7 +12,9 @@ use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
-use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
+use agentfabric::transport::{
+    Connection, FrameSink, FrameStream, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
+};
 use bytes::Bytes;
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
@@ -373,6 +375,8 @@ enum Carry {
     Slot(usize, usize),
     /// No data (credit return, FIN, probe).
     Empty,
+    /// A one-sided operation (index into `op_hold`): RDMA WRITE or READ, no credit spent.
+    OneSided(usize),
 }
 
 struct Planned {
@@ -424,7 +428,19 @@ struct Inner {
     // Wakers of the two halves.
     sink_waker: Option<Waker>,
     stream_waker: Option<Waker>,
+    // One-sided operations, after `res`: dropped once the QP is destroyed, so whatever their
+    // completions keep alive outlives the device's use of it.
+    /// Not yet posted (no send-queue room).
+    ops_queue: VecDeque<(OneSidedOp, OneSidedDone)>,
+    /// Posted, by sequence number (each is signalled); completed in order.
+    ops_inflight: VecDeque<(u64, OneSidedDone)>,
+    /// The plan's one-sided operations while it is posted.
+    op_hold: Vec<(OneSidedOp, OneSidedDone)>,
 }
+
+/// Most one-sided operations on the send queue at once, as a share of its depth: the rest stays
+/// free for frames, so coordination is not queued behind bulk operations.
+const OPS_SHARE: u32 = 2;
 
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
 // the mutex; Resources is Send.
@@ -455,6 +471,13 @@ fn explain_status(status: u32, remote: &str) -> (io::ErrorKind, String) {
             io::ErrorKind::ConnectionAborted,
             format!("the QP to {remote} went to the error state ({text})"),
         ),
+        ibv_wc_status::IBV_WC_REM_ACCESS_ERR => (
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{remote} refused a one-sided access ({text}): the region was revoked, or the \
+                 key or range is not its registration's"
+            ),
+        ),
         _ => (
             io::ErrorKind::ConnectionAborted,
             format!("RDMA work request to {remote} failed: {text} (status {status})"),
@@ -467,6 +490,31 @@ impl Inner {
         if self.error.is_none() {
             tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
             self.error = Some((kind, msg));
+        }
+        // Operations not posted never reach the device: they fail now. Posted ones complete
+        // (flushed) on the CQ, or are dropped with the QP.
+        for (_, done) in std::mem::take(&mut self.ops_queue) {
+            done(Err(self.io_error().expect("set above")));
+        }
+    }
+
+    /// Completes the posted one-sided operations up to sequence `upto` (RC completes in order).
+    fn complete_ops(&mut self, upto: u64) {
+        while self
+            .ops_inflight
+            .front()
+            .is_some_and(|(seq, _)| *seq <= upto)
+        {
+            let (_, done) = self.ops_inflight.pop_front().expect("checked");
+            done(Ok(()));
+        }
+    }
+
+    /// Fails the posted one-sided operation `seq`, if it is one, with `err`.
+    fn fail_op(&mut self, seq: u64, kind: io::ErrorKind, msg: &str) {
+        if let Some(k) = self.ops_inflight.iter().position(|(s, _)| *s == seq) {
+            let (_, done) = self.ops_inflight.remove(k).expect("found");
+            done(Err(io::Error::new(kind, msg.to_owned())));
         }
     }
 
@@ -511,6 +559,9 @@ impl Inner {
                 let imm_raw = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
                 if status != ibv_wc_status::IBV_WC_SUCCESS {
                     let (kind, msg) = explain_status(status, &self.remote);
+                    if opcode & ibv_wc_opcode::IBV_WC_RECV == 0 && wr_id != 0 {
+                        self.fail_op(wr_id, kind, &msg);
+                    }
                     self.fail(kind, msg);
                     continue;
                 }
@@ -537,8 +588,10 @@ impl Inner {
                     self.repost.push(wr_id as u32);
                     self.to_return += 1;
                 } else if wr_id != 0 {
-                    // A signalled send: it and every send before it are complete.
+                    // A signalled send (or one-sided operation): it and every WR before it are
+                    // complete.
                     self.completed = self.completed.max(wr_id);
+                    self.complete_ops(wr_id);
                 }
             }
             self.wcs.clear();
@@ -631,6 +684,21 @@ impl Inner {
             });
             self.credits -= 1;
             self.fin_sent = true;
+            room -= 1;
+        }
+        // One-sided operations take no credit (no receive buffer at the peer), only room, and
+        // at most their share of the queue.
+        let ops_room = (self.send_depth / OPS_SHARE).max(1);
+        while room > 0 && (self.ops_inflight.len() + self.op_hold.len()) < ops_room as usize {
+            let Some(op) = self.ops_queue.pop_front() else {
+                break;
+            };
+            self.op_hold.push(op);
+            self.plan.push(Planned {
+                carry: Carry::OneSided(self.op_hold.len() - 1),
+                imm: 0,
+            });
+            room -= 1;
         }
         self.post_plan()
     }
@@ -682,6 +750,14 @@ impl Inner {
                         lkey,
                     });
                 }
+                Carry::OneSided(h) => {
+                    let op = &self.op_hold[h].0;
+                    self.ssges.push(ibv_sge {
+                        addr: op.local_addr,
+                        length: op.len,
+                        lkey: op.local_key,
+                    });
+                }
                 Carry::Empty => {}
             }
         }
@@ -697,10 +773,16 @@ impl Inner {
                     },
                     true,
                 ),
-                Carry::Slot(..) => (1, false),
+                Carry::Slot(..) | Carry::OneSided(_) => (1, false),
                 Carry::Empty => (0, true),
             };
-            let signalled = k + 1 == n || seq.is_multiple_of(self.signal_every);
+            let one_sided = match p.carry {
+                Carry::OneSided(h) => Some(self.op_hold[h].0),
+                _ => None,
+            };
+            // A one-sided operation is always signalled: its completion is its caller's.
+            let signalled =
+                k + 1 == n || seq.is_multiple_of(self.signal_every) || one_sided.is_some();
             let mut flags = 0u32;
             if inline {
                 flags |= ibv_send_flags::IBV_SEND_INLINE.0;
@@ -717,9 +799,21 @@ impl Inner {
                 std::ptr::null_mut()
             };
             wr.num_sge = num;
-            wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
             wr.send_flags = flags;
-            wr.imm_data_invalidated_rkey_union.imm_data = p.imm.to_be();
+            match one_sided {
+                Some(op) => {
+                    wr.opcode = match op.kind {
+                        OneSidedKind::Write => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                        OneSidedKind::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
+                    };
+                    wr.wr.rdma.remote_addr = op.remote_addr;
+                    wr.wr.rdma.rkey = op.remote_key;
+                }
+                None => {
+                    wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                    wr.imm_data_invalidated_rkey_union.imm_data = p.imm.to_be();
+                }
+            }
             sge_i += num as usize;
             self.swrs.push(wr);
         }
@@ -737,8 +831,21 @@ impl Inner {
         self.hold.clear();
         if rc != 0 {
             let e = rc_err(rc, format!("posting sends to {}", self.remote));
+            // Nothing of the chain reached the device: its operations fail with the connection.
+            for (_, done) in std::mem::take(&mut self.op_hold) {
+                done(Err(io::Error::new(e.kind(), e.to_string())));
+            }
             self.fail(e.kind(), e.to_string());
             return false;
+        }
+        // The operations' sequence numbers, for their completions.
+        let mut ops = std::mem::take(&mut self.op_hold).into_iter();
+        for (k, p) in self.plan.iter().enumerate() {
+            if let Carry::OneSided(_) = p.carry {
+                let (_, done) = ops.next().expect("one per OneSided carry, in order");
+                self.ops_inflight
+                    .push_back((self.posted + k as u64 + 1, done));
+            }
         }
         self.posted += n as u64;
         true
@@ -858,6 +965,37 @@ impl Shared {
 struct VerbsSink(Shared);
 struct VerbsStream(Shared);
 
+/// The connection's one-sided operations ([`FrameSink::one_sided`]). Holds the connection
+/// weakly: a transfer waiting on its operations does not keep a failed connection alive.
+struct VerbsOneSided {
+    conn: std::sync::Weak<Mutex<Inner>>,
+    domain: u64,
+}
+
+impl OneSided for VerbsOneSided {
+    fn domain(&self) -> u64 {
+        self.domain
+    }
+
+    fn post(&self, op: OneSidedOp, done: OneSidedDone) {
+        let Some(conn) = self.conn.upgrade() else {
+            done(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the verbs connection is gone",
+            )));
+            return;
+        };
+        let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = st.io_error() {
+            drop(st);
+            done(Err(e));
+            return;
+        }
+        st.ops_queue.push_back((op, done));
+        st.post();
+    }
+}
+
 impl VerbsSink {
     fn poll_write(&mut self, cx: &mut TaskCx<'_>, close: bool) -> Poll<io::Result<()>> {
         let mut st = self.0.lock();
@@ -924,6 +1062,14 @@ impl FrameSink for VerbsSink {
 
     fn poll_close(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
         self.poll_write(cx, true)
+    }
+
+    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
+        let domain = crate::memory::domain_id(&self.0.lock().res.dev);
+        Some(Arc::new(VerbsOneSided {
+            conn: Arc::downgrade(&self.0 .0),
+            domain,
+        }))
     }
 }
 
@@ -1107,6 +1253,9 @@ pub(crate) async fn establish(
         ssges: Vec::with_capacity(2 * send_depth as usize),
         sink_waker: None,
         stream_waker: None,
+        ops_queue: VecDeque::new(),
+        ops_inflight: VecDeque::new(),
+        op_hold: Vec::new(),
         res,
     };
     let shared = Shared(Arc::new(Mutex::new(inner)));

@@ -92,11 +92,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use agentfabric::frame::HEADER_LEN;
-use agentfabric::transport::{BoxFuture, Connection, Listener, Transport};
+use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Transport};
 use tokio::net::TcpStream;
 
 mod conn;
 mod device;
+mod memory;
 pub mod params;
 
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
@@ -400,6 +401,24 @@ impl Transport for VerbsTransport {
 
     fn listen<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Box<dyn Listener>>> {
         Box::pin(self.listen_inner(addr))
+    }
+
+    /// The protection domain of the device this transport's connections use when it is named
+    /// ([`VerbsConfig::device`] or `AGENTFABRIC_LAB_DEVICE`), else of the first device. `None`
+    /// when no device can be opened: regions then move through the session. A connection that
+    /// ends up on another device (chosen by its IP address) moves them through the session too.
+    fn memory_domain(&self) -> Option<Arc<dyn MemoryDomain>> {
+        let name = match self.config.env_device() {
+            Some(n) => n,
+            None => Context::names().ok()?.into_iter().next()?,
+        };
+        match self.device(&name) {
+            Ok(dev) => Some(Arc::new(memory::VerbsDomain { dev })),
+            Err(e) => {
+                tracing::debug!(device = %name, error = %e, "no RDMA memory domain");
+                None
+            }
+        }
     }
 }
 
