@@ -9,8 +9,8 @@
 //! cache-resident block over and over (faster: its copies never leave the caches) is reported
 //! beside it as `baseline_hot`.
 //!
-//! Over verbs the blocks travel as two-sided sends through the session (the transport has no
-//! one-sided RDMA WRITE yet).
+//! Over verbs the blocks move one-sided, by RDMA WRITE between the two regions (registered with
+//! the device), as `ib_write_bw` moves its own.
 //!
 //! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
 //! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.

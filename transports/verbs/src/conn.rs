@@ -41,6 +41,9 @@ pub(crate) struct Resources {
     channel: *mut ibv_comp_channel,
     cq: *mut ibv_cq,
     qp: *mut ibv_qp,
+    /// The second QP: one-sided operations only (its receive queue stays empty: RDMA WRITE
+    /// without immediate and READ consume no receive buffer).
+    rma_qp: *mut ibv_qp,
     recv_mr: *mut ibv_mr,
     send_mr: *mut ibv_mr,
     recv_buf: Vec<u8>,
@@ -63,6 +66,9 @@ impl Drop for Resources {
         unsafe {
             if !self.qp.is_null() {
                 ibv_destroy_qp(self.qp);
+            }
+            if !self.rma_qp.is_null() {
+                ibv_destroy_qp(self.rma_qp);
             }
             if !self.recv_mr.is_null() {
                 ibv_dereg_mr(self.recv_mr);
@@ -101,6 +107,7 @@ impl Resources {
             channel: std::ptr::null_mut(),
             cq: std::ptr::null_mut(),
             qp: std::ptr::null_mut(),
+            rma_qp: std::ptr::null_mut(),
             recv_mr: std::ptr::null_mut(),
             send_mr: std::ptr::null_mut(),
             recv_buf: vec![0u8; buf_size * cfg.recv_depth as usize],
@@ -120,7 +127,8 @@ impl Resources {
                     "cannot create a completion channel on {name}"
                 )));
             }
-            let cqe = (cfg.send_depth + cfg.recv_depth + 1) as i32;
+            // Both QPs complete on it: frames and one-sided operations, each up to send_depth.
+            let cqe = (2 * cfg.send_depth + cfg.recv_depth + 1) as i32;
             r.cq = ibv_create_cq(r.dev.ctx, cqe, std::ptr::null_mut(), r.channel, 0);
             if r.cq.is_null() {
                 return Err(os_err(format!(
@@ -187,22 +195,40 @@ impl Resources {
                     ),
                 ));
             }
+            let mut init: ibv_qp_init_attr = std::mem::zeroed();
+            init.send_cq = r.cq;
+            init.recv_cq = r.cq;
+            init.qp_type = ibv_qp_type::IBV_QPT_RC;
+            init.sq_sig_all = 0;
+            init.cap.max_send_wr = cfg.send_depth;
+            init.cap.max_recv_wr = 1;
+            init.cap.max_send_sge = 1;
+            init.cap.max_recv_sge = 1;
+            r.rma_qp = ibv_create_qp(r.dev.pd, &mut init);
+            if r.rma_qp.is_null() {
+                return Err(os_err(format!(
+                    "cannot create the one-sided RC QP on {name} (send depth {})",
+                    cfg.send_depth
+                )));
+            }
             // RESET -> INIT.
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_INIT;
-            a.pkey_index = 0;
-            a.port_num = port;
-            a.qp_access_flags = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-                | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
-                .0;
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
-                | ibv_qp_attr_mask::IBV_QP_PORT
-                | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
-            let rc = ibv_modify_qp(r.qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(rc, format!("cannot move the QP on {name} to INIT")));
+            for qp in [r.qp, r.rma_qp] {
+                let mut a: ibv_qp_attr = std::mem::zeroed();
+                a.qp_state = ibv_qp_state::IBV_QPS_INIT;
+                a.pkey_index = 0;
+                a.port_num = port;
+                a.qp_access_flags = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                    | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+                    | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
+                    .0;
+                let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                    | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+                    | ibv_qp_attr_mask::IBV_QP_PORT
+                    | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+                let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
+                if rc != 0 {
+                    return Err(rc_err(rc, format!("cannot move a QP on {name} to INIT")));
+                }
             }
         }
         Ok(r)
@@ -265,6 +291,9 @@ impl Resources {
             version: params::PROTOCOL_VERSION,
             qpn: self.qpn(),
             psn: rand::random::<u32>() & 0x00ff_ffff,
+            // SAFETY: rma_qp is valid.
+            rma_qpn: unsafe { (*self.rma_qp).qp_num },
+            rma_psn: rand::random::<u32>() & 0x00ff_ffff,
             lid: attr.lid,
             gid,
             gid_index: self.gid_index,
@@ -288,9 +317,29 @@ impl Resources {
         })
     }
 
-    /// INIT -> RTR -> RTS towards `remote`.
+    /// Both QPs INIT -> RTR -> RTS towards their peers on `remote`.
     fn connect_qp(
         &mut self,
+        local: &QpParams,
+        remote: &QpParams,
+        n: &Negotiated,
+    ) -> io::Result<()> {
+        let main = (self.qp, remote.qpn, remote.psn, local.psn);
+        let rma = (self.rma_qp, remote.rma_qpn, remote.rma_psn, local.rma_psn);
+        for (qp, dest_qpn, rq_psn, sq_psn) in [main, rma] {
+            self.connect_one(qp, dest_qpn, rq_psn, sq_psn, local, remote, n)?;
+        }
+        Ok(())
+    }
+
+    /// One QP INIT -> RTR -> RTS towards `dest_qpn`.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_one(
+        &mut self,
+        qp: *mut ibv_qp,
+        dest_qpn: u32,
+        rq_psn: u32,
+        sq_psn: u32,
         local: &QpParams,
         remote: &QpParams,
         n: &Negotiated,
@@ -300,8 +349,8 @@ impl Resources {
             let mut a: ibv_qp_attr = std::mem::zeroed();
             a.qp_state = ibv_qp_state::IBV_QPS_RTR;
             a.path_mtu = u32::from(n.path_mtu);
-            a.dest_qp_num = remote.qpn;
-            a.rq_psn = remote.psn;
+            a.dest_qp_num = dest_qpn;
+            a.rq_psn = rq_psn;
             a.max_dest_rd_atomic = 1;
             a.min_rnr_timer = local.min_rnr_timer;
             a.ah_attr.port_num = self.port;
@@ -323,7 +372,7 @@ impl Resources {
                 | ibv_qp_attr_mask::IBV_QP_RQ_PSN
                 | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
                 | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
-            let rc = ibv_modify_qp(self.qp, &mut a, mask.0 as i32);
+            let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
             if rc != 0 {
                 return Err(rc_err(
                     rc,
@@ -341,7 +390,7 @@ impl Resources {
             a.timeout = local.timeout;
             a.retry_cnt = local.retry_cnt;
             a.rnr_retry = local.rnr_retry;
-            a.sq_psn = local.psn;
+            a.sq_psn = sq_psn;
             a.max_rd_atomic = 1;
             let mask = ibv_qp_attr_mask::IBV_QP_STATE
                 | ibv_qp_attr_mask::IBV_QP_TIMEOUT
@@ -349,7 +398,7 @@ impl Resources {
                 | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
                 | ibv_qp_attr_mask::IBV_QP_SQ_PSN
                 | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
-            let rc = ibv_modify_qp(self.qp, &mut a, mask.0 as i32);
+            let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
             if rc != 0 {
                 return Err(rc_err(rc, "cannot move the QP to RTS"));
             }
@@ -375,8 +424,6 @@ enum Carry {
     Slot(usize, usize),
     /// No data (credit return, FIN, probe).
     Empty,
-    /// A one-sided operation (index into `op_hold`): RDMA WRITE or READ, no credit spent.
-    OneSided(usize),
 }
 
 struct Planned {
@@ -428,19 +475,25 @@ struct Inner {
     // Wakers of the two halves.
     sink_waker: Option<Waker>,
     stream_waker: Option<Waker>,
-    // One-sided operations, after `res`: dropped once the QP is destroyed, so whatever their
-    // completions keep alive outlives the device's use of it.
-    /// Not yet posted (no send-queue room).
+    // One-sided operations, on the second QP. After `res`: dropped once the QPs are destroyed,
+    // so whatever their completions keep alive outlives the device's use of it.
+    /// Not posted in full yet, with the bytes of the front one already posted.
     ops_queue: VecDeque<(OneSidedOp, OneSidedDone)>,
-    /// Posted, by sequence number (each is signalled); completed in order.
-    ops_inflight: VecDeque<(u64, OneSidedDone)>,
-    /// The plan's one-sided operations while it is posted.
-    op_hold: Vec<(OneSidedOp, OneSidedDone)>,
+    ops_front_done: u32,
+    /// Posted pieces, by sequence number (each is signalled; RC completes them in order): their
+    /// length, and on an operation's last piece its completion.
+    ops_inflight: VecDeque<(u64, u32, Option<OneSidedDone>)>,
+    /// Pieces posted and completed (sequence numbers are 1-based), and bytes in flight.
+    ops_posted: u64,
+    ops_completed: u64,
+    ops_bytes: u32,
+    /// [`VerbsConfig::rma_inflight_bytes`].
+    ops_budget: u32,
 }
 
-/// Most one-sided operations on the send queue at once, as a share of its depth: the rest stays
-/// free for frames, so coordination is not queued behind bulk operations.
-const OPS_SHARE: u32 = 2;
+/// Marks the work-request id of a one-sided operation (the low bits are its sequence number),
+/// so its completion is told from a frame's on the shared CQ.
+const OP_BIT: u64 = 1 << 63;
 
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
 // the mutex; Resources is Send.
@@ -492,29 +545,47 @@ impl Inner {
             self.error = Some((kind, msg));
         }
         // Operations not posted never reach the device: they fail now. Posted ones complete
-        // (flushed) on the CQ, or are dropped with the QP.
-        for (_, done) in std::mem::take(&mut self.ops_queue) {
+        // (flushed) on the CQ, or are dropped with the QP; so does one posted in part, whose
+        // completion moves to its last posted piece.
+        let mut queue = std::mem::take(&mut self.ops_queue);
+        if self.ops_front_done > 0 {
+            if let (Some((_, done)), Some(last)) = (queue.pop_front(), self.ops_inflight.back_mut())
+            {
+                last.2 = Some(done);
+            }
+            self.ops_front_done = 0;
+        }
+        for (_, done) in queue {
             done(Err(self.io_error().expect("set above")));
         }
     }
 
-    /// Completes the posted one-sided operations up to sequence `upto` (RC completes in order).
+    /// Completes the posted pieces up to sequence `upto` (RC completes in order), and the
+    /// operations whose last piece that was.
     fn complete_ops(&mut self, upto: u64) {
         while self
             .ops_inflight
             .front()
-            .is_some_and(|(seq, _)| *seq <= upto)
+            .is_some_and(|(seq, ..)| *seq <= upto)
         {
-            let (_, done) = self.ops_inflight.pop_front().expect("checked");
-            done(Ok(()));
+            let (_, len, done) = self.ops_inflight.pop_front().expect("checked");
+            self.ops_bytes -= len;
+            if let Some(done) = done {
+                done(Ok(()));
+            }
         }
     }
 
-    /// Fails the posted one-sided operation `seq`, if it is one, with `err`.
+    /// Fails the operation that piece `seq` belongs to, with `err`.
     fn fail_op(&mut self, seq: u64, kind: io::ErrorKind, msg: &str) {
-        if let Some(k) = self.ops_inflight.iter().position(|(s, _)| *s == seq) {
-            let (_, done) = self.ops_inflight.remove(k).expect("found");
-            done(Err(io::Error::new(kind, msg.to_owned())));
+        let Some(k) = self.ops_inflight.iter().position(|(s, ..)| *s >= seq) else {
+            return;
+        };
+        // The operation's completion rides on its last piece, at `k` or after.
+        if let Some(j) = (k..self.ops_inflight.len()).find(|&j| self.ops_inflight[j].2.is_some()) {
+            if let Some(done) = self.ops_inflight[j].2.take() {
+                done(Err(io::Error::new(kind, msg.to_owned())));
+            }
         }
     }
 
@@ -559,8 +630,8 @@ impl Inner {
                 let imm_raw = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
                 if status != ibv_wc_status::IBV_WC_SUCCESS {
                     let (kind, msg) = explain_status(status, &self.remote);
-                    if opcode & ibv_wc_opcode::IBV_WC_RECV == 0 && wr_id != 0 {
-                        self.fail_op(wr_id, kind, &msg);
+                    if wr_id & OP_BIT != 0 {
+                        self.fail_op(wr_id & !OP_BIT, kind, &msg);
                     }
                     self.fail(kind, msg);
                     continue;
@@ -587,11 +658,14 @@ impl Inner {
                     }
                     self.repost.push(wr_id as u32);
                     self.to_return += 1;
+                } else if wr_id & OP_BIT != 0 {
+                    // A one-sided operation: it and every one before it are complete.
+                    let seq = wr_id & !OP_BIT;
+                    self.ops_completed = self.ops_completed.max(seq);
+                    self.complete_ops(seq);
                 } else if wr_id != 0 {
-                    // A signalled send (or one-sided operation): it and every WR before it are
-                    // complete.
+                    // A signalled send: it and every send before it are complete.
                     self.completed = self.completed.max(wr_id);
-                    self.complete_ops(wr_id);
                 }
             }
             self.wcs.clear();
@@ -684,23 +758,106 @@ impl Inner {
             });
             self.credits -= 1;
             self.fin_sent = true;
-            room -= 1;
         }
-        // One-sided operations take no credit (no receive buffer at the peer), only room, and
-        // at most their share of the queue.
-        let ops_room = (self.send_depth / OPS_SHARE).max(1);
-        while room > 0 && (self.ops_inflight.len() + self.op_hold.len()) < ops_room as usize {
-            let Some(op) = self.ops_queue.pop_front() else {
-                break;
-            };
-            self.op_hold.push(op);
-            self.plan.push(Planned {
-                carry: Carry::OneSided(self.op_hold.len() - 1),
-                imm: 0,
+        let ops = self.post_ops();
+        self.post_plan() || ops
+    }
+
+    /// Posts queued one-sided operations on the one-sided QP in pieces of at most
+    /// [`crate::RMA_PIECE`], as the in-flight budget and the send queue allow, in one call.
+    /// Returns whether anything was posted.
+    fn post_ops(&mut self) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let room = (u64::from(self.send_depth) - (self.ops_posted - self.ops_completed)) as usize;
+        // (operation index in the queue, offset in it, length, last piece?)
+        let mut pieces: Vec<(usize, u32, u32, bool)> = Vec::new();
+        let mut bytes = self.ops_bytes;
+        'ops: for (i, (op, _)) in self.ops_queue.iter().enumerate() {
+            let mut at = if i == 0 { self.ops_front_done } else { 0 };
+            loop {
+                let len = (op.len - at).min(crate::RMA_PIECE);
+                // One piece always goes when nothing is in flight.
+                let fits = bytes == 0 || bytes + len <= self.ops_budget;
+                if pieces.len() == room || !fits {
+                    break 'ops;
+                }
+                let last = at + len == op.len;
+                pieces.push((i, at, len, last));
+                bytes += len;
+                at += len;
+                if last {
+                    break;
+                }
+            }
+        }
+        if pieces.is_empty() {
+            return false;
+        }
+        self.swrs.clear();
+        self.ssges.clear();
+        for &(i, at, len, _) in &pieces {
+            let op = &self.ops_queue[i].0;
+            self.ssges.push(ibv_sge {
+                addr: op.local_addr + u64::from(at),
+                length: len,
+                lkey: op.local_key,
             });
-            room -= 1;
         }
-        self.post_plan()
+        for (k, &(i, at, _, _)) in pieces.iter().enumerate() {
+            let op = self.ops_queue[i].0;
+            // SAFETY: zeroed is a valid ibv_send_wr.
+            let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+            // Every piece is signalled: the budget frees as they complete.
+            wr.wr_id = OP_BIT | (self.ops_posted + k as u64 + 1);
+            wr.sg_list = &mut self.ssges[k];
+            wr.num_sge = 1;
+            wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+            wr.opcode = match op.kind {
+                OneSidedKind::Write => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                OneSidedKind::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
+            };
+            wr.wr.rdma.remote_addr = op.remote_addr + u64::from(at);
+            wr.wr.rdma.rkey = op.remote_key;
+            self.swrs.push(wr);
+        }
+        let n = pieces.len();
+        for k in 0..n.saturating_sub(1) {
+            let next: *mut ibv_send_wr = &mut self.swrs[k + 1];
+            self.swrs[k].next = next;
+        }
+        if self.ops_posted == self.ops_completed && self.posted == self.completed {
+            self.last_progress = std::time::Instant::now();
+        }
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: WRs and SGEs live until the call returns; the memory they name is registered
+        // and kept alive by each operation's completion (see `OneSided::post`).
+        let rc = unsafe { ibv_post_send(self.res.rma_qp, self.swrs.as_mut_ptr(), &mut bad) };
+        self.swrs.clear();
+        self.ssges.clear();
+        if rc != 0 {
+            // Nothing of the chain reached the device: `fail` fails the queued operations.
+            let e = rc_err(
+                rc,
+                format!("posting one-sided operations to {}", self.remote),
+            );
+            self.fail(e.kind(), e.to_string());
+            return false;
+        }
+        for &(_, _, len, last) in &pieces {
+            self.ops_posted += 1;
+            self.ops_bytes += len;
+            let done = if last {
+                self.ops_front_done = 0;
+                self.ops_queue.pop_front().map(|(_, d)| d)
+            } else {
+                self.ops_front_done += len;
+                None
+            };
+            self.ops_inflight.push_back((self.ops_posted, len, done));
+        }
+        true
     }
 
     /// A zero-length message that only proves the path (and returns nothing yet).
@@ -750,14 +907,6 @@ impl Inner {
                         lkey,
                     });
                 }
-                Carry::OneSided(h) => {
-                    let op = &self.op_hold[h].0;
-                    self.ssges.push(ibv_sge {
-                        addr: op.local_addr,
-                        length: op.len,
-                        lkey: op.local_key,
-                    });
-                }
                 Carry::Empty => {}
             }
         }
@@ -773,16 +922,10 @@ impl Inner {
                     },
                     true,
                 ),
-                Carry::Slot(..) | Carry::OneSided(_) => (1, false),
+                Carry::Slot(..) => (1, false),
                 Carry::Empty => (0, true),
             };
-            let one_sided = match p.carry {
-                Carry::OneSided(h) => Some(self.op_hold[h].0),
-                _ => None,
-            };
-            // A one-sided operation is always signalled: its completion is its caller's.
-            let signalled =
-                k + 1 == n || seq.is_multiple_of(self.signal_every) || one_sided.is_some();
+            let signalled = k + 1 == n || seq.is_multiple_of(self.signal_every);
             let mut flags = 0u32;
             if inline {
                 flags |= ibv_send_flags::IBV_SEND_INLINE.0;
@@ -799,21 +942,9 @@ impl Inner {
                 std::ptr::null_mut()
             };
             wr.num_sge = num;
+            wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
             wr.send_flags = flags;
-            match one_sided {
-                Some(op) => {
-                    wr.opcode = match op.kind {
-                        OneSidedKind::Write => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-                        OneSidedKind::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
-                    };
-                    wr.wr.rdma.remote_addr = op.remote_addr;
-                    wr.wr.rdma.rkey = op.remote_key;
-                }
-                None => {
-                    wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
-                    wr.imm_data_invalidated_rkey_union.imm_data = p.imm.to_be();
-                }
-            }
+            wr.imm_data_invalidated_rkey_union.imm_data = p.imm.to_be();
             sge_i += num as usize;
             self.swrs.push(wr);
         }
@@ -831,21 +962,8 @@ impl Inner {
         self.hold.clear();
         if rc != 0 {
             let e = rc_err(rc, format!("posting sends to {}", self.remote));
-            // Nothing of the chain reached the device: its operations fail with the connection.
-            for (_, done) in std::mem::take(&mut self.op_hold) {
-                done(Err(io::Error::new(e.kind(), e.to_string())));
-            }
             self.fail(e.kind(), e.to_string());
             return false;
-        }
-        // The operations' sequence numbers, for their completions.
-        let mut ops = std::mem::take(&mut self.op_hold).into_iter();
-        for (k, p) in self.plan.iter().enumerate() {
-            if let Carry::OneSided(_) = p.carry {
-                let (_, done) = ops.next().expect("one per OneSided carry, in order");
-                self.ops_inflight
-                    .push_back((self.posted + k as u64 + 1, done));
-            }
         }
         self.posted += n as u64;
         true
@@ -920,7 +1038,7 @@ impl Inner {
     /// retry machinery has not said so (Soft-RoCE keeps retrying across a link down/up without
     /// ever completing). The fabric's keepalives keep polling, so this is checked in time.
     fn check_stall(&mut self) {
-        let outstanding = self.posted - self.completed;
+        let outstanding = (self.posted - self.completed) + (self.ops_posted - self.ops_completed);
         if outstanding > 0 && self.error.is_none() {
             let quiet = self.last_progress.elapsed();
             if quiet > self.stall_timeout {
@@ -1254,8 +1372,12 @@ pub(crate) async fn establish(
         sink_waker: None,
         stream_waker: None,
         ops_queue: VecDeque::new(),
+        ops_front_done: 0,
         ops_inflight: VecDeque::new(),
-        op_hold: Vec::new(),
+        ops_posted: 0,
+        ops_completed: 0,
+        ops_bytes: 0,
+        ops_budget: cfg.rma_inflight_bytes,
         res,
     };
     let shared = Shared(Arc::new(Mutex::new(inner)));

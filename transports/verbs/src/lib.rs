@@ -11,10 +11,10 @@
 //! - **`rdma-sys` (raw bindings), not `ibverbs`.** The data path needs a completion channel
 //!   whose fd tokio can watch (`AsyncFd`), SEND with immediate data (credits ride in it),
 //!   inline sends, selective signalling and chains of work requests posted in one call, and
-//!   (next) RDMA WRITE with immediate and READ between registered regions. `ibverbs` 0.9 hides
+//!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`/`device.rs`, behind types
+//!   cost no extra call. The unsafe code is confined to `conn.rs`/`device.rs`/`memory.rs`, behind types
 //!   whose drop order frees nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
@@ -46,6 +46,21 @@
 //!   back without waiting for the application. Completions wake tokio through the completion
 //!   channel's fd (`AsyncFd`), armed only when the CQ is found empty; [`VerbsConfig::busy_poll`]
 //!   spins on the CQ instead (lower latency, one core busy).
+//! - **One-sided operations** ([`FrameSink::one_sided`](agentfabric::transport::FrameSink)):
+//!   the fabric's transfers between registered regions move by RDMA WRITE and READ. Regions
+//!   are registered as MRs in the device's protection domain (the transport's
+//!   `MemoryDomain`), with remote write and read
+//!   access; dropping or revoking a region deregisters it, after which the device refuses its
+//!   key. The operations run on a second RC QP of the connection, set up with the first (its
+//!   QPN and PSN travel in the same parameter exchange) and completing on the same CQ, so a
+//!   coordination frame never waits behind a bulk block in a send queue. They go out in pieces
+//!   of at most [`RMA_PIECE`] bytes, at most [`VerbsConfig::rma_inflight_bytes`] in flight,
+//!   each signalled; an operation completes with its last piece. What keeps an operation's
+//!   memory alive rides in its completion, which runs (or is dropped) only once the device is
+//!   done with it, flushed, or the QP destroyed. A failed operation (a remote access error:
+//!   the region was revoked meanwhile) fails the connection; the fabric resumes on a new one.
+//!   Notification travels as a session message after the writes complete, not as WRITE with
+//!   immediate: the immediate data of this transport's SENDs carries credits.
 //! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
 //!   QP's error state, or the side channel closing without an in-band close, surfaces as
 //!   [`RecvError::Io`](agentfabric::transport::RecvError) naming the cause; the fabric session
@@ -64,7 +79,8 @@
 //! # Cost of a connection
 //!
 //! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes (4 MiB with
-//! the defaults: 32 + 32 buffers of 64 KiB) and sets up one QP, CQ and completion channel. In
+//! the defaults: 32 + 32 buffers of 64 KiB) and sets up two QPs (frames, one-sided operations),
+//! one CQ and one completion channel. In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
@@ -151,7 +167,15 @@ pub struct VerbsConfig {
     /// Bound on the TCP side-channel connect, the parameter exchange and the RDMA path check,
     /// each. Default 3 s.
     pub connect_timeout: Duration,
+    /// Bytes of one-sided operations (RDMA WRITE/READ of transfers) in flight per connection.
+    /// They go out in pieces of at most [`RMA_PIECE`], so a coordination frame queues behind at
+    /// most this much bulk in the device and on the wire; enough to keep a link busy (a 100 Gb/s
+    /// link with a 5 µs round trip holds 62 KB). Default 256 KiB.
+    pub rma_inflight_bytes: u32,
 }
+
+/// Largest piece a one-sided operation is posted in (see [`VerbsConfig::rma_inflight_bytes`]).
+pub const RMA_PIECE: u32 = 64 << 10;
 
 impl Default for VerbsConfig {
     fn default() -> Self {
@@ -172,6 +196,7 @@ impl Default for VerbsConfig {
             busy_poll: false,
             stall_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
+            rma_inflight_bytes: 256 << 10,
         }
     }
 }
@@ -191,6 +216,12 @@ impl VerbsConfig {
             return bad(format!(
                 "VerbsConfig::recv_depth {} is out of range (2..=65535)",
                 self.recv_depth
+            ));
+        }
+        if self.rma_inflight_bytes < RMA_PIECE {
+            return bad(format!(
+                "VerbsConfig::rma_inflight_bytes {} is below one piece ({RMA_PIECE} bytes)",
+                self.rma_inflight_bytes
             ));
         }
         if !(2..=1 << 15).contains(&self.send_depth) {

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 pub const MAGIC: [u8; 4] = *b"AFVB";
 /// Version of the side-channel exchange and of the data-path conventions (immediate data
 /// layout, credits). Both ends must speak the same.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Encoded length of [`QpParams`].
 pub const PARAMS_LEN: usize = 128;
 /// Longest device name carried (longer names are cut; only used in messages).
@@ -175,6 +175,11 @@ pub struct QpParams {
     pub qpn: u32,
     /// Initial packet sequence number (24 bits).
     pub psn: u32,
+    /// Queue pair number of the second QP, which carries one-sided operations (RDMA WRITE and
+    /// READ) apart from the frames, so coordination never queues behind a bulk block.
+    pub rma_qpn: u32,
+    /// Initial packet sequence number of that QP (24 bits).
+    pub rma_psn: u32,
     /// LID of the port (InfiniBand; 0 on RoCE).
     pub lid: u16,
     /// The GID this endpoint sends from.
@@ -237,6 +242,8 @@ impl QpParams {
         let name = self.device.as_bytes();
         let n = name.len().min(NAME_LEN);
         b[56..56 + n].copy_from_slice(&name[..n]);
+        b[88..92].copy_from_slice(&self.rma_qpn.to_le_bytes());
+        b[92..96].copy_from_slice(&self.rma_psn.to_le_bytes());
         b
     }
 
@@ -277,6 +284,8 @@ impl QpParams {
             port: b[7],
             qpn: u32_at(8),
             psn: u32_at(12),
+            rma_qpn: u32_at(88),
+            rma_psn: u32_at(92),
             lid: u16::from_le_bytes([b[16], b[17]]),
             gid_index: b[18],
             gid_type: GidType::from_u8(b[19]),
@@ -570,6 +579,8 @@ mod tests {
             version: PROTOCOL_VERSION,
             qpn: 0x11,
             psn: 0x123456,
+            rma_qpn: 0x43,
+            rma_psn: 0x654321,
             lid: 0,
             gid: Gid([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1]),
             gid_index,
@@ -635,7 +646,7 @@ mod tests {
         assert_eq!(
             e,
             Mismatch::Version {
-                local: 1,
+                local: PROTOCOL_VERSION,
                 remote: 9
             }
         );
