@@ -86,6 +86,28 @@ impl Drop for Resources {
     }
 }
 
+/// Creation attributes of an RC QP on `cq` (sends and receives), signalling chosen per WR.
+fn rc_qp_attr(
+    cq: *mut ibv_cq,
+    send_wr: u32,
+    recv_wr: u32,
+    send_sge: u32,
+    inline: u32,
+) -> ibv_qp_init_attr {
+    // SAFETY: all-zero is a valid ibv_qp_init_attr (null pointers, zero capacities).
+    let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+    init.send_cq = cq;
+    init.recv_cq = cq;
+    init.qp_type = ibv_qp_type::IBV_QPT_RC;
+    init.sq_sig_all = 0;
+    init.cap.max_send_wr = send_wr;
+    init.cap.max_recv_wr = recv_wr;
+    init.cap.max_send_sge = send_sge;
+    init.cap.max_recv_sge = 1;
+    init.cap.max_inline_data = inline;
+    init
+}
+
 fn os_err(what: impl std::fmt::Display) -> io::Error {
     let e = io::Error::last_os_error();
     io::Error::new(e.kind(), format!("{what}: {e}"))
@@ -167,16 +189,7 @@ impl Resources {
                 if inline > cfg.max_inline {
                     continue;
                 }
-                let mut init: ibv_qp_init_attr = std::mem::zeroed();
-                init.send_cq = r.cq;
-                init.recv_cq = r.cq;
-                init.qp_type = ibv_qp_type::IBV_QPT_RC;
-                init.sq_sig_all = 0;
-                init.cap.max_send_wr = cfg.send_depth;
-                init.cap.max_recv_wr = cfg.recv_depth;
-                init.cap.max_send_sge = 2;
-                init.cap.max_recv_sge = 1;
-                init.cap.max_inline_data = inline;
+                let mut init = rc_qp_attr(r.cq, cfg.send_depth, cfg.recv_depth, 2, inline);
                 let qp = ibv_create_qp(r.dev.pd, &mut init);
                 if !qp.is_null() {
                     r.qp = qp;
@@ -195,15 +208,7 @@ impl Resources {
                     ),
                 ));
             }
-            let mut init: ibv_qp_init_attr = std::mem::zeroed();
-            init.send_cq = r.cq;
-            init.recv_cq = r.cq;
-            init.qp_type = ibv_qp_type::IBV_QPT_RC;
-            init.sq_sig_all = 0;
-            init.cap.max_send_wr = cfg.send_depth;
-            init.cap.max_recv_wr = 1;
-            init.cap.max_send_sge = 1;
-            init.cap.max_recv_sge = 1;
+            let mut init = rc_qp_attr(r.cq, cfg.send_depth, 1, 1, 0);
             r.rma_qp = ibv_create_qp(r.dev.pd, &mut init);
             if r.rma_qp.is_null() {
                 return Err(os_err(format!(
