@@ -86,7 +86,8 @@ impl Drop for Resources {
     }
 }
 
-/// Creation attributes of an RC QP on `cq` (sends and receives), signalling chosen per WR.
+/// Creation attributes of an RC QP completing on `cq` (sends and receives), signalling chosen
+/// per WR.
 fn rc_qp_attr(
     cq: *mut ibv_cq,
     send_wr: u32,
@@ -123,7 +124,15 @@ fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
 }
 
 impl Resources {
-    fn new(dev: Arc<Context>, port: u8, gid_index: u8, cfg: &VerbsConfig) -> io::Result<Self> {
+    /// The connection's resources; its one-sided QP completes on `rma_cq` (see [`RmaCq`]),
+    /// which must outlive them.
+    fn new(
+        dev: Arc<Context>,
+        port: u8,
+        gid_index: u8,
+        cfg: &VerbsConfig,
+        rma_cq: *mut ibv_cq,
+    ) -> io::Result<Self> {
         let buf_size = cfg.recv_buffer_size;
         let mut r = Resources {
             channel: std::ptr::null_mut(),
@@ -149,8 +158,7 @@ impl Resources {
                     "cannot create a completion channel on {name}"
                 )));
             }
-            // Both QPs complete on it: frames and one-sided operations, each up to send_depth.
-            let cqe = (2 * cfg.send_depth + cfg.recv_depth + 1) as i32;
+            let cqe = (cfg.send_depth + cfg.recv_depth + 1) as i32;
             r.cq = ibv_create_cq(r.dev.ctx, cqe, std::ptr::null_mut(), r.channel, 0);
             if r.cq.is_null() {
                 return Err(os_err(format!(
@@ -208,7 +216,7 @@ impl Resources {
                     ),
                 ));
             }
-            let mut init = rc_qp_attr(r.cq, cfg.send_depth, 1, 1, 0);
+            let mut init = rc_qp_attr(rma_cq, cfg.send_depth, 1, 1, 0);
             r.rma_qp = ibv_create_qp(r.dev.pd, &mut init);
             if r.rma_qp.is_null() {
                 return Err(os_err(format!(
@@ -420,6 +428,127 @@ impl AsRawFd for ChannelFd {
     }
 }
 
+/// The one-sided QP's completion queue and channel. Apart from the frames' so that one-sided
+/// completions (one per piece, thousands a second under bulk) never wake the task that reads
+/// frames: a task of their own ([`drain_rma`]) takes them. Dropped after the QP that completes on
+/// it (the connection holds it beside its resources, and the task until it stops).
+struct RmaCq {
+    // Declared first: deregistered before `channel` closes the fd.
+    fd: AsyncFd<ChannelFd>,
+    cq: *mut ibv_cq,
+    channel: *mut ibv_comp_channel,
+    _dev: Arc<Context>,
+}
+
+// SAFETY: CQ and channel handles are usable from any thread; polling is serialised by the
+// connection's mutex, event handling by the single draining task.
+unsafe impl Send for RmaCq {}
+// SAFETY: as above.
+unsafe impl Sync for RmaCq {}
+
+impl RmaCq {
+    fn new(dev: &Arc<Context>, depth: u32) -> io::Result<RmaCq> {
+        // SAFETY: the context is open; each handle is checked, and owned by the result or
+        // destroyed here on failure.
+        unsafe {
+            let channel = ibv_create_comp_channel(dev.ctx);
+            if channel.is_null() {
+                return Err(os_err(format!(
+                    "cannot create a completion channel on {}",
+                    dev.name
+                )));
+            }
+            let cq = ibv_create_cq(dev.ctx, depth as i32 + 1, std::ptr::null_mut(), channel, 0);
+            if cq.is_null() {
+                let e = os_err(format!("cannot create the one-sided CQ on {}", dev.name));
+                ibv_destroy_comp_channel(channel);
+                return Err(e);
+            }
+            let fd = (*channel).fd;
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            let fd = if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                Err(os_err(
+                    "making the one-sided completion channel non-blocking",
+                ))
+            } else {
+                // The fd stays open while the AsyncFd lives: `fd` is dropped before `channel`.
+                AsyncFd::register_with_interest(ChannelFd(fd), tokio::io::Interest::READABLE)
+                    .map_err(io::Error::from)
+            };
+            match fd {
+                Ok(fd) => Ok(RmaCq {
+                    fd,
+                    cq,
+                    channel,
+                    _dev: dev.clone(),
+                }),
+                Err(e) => {
+                    ibv_destroy_cq(cq);
+                    ibv_destroy_comp_channel(channel);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RmaCq {
+    fn drop(&mut self) {
+        // SAFETY: owned handles; the QP completing on the CQ is gone (see the type's docs).
+        unsafe {
+            ibv_destroy_cq(self.cq);
+            ibv_destroy_comp_channel(self.channel);
+        }
+    }
+}
+
+/// Takes the one-sided QP's completions as they come, until the connection is gone (`stop`
+/// resolves when it drops): completes the operations, posts what waited for room.
+async fn drain_rma(
+    conn: std::sync::Weak<Mutex<Inner>>,
+    rma: Arc<RmaCq>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        // Arm first, then drain: a completion that came before arming is found by the drain.
+        // SAFETY: the CQ is valid while `rma` lives.
+        let armed = unsafe { ibv_req_notify_cq(rma.cq, 0) } == 0;
+        {
+            let Some(conn) = conn.upgrade() else {
+                return;
+            };
+            let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+            st.drain_rma(rma.cq);
+            if !armed {
+                st.fail(
+                    io::ErrorKind::Other,
+                    "arming the one-sided completion queue failed".into(),
+                );
+                st.wake_both();
+                return;
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            r = rma.fd.readable() => match r {
+                Ok(mut guard) => {
+                    loop {
+                        let (mut cq, mut ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
+                        // SAFETY: the channel is valid and non-blocking.
+                        if unsafe { ibv_get_cq_event(rma.channel, &mut cq, &mut ctx) } != 0 {
+                            break;
+                        }
+                        // SAFETY: one event got, one acknowledged.
+                        unsafe { ibv_ack_cq_events(cq, 1) };
+                    }
+                    guard.clear_ready();
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
 /// How one queued WR carries its frame.
 #[derive(Clone, Copy)]
 enum Carry {
@@ -494,11 +623,11 @@ struct Inner {
     ops_bytes: u32,
     /// [`VerbsConfig::rma_inflight_bytes`].
     ops_budget: u32,
+    /// The one-sided QP's CQ (after `res`: outlives the QP).
+    _rma: Arc<RmaCq>,
+    /// Dropped with the connection: stops its [`drain_rma`] task.
+    _rma_stop: tokio::sync::oneshot::Sender<()>,
 }
-
-/// Marks the work-request id of a one-sided operation (the low bits are its sequence number),
-/// so its completion is told from a frame's on the shared CQ.
-const OP_BIT: u64 = 1 << 63;
 
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
 // the mutex; Resources is Send.
@@ -562,6 +691,63 @@ impl Inner {
         }
         for (_, done) in queue {
             done(Err(self.io_error().expect("set above")));
+        }
+    }
+
+    /// Polls the one-sided CQ until it is empty: completes the operations (or fails them and
+    /// the connection), then posts what waited for room or budget.
+    fn drain_rma(&mut self, cq: *mut ibv_cq) {
+        let mut failed = false;
+        loop {
+            let cap = self.wcs.capacity() as i32;
+            // SAFETY: wcs has room for `cap` entries; poll_cq writes at most that many.
+            let n = unsafe { ibv_poll_cq(cq, cap, self.wcs.as_mut_ptr()) };
+            if n <= 0 {
+                failed |= n < 0;
+                break;
+            }
+            // SAFETY: poll_cq initialised the first n entries.
+            unsafe { self.wcs.set_len(n as usize) };
+            self.last_progress = std::time::Instant::now();
+            for k in 0..n as usize {
+                // The work-request id of a piece is its sequence number.
+                let (status, seq) = (self.wcs[k].status, self.wcs[k].wr_id);
+                if status == ibv_wc_status::IBV_WC_SUCCESS {
+                    self.ops_completed = self.ops_completed.max(seq);
+                    self.complete_ops(seq);
+                } else {
+                    let (kind, msg) = explain_status(status, &self.remote);
+                    self.fail_op(seq, kind, &msg);
+                    self.fail(kind, msg);
+                    failed = true;
+                }
+            }
+            self.wcs.clear();
+            if n < cap {
+                break;
+            }
+        }
+        if failed {
+            if self.error.is_none() {
+                self.fail(
+                    io::ErrorKind::Other,
+                    "polling the one-sided completion queue failed".into(),
+                );
+            }
+            // The frame path learns of the failure when it next runs: make it run.
+            self.wake_both();
+        } else {
+            self.post_ops();
+        }
+    }
+
+    /// Wakes both halves' tasks.
+    fn wake_both(&mut self) {
+        for w in [self.stream_waker.take(), self.sink_waker.take()]
+            .into_iter()
+            .flatten()
+        {
+            w.wake();
         }
     }
 
@@ -635,9 +821,6 @@ impl Inner {
                 let imm_raw = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
                 if status != ibv_wc_status::IBV_WC_SUCCESS {
                     let (kind, msg) = explain_status(status, &self.remote);
-                    if wr_id & OP_BIT != 0 {
-                        self.fail_op(wr_id & !OP_BIT, kind, &msg);
-                    }
                     self.fail(kind, msg);
                     continue;
                 }
@@ -663,11 +846,6 @@ impl Inner {
                     }
                     self.repost.push(wr_id as u32);
                     self.to_return += 1;
-                } else if wr_id & OP_BIT != 0 {
-                    // A one-sided operation: it and every one before it are complete.
-                    let seq = wr_id & !OP_BIT;
-                    self.ops_completed = self.ops_completed.max(seq);
-                    self.complete_ops(seq);
                 } else if wr_id != 0 {
                     // A signalled send: it and every send before it are complete.
                     self.completed = self.completed.max(wr_id);
@@ -815,7 +993,7 @@ impl Inner {
             // SAFETY: zeroed is a valid ibv_send_wr.
             let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
             // Every piece is signalled: the budget frees as they complete.
-            wr.wr_id = OP_BIT | (self.ops_posted + k as u64 + 1);
+            wr.wr_id = self.ops_posted + k as u64 + 1;
             wr.sg_list = &mut self.ssges[k];
             wr.num_sge = 1;
             wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
@@ -1266,7 +1444,9 @@ pub(crate) async fn establish(
 ) -> io::Result<Connection> {
     side.set_nodelay(true)?;
     let t0 = std::time::Instant::now();
-    let mut res = Resources::new(dev, port, gid_index, cfg)?;
+    // Created first, dropped last: the one-sided QP in `res` completes on it.
+    let rma = Arc::new(RmaCq::new(&dev, cfg.send_depth)?);
+    let mut res = Resources::new(dev, port, gid_index, cfg, rma.cq)?;
     let t_resources = t0.elapsed();
     {
         let all: Vec<u32> = (0..cfg.recv_depth).collect();
@@ -1341,6 +1521,7 @@ pub(crate) async fn establish(
     let fd =
         unsafe { AsyncFd::register_with_interest(ChannelFd(fd), tokio::io::Interest::READABLE)? };
     let send_depth = cfg.send_depth;
+    let (rma_stop, rma_stopped) = tokio::sync::oneshot::channel();
     let inner = Inner {
         fd,
         side,
@@ -1383,9 +1564,12 @@ pub(crate) async fn establish(
         ops_completed: 0,
         ops_bytes: 0,
         ops_budget: cfg.rma_inflight_bytes,
+        _rma: rma.clone(),
+        _rma_stop: rma_stop,
         res,
     };
     let shared = Shared(Arc::new(Mutex::new(inner)));
+    tokio::spawn(drain_rma(Arc::downgrade(&shared.0), rma, rma_stopped));
     // The probe: one zero-length message each way, so a wrong GID or an unreachable peer fails
     // here, with a clear error, rather than as a dead session later.
     shared.lock().post_probe();

@@ -52,8 +52,10 @@
 //!   `MemoryDomain`), with remote write and read
 //!   access; dropping or revoking a region deregisters it, after which the device refuses its
 //!   key. The operations run on a second RC QP of the connection, set up with the first (its
-//!   QPN and PSN travel in the same parameter exchange) and completing on the same CQ, so a
-//!   coordination frame never waits behind a bulk block in a send queue. They go out in pieces
+//!   QPN and PSN travel in the same parameter exchange), so a coordination frame never waits
+//!   behind a bulk block in a send queue; it completes on a CQ of its own, drained by a task of
+//!   its own, so one-sided completions never wake the task that reads frames (in the lab that
+//!   cut the loaded coordination p99 under one-sided bulk from 72–85 ms to 26 ms). They go out in pieces
 //!   of at most [`RMA_PIECE`] bytes, at most [`VerbsConfig::rma_inflight_bytes`] in flight,
 //!   each signalled; an operation completes with its last piece. What keeps an operation's
 //!   memory alive rides in its completion, which runs (or is dropped) only once the device is
@@ -80,7 +82,7 @@
 //!
 //! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes (4 MiB with
 //! the defaults: 32 + 32 buffers of 64 KiB) and sets up two QPs (frames, one-sided operations),
-//! one CQ and one completion channel. In
+//! each with its CQ and completion channel, and a task that drains the one-sided CQ. In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
