@@ -1065,7 +1065,7 @@ impl Inner {
         // SAFETY: send_mr is valid.
         let lkey = unsafe { (*self.res.send_mr).lkey };
         let base = self.res.send_buf.as_ptr() as u64;
-        // SGEs first (two per WR at most), so their addresses are stable when the WRs point at them.
+        // SGEs first (two per WR at most): their addresses are stable when the WRs point at them.
         for p in &self.plan {
             match p.carry {
                 Carry::Inline(h) => {

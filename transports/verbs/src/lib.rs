@@ -14,8 +14,8 @@
 //!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`/`device.rs`/`memory.rs`, behind types
-//!   whose drop order frees nothing the device may still touch.
+//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs` and
+//!   `memory.rs`, behind types whose drop order frees nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
 //!   not let us check the two ends' settings against each other, and needs its own event
@@ -48,15 +48,14 @@
 //!   spins on the CQ instead (lower latency, one core busy).
 //! - **One-sided operations** ([`FrameSink::one_sided`](agentfabric::transport::FrameSink)):
 //!   the fabric's transfers between registered regions move by RDMA WRITE and READ. Regions
-//!   are registered as MRs in the device's protection domain (the transport's
-//!   `MemoryDomain`), with remote write and read
-//!   access; dropping or revoking a region deregisters it, after which the device refuses its
-//!   key. The operations run on a second RC QP of the connection, set up with the first (its
-//!   QPN and PSN travel in the same parameter exchange), so a coordination frame never waits
-//!   behind a bulk block in a send queue; it completes on a CQ of its own, drained by a task of
-//!   its own, so one-sided completions never wake the task that reads frames (in the lab that
-//!   cut the loaded coordination p99 under one-sided bulk from 72–85 ms to 26 ms). They go out in pieces
-//!   of at most [`RMA_PIECE`] bytes, at most [`VerbsConfig::rma_inflight_bytes`] in flight,
+//!   are registered as MRs in the device's protection domain (the transport's `MemoryDomain`),
+//!   with remote write and read access; dropping or revoking a region deregisters it, after
+//!   which the device refuses its key. The operations run on a second RC QP of the connection,
+//!   set up with the first (its QPN and PSN travel in the same parameter exchange), so a
+//!   coordination frame never waits behind a bulk block in a send queue; it completes on a CQ
+//!   of its own, drained by a task of its own, so one-sided completions never wake the task
+//!   that reads frames (in the lab that cut the loaded coordination p99 under one-sided bulk
+//!   from 72–85 ms to 26 ms). They go out in pieces of at most [`RMA_PIECE`] bytes, at most [`VerbsConfig::rma_inflight_bytes`] in flight,
 //!   each signalled; an operation completes with its last piece. What keeps an operation's
 //!   memory alive rides in its completion, which runs (or is dropped) only once the device is
 //!   done with it, flushed, or the QP destroyed. A failed operation (a remote access error:
