@@ -543,10 +543,29 @@ async fn drain_rma(
                     }
                     guard.clear_ready();
                 }
-                Err(_) => return,
+                Err(e) => {
+                    if let Some(conn) = conn.upgrade() {
+                        let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+                        st.fail(
+                            e.kind(),
+                            format!("waiting for one-sided completions failed: {e}"),
+                        );
+                        st.wake_both();
+                    }
+                    return;
+                }
             },
         }
     }
+}
+
+/// A posted piece of a one-sided operation.
+struct Piece {
+    seq: u64,
+    len: u32,
+    /// The operation's last piece: it carries the operation's completion.
+    last: bool,
+    done: Option<OneSidedDone>,
 }
 
 /// How one queued WR carries its frame.
@@ -614,13 +633,17 @@ struct Inner {
     /// Not posted in full yet, with the bytes of the front one already posted.
     ops_queue: VecDeque<(OneSidedOp, OneSidedDone)>,
     ops_front_done: u32,
-    /// Posted pieces, by sequence number (each is signalled; RC completes them in order): their
-    /// length, and on an operation's last piece its completion.
-    ops_inflight: VecDeque<(u64, u32, Option<OneSidedDone>)>,
+    /// Posted pieces, by sequence number (each is signalled; RC completes them in order).
+    ops_inflight: VecDeque<Piece>,
     /// Pieces posted and completed (sequence numbers are 1-based), and bytes in flight.
     ops_posted: u64,
     ops_completed: u64,
-    ops_bytes: u32,
+    ops_bytes: u64,
+    /// When a one-sided completion last arrived (or the first piece after an idle spell was
+    /// posted): `check_stall` for the one-sided QP.
+    ops_progress: std::time::Instant,
+    /// The one-sided QP was moved to the error state (see `fail`).
+    rma_failed: bool,
     /// [`VerbsConfig::rma_inflight_bytes`].
     ops_budget: u32,
     /// The one-sided QP's CQ (after `res`: outlives the QP).
@@ -678,14 +701,32 @@ impl Inner {
             tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
             self.error = Some((kind, msg));
         }
+        // The one-sided QP goes to the error state too, so its posted pieces complete soon, as
+        // flushed (a failure), whatever broke the connection.
+        if !self.rma_failed {
+            self.rma_failed = true;
+            // SAFETY: zeroed attrs are valid; the QP is valid.
+            unsafe {
+                let mut a: ibv_qp_attr = std::mem::zeroed();
+                a.qp_state = ibv_qp_state::IBV_QPS_ERR;
+                ibv_modify_qp(
+                    self.res.rma_qp,
+                    &mut a,
+                    ibv_qp_attr_mask::IBV_QP_STATE.0 as i32,
+                );
+            }
+        }
         // Operations not posted never reach the device: they fail now. Posted ones complete
         // (flushed) on the CQ, or are dropped with the QP; so does one posted in part, whose
-        // completion moves to its last posted piece.
+        // completion moves to its last posted piece and reports a failure whatever that piece's
+        // outcome (the rest of the operation never went).
         let mut queue = std::mem::take(&mut self.ops_queue);
         if self.ops_front_done > 0 {
             if let (Some((_, done)), Some(last)) = (queue.pop_front(), self.ops_inflight.back_mut())
             {
-                last.2 = Some(done);
+                let e = self.error.clone().expect("set above");
+                last.last = true;
+                last.done = Some(Box::new(move |_| done(Err(io::Error::new(e.0, e.1)))));
             }
             self.ops_front_done = 0;
         }
@@ -708,7 +749,7 @@ impl Inner {
             }
             // SAFETY: poll_cq initialised the first n entries.
             unsafe { self.wcs.set_len(n as usize) };
-            self.last_progress = std::time::Instant::now();
+            self.ops_progress = std::time::Instant::now();
             for k in 0..n as usize {
                 // The work-request id of a piece is its sequence number.
                 let (status, seq) = (self.wcs[k].status, self.wcs[k].wr_id);
@@ -754,14 +795,10 @@ impl Inner {
     /// Completes the posted pieces up to sequence `upto` (RC completes in order), and the
     /// operations whose last piece that was.
     fn complete_ops(&mut self, upto: u64) {
-        while self
-            .ops_inflight
-            .front()
-            .is_some_and(|(seq, ..)| *seq <= upto)
-        {
-            let (_, len, done) = self.ops_inflight.pop_front().expect("checked");
-            self.ops_bytes -= len;
-            if let Some(done) = done {
+        while self.ops_inflight.front().is_some_and(|p| p.seq <= upto) {
+            let p = self.ops_inflight.pop_front().expect("checked");
+            self.ops_bytes -= u64::from(p.len);
+            if let Some(done) = p.done {
                 done(Ok(()));
             }
         }
@@ -769,12 +806,13 @@ impl Inner {
 
     /// Fails the operation that piece `seq` belongs to, with `err`.
     fn fail_op(&mut self, seq: u64, kind: io::ErrorKind, msg: &str) {
-        let Some(k) = self.ops_inflight.iter().position(|(s, ..)| *s >= seq) else {
+        let Some(k) = self.ops_inflight.iter().position(|p| p.seq >= seq) else {
             return;
         };
-        // The operation's completion rides on its last piece, at `k` or after.
-        if let Some(j) = (k..self.ops_inflight.len()).find(|&j| self.ops_inflight[j].2.is_some()) {
-            if let Some(done) = self.ops_inflight[j].2.take() {
+        // The operation's completion rides on its last piece, at `k` or after (already taken
+        // if an earlier piece of it failed); later operations' pieces are not its.
+        if let Some(j) = (k..self.ops_inflight.len()).find(|&j| self.ops_inflight[j].last) {
+            if let Some(done) = self.ops_inflight[j].done.take() {
                 done(Err(io::Error::new(kind, msg.to_owned())));
             }
         }
@@ -953,7 +991,8 @@ impl Inner {
         if self.error.is_some() {
             return false;
         }
-        let room = (u64::from(self.send_depth) - (self.ops_posted - self.ops_completed)) as usize;
+        let outstanding = self.ops_posted.saturating_sub(self.ops_completed);
+        let room = u64::from(self.send_depth).saturating_sub(outstanding) as usize;
         // (operation index in the queue, offset in it, length, last piece?)
         let mut pieces: Vec<(usize, u32, u32, bool)> = Vec::new();
         let mut bytes = self.ops_bytes;
@@ -962,13 +1001,13 @@ impl Inner {
             loop {
                 let len = (op.len - at).min(crate::RMA_PIECE);
                 // One piece always goes when nothing is in flight.
-                let fits = bytes == 0 || bytes + len <= self.ops_budget;
+                let fits = bytes == 0 || bytes + u64::from(len) <= u64::from(self.ops_budget);
                 if pieces.len() == room || !fits {
                     break 'ops;
                 }
                 let last = at + len == op.len;
                 pieces.push((i, at, len, last));
-                bytes += len;
+                bytes += u64::from(len);
                 at += len;
                 if last {
                     break;
@@ -983,7 +1022,8 @@ impl Inner {
         for &(i, at, len, _) in &pieces {
             let op = &self.ops_queue[i].0;
             self.ssges.push(ibv_sge {
-                addr: op.local_addr + u64::from(at),
+                // Wrapping: the device refuses an address outside the registration.
+                addr: op.local_addr.wrapping_add(u64::from(at)),
                 length: len,
                 lkey: op.local_key,
             });
@@ -1001,7 +1041,7 @@ impl Inner {
                 OneSidedKind::Write => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
                 OneSidedKind::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
             };
-            wr.wr.rdma.remote_addr = op.remote_addr + u64::from(at);
+            wr.wr.rdma.remote_addr = op.remote_addr.wrapping_add(u64::from(at));
             wr.wr.rdma.rkey = op.remote_key;
             self.swrs.push(wr);
         }
@@ -1010,27 +1050,26 @@ impl Inner {
             let next: *mut ibv_send_wr = &mut self.swrs[k + 1];
             self.swrs[k].next = next;
         }
-        if self.ops_posted == self.ops_completed && self.posted == self.completed {
-            self.last_progress = std::time::Instant::now();
+        if self.ops_posted == self.ops_completed {
+            self.ops_progress = std::time::Instant::now();
         }
-        let mut bad = std::ptr::null_mut();
+        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: WRs and SGEs live until the call returns; the memory they name is registered
         // and kept alive by each operation's completion (see `OneSided::post`).
         let rc = unsafe { ibv_post_send(self.res.rma_qp, self.swrs.as_mut_ptr(), &mut bad) };
+        // On failure the WRs before `bad` were posted: they are in flight like any other.
+        let posted = if rc == 0 {
+            n
+        } else {
+            let at = (bad as usize).wrapping_sub(self.swrs.as_ptr() as usize)
+                / std::mem::size_of::<ibv_send_wr>();
+            at.min(n)
+        };
         self.swrs.clear();
         self.ssges.clear();
-        if rc != 0 {
-            // Nothing of the chain reached the device: `fail` fails the queued operations.
-            let e = rc_err(
-                rc,
-                format!("posting one-sided operations to {}", self.remote),
-            );
-            self.fail(e.kind(), e.to_string());
-            return false;
-        }
-        for &(_, _, len, last) in &pieces {
+        for &(_, _, len, last) in &pieces[..posted] {
             self.ops_posted += 1;
-            self.ops_bytes += len;
+            self.ops_bytes += u64::from(len);
             let done = if last {
                 self.ops_front_done = 0;
                 self.ops_queue.pop_front().map(|(_, d)| d)
@@ -1038,7 +1077,20 @@ impl Inner {
                 self.ops_front_done += len;
                 None
             };
-            self.ops_inflight.push_back((self.ops_posted, len, done));
+            self.ops_inflight.push_back(Piece {
+                seq: self.ops_posted,
+                len,
+                last,
+                done,
+            });
+        }
+        if rc != 0 {
+            let e = rc_err(
+                rc,
+                format!("posting one-sided operations to {}", self.remote),
+            );
+            self.fail(e.kind(), e.to_string());
+            return posted > 0;
         }
         true
     }
@@ -1221,7 +1273,22 @@ impl Inner {
     /// retry machinery has not said so (Soft-RoCE keeps retrying across a link down/up without
     /// ever completing). The fabric's keepalives keep polling, so this is checked in time.
     fn check_stall(&mut self) {
-        let outstanding = (self.posted - self.completed) + (self.ops_posted - self.ops_completed);
+        let ops_outstanding = self.ops_posted.saturating_sub(self.ops_completed);
+        if ops_outstanding > 0 && self.error.is_none() {
+            let quiet = self.ops_progress.elapsed();
+            if quiet > self.stall_timeout {
+                let remote = self.remote.clone();
+                self.fail(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no one-sided completion from {remote} for {quiet:?} with \
+                         {ops_outstanding} pieces outstanding: the link is down or the peer is \
+                         unreachable"
+                    ),
+                );
+            }
+        }
+        let outstanding = self.posted - self.completed;
         if outstanding > 0 && self.error.is_none() {
             let quiet = self.last_progress.elapsed();
             if quiet > self.stall_timeout {
@@ -1290,6 +1357,12 @@ impl OneSided for VerbsOneSided {
         if let Some(e) = st.io_error() {
             drop(st);
             done(Err(e));
+            return;
+        }
+        if op.len == 0 {
+            // Nothing to move (and a zero-length scatter entry means 2 GiB to some devices).
+            drop(st);
+            done(Ok(()));
             return;
         }
         st.ops_queue.push_back((op, done));
@@ -1563,6 +1636,8 @@ pub(crate) async fn establish(
         ops_posted: 0,
         ops_completed: 0,
         ops_bytes: 0,
+        ops_progress: std::time::Instant::now(),
+        rma_failed: false,
         ops_budget: cfg.rma_inflight_bytes,
         _rma: rma.clone(),
         _rma_stop: rma_stop,

@@ -219,9 +219,10 @@ impl VerbsConfig {
                 self.recv_depth
             ));
         }
-        if self.rma_inflight_bytes < RMA_PIECE {
+        if !(RMA_PIECE..=1 << 30).contains(&self.rma_inflight_bytes) {
             return bad(format!(
-                "VerbsConfig::rma_inflight_bytes {} is below one piece ({RMA_PIECE} bytes)",
+                "VerbsConfig::rma_inflight_bytes {} is out of range (one piece, {RMA_PIECE} \
+                 bytes, to 1 GiB)",
                 self.rma_inflight_bytes
             ));
         }
