@@ -23,7 +23,7 @@ pub const HEADER_LEN: usize = 64;
 /// The two magic bytes that open every frame ("AF").
 pub const MAGIC: [u8; 2] = *b"AF";
 /// Wire protocol version spoken by this build.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Hard upper bound on one frame's payload. Messages larger than this are fragmented; a header
 /// that claims more is rejected before any memory is reserved for it.
 pub const MAX_FRAME_PAYLOAD: usize = 1 << 20;

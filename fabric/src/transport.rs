@@ -111,7 +111,8 @@ pub trait OneSided: Send + Sync {
     /// The [`MemoryDomain::id`] whose registrations this connection's operations can name.
     fn domain(&self) -> u64;
 
-    /// Starts `op`, after the frames already pushed on the connection's sink were posted.
+    /// Starts `op` (in no particular order with the connection's frames: a transfer that needs
+    /// one, like a notification after its blocks, waits for the operations to complete first).
     /// `done` is called with the outcome, or dropped unrun if the connection is torn down
     /// first; either way only once the device can no longer touch the operation's memory, so
     /// whatever keeps that memory alive can ride in `done`. A failed operation fails the

@@ -245,6 +245,11 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
+    /// The memory domain the current connection's one-sided operations reach, if it has them.
+    pub(crate) fn connection_domain(&self) -> Option<u64> {
+        self.peer.shared.tx.one_sided().map(|o| o.domain())
+    }
+
     /// The channel id within its session.
     pub fn id(&self) -> u32 {
         self.id

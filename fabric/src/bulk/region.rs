@@ -351,6 +351,11 @@ impl RegionTable {
     }
 
     pub(crate) fn register(self: &Arc<Self>, mut buf: AlignedBuf) -> Region {
+        // Before the table's lock: pinning a large buffer takes a while, and lookups wait on it.
+        let rdma = self
+            .domain
+            .as_ref()
+            .and_then(|d| register_with(d, &mut buf));
         let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         regions.retain(|_, r| r.strong_count() > 0);
         let id = loop {
@@ -359,10 +364,6 @@ impl RegionTable {
                 break id;
             }
         };
-        let rdma = self
-            .domain
-            .as_ref()
-            .and_then(|d| register_with(d, &mut buf));
         let inner = Arc::new(RegionInner {
             id,
             key: rand::random(),
@@ -414,6 +415,21 @@ fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option
 ///
 /// Dropping the last handle unregisters it; [`Region::revoke`] does so explicitly, after the
 /// operations in flight on it have finished.
+///
+/// On a node with an RDMA transport the region is also registered with the device, and its
+/// descriptor carries the device's address and remote key ([`RdmaAccess`]): peers then read
+/// and write it one-sided, without this node's CPU. What that changes:
+/// - The device checks only the remote key: any peer connected to this device that holds the
+///   descriptor (or guesses the address and the 32-bit key) can read and write the whole region
+///   while it is registered. The 64-bit `key` is checked by the target's software only, for the
+///   check a well-behaved initiator makes first. Share descriptors only with peers trusted with
+///   the memory, and revoke a region when they are done.
+/// - A peer's one-sided write lands without taking the region's lock: a local read (or a view)
+///   of the same bytes meanwhile may see them half written. Coordinate with the writer (the
+///   transfer's notification says when its blocks have all landed).
+/// - [`Region::revoke`] cannot wait for a peer's one-sided operations: it deregisters the
+///   region, and the device refuses the rest (the peer's transfer fails with a typed error and
+///   its session resumes on a new connection).
 #[derive(Clone)]
 pub struct Region {
     pub(crate) inner: Arc<RegionInner>,
@@ -466,7 +482,8 @@ impl Region {
     }
 
     /// Revokes the region: new operations on it, local or remote, are refused at once; this
-    /// waits until the operations already in flight have finished, then unregisters it.
+    /// waits until the operations already in flight through this node have finished, then
+    /// unregisters it (a peer's one-sided operations in flight are cut off: see [`Region`]).
     pub async fn revoke(&self) {
         self.inner.revoked.store(true, Ordering::Release);
         // The write guard is granted only once every in-flight view is gone.

@@ -40,6 +40,10 @@ pub const MAX_INFLIGHT_BLOCKS: usize = 32;
 /// Bytes of one transfer in flight at once (at least one block is always allowed).
 pub const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
 
+/// Answers to a check: go one-sided, or move the blocks through the session.
+const CHECK_ONE_SIDED: u8 = 1;
+const CHECK_SESSION: u8 = 0;
+
 /// Longest block a one-sided operation carries (an RDMA work request carries less than 2 GiB); a
 /// transfer with a longer block goes through the session.
 const ONE_SIDED_MAX_BLOCK: u64 = 1 << 30;
@@ -257,10 +261,15 @@ impl Peer {
         // Blocks before this one moved one-sided; the rest go through the session.
         let mut from = 0;
         if let Some(route) = self.one_sided_route(local, remote, blocks) {
-            check_remote(&ch, remote, blocks)
+            let go = check_remote(&ch, remote, blocks)
                 .await
                 .map_err(|(i, e)| fail(i, e))?;
-            match one_sided(dir, &route, local, blocks).await {
+            let moved = if go {
+                one_sided(dir, &route, local, blocks).await
+            } else {
+                Err((0, 0))
+            };
+            match moved {
                 Ok(n) => {
                     bytes = n;
                     from = blocks.len();
@@ -269,7 +278,8 @@ impl Peer {
                     tracing::debug!(
                         peer = %self.name(),
                         block = failed,
-                        "one-sided transfer failed; the rest goes through the session"
+                        "one-sided transfer not possible or failed; the rest goes through the \
+                         session"
                     );
                     bytes = n;
                     from = failed;
@@ -369,18 +379,20 @@ impl Peer {
 }
 
 /// Asks the target to check `remote` (key, registration, not revoked) and the range `blocks`
-/// span. On refusal: the index of the block to blame (the first out of bounds, else 0) and why.
+/// span. `Ok(true)`: go one-sided; `Ok(false)`: the target's end of this connection cannot reach
+/// the region (another device than the one it is registered with), use the session. On refusal:
+/// the index of the block to blame (the first out of bounds, else 0) and why.
 async fn check_remote(
     ch: &Channel,
     remote: &RegionDescriptor,
     blocks: &[Block],
-) -> std::result::Result<(), (usize, Error)> {
+) -> std::result::Result<bool, (usize, Error)> {
     // The ranges were checked against `remote.len` already: no overflow here.
     let (Some(lo), Some(hi)) = (
         blocks.iter().map(|b| b.remote).min(),
         blocks.iter().map(|b| b.remote + b.len).max(),
     ) else {
-        return Ok(());
+        return Ok(true);
     };
     let env = Envelope {
         op: Op::Check,
@@ -389,10 +401,10 @@ async fn check_remote(
         len: hi - lo,
         tag: 0,
     };
-    let Err(e) = ch.request_with_head(None, env.encode()).await else {
-        return Ok(());
+    let e = match ch.request_with_head(None, env.encode()).await {
+        Ok(answer) => return Ok(answer[..] == [CHECK_ONE_SIDED]),
+        Err(e) => remote_error(e),
     };
-    let e = remote_error(e);
     if let Error::Region(RegionError::OutOfBounds { region_len, .. }) = e {
         let beyond = blocks
             .iter()
@@ -444,6 +456,9 @@ async fn one_sided(
     };
     let mut ops = OpsInFlight::default();
     for (i, b) in blocks.iter().enumerate() {
+        if b.len == 0 {
+            continue;
+        }
         while ops.pending.len() >= MAX_INFLIGHT_BLOCKS
             || (!ops.pending.is_empty() && ops.bytes + b.len > MAX_INFLIGHT_BYTES)
         {
@@ -457,7 +472,8 @@ async fn one_sided(
                 local_addr: base + b.local,
                 local_key: route.local_key,
                 len: b.len as u32,
-                remote_addr: route.remote.addr + b.remote,
+                // Wrapping: the address came from the peer; its device refuses a bad one.
+                remote_addr: route.remote.addr.wrapping_add(b.remote),
                 remote_key: route.remote.rkey,
             },
             Box::new(move |r| {
@@ -609,14 +625,22 @@ async fn serve_channel(
                 answer(ch, &m, r).await?;
             }
             Op::Check => {
+                let here = ch.connection_domain();
                 let r = regions.lookup(&env.region).and_then(|r| {
                     if r.rdma_access() != env.region.rdma {
                         // Not the registration the region has: an old or forged descriptor.
                         return Err(RegionError::BadKey { region: r.id });
                     }
-                    r.check(env.offset, env.len)
+                    r.check(env.offset, env.len)?;
+                    // One-sided only if this end of the connection is on the region's device.
+                    let reachable = r.registered().as_ref().map(|g| g.domain) == here;
+                    Ok(if reachable {
+                        CHECK_ONE_SIDED
+                    } else {
+                        CHECK_SESSION
+                    })
                 });
-                answer(ch, &m, r.map(|()| Bytes::new())).await?;
+                answer(ch, &m, r.map(|a| Bytes::copy_from_slice(&[a]))).await?;
             }
             Op::Notify => {
                 let r = regions.lookup(&env.region).map(|r| r.id);

@@ -6,7 +6,7 @@
 //!
 //! # Security
 //!
-//! - **TLS 1.3 only**, ALPN [`ALPN`] (`agentfabric/1`: the fabric protocol and its wire version).
+//! - **TLS 1.3 only**, ALPN [`ALPN`] (`agentfabric/2`: the fabric protocol and its wire version).
 //!   A peer that offers another ALPN is refused (`no_application_protocol`).
 //! - **Mutual TLS by default.** Both sides present a certificate chain signed by the CA the
 //!   operator names in [`QuicConfig::ca_cert`]; a client without a certificate, or with one from
@@ -91,7 +91,7 @@ pub use tls::{load_certs, load_key, write_dev_certs, DevCa, DevCertFiles, Issued
 pub const SCHEME: &str = "quic";
 
 /// ALPN protocol name: the fabric protocol and its wire version.
-pub const ALPN: &str = "agentfabric/1";
+pub const ALPN: &str = "agentfabric/2";
 
 /// QUIC congestion controller (quinn's implementations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -236,7 +236,7 @@ async fn expired_server_certificate_is_refused_by_the_client() {
 async fn wrong_alpn_is_refused() {
     let ca = DevCa::new("ca").unwrap();
     let mut client = ca.node_config("client").unwrap();
-    client.alpn = "agentfabric/2".into();
+    client.alpn = "agentfabric/1".into(); // the previous wire version
     let (res, _) = connect(ca.node_config("server").unwrap(), client).await;
     assert_refused(res, &["no application protocol"]);
 }
