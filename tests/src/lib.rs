@@ -187,3 +187,15 @@ pub fn check_body(b: &[u8]) -> (u32, u32) {
     );
     (channel, seq)
 }
+
+/// `n` blocks of `block` bytes, block `i` of the local region to slot `n - 1 - i` of the remote
+/// one: reversed, so a block landing at its own offset would show.
+pub fn reversed_blocks(n: u64, block: u64) -> Vec<agentfabric::Block> {
+    (0..n)
+        .map(|i| agentfabric::Block {
+            local: i * block,
+            remote: (n - 1 - i) * block,
+            len: block,
+        })
+        .collect()
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use agentfabric::bulk::RegionError;
 use agentfabric::{Block, Class, Config, Error, RegionDescriptor};
-use agentfabric_tests::{pair, within, Kind};
+use agentfabric_tests::{pair, reversed_blocks, within, Kind};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -279,14 +279,7 @@ async fn one_sided_transfers_bypass_the_session(kind: Kind) {
     assert!(src.descriptor().rdma.is_some());
     let data: Vec<u8> = (0..BLOCK * N).map(|i| pattern(i ^ 0x55)).collect();
     src.write_at(0, &data).await.unwrap();
-    // Reversed order, so a block landing at its own offset would be wrong.
-    let blocks: Vec<Block> = (0..N)
-        .map(|i| Block {
-            local: i * BLOCK,
-            remote: (N - 1 - i) * BLOCK,
-            len: BLOCK,
-        })
-        .collect();
+    let blocks = reversed_blocks(N, BLOCK);
     let before = p.client_peer.stats().session.bytes_sent;
     within(LIMIT, p.client_peer.write(&src, &d, &blocks, Some(5)))
         .await

@@ -17,8 +17,8 @@ use agentfabric::transport::{
     BoxFuture, Connection, FrameSink, Listener, MemoryDomain, MemoryRegistration, OneSided,
     OneSidedDone, OneSidedKind, OneSidedOp, Transport,
 };
-use agentfabric::{Block, Config, Node};
-use agentfabric_tests::within;
+use agentfabric::{Config, Node};
+use agentfabric_tests::{reversed_blocks, within};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const DOMAIN: u64 = 7;
@@ -244,13 +244,7 @@ async fn write_and_check(fail_at: usize) -> u64 {
     assert!(dst.descriptor().rdma.is_some());
     let data: Vec<u8> = (0..(BLOCK * N) as usize).map(pattern).collect();
     src.write_at(0, &data).await.unwrap();
-    let blocks: Vec<Block> = (0..N)
-        .map(|i| Block {
-            local: i * BLOCK,
-            remote: (N - 1 - i) * BLOCK,
-            len: BLOCK,
-        })
-        .collect();
+    let blocks = reversed_blocks(N, BLOCK);
     let before = peer.stats().session.bytes_sent;
     let report = within(LIMIT, peer.write(&src, &dst.descriptor(), &blocks, Some(3)))
         .await
