@@ -428,6 +428,65 @@ impl AsRawFd for ChannelFd {
     }
 }
 
+/// A completion channel's fd, made non-blocking (how it is meant to be polled) and registered
+/// with tokio.
+///
+/// # Safety
+///
+/// `channel` is valid, and outlives the returned `AsyncFd`.
+unsafe fn channel_fd(channel: *mut ibv_comp_channel) -> io::Result<AsyncFd<ChannelFd>> {
+    // SAFETY: the caller's contract; fcntl on the channel's own fd.
+    unsafe {
+        let fd = (*channel).fd;
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(os_err("making a completion channel non-blocking"));
+        }
+        Ok(AsyncFd::register_with_interest(
+            ChannelFd(fd),
+            tokio::io::Interest::READABLE,
+        )?)
+    }
+}
+
+/// Takes (and acknowledges) every event waiting on `channel`; returns whether there was one.
+///
+/// # Safety
+///
+/// `channel` is valid and non-blocking.
+unsafe fn take_cq_events(channel: *mut ibv_comp_channel) -> bool {
+    let mut any = false;
+    loop {
+        let (mut cq, mut ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the caller's contract; one event got, one acknowledged.
+        unsafe {
+            if ibv_get_cq_event(channel, &mut cq, &mut ctx) != 0 {
+                return any;
+            }
+            ibv_ack_cq_events(cq, 1);
+        }
+        any = true;
+    }
+}
+
+/// Polls up to `wcs.capacity()` completions of `cq` into `wcs`; negative on failure.
+fn poll_cq(cq: *mut ibv_cq, wcs: &mut Vec<ibv_wc>) -> i32 {
+    wcs.clear();
+    // SAFETY: the CQ is valid while its connection lives (the callers hold it); wcs has room for
+    // its capacity, and poll_cq writes at most that many.
+    let n = unsafe { ibv_poll_cq(cq, wcs.capacity() as i32, wcs.as_mut_ptr()) };
+    if n > 0 {
+        // SAFETY: poll_cq initialised the first n entries.
+        unsafe { wcs.set_len(n as usize) };
+    }
+    n
+}
+
+/// The connection's state, locked (a panic elsewhere does not poison it for the others).
+fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The one-sided QP's completion queue and channel. Apart from the frames' so that one-sided
 /// completions (one per piece, thousands a second under bulk) never wake the task that reads
 /// frames: a task of their own ([`drain_rma`]) takes them. Dropped after the QP that completes on
@@ -464,18 +523,8 @@ impl RmaCq {
                 ibv_destroy_comp_channel(channel);
                 return Err(e);
             }
-            let fd = (*channel).fd;
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            let fd = if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                Err(os_err(
-                    "making the one-sided completion channel non-blocking",
-                ))
-            } else {
-                // The fd stays open while the AsyncFd lives: `fd` is dropped before `channel`.
-                AsyncFd::register_with_interest(ChannelFd(fd), tokio::io::Interest::READABLE)
-                    .map_err(io::Error::from)
-            };
-            match fd {
+            // The fd stays open while the AsyncFd lives: `fd` is dropped before `channel`.
+            match channel_fd(channel) {
                 Ok(fd) => Ok(RmaCq {
                     fd,
                     cq,
@@ -517,7 +566,7 @@ async fn drain_rma(
             let Some(conn) = conn.upgrade() else {
                 return;
             };
-            let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = lock_inner(&conn);
             st.drain_rma(rma.cq);
             if !armed {
                 st.fail(
@@ -532,20 +581,13 @@ async fn drain_rma(
             _ = &mut stop => return,
             r = rma.fd.readable() => match r {
                 Ok(mut guard) => {
-                    loop {
-                        let (mut cq, mut ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
-                        // SAFETY: the channel is valid and non-blocking.
-                        if unsafe { ibv_get_cq_event(rma.channel, &mut cq, &mut ctx) } != 0 {
-                            break;
-                        }
-                        // SAFETY: one event got, one acknowledged.
-                        unsafe { ibv_ack_cq_events(cq, 1) };
-                    }
+                    // SAFETY: the channel is valid (and non-blocking) while `rma` lives.
+                    unsafe { take_cq_events(rma.channel) };
                     guard.clear_ready();
                 }
                 Err(e) => {
                     if let Some(conn) = conn.upgrade() {
-                        let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut st = lock_inner(&conn);
                         st.fail(
                             e.kind(),
                             format!("waiting for one-sided completions failed: {e}"),
@@ -741,14 +783,11 @@ impl Inner {
         let mut failed = false;
         loop {
             let cap = self.wcs.capacity() as i32;
-            // SAFETY: wcs has room for `cap` entries; poll_cq writes at most that many.
-            let n = unsafe { ibv_poll_cq(cq, cap, self.wcs.as_mut_ptr()) };
+            let n = poll_cq(cq, &mut self.wcs);
             if n <= 0 {
                 failed |= n < 0;
                 break;
             }
-            // SAFETY: poll_cq initialised the first n entries.
-            unsafe { self.wcs.set_len(n as usize) };
             self.ops_progress = std::time::Instant::now();
             for k in 0..n as usize {
                 // The work-request id of a piece is its sequence number.
@@ -834,8 +873,7 @@ impl Inner {
         let mut progress = false;
         loop {
             let cap = self.wcs.capacity() as i32;
-            // SAFETY: wcs has room for `cap` entries; poll_cq writes at most that many.
-            let n = unsafe { ibv_poll_cq(self.res.cq, cap, self.wcs.as_mut_ptr()) };
+            let n = poll_cq(self.res.cq, &mut self.wcs);
             if n < 0 {
                 self.fail(
                     io::ErrorKind::Other,
@@ -844,8 +882,6 @@ impl Inner {
                 break;
             }
             let n = n as usize;
-            // SAFETY: poll_cq initialised the first n entries.
-            unsafe { self.wcs.set_len(n) };
             if n == 0 {
                 break;
             }
@@ -1223,16 +1259,8 @@ impl Inner {
         }
         match self.fd.poll_read_ready(cx) {
             Poll::Ready(Ok(mut guard)) => {
-                loop {
-                    let mut cq = std::ptr::null_mut();
-                    let mut ctx = std::ptr::null_mut();
-                    // SAFETY: the channel is valid and non-blocking.
-                    let rc = unsafe { ibv_get_cq_event(self.res.channel, &mut cq, &mut ctx) };
-                    if rc != 0 {
-                        break;
-                    }
-                    // SAFETY: one event got, one acknowledged.
-                    unsafe { ibv_ack_cq_events(cq, 1) };
+                // SAFETY: the channel is valid and non-blocking.
+                if unsafe { take_cq_events(self.res.channel) } {
                     self.armed = false;
                 }
                 guard.clear_ready();
@@ -1273,30 +1301,28 @@ impl Inner {
     /// retry machinery has not said so (Soft-RoCE keeps retrying across a link down/up without
     /// ever completing). The fabric's keepalives keep polling, so this is checked in time.
     fn check_stall(&mut self) {
-        let ops_outstanding = self.ops_posted.saturating_sub(self.ops_completed);
-        if ops_outstanding > 0 && self.error.is_none() {
-            let quiet = self.ops_progress.elapsed();
-            if quiet > self.stall_timeout {
+        let queues = [
+            (
+                "one-sided completion",
+                self.ops_posted.saturating_sub(self.ops_completed),
+                "pieces",
+                self.ops_progress,
+            ),
+            (
+                "RDMA completion",
+                self.posted - self.completed,
+                "sends",
+                self.last_progress,
+            ),
+        ];
+        for (what, outstanding, unit, since) in queues {
+            let quiet = since.elapsed();
+            if outstanding > 0 && self.error.is_none() && quiet > self.stall_timeout {
                 let remote = self.remote.clone();
                 self.fail(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "no one-sided completion from {remote} for {quiet:?} with \
-                         {ops_outstanding} pieces outstanding: the link is down or the peer is \
-                         unreachable"
-                    ),
-                );
-            }
-        }
-        let outstanding = self.posted - self.completed;
-        if outstanding > 0 && self.error.is_none() {
-            let quiet = self.last_progress.elapsed();
-            if quiet > self.stall_timeout {
-                let remote = self.remote.clone();
-                self.fail(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "no RDMA completion from {remote} for {quiet:?} with {outstanding} sends \
+                        "no {what} from {remote} for {quiet:?} with {outstanding} {unit} \
                          outstanding: the link is down or the peer is unreachable"
                     ),
                 );
@@ -1326,7 +1352,7 @@ struct Shared(Arc<Mutex<Inner>>);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock_inner(&self.0)
     }
 }
 
@@ -1353,7 +1379,7 @@ impl OneSided for VerbsOneSided {
             )));
             return;
         };
-        let mut st = conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock_inner(&conn);
         if let Some(e) = st.io_error() {
             drop(st);
             done(Err(e));
@@ -1579,20 +1605,10 @@ pub(crate) async fn establish(
     res.connect_qp(&local, &remote, &n)?;
     let t_rts = t0.elapsed();
 
-    // SAFETY: the channel is valid; making its fd non-blocking is how it is meant to be polled.
-    let fd = unsafe { (*res.channel).fd };
-    // SAFETY: fcntl on a valid fd.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(os_err("making the completion channel non-blocking"));
-        }
-    }
     // SAFETY: the fd stays open while the AsyncFd lives: `Inner` drops `fd` before `res`, whose
     // completion channel owns it.
     let local_inline = res.max_inline;
-    let fd =
-        unsafe { AsyncFd::register_with_interest(ChannelFd(fd), tokio::io::Interest::READABLE)? };
+    let fd = unsafe { channel_fd(res.channel)? };
     let send_depth = cfg.send_depth;
     let (rma_stop, rma_stopped) = tokio::sync::oneshot::channel();
     let inner = Inner {
