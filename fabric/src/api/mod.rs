@@ -5,7 +5,7 @@ mod node;
 mod peer;
 mod rx;
 mod shared;
-mod sync;
+pub(crate) mod sync;
 mod tx;
 
 pub use node::{Node, NodeBuilder};

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
+use crate::api::sync::lock;
 use crate::error::{Error, Result};
 use crate::pace::CopyPacer;
 use crate::transport::{MemoryDomain, MemoryRegistration};
@@ -226,7 +227,7 @@ pub(crate) struct RegionInner {
 impl RegionInner {
     /// The registration's lock.
     pub(crate) fn registered(&self) -> std::sync::MutexGuard<'_, Option<Registered>> {
-        self.rdma.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.rdma)
     }
 
     /// What the descriptor publishes for one-sided access, while registered.
@@ -339,7 +340,7 @@ impl RegionTable {
         &self,
         d: &RegionDescriptor,
     ) -> std::result::Result<Arc<RegionInner>, RegionError> {
-        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let regions = lock(&self.regions);
         let r = regions
             .get(&d.region)
             .and_then(Weak::upgrade)
@@ -356,7 +357,7 @@ impl RegionTable {
             .domain
             .as_ref()
             .and_then(|d| register_with(d, &mut buf));
-        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regions = lock(&self.regions);
         regions.retain(|_, r| r.strong_count() > 0);
         let id = loop {
             let id = rand::random::<u64>() >> 1;
@@ -378,10 +379,7 @@ impl RegionTable {
     }
 
     fn forget(&self, id: u64) {
-        self.regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        lock(&self.regions).remove(&id);
     }
 }
 

@@ -184,12 +184,6 @@ fn remote_error(e: Error) -> Error {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Write,
-    Read,
-}
-
 impl Peer {
     /// Writes (pushes) `blocks` from the local region `local` into the peer's region `remote`,
     /// and then, with `notify`, tells the peer's node (see `Node::notification`).
@@ -206,7 +200,7 @@ impl Peer {
         blocks: &[Block],
         notify: Option<u64>,
     ) -> Result<TransferReport> {
-        self.transfer(Direction::Write, local, remote, blocks, notify)
+        self.transfer(OneSidedKind::Write, local, remote, blocks, notify)
             .await
     }
 
@@ -220,13 +214,13 @@ impl Peer {
         blocks: &[Block],
         notify: Option<u64>,
     ) -> Result<TransferReport> {
-        self.transfer(Direction::Read, local, remote, blocks, notify)
+        self.transfer(OneSidedKind::Read, local, remote, blocks, notify)
             .await
     }
 
     async fn transfer(
         &self,
-        dir: Direction,
+        dir: OneSidedKind,
         local: &Region,
         remote: &RegionDescriptor,
         blocks: &[Block],
@@ -303,8 +297,8 @@ impl Peer {
             }
             let env = Envelope {
                 op: match dir {
-                    Direction::Write => Op::Write,
-                    Direction::Read => Op::Read,
+                    OneSidedKind::Write => Op::Write,
+                    OneSidedKind::Read => Op::Read,
                 },
                 region: *remote,
                 offset: b.remote,
@@ -315,8 +309,8 @@ impl Peer {
             inflight_bytes += b.len;
             inflight.spawn(async move {
                 let r = match dir {
-                    Direction::Write => write_block(&ch, &local, env, b).await,
-                    Direction::Read => read_block(&ch, &local, env, b).await,
+                    OneSidedKind::Write => write_block(&ch, &local, env, b).await,
+                    OneSidedKind::Read => read_block(&ch, &local, env, b).await,
                 };
                 (i, b.len, r)
             });
@@ -426,7 +420,7 @@ async fn check_remote(
 /// [`MAX_INFLIGHT_BYTES`]) at a time. Returns the bytes moved, or the first block that did not
 /// move (with the bytes moved before it): the connection failed under it.
 async fn one_sided(
-    dir: Direction,
+    dir: OneSidedKind,
     route: &Route,
     local: &Region,
     blocks: &[Block],
@@ -435,12 +429,12 @@ async fn one_sided(
     // exclusive, with the region itself (its registration), until the last operation is over.
     let inner = local.inner.clone();
     let (keep, base): (Arc<dyn Send + Sync>, u64) = match dir {
-        Direction::Write => {
+        OneSidedKind::Write => {
             let g = inner.mem.clone().read_owned().await;
             let base = g.as_ptr() as u64;
             (Arc::new((g, inner.clone())), base)
         }
-        Direction::Read => {
+        OneSidedKind::Read => {
             let mut g = inner.mem.clone().write_owned().await;
             let base = g.as_mut_ptr() as u64;
             (Arc::new((g, inner.clone())), base)
@@ -450,10 +444,6 @@ async fn one_sided(
         // Revoked while waiting for the lock: the session path reports it.
         return Err((0, 0));
     }
-    let kind = match dir {
-        Direction::Write => OneSidedKind::Write,
-        Direction::Read => OneSidedKind::Read,
-    };
     let mut ops = OpsInFlight::default();
     for (i, b) in blocks.iter().enumerate() {
         if b.len == 0 {
@@ -468,7 +458,7 @@ async fn one_sided(
         let keep = keep.clone();
         route.ops.post(
             OneSidedOp {
-                kind,
+                kind: dir,
                 local_addr: base + b.local,
                 local_key: route.local_key,
                 len: b.len as u32,
