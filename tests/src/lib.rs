@@ -129,6 +129,15 @@ pub async fn pair(kind: Kind, mut cfg: Config) -> Pair {
     if kind == Kind::Verbs && cfg.peer_timeout == Config::default().peer_timeout {
         cfg.peer_timeout = Duration::from_secs(10);
     }
+    // One quic case failed at its `connect` once in eight runs of the suite (the error was not
+    // captured); the likely cause is a debug-build QUIC handshake outlasting the default 1 s
+    // bound while the 100-session case runs its handshakes beside it on two cores. Again, cases
+    // about failure keep their own timeout.
+    if matches!(kind, Kind::Quic | Kind::QuicLossy)
+        && cfg.peer_timeout == Config::default().peer_timeout
+    {
+        cfg.peer_timeout = Duration::from_secs(5);
+    }
     let net = MemNetwork::new();
     let server = node(kind, "server", cfg.clone(), &net);
     let addr = server
@@ -198,4 +207,22 @@ pub fn reversed_blocks(n: u64, block: u64) -> Vec<agentfabric::Block> {
             len: block,
         })
         .collect()
+}
+
+/// Asserts that each of `blocks` of `region` holds its bytes of `data` (the source region's
+/// contents), block by block.
+pub async fn assert_blocks_landed(
+    region: &agentfabric::Region,
+    blocks: &[agentfabric::Block],
+    data: &[u8],
+) {
+    for (i, b) in blocks.iter().enumerate() {
+        let mut got = vec![0u8; b.len as usize];
+        region.read_at(b.remote, &mut got).await.unwrap();
+        assert!(
+            got[..] == data[b.local as usize..(b.local + b.len) as usize],
+            "block {i} (local offset {}) differs",
+            b.local
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use agentfabric::bulk::RegionError;
 use agentfabric::{Block, Class, Config, Error, RegionDescriptor};
-use agentfabric_tests::{pair, reversed_blocks, within, Kind};
+use agentfabric_tests::{assert_blocks_landed, pair, reversed_blocks, within, Kind};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -47,15 +47,7 @@ async fn thousand_block_batches_write_and_read(kind: Kind) {
         (note.peer.as_str(), note.region, note.tag),
         ("client", dst.descriptor().region, 42)
     );
-    let mut got = vec![0u8; BLOCK as usize];
-    for b in &blocks {
-        dst.read_at(b.remote, &mut got).await.unwrap();
-        assert!(
-            got[..] == data[b.local as usize..(b.local + BLOCK) as usize],
-            "block at {} differs",
-            b.local
-        );
-    }
+    assert_blocks_landed(&dst, &blocks, &data).await;
     // Pull everything back into a fresh region.
     let back = p.client.register((BLOCK * N) as usize).unwrap();
     within(
@@ -291,15 +283,7 @@ async fn one_sided_transfers_bypass_the_session(kind: Kind) {
         BLOCK * N
     );
     assert_eq!(within(LIMIT, p.server.notification()).await.unwrap().tag, 5);
-    let mut got = vec![0u8; BLOCK as usize];
-    for b in &blocks {
-        dst.read_at(b.remote, &mut got).await.unwrap();
-        assert!(
-            got[..] == data[b.local as usize..(b.local + BLOCK) as usize],
-            "block {} differs",
-            b.local / BLOCK
-        );
-    }
+    assert_blocks_landed(&dst, &blocks, &data).await;
     // And back by RDMA READ into a fresh region.
     let back = p.client.register((BLOCK * N) as usize).unwrap();
     let before = p.client_peer.stats().session.bytes_sent;

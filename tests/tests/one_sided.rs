@@ -18,7 +18,7 @@ use agentfabric::transport::{
     OneSidedDone, OneSidedKind, OneSidedOp, Transport,
 };
 use agentfabric::{Config, Node};
-use agentfabric_tests::{reversed_blocks, within};
+use agentfabric_tests::{assert_blocks_landed, reversed_blocks, within};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const DOMAIN: u64 = 7;
@@ -251,15 +251,7 @@ async fn write_and_check(fail_at: usize) -> u64 {
         .unwrap();
     assert_eq!(report.bytes, BLOCK * N);
     assert_eq!(within(LIMIT, server.notification()).await.unwrap().tag, 3);
-    let mut got = vec![0u8; BLOCK as usize];
-    for b in &blocks {
-        dst.read_at(b.remote, &mut got).await.unwrap();
-        assert!(
-            got[..] == data[b.local as usize..(b.local + BLOCK) as usize],
-            "block {} differs",
-            b.local / BLOCK
-        );
-    }
+    assert_blocks_landed(&dst, &blocks, &data).await;
     peer.stats().session.bytes_sent - before
 }
 
