@@ -101,7 +101,17 @@ pub struct OneSidedOp {
     pub remote_addr: u64,
     /// The peer registration's [`MemoryRegistration::remote_key`].
     pub remote_key: u32,
+    /// Immediate data for the peer (writes only; RDMA WRITE with immediate): once this write
+    /// and every operation posted before it on the connection have landed, the peer's end of
+    /// the connection hands the value to its [`ImmediateHandler`]. The fabric uses it to notify
+    /// the target of a transfer without a message of its own.
+    pub imm: Option<u32>,
 }
+
+/// Called by a connection with the immediate data of each peer write that carried one (see
+/// [`OneSidedOp::imm`]), in the order the writes landed. Runs on the transport's completion
+/// path: it must be quick and must not block.
+pub type ImmediateHandler = Arc<dyn Fn(u32) + Send + Sync>;
 
 /// Called once when a one-sided operation is over, with its outcome.
 pub type OneSidedDone = Box<dyn FnOnce(io::Result<()>) + Send>;
@@ -118,6 +128,12 @@ pub trait OneSided: Send + Sync {
     /// whatever keeps that memory alive can ride in `done`. A failed operation fails the
     /// connection (an RDMA queue pair goes to its error state).
     fn post(&self, op: OneSidedOp, done: OneSidedDone);
+
+    /// Installs what receives the immediate data of the peer's writes on this connection
+    /// (replacing any earlier handler). Immediates that arrive before a handler is installed
+    /// are dropped: the fabric installs one as soon as the connection joins its session, before
+    /// it can take part in a transfer.
+    fn on_immediate(&self, handler: ImmediateHandler);
 }
 
 /// Accepts incoming connections.

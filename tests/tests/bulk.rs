@@ -256,7 +256,7 @@ async fn cancelled_transfer_stops(kind: Kind) {
 }
 
 /// Over verbs, transfers between regions registered with the device move one-sided (RDMA WRITE
-/// and READ): the session carries only the check and the notification, not the blocks.
+/// and READ): the session carries only the check (and a read's notification), not the blocks.
 async fn one_sided_transfers_bypass_the_session(kind: Kind) {
     let p = pair(kind, Config::default()).await;
     const BLOCK: u64 = 64 << 10;
@@ -282,7 +282,10 @@ async fn one_sided_transfers_bypass_the_session(kind: Kind) {
         "{sent} bytes went through the session for a {} B one-sided transfer",
         BLOCK * N
     );
+    // The notification rode on the last RDMA WRITE (with immediate), once.
     assert_eq!(within(LIMIT, p.server.notification()).await.unwrap().tag, 5);
+    let again = tokio::time::timeout(Duration::from_millis(300), p.server.notification()).await;
+    assert!(again.is_err(), "a second notification: {again:?}");
     assert_blocks_landed(&dst, &blocks, &data).await;
     // And back by RDMA READ into a fresh region.
     let back = p.client.register((BLOCK * N) as usize).unwrap();

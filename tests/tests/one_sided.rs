@@ -14,10 +14,10 @@ use std::time::Duration;
 use agentfabric::frame::{Lane, OutFrame};
 use agentfabric::mem::MemNetwork;
 use agentfabric::transport::{
-    BoxFuture, Connection, FrameSink, Listener, MemoryDomain, MemoryRegistration, OneSided,
-    OneSidedDone, OneSidedKind, OneSidedOp, Transport,
+    BoxFuture, Connection, FrameSink, ImmediateHandler, Listener, MemoryDomain, MemoryRegistration,
+    OneSided, OneSidedDone, OneSidedKind, OneSidedOp, Transport,
 };
-use agentfabric::{Config, Node};
+use agentfabric::{Block, Config, Node};
 use agentfabric_tests::{assert_blocks_landed, reversed_blocks, within};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -70,12 +70,30 @@ impl MemoryDomain for FakeDomain {
     }
 }
 
-/// The stand-in device: copies under the registry's lock (so a registration cannot go away
-/// mid-copy), after checking both ranges; fails operation number `fail_at` (0-based).
+/// How the stand-in device fails operation number `at` (0-based, counted over both nodes).
+#[derive(Clone, Copy)]
+enum Failure {
+    /// Refused before it moves anything.
+    Refused { at: usize },
+    /// Moves its bytes (and immediate) but reports a failure, as when the peer's
+    /// acknowledgement is lost.
+    AfterLanding { at: usize },
+}
+
+/// The immediate handlers the two nodes' ends installed, by side.
+type Handlers = Arc<Mutex<[Option<ImmediateHandler>; 2]>>;
+
+/// The stand-in device of one node (`side` 0 or 1): copies under the registry's lock (so a
+/// registration cannot go away mid-copy), after checking both ranges; hands a write's immediate
+/// to the other node's handler; fails the operation `failure` names.
 struct FakeOneSided {
     regs: Registry,
-    posted: AtomicUsize,
-    fail_at: usize,
+    posted: Arc<AtomicUsize>,
+    failure: Option<Failure>,
+    side: usize,
+    handlers: Handlers,
+    /// Immediates this node's end received.
+    immediates: Arc<AtomicUsize>,
 }
 
 fn within_reg(regs: &HashMap<u32, (usize, usize)>, key: u32, addr: u64, len: u32) -> bool {
@@ -91,11 +109,10 @@ impl OneSided for FakeOneSided {
     }
 
     fn post(&self, op: OneSidedOp, done: OneSidedDone) {
-        if self.posted.fetch_add(1, Ordering::Relaxed) == self.fail_at {
-            done(Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "injected failure",
-            )));
+        let n = self.posted.fetch_add(1, Ordering::Relaxed);
+        let injected = || io::Error::new(io::ErrorKind::PermissionDenied, "injected failure");
+        if matches!(self.failure, Some(Failure::Refused { at }) if at == n) {
+            done(Err(injected()));
             return;
         }
         let regs = self.regs.lock().unwrap();
@@ -116,7 +133,23 @@ impl OneSided for FakeOneSided {
         // deregistration takes), and the test touches neither region while transfers run.
         unsafe { std::ptr::copy(from as *const u8, to as *mut u8, op.len as usize) };
         drop(regs);
+        if let Some(imm) = op.imm {
+            let other = self.handlers.lock().unwrap()[1 - self.side].clone();
+            other.expect("the target installed a handler")(imm);
+        }
+        if matches!(self.failure, Some(Failure::AfterLanding { at }) if at == n) {
+            done(Err(injected()));
+            return;
+        }
         done(Ok(()));
+    }
+
+    fn on_immediate(&self, handler: ImmediateHandler) {
+        let count = self.immediates.clone();
+        self.handlers.lock().unwrap()[self.side] = Some(Arc::new(move |imm| {
+            count.fetch_add(1, Ordering::Relaxed);
+            handler(imm)
+        }));
     }
 }
 
@@ -199,46 +232,59 @@ impl Transport for FakeRdma {
     }
 }
 
-/// Two nodes on one in-process network sharing the stand-in device, whose operation number
-/// `fail_at` fails.
-async fn pair(fail_at: usize) -> (Node, Node, agentfabric::Peer) {
+/// Two nodes on one in-process network sharing the stand-in device, which fails as `failure`
+/// says; with the count of immediates the server's end received.
+async fn pair(failure: Option<Failure>) -> (Node, Node, agentfabric::Peer, Arc<AtomicUsize>) {
     let net = MemNetwork::new();
     let regs: Registry = Arc::default();
     let domain = Arc::new(FakeDomain {
         regs: regs.clone(),
         next: AtomicU32::new(1),
     });
-    let ops = Arc::new(FakeOneSided {
-        regs,
-        posted: AtomicUsize::new(0),
-        fail_at,
-    });
-    let node = |name: &str| {
-        Node::builder(name)
+    let (posted, handlers) = (Arc::new(AtomicUsize::new(0)), Handlers::default());
+    let node = |name: &str, side: usize| {
+        let ops = Arc::new(FakeOneSided {
+            regs: regs.clone(),
+            posted: posted.clone(),
+            failure,
+            side,
+            handlers: handlers.clone(),
+            immediates: Arc::default(),
+        });
+        let immediates = ops.immediates.clone();
+        let node = Node::builder(name)
             .config(Config::default())
             .transport(FakeRdma {
                 inner: net.transport(),
                 domain: domain.clone(),
-                ops: ops.clone(),
+                ops,
             })
             .build()
-            .unwrap()
+            .unwrap();
+        (node, immediates)
     };
-    let (server, client) = (node("server"), node("client"));
+    let ((server, immediates), (client, _)) = (node("server", 0), node("client", 1));
     let addr = server.listen("mem://server").await.unwrap();
     let peer = client.connect(&addr).await.unwrap();
-    (server, client, peer)
+    (server, client, peer, immediates)
 }
 
 fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(2_654_435_761) >> 11) as u8
 }
 
-/// Writes 64 blocks of 4 KiB in reverse order; returns the bytes the session carried.
-async fn write_and_check(fail_at: usize) -> u64 {
+/// What a 64-block write did: bytes the session carried, immediates the target received.
+struct Moved {
+    through_session: u64,
+    immediates: usize,
+}
+
+/// Writes 64 blocks of 4 KiB in reverse order, with a notification; checks that the blocks and
+/// exactly one notification arrived.
+async fn write_and_check(failure: Option<Failure>) -> Moved {
     const BLOCK: u64 = 4096;
     const N: u64 = 64;
-    let (server, client, peer) = pair(fail_at).await;
+    let (server, client, peer, immediates) = pair(failure).await;
     let src = client.register((BLOCK * N) as usize).unwrap();
     let dst = server.register((BLOCK * N) as usize).unwrap();
     assert!(dst.descriptor().rdma.is_some());
@@ -250,26 +296,76 @@ async fn write_and_check(fail_at: usize) -> u64 {
         .await
         .unwrap();
     assert_eq!(report.bytes, BLOCK * N);
-    assert_eq!(within(LIMIT, server.notification()).await.unwrap().tag, 3);
+    let n = within(LIMIT, server.notification()).await.unwrap();
+    assert_eq!(
+        (n.tag, n.region, n.peer.as_str()),
+        (3, dst.descriptor().region, "client")
+    );
+    let again = tokio::time::timeout(Duration::from_millis(300), server.notification()).await;
+    assert!(again.is_err(), "a second notification: {again:?}");
     assert_blocks_landed(&dst, &blocks, &data).await;
-    peer.stats().session.bytes_sent - before
+    Moved {
+        through_session: peer.stats().session.bytes_sent - before,
+        immediates: immediates.load(Ordering::Relaxed),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_move_one_sided_when_both_regions_are_registered() {
-    let through_session = write_and_check(usize::MAX).await;
+    let moved = write_and_check(None).await;
     assert!(
-        through_session < 4096,
-        "{through_session} bytes went through the session"
+        moved.through_session < 4096,
+        "{} bytes went through the session",
+        moved.through_session
     );
+    // The notification rode on the last write.
+    assert_eq!(moved.immediates, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_after_a_failed_operation_go_through_the_session() {
-    // Operation 20 fails: blocks 0..20 moved one-sided, blocks 20..64 through the session.
-    let through_session = write_and_check(20).await;
+    // Operation 20 fails: blocks 0..20 moved one-sided, blocks 20..64 (and the notification)
+    // through the session.
+    let moved = write_and_check(Some(Failure::Refused { at: 20 })).await;
     assert!(
-        through_session > 44 * 4096 && through_session < 50 * 4096,
-        "{through_session} bytes went through the session"
+        moved.through_session > 44 * 4096 && moved.through_session < 50 * 4096,
+        "{} bytes went through the session",
+        moved.through_session
     );
+    assert_eq!(moved.immediates, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_that_landed_with_a_failed_last_write_is_delivered_once() {
+    // The last write lands with its immediate but reports a failure: the initiator resends
+    // that block and notifies through the session, and the target delivers only the first.
+    let moved = write_and_check(Some(Failure::AfterLanding { at: 63 })).await;
+    assert_eq!(moved.immediates, 1);
+    assert!(
+        moved.through_session >= 4096 && moved.through_session < 3 * 4096,
+        "{} bytes went through the session",
+        moved.through_session
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_notifies_through_the_session() {
+    // RDMA READ carries no immediate: the notification is a session message.
+    let (server, client, peer, immediates) = pair(None).await;
+    let dst = client.register(8192).unwrap();
+    let src = server.register(8192).unwrap();
+    src.write_at(0, &[7u8; 8192]).await.unwrap();
+    let blocks = [Block {
+        local: 0,
+        remote: 0,
+        len: 8192,
+    }];
+    within(LIMIT, peer.read(&dst, &src.descriptor(), &blocks, Some(9)))
+        .await
+        .unwrap();
+    assert_eq!(within(LIMIT, server.notification()).await.unwrap().tag, 9);
+    assert_eq!(immediates.load(Ordering::Relaxed), 0);
+    let mut back = [0u8; 8192];
+    dst.read_at(0, &mut back).await.unwrap();
+    assert!(back.iter().all(|&b| b == 7));
 }

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::rx::{RxHalf, RxWake};
 use super::sync::lock;
 use super::tx::TxHalf;
+use crate::bulk::PendingNotes;
 use crate::class::Class;
 use crate::core::id_map::{id_map, IdMap};
 use crate::core::Delivered;
@@ -380,6 +381,8 @@ pub(crate) struct PeerShared {
     pub(crate) rx_waker: Waker,
     /// The connection's sending half (see `tx.rs`); also in `PeerState::tx`.
     pub(crate) tx: Arc<TxHalf>,
+    /// Notifications of transfers into this node that ride on the peer's last write.
+    pub(crate) notes: Arc<PendingNotes>,
 }
 
 /// Bytes a task waiting in `recv` reads from the connection in one go before it leaves the rest
@@ -404,6 +407,7 @@ impl PeerShared {
             rx: Mutex::new(RxHalf::default()),
             rx_waker: Waker::from(rx_wake.clone()),
             rx_wake,
+            notes: Arc::default(),
         }
     }
 
@@ -493,6 +497,10 @@ impl PeerShared {
     /// Installs a new connection's sending half (what was staged for an older one is dropped).
     pub(crate) fn connect(&self, st: &mut PeerState, sink: Box<dyn FrameSink>) {
         self.tx.set_sink(Some(sink));
+        if let Some(ops) = self.tx.one_sided() {
+            // Before the session can use the connection, so no peer write's immediate is missed.
+            ops.on_immediate(self.notes.handler());
+        }
         st.connected = true;
     }
 

@@ -2,8 +2,11 @@
 //! transfers ([`Peer::write`](crate::Peer::write), [`Peer::read`](crate::Peer::read)) of paged
 //! data such as KV-cache blocks.
 
+mod notify;
 mod region;
 mod transfer;
+
+pub(crate) use notify::PendingNotes;
 
 pub(crate) use region::RegionTable;
 pub use region::{AlignedBuf, RdmaAccess, Region, RegionDescriptor, RegionError, REGION_ALIGN};

@@ -20,6 +20,13 @@
 //! operation fails (the target revoked the region meanwhile, the link went down), the queue pair
 //! breaks and the session resumes on a new connection; the failed block and the ones after it
 //! then go through the session, where the target either takes them or says why not.
+//!
+//! A one-sided write that notifies its target asks for a token with the check and sends it as
+//! the immediate data of its last write: the target's connection reports it once every block
+//! has landed, and the target delivers the notification then, with no message after the blocks
+//! (`super::notify`). Reads, and writes whose one-sided path failed before the last write was
+//! acknowledged, notify with a message on the system channel after the blocks, as on the other
+//! transports; the target delivers each notification once either way.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,6 +36,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::notify::PendingNotes;
 use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTable};
 use crate::api::{Channel, Message, Peer};
 use crate::error::{Error, Result};
@@ -90,6 +98,9 @@ enum Op {
     Notify = 3,
     /// Checks a descriptor and a range before one-sided operations on it.
     Check = 4,
+    /// As `Check`, for a write that notifies the target with `tag`: the answer may carry a
+    /// token for the last write's immediate data (see `super::notify`).
+    CheckNotify = 5,
 }
 
 /// The fixed envelope that precedes a block (write) or asks for one (read, notify).
@@ -124,6 +135,7 @@ impl Envelope {
             2 => Op::Read,
             3 => Op::Notify,
             4 => Op::Check,
+            5 => Op::CheckNotify,
             _ => return None,
         };
         let region = RegionDescriptor::decode(&b[1..1 + RegionDescriptor::LEN])?;
@@ -193,6 +205,11 @@ impl Peer {
     /// failed and why (a [`RegionError`] from either side, the session's error). Every range is
     /// checked before anything is sent; blocks may land in any order. Dropping the future
     /// cancels the transfer: blocks not yet sent are not sent, blocks already sent may land.
+    ///
+    /// The notification reaches the peer's node once, after every block has landed. Over the
+    /// session this future completes after the peer took it; over RDMA it rides on the last
+    /// write (with immediate data), and the peer's node may deliver it a moment after this
+    /// future completes.
     pub async fn write(
         &self,
         local: &Region,
@@ -254,19 +271,27 @@ impl Peer {
         let mut bytes = 0u64;
         // Blocks before this one moved one-sided; the rest go through the session.
         let mut from = 0;
+        // The target's token for notifying by the last write's immediate, and whether that
+        // write was acknowledged (the notification is then on its way without a message).
+        let mut token = None;
+        let mut notified = false;
         if let Some(route) = self.one_sided_route(local, remote, blocks) {
-            let go = check_remote(&ch, remote, blocks)
+            // Only writes carry immediate data.
+            let tag = notify.filter(|_| dir == OneSidedKind::Write);
+            let check = check_remote(&ch, remote, blocks, tag)
                 .await
                 .map_err(|(i, e)| fail(i, e))?;
-            let moved = if go {
-                one_sided(dir, &route, local, blocks).await
+            token = check.token;
+            let moved = if check.one_sided {
+                one_sided(dir, &route, local, blocks, token).await
             } else {
                 Err((0, 0))
             };
             match moved {
-                Ok(n) => {
+                Ok((n, imm_sent)) => {
                     bytes = n;
                     from = blocks.len();
+                    notified = imm_sent;
                 }
                 Err((failed, n)) => {
                     tracing::debug!(
@@ -320,11 +345,13 @@ impl Peer {
             r.map_err(|e| fail(idx, e))?;
             bytes += len;
         }
-        if let Some(tag) = notify {
+        if let Some(tag) = notify.filter(|_| !notified) {
+            // With a token the target delivers the one it holds, unless the last write's
+            // immediate delivered it already (that write may have landed even if it failed here).
             let env = Envelope {
                 op: Op::Notify,
                 region: *remote,
-                offset: 0,
+                offset: token.map_or(0, u64::from),
                 len: 0,
                 tag,
             };
@@ -372,31 +399,55 @@ impl Peer {
     }
 }
 
+/// The target's answer to a check.
+struct Checked {
+    /// Go one-sided; otherwise the target's end of this connection cannot reach the region
+    /// (another device than the one it is registered with): use the session.
+    one_sided: bool,
+    /// For a write that notifies: the token to send as the last write's immediate data.
+    token: Option<u32>,
+}
+
 /// Asks the target to check `remote` (key, registration, not revoked) and the range `blocks`
-/// span. `Ok(true)`: go one-sided; `Ok(false)`: the target's end of this connection cannot reach
-/// the region (another device than the one it is registered with), use the session. On refusal:
-/// the index of the block to blame (the first out of bounds, else 0) and why.
+/// span, and, for a write that notifies with `tag`, for a notification token. On refusal: the
+/// index of the block to blame (the first out of bounds, else 0) and why.
 async fn check_remote(
     ch: &Channel,
     remote: &RegionDescriptor,
     blocks: &[Block],
-) -> std::result::Result<bool, (usize, Error)> {
+    tag: Option<u64>,
+) -> std::result::Result<Checked, (usize, Error)> {
     // The ranges were checked against `remote.len` already: no overflow here.
     let (Some(lo), Some(hi)) = (
         blocks.iter().map(|b| b.remote).min(),
         blocks.iter().map(|b| b.remote + b.len).max(),
     ) else {
-        return Ok(true);
+        return Ok(Checked {
+            one_sided: true,
+            token: None,
+        });
     };
     let env = Envelope {
-        op: Op::Check,
+        op: if tag.is_some() {
+            Op::CheckNotify
+        } else {
+            Op::Check
+        },
         region: *remote,
         offset: lo,
         len: hi - lo,
-        tag: 0,
+        tag: tag.unwrap_or(0),
     };
     let e = match ch.request_with_head(None, env.encode()).await {
-        Ok(answer) => return Ok(answer[..] == [CHECK_ONE_SIDED]),
+        Ok(answer) => {
+            return Ok(Checked {
+                one_sided: answer.first() == Some(&CHECK_ONE_SIDED),
+                token: answer
+                    .get(1..5)
+                    .map(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")))
+                    .filter(|&t| t != 0),
+            })
+        }
         Err(e) => remote_error(e),
     };
     if let Error::Region(RegionError::OutOfBounds { region_len, .. }) = e {
@@ -417,14 +468,16 @@ async fn check_remote(
 }
 
 /// Moves `blocks` by one-sided operations, at most [`MAX_INFLIGHT_BLOCKS`] (and
-/// [`MAX_INFLIGHT_BYTES`]) at a time. Returns the bytes moved, or the first block that did not
-/// move (with the bytes moved before it): the connection failed under it.
+/// [`MAX_INFLIGHT_BYTES`]) at a time; the last operation carries `imm` as immediate data.
+/// Returns the bytes moved and whether an operation carried `imm`, or the first block that did
+/// not move (with the bytes moved before it): the connection failed under it.
 async fn one_sided(
     dir: OneSidedKind,
     route: &Route,
     local: &Region,
     blocks: &[Block],
-) -> std::result::Result<u64, (usize, u64)> {
+    imm: Option<u32>,
+) -> std::result::Result<(u64, bool), (usize, u64)> {
     // The device reads the local region (write) or writes it (read): hold it shared or
     // exclusive, with the region itself (its registration), until the last operation is over.
     let inner = local.inner.clone();
@@ -445,6 +498,8 @@ async fn one_sided(
         return Err((0, 0));
     }
     let mut ops = OpsInFlight::default();
+    // Zero-length blocks move nothing: the last operation is the last block with bytes.
+    let last = blocks.iter().rposition(|b| b.len > 0);
     for (i, b) in blocks.iter().enumerate() {
         if b.len == 0 {
             continue;
@@ -465,6 +520,7 @@ async fn one_sided(
                 // Wrapping: the address came from the peer; its device refuses a bad one.
                 remote_addr: route.remote.addr.wrapping_add(b.remote),
                 remote_key: route.remote.rkey,
+                imm: imm.filter(|_| Some(i) == last),
             },
             Box::new(move |r| {
                 let _ = tx.send(r);
@@ -477,7 +533,7 @@ async fn one_sided(
     while !ops.pending.is_empty() {
         ops.wait_oldest().await.map_err(|idx| (idx, ops.moved))?;
     }
-    Ok(ops.moved)
+    Ok((ops.moved, imm.is_some() && last.is_some()))
 }
 
 /// A transfer's one-sided operations in flight, oldest first.
@@ -546,22 +602,36 @@ async fn read_block(ch: &Channel, local: &Region, env: Envelope, b: Block) -> Re
 }
 
 /// Serves the peer's transfers on this node's regions, for the life of the session.
+/// Also delivers the notifications that landed with the peer's writes (see `super::notify`).
 pub(crate) async fn serve_transfers(
     peer: Peer,
     regions: Arc<RegionTable>,
     notifications: mpsc::Sender<Notification>,
 ) {
-    while let Ok(ch) = peer.accept_system_channel().await {
-        let (regions, notifications, name) = (
-            regions.clone(),
-            notifications.clone(),
-            peer.name().to_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = serve_channel(&ch, &regions, &notifications, &name).await {
-                tracing::debug!(peer = %name, error = %e, "transfer service ended");
+    let notes = peer.shared.notes.clone();
+    loop {
+        tokio::select! {
+            ch = peer.accept_system_channel() => {
+                let Ok(ch) = ch else { return };
+                let (regions, notifications, notes, name) = (
+                    regions.clone(),
+                    notifications.clone(),
+                    notes.clone(),
+                    peer.name().to_owned(),
+                );
+                tokio::spawn(async move {
+                    let served = serve_channel(&ch, &regions, &notifications, &notes, &name);
+                    if let Err(e) = served.await {
+                        tracing::debug!(peer = %name, error = %e, "transfer service ended");
+                    }
+                });
             }
-        });
+            (region, tag) = notes.next_landed() => {
+                let n = Notification { peer: peer.name().to_owned(), region, tag };
+                // Bounded: a node that never reads notifications slows its writers down.
+                let _ = notifications.send(n).await;
+            }
+        }
     }
 }
 
@@ -569,6 +639,7 @@ async fn serve_channel(
     ch: &Channel,
     regions: &RegionTable,
     notifications: &mpsc::Sender<Notification>,
+    notes: &PendingNotes,
     peer: &str,
 ) -> Result<()> {
     loop {
@@ -614,7 +685,7 @@ async fn serve_channel(
                 };
                 answer(ch, &m, r).await?;
             }
-            Op::Check => {
+            Op::Check | Op::CheckNotify => {
                 let here = ch.connection_domain();
                 let r = regions.lookup(&env.region).and_then(|r| {
                     if r.rdma_access() != env.region.rdma {
@@ -624,13 +695,33 @@ async fn serve_channel(
                     r.check(env.offset, env.len)?;
                     // One-sided only if this end of the connection is on the region's device.
                     let reachable = r.registered().as_ref().map(|g| g.domain) == here;
-                    Ok(if reachable {
-                        CHECK_ONE_SIDED
-                    } else {
-                        CHECK_SESSION
-                    })
+                    if !reachable {
+                        return Ok(Bytes::from_static(&[CHECK_SESSION]));
+                    }
+                    let token = (env.op == Op::CheckNotify)
+                        .then(|| notes.announce(r.id, env.tag))
+                        .flatten();
+                    let mut a = vec![CHECK_ONE_SIDED];
+                    if let Some(t) = token {
+                        a.extend_from_slice(&t.to_le_bytes());
+                    }
+                    Ok(Bytes::from(a))
                 });
-                answer(ch, &m, r.map(|a| Bytes::copy_from_slice(&[a]))).await?;
+                answer(ch, &m, r).await?;
+            }
+            Op::Notify if env.offset != 0 => {
+                // A notification announced at the check: deliver it unless the last write's
+                // immediate did (see `super::notify`).
+                let token = u32::try_from(env.offset).unwrap_or(0);
+                if let Some((region, tag)) = notes.take(token) {
+                    let n = Notification {
+                        peer: peer.to_owned(),
+                        region,
+                        tag,
+                    };
+                    let _ = notifications.send(n).await;
+                }
+                answer(ch, &m, Ok(Bytes::new())).await?;
             }
             Op::Notify => {
                 let r = regions.lookup(&env.region).map(|r| r.id);

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
 use agentfabric::transport::{
-    Connection, FrameSink, FrameStream, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
+    Connection, FrameSink, FrameStream, ImmediateHandler, OneSided, OneSidedDone, OneSidedKind,
+    OneSidedOp, RecvError,
 };
 use bytes::Bytes;
 use rdma_sys::*;
@@ -41,8 +42,9 @@ pub(crate) struct Resources {
     channel: *mut ibv_comp_channel,
     cq: *mut ibv_cq,
     qp: *mut ibv_qp,
-    /// The second QP: one-sided operations only (its receive queue stays empty: RDMA WRITE
-    /// without immediate and READ consume no receive buffer).
+    /// The second QP: one-sided operations only. Its receive queue holds [`RMA_RECVS`] empty
+    /// receives, each consumed by a peer's RDMA WRITE with immediate (plain WRITE and READ
+    /// consume none).
     rma_qp: *mut ibv_qp,
     recv_mr: *mut ibv_mr,
     send_mr: *mut ibv_mr,
@@ -216,7 +218,7 @@ impl Resources {
                     ),
                 ));
             }
-            let mut init = rc_qp_attr(rma_cq, cfg.send_depth, 1, 1, 0);
+            let mut init = rc_qp_attr(rma_cq, cfg.send_depth, RMA_RECVS, 1, 0);
             r.rma_qp = ibv_create_qp(r.dev.pd, &mut init);
             if r.rma_qp.is_null() {
                 return Err(os_err(format!(
@@ -244,7 +246,25 @@ impl Resources {
                 }
             }
         }
+        r.post_rma_recvs(RMA_RECVS)?;
         Ok(r)
+    }
+
+    /// Posts `n` empty receives on the one-sided QP, for the peer's writes with immediate.
+    fn post_rma_recvs(&mut self, n: u32) -> io::Result<()> {
+        for _ in 0..n {
+            // SAFETY: zeroed is a valid ibv_recv_wr (no scatter entries: a write with immediate
+            // places its data by address, the receive only reports the immediate).
+            let mut wr: ibv_recv_wr = unsafe { std::mem::zeroed() };
+            wr.wr_id = RMA_RECV_WR;
+            let mut bad = std::ptr::null_mut();
+            // SAFETY: the QP is valid; the WR lives until the call returns.
+            let rc = unsafe { ibv_post_recv(self.rma_qp, &mut wr, &mut bad) };
+            if rc != 0 {
+                return Err(rc_err(rc, "cannot post receives on the one-sided QP"));
+            }
+        }
+        Ok(())
     }
 
     fn qpn(&self) -> u32 {
@@ -487,6 +507,17 @@ fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Receives posted on the one-sided QP: how many of the peer's writes with immediate can land
+/// before this end takes their completions (each is reposted as it is taken; beyond this the
+/// peer's device waits and retries, receiver not ready).
+const RMA_RECVS: u32 = 64;
+
+/// The work-request id of the one-sided QP's receives (its pieces count up from 1).
+const RMA_RECV_WR: u64 = u64::MAX;
+
+/// Immediates kept for a handler not installed yet (see [`OneSided::on_immediate`]).
+const EARLY_IMMEDIATES: usize = 1024;
+
 /// The one-sided QP's completion queue and channel. Apart from the frames' so that one-sided
 /// completions (one per piece, thousands a second under bulk) never wake the task that reads
 /// frames: a task of their own ([`drain_rma`]) takes them. Dropped after the QP that completes on
@@ -517,7 +548,8 @@ impl RmaCq {
                     dev.name
                 )));
             }
-            let cq = ibv_create_cq(dev.ctx, depth as i32 + 1, std::ptr::null_mut(), channel, 0);
+            let cqe = (depth + RMA_RECVS + 1) as i32;
+            let cq = ibv_create_cq(dev.ctx, cqe, std::ptr::null_mut(), channel, 0);
             if cq.is_null() {
                 let e = os_err(format!("cannot create the one-sided CQ on {}", dev.name));
                 ibv_destroy_comp_channel(channel);
@@ -688,6 +720,10 @@ struct Inner {
     rma_failed: bool,
     /// [`VerbsConfig::rma_inflight_bytes`].
     ops_budget: u32,
+    /// Takes the immediate data of the peer's writes ([`OneSided::on_immediate`]).
+    on_imm: Option<ImmediateHandler>,
+    /// Immediates that came before a handler was installed, delivered when it is.
+    early_imms: Vec<u32>,
     /// The one-sided QP's CQ (after `res`: outlives the QP).
     _rma: Arc<RmaCq>,
     /// Dropped with the connection: stops its [`drain_rma`] task.
@@ -697,6 +733,20 @@ struct Inner {
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
 // the mutex; Resources is Send.
 unsafe impl Send for Inner {}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A peer's write with immediate that landed just before the connection went has its
+        // completion in the one-sided CQ, and the peer counts it delivered: hand it over
+        // rather than lose the notification. Failed first, so that nothing more is posted.
+        self.fail(
+            io::ErrorKind::ConnectionAborted,
+            "the connection was closed".into(),
+        );
+        let cq = self._rma.cq;
+        self.drain_rma(cq);
+    }
+}
 
 fn status_text(status: u32) -> String {
     // SAFETY: returns a static string.
@@ -781,6 +831,7 @@ impl Inner {
     /// the connection), then posts what waited for room or budget.
     fn drain_rma(&mut self, cq: *mut ibv_cq) {
         let mut failed = false;
+        let mut reposts = 0;
         loop {
             let cap = self.wcs.capacity() as i32;
             let n = poll_cq(cq, &mut self.wcs);
@@ -792,6 +843,17 @@ impl Inner {
             for k in 0..n as usize {
                 // The work-request id of a piece is its sequence number.
                 let (status, seq) = (self.wcs[k].status, self.wcs[k].wr_id);
+                if seq == RMA_RECV_WR {
+                    if status == ibv_wc_status::IBV_WC_SUCCESS {
+                        self.took_immediate(k);
+                        reposts += 1;
+                    } else if status != ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
+                        let (kind, msg) = explain_status(status, &self.remote);
+                        self.fail(kind, msg);
+                        failed = true;
+                    }
+                    continue;
+                }
                 if status == ibv_wc_status::IBV_WC_SUCCESS {
                     self.ops_completed = self.ops_completed.max(seq);
                     self.complete_ops(seq);
@@ -807,6 +869,12 @@ impl Inner {
                 break;
             }
         }
+        if reposts > 0 && self.error.is_none() {
+            if let Err(e) = self.res.post_rma_recvs(reposts) {
+                self.fail(e.kind(), e.to_string());
+                failed = true;
+            }
+        }
         if failed {
             if self.error.is_none() {
                 self.fail(
@@ -818,6 +886,25 @@ impl Inner {
             self.wake_both();
         } else {
             self.post_ops();
+        }
+    }
+
+    /// Hands the immediate of completion `k` (a peer's write with immediate that landed) to
+    /// the handler, or keeps it for one still to come.
+    fn took_immediate(&mut self, k: usize) {
+        let wc = &self.wcs[k];
+        if wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 == 0 {
+            return;
+        }
+        // SAFETY: reading a u32 union member.
+        let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+        match &self.on_imm {
+            Some(h) => h(imm),
+            None if self.early_imms.len() < EARLY_IMMEDIATES => self.early_imms.push(imm),
+            None => tracing::warn!(
+                remote = %self.remote,
+                "write with immediate before any handler, and too many kept; dropped"
+            ),
         }
     }
 
@@ -1071,11 +1158,19 @@ impl Inner {
             // Every piece is signalled: the budget frees as they complete.
             wr.wr_id = self.ops_posted + k as u64 + 1;
             wr.sg_list = &mut self.ssges[k];
-            wr.num_sge = 1;
+            // A zero-length scatter entry means 2 GiB to some devices: none instead.
+            wr.num_sge = i32::from(self.ssges[k].length > 0);
             wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            wr.opcode = match op.kind {
-                OneSidedKind::Write => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-                OneSidedKind::Read => ibv_wr_opcode::IBV_WR_RDMA_READ,
+            let last = pieces[k].3;
+            wr.opcode = match (op.kind, op.imm) {
+                // The immediate goes with the last piece: the peer hears of it once every
+                // byte before it on this QP has landed.
+                (OneSidedKind::Write, Some(imm)) if last => {
+                    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                    ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
+                }
+                (OneSidedKind::Write, _) => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                (OneSidedKind::Read, _) => ibv_wr_opcode::IBV_WR_RDMA_READ,
             };
             wr.wr.rdma.remote_addr = op.remote_addr.wrapping_add(u64::from(at));
             wr.wr.rdma.rkey = op.remote_key;
@@ -1385,14 +1480,25 @@ impl OneSided for VerbsOneSided {
             done(Err(e));
             return;
         }
-        if op.len == 0 {
-            // Nothing to move (and a zero-length scatter entry means 2 GiB to some devices).
+        if op.len == 0 && op.imm.is_none() {
+            // Nothing to move or tell.
             drop(st);
             done(Ok(()));
             return;
         }
         st.ops_queue.push_back((op, done));
         st.post();
+    }
+
+    fn on_immediate(&self, handler: ImmediateHandler) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut st = lock_inner(&conn);
+        for imm in std::mem::take(&mut st.early_imms) {
+            handler(imm);
+        }
+        st.on_imm = Some(handler);
     }
 }
 
@@ -1655,6 +1761,8 @@ pub(crate) async fn establish(
         ops_progress: std::time::Instant::now(),
         rma_failed: false,
         ops_budget: cfg.rma_inflight_bytes,
+        on_imm: None,
+        early_imms: Vec::new(),
         _rma: rma.clone(),
         _rma_stop: rma_stop,
         res,

@@ -60,8 +60,12 @@
 //!   memory alive rides in its completion, which runs (or is dropped) only once the device is
 //!   done with it, flushed, or the QP destroyed. A failed operation (a remote access error:
 //!   the region was revoked meanwhile) fails the connection; the fabric resumes on a new one.
-//!   Notification travels as a session message after the writes complete, not as WRITE with
-//!   immediate: the immediate data of this transport's SENDs carries credits.
+//!   A write may carry immediate data (`OneSidedOp::imm`): its last piece goes as RDMA WRITE
+//!   with immediate, which consumes one of the empty receives kept posted on the peer's
+//!   one-sided QP; the peer's drain task hands the value to the fabric's handler once the
+//!   write, and every write before it on the QP, has landed. The fabric notifies a transfer's
+//!   target that way (no message after the last block). Immediates found in the CQ as the
+//!   connection is dropped are still handed over: the writer counts them delivered.
 //! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
 //!   QP's error state, or the side channel closing without an in-band close, surfaces as
 //!   [`RecvError::Io`](agentfabric::transport::RecvError) naming the cause; the fabric session

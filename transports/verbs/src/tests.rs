@@ -408,3 +408,91 @@ async fn connection_set_up_time() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn writes_with_immediate_reach_the_peer_after_their_bytes() {
+    use agentfabric::transport::{OneSidedKind, OneSidedOp};
+    use std::sync::Mutex;
+    bounded(async {
+        let s = VerbsTransport::new();
+        let c = VerbsTransport::with_config(client_cfg());
+        let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
+        let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
+        let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
+        let accept = tokio::spawn(async move { l.accept().await });
+        let a = c.connect(&addr).await.unwrap();
+        let b = accept.await.unwrap().unwrap();
+        let (ops, peer_ops) = (a.sink.one_sided().unwrap(), b.sink.one_sided().unwrap());
+        assert_eq!(ops.domain(), cd.id());
+        // What the peer's end hears, with what its memory held at that moment.
+        const LEN: usize = 300 << 10; // several pieces
+        let mut src: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; LEN];
+        let dst_addr = dst.as_mut_ptr() as usize;
+        let heard: Arc<Mutex<Vec<(u32, bool)>>> = Arc::default();
+        let h = heard.clone();
+        peer_ops.on_immediate(Arc::new(move |imm| {
+            // SAFETY: `dst` outlives the connections (dropped at the end of the test) and
+            // nothing else writes it while this runs.
+            let landed = unsafe { std::slice::from_raw_parts(dst_addr as *const u8, LEN) };
+            let whole = landed
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8);
+            h.lock().unwrap().push((imm, whole));
+        }));
+        // SAFETY: both buffers outlive their registrations (dropped before them below).
+        let (sreg, dreg) = unsafe {
+            (
+                cd.register(src.as_mut_ptr(), LEN).unwrap(),
+                sd.register(dst.as_mut_ptr(), LEN).unwrap(),
+            )
+        };
+        let op = |local: usize, len: usize, imm: Option<u32>| OneSidedOp {
+            kind: OneSidedKind::Write,
+            local_addr: src.as_ptr() as u64 + local as u64,
+            local_key: sreg.local_key(),
+            len: len as u32,
+            remote_addr: dst_addr as u64 + local as u64,
+            remote_key: dreg.remote_key(),
+            imm,
+        };
+        // A plain write, a zero-length write that only notifies, and a write of the rest whose
+        // immediate must come after all of its bytes (and the first write's) have landed.
+        let half = LEN / 2;
+        let mut done = Vec::new();
+        for o in [
+            op(0, half, None),
+            op(0, 0, Some(7)),
+            op(half, LEN - half, Some(8)),
+        ] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            ops.post(
+                o,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            done.push(rx);
+        }
+        for rx in done {
+            rx.await.unwrap().unwrap();
+        }
+        let t = std::time::Instant::now();
+        while heard.lock().unwrap().len() < 2 && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let heard = heard.lock().unwrap().clone();
+        assert_eq!(heard.len(), 2, "immediates heard: {heard:?}");
+        assert_eq!(heard[0].0, 7);
+        assert_eq!(
+            heard[1],
+            (8, true),
+            "the last immediate came before its bytes"
+        );
+        assert!(dst == src, "written bytes differ");
+        drop((a, b, sreg, dreg));
+    })
+    .await
+}
