@@ -146,6 +146,29 @@ fn bulk_tcp_reports_both_raw_streams() {
     assert_eq!(v["baseline_hot"]["name"], "raw-tcp-stream-one-block");
     assert!(v["baseline_hot"]["mb_s"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["direction"], "push");
+}
+
+/// `--pull` moves the blocks by region reads.
+#[test]
+fn bulk_pull_reads_the_blocks() {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "bulk",
+        "--block-bytes",
+        "65536",
+        "--pull",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(v["direction"], "pull");
+    assert!(v["fabric_mb_s"].as_f64().unwrap() > 0.0, "{v}");
 }
 
 #[test]
@@ -207,6 +230,12 @@ fn options_that_do_not_apply_are_refused() {
             "mixed",
             &["--block-bytes", "65536"][..],
             "--block-bytes applies to the bulk workload (mixed takes --size) only",
+        ),
+        (
+            "tcp",
+            "mixed",
+            &["--pull"][..],
+            "--pull applies to the bulk workload only",
         ),
         (
             "tcp",

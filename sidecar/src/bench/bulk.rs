@@ -1,7 +1,8 @@
 //! Workload `bulk`: batched transfers of `block`-byte blocks between registered regions
-//! ([`agentfabric::Peer::write`]), against raw streaming of the same block size in the same run
-//! (raw TCP for `tcp`, a tokio mpsc channel for `mem`), or for `verbs` perftest's `ib_write_bw`
-//! of the same size from the same lab boot (`--perftest`).
+//! ([`agentfabric::Peer::write`], or [`agentfabric::Peer::read`] with `--pull`), against raw
+//! streaming of the same block size in the same run (raw TCP for `tcp`, a tokio mpsc channel for
+//! `mem`), or for `verbs` perftest's `ib_write_bw` (`ib_read_bw` with `--pull`) of the same size
+//! from the same lab boot (`--perftest`).
 //!
 //! The raw TCP baseline moves the same bytes the same way: the writer walks a buffer of the
 //! regions' size block by block and the reader fills another of that size, so both sides' copies
@@ -9,8 +10,8 @@
 //! cache-resident block over and over (faster: its copies never leave the caches) is reported
 //! beside it as `baseline_hot`.
 //!
-//! Over verbs the blocks move one-sided, by RDMA WRITE between the two regions (registered with
-//! the device), as `ib_write_bw` moves its own.
+//! Over verbs the blocks move one-sided, by RDMA WRITE (or READ) between the two regions
+//! (registered with the device), as `ib_write_bw` (`ib_read_bw`) moves its own.
 //!
 //! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
 //! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.
@@ -37,16 +38,27 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let (src, dst, blocks) = pair.region_pair(block, count)?;
     let remote = dst.descriptor();
 
-    progress("phase fabric: batched region writes");
+    progress(if s.pull {
+        "phase fabric: batched region reads"
+    } else {
+        "phase fabric: batched region writes"
+    });
     let limit = s.phase_limit();
+    // A pull reads the peer's region into the local one.
+    let batch = || async {
+        match s.pull {
+            false => pair.peer.write(&src, &remote, &blocks, None).await,
+            true => pair.peer.read(&src, &remote, &blocks, None).await,
+        }
+    };
     let work = async {
         let warm_until = Instant::now() + s.warmup;
         while Instant::now() < warm_until {
-            pair.peer.write(&src, &remote, &blocks, None).await?;
+            batch().await?;
         }
         let (start, mut bytes) = (Instant::now(), 0u64);
         while start.elapsed() < s.duration {
-            bytes += pair.peer.write(&src, &remote, &blocks, None).await?.bytes;
+            bytes += batch().await?.bytes;
         }
         BenchResult::Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
     };
@@ -60,7 +72,8 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let (base_name, base_mb_s, hot_mb_s) = match s.transport {
         TransportKind::Verbs => {
             let p = super::verbs::Perftest::load(s.perftest.as_ref())?;
-            ("ib_write_bw", p.and_then(|p| p.write_bw_mb_s(s.size)), None)
+            let name = if s.pull { "ib_read_bw" } else { "ib_write_bw" };
+            (name, p.and_then(|p| p.bw_mb_s(s.pull, s.size)), None)
         }
         TransportKind::Tcp => {
             progress("phase baseline: raw TCP streaming between region-sized buffers");
@@ -82,6 +95,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "transport": s.transport.name(),
         "workload": "bulk",
         "block_bytes": s.size,
+        "direction": if s.pull { "pull" } else { "push" },
         "blocks_per_batch": count,
         "duration_s": round3(s.duration.as_secs_f64()),
         "warmup_s": round3(s.warmup.as_secs_f64()),
@@ -98,9 +112,10 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         })),
     });
     let mut t = Table::new(&format!(
-        "bulk over {}: {count} blocks of {} B per batch",
+        "bulk over {}: {count} blocks of {} B per batch, {}",
         s.transport.name(),
-        s.size
+        s.size,
+        if s.pull { "pulled" } else { "pushed" }
     ));
     t.line(&format!("fabric        {fabric_mb_s:>10.1} MB/s"));
     match base_mb_s {

@@ -333,7 +333,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         TransportKind::Verbs => (
             "ib_write_bw",
             super::verbs::Perftest::load(s.perftest.as_ref())?
-                .and_then(|p| p.write_bw_mb_s(s.size)),
+                .and_then(|p| p.bw_mb_s(false, s.size)),
         ),
         TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };

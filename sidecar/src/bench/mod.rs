@@ -167,6 +167,10 @@ pub struct BenchArgs {
     /// Block size in bytes for the bulk workload (default 1048576).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub block_bytes: Option<usize>,
+    /// bulk: pull the blocks (`Peer::read`; RDMA READ over verbs, against `ib_read_bw`) instead
+    /// of pushing them (`Peer::write`).
+    #[arg(long)]
+    pub pull: bool,
     /// verbs: spin on the completion queue (`VerbsConfig::busy_poll`), as perftest does, instead
     /// of sleeping on the completion channel.
     #[arg(long)]
@@ -248,6 +252,8 @@ pub struct Settings {
     pub bulk_api: BulkApi,
     /// verbs: spin on the completion queue.
     pub busy_poll: bool,
+    /// Bulk: pull (read) the blocks instead of pushing (writing) them.
+    pub pull: bool,
 }
 
 impl Settings {
@@ -264,6 +270,9 @@ impl Settings {
         };
         if a.bulk_api.is_some() && a.workload != Workload::Mixed {
             return refuse("--bulk-api", "the mixed workload");
+        }
+        if a.pull && a.workload != Workload::Bulk {
+            return refuse("--pull", "the bulk workload");
         }
         if a.block_bytes.is_some() && a.workload != Workload::Bulk {
             return refuse("--block-bytes", "the bulk workload (mixed takes --size)");
@@ -290,6 +299,7 @@ impl Settings {
             perftest: a.perftest.clone(),
             bulk_api: a.bulk_api.unwrap_or(BulkApi::Channel),
             busy_poll: a.busy_poll,
+            pull: a.pull,
         })
     }
 

@@ -101,9 +101,10 @@ impl Perftest {
         })
     }
 
-    /// `ib_write_bw`'s average bandwidth at `size`, MB/s.
-    pub fn write_bw_mb_s(&self, size: usize) -> Option<f64> {
-        self.row("ib_write_bw", size)?
+    /// `ib_write_bw`'s (or with `read`, `ib_read_bw`'s) average bandwidth at `size`, MB/s.
+    pub fn bw_mb_s(&self, read: bool, size: usize) -> Option<f64> {
+        let tool = if read { "ib_read_bw" } else { "ib_write_bw" };
+        self.row(tool, size)?
             .get("mb_s")
             .and_then(Value::as_f64)
             .filter(|x| x.is_finite() && *x > 0.0)
@@ -120,7 +121,8 @@ mod tests {
             doc: serde_json::json!({
                 "ib_send_lat": {"64": {"iters": 1000, "t_min_us": 1.0, "t_max_us": 9.0,
                     "t_typical_us": 2.0, "p99_us": 5.0, "p999_us": 8.0}},
-                "ib_write_bw": {"1048576": {"mb_s": 3000.0}}
+                "ib_write_bw": {"1048576": {"mb_s": 3000.0}},
+                "ib_read_bw": {"1048576": {"mb_s": 2500.0}}
             }),
         };
         let s = p.send_lat_round_trip(64).unwrap();
@@ -128,8 +130,9 @@ mod tests {
             (s.count, s.p50_us, s.p99_us, s.p999_us, s.max_us),
             (1000, 4.0, 10.0, 16.0, 18.0)
         );
-        assert_eq!(p.write_bw_mb_s(1 << 20), Some(3000.0));
+        assert_eq!(p.bw_mb_s(false, 1 << 20), Some(3000.0));
+        assert_eq!(p.bw_mb_s(true, 1 << 20), Some(2500.0));
         assert!(p.send_lat_round_trip(4096).is_none());
-        assert!(p.write_bw_mb_s(65536).is_none());
+        assert!(p.bw_mb_s(false, 65536).is_none());
     }
 }

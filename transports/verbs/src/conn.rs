@@ -345,6 +345,7 @@ impl Resources {
             recv_depth: cfg.recv_depth,
             recv_buf_size: cfg.recv_buffer_size as u32,
             send_depth: cfg.send_depth,
+            reads_in: self.dev.reads_in,
             device: self.dev.name.clone(),
             port: self.port,
         })
@@ -384,7 +385,8 @@ impl Resources {
             a.path_mtu = u32::from(n.path_mtu);
             a.dest_qp_num = dest_qpn;
             a.rq_psn = rq_psn;
-            a.max_dest_rd_atomic = 1;
+            // As many READs in flight from the peer as this device takes (and said it would).
+            a.max_dest_rd_atomic = local.reads_in;
             a.min_rnr_timer = local.min_rnr_timer;
             a.ah_attr.port_num = self.port;
             a.ah_attr.sl = 0;
@@ -424,7 +426,9 @@ impl Resources {
             a.retry_cnt = local.retry_cnt;
             a.rnr_retry = local.rnr_retry;
             a.sq_psn = sq_psn;
-            a.max_rd_atomic = 1;
+            // No more READs in flight than the peer's device takes, or this one issues: with
+            // one, a pulled block moves one piece per round trip.
+            a.max_rd_atomic = remote.reads_in.min(self.dev.reads_out);
             let mask = ibv_qp_attr_mask::IBV_QP_STATE
                 | ibv_qp_attr_mask::IBV_QP_TIMEOUT
                 | ibv_qp_attr_mask::IBV_QP_RETRY_CNT

@@ -169,6 +169,11 @@ pub(crate) struct Context {
     pub(crate) pd: *mut ibv_pd,
     pub(crate) name: String,
     pub(crate) max_qp_wr: u32,
+    /// RDMA READs a QP of this device accepts in flight as the target (`max_qp_rd_atom`), and
+    /// issues in flight as the initiator (`max_qp_init_rd_atom`), capped at
+    /// [`crate::READ_DEPTH`]; at least 1.
+    pub(crate) reads_in: u8,
+    pub(crate) reads_out: u8,
 }
 
 // SAFETY: ibv_context and ibv_pd are thread-safe handles in rdma-core.
@@ -241,16 +246,26 @@ impl Context {
         }
         // SAFETY: zeroed is a valid ibv_device_attr; ctx is open.
         let mut attr: ibv_device_attr = unsafe { std::mem::zeroed() };
-        let max_qp_wr = if unsafe { ibv_query_device(ctx, &mut attr) } == 0 {
+        let queried = unsafe { ibv_query_device(ctx, &mut attr) } == 0;
+        let max_qp_wr = if queried {
             attr.max_qp_wr.max(0) as u32
         } else {
             0
+        };
+        let reads = |n: i32| {
+            if queried {
+                n.clamp(1, i32::from(crate::READ_DEPTH)) as u8
+            } else {
+                1
+            }
         };
         Ok(Context {
             ctx,
             pd,
             name,
             max_qp_wr,
+            reads_in: reads(attr.max_qp_rd_atom),
+            reads_out: reads(attr.max_qp_init_rd_atom),
         })
     }
 

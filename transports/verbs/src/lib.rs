@@ -182,6 +182,11 @@ pub struct VerbsConfig {
 /// Largest piece a one-sided operation is posted in (see [`VerbsConfig::rma_inflight_bytes`]).
 pub const RMA_PIECE: u32 = 64 << 10;
 
+/// Most RDMA READs a connection keeps in flight (fewer where either device takes fewer: the
+/// ends exchange their limits). Enough to cover [`VerbsConfig::rma_inflight_bytes`]'s default
+/// in pieces of [`RMA_PIECE`] several times over; devices commonly take 16.
+pub const READ_DEPTH: u8 = 16;
+
 impl Default for VerbsConfig {
     fn default() -> Self {
         VerbsConfig {

@@ -209,6 +209,9 @@ pub struct QpParams {
     pub recv_buf_size: u32,
     /// Send queue depth.
     pub send_depth: u32,
+    /// RDMA READs this endpoint's QPs accept in flight as the target: the peer issues at most
+    /// this many at once (1..=255).
+    pub reads_in: u8,
     /// Device name (for messages only).
     pub device: String,
     /// Port number (for messages only).
@@ -244,6 +247,7 @@ impl QpParams {
         b[56..56 + n].copy_from_slice(&name[..n]);
         b[88..92].copy_from_slice(&self.rma_qpn.to_le_bytes());
         b[92..96].copy_from_slice(&self.rma_psn.to_le_bytes());
+        b[96] = self.reads_in;
         b
     }
 
@@ -300,6 +304,8 @@ impl QpParams {
             recv_depth: u32_at(44),
             recv_buf_size: u32_at(48),
             send_depth: u32_at(52),
+            // A peer that says 0 still takes one.
+            reads_in: b[96].max(1),
             device: String::from_utf8_lossy(&b[56..56 + name_end]).into_owned(),
         })
     }
@@ -595,6 +601,7 @@ mod tests {
             recv_depth: 32,
             recv_buf_size: 65536,
             send_depth: 64,
+            reads_in: 16,
             device: "rxe0".into(),
             port: 1,
         }
@@ -629,6 +636,7 @@ mod tests {
         assert_eq!(&b[32..36], &[10, 77, 0, 1]);
         assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), 65536);
         assert_eq!(&b[56..60], b"rxe0");
+        assert_eq!(b[96], 16);
     }
 
     #[test]
