@@ -428,6 +428,14 @@ fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option
 /// - [`Region::revoke`] cannot wait for a peer's one-sided operations: it deregisters the
 ///   region, and the device refuses the rest (the peer's transfer fails with a typed error and
 ///   its session resumes on a new connection).
+///
+/// Registration is paid once per region, not per transfer: keep a region (a KV-cache pool, say)
+/// for as long as its memory is shared, and move any number of batches in and out of it. There
+/// is no registration cache that would keep a revoked or dropped region's registration for the
+/// next region on the same memory: the device would still honour the old remote key, so a peer
+/// holding the old descriptor could reach memory that now belongs to someone else. Reusing a
+/// registration safely needs a new remote key for the same pinned memory (memory windows, or
+/// devices that re-key a registration); this crate does not do that yet.
 #[derive(Clone)]
 pub struct Region {
     pub(crate) inner: Arc<RegionInner>,
