@@ -91,6 +91,11 @@ impl PendingNotes {
         }
     }
 
+    /// Every landed notification not yet delivered, in landing order.
+    pub(crate) fn take_landed(&self) -> Vec<Note> {
+        lock(&self.inner).landed.drain(..).collect()
+    }
+
     /// What a connection of the session calls with the immediates of the peer's writes.
     pub(crate) fn handler(self: &Arc<Self>) -> ImmediateHandler {
         let notes = Arc::downgrade(self);
@@ -122,10 +127,13 @@ mod tests {
             .build()
             .expect("runtime");
         assert_eq!(rt.block_on(notes.next_landed()), (1, 10));
-        assert!(lock(&notes.inner).landed.is_empty());
+        assert!(notes.take_landed().is_empty());
         // Forged tokens deliver nothing.
         notes.land(0xdead);
-        assert!(lock(&notes.inner).landed.is_empty());
+        assert!(notes.take_landed().is_empty());
+        let c = notes.announce(3, 30).expect("room");
+        notes.land(c);
+        assert_eq!(notes.take_landed(), vec![(3, 30)]);
     }
 
     #[test]

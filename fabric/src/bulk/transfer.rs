@@ -612,7 +612,14 @@ pub(crate) async fn serve_transfers(
     loop {
         tokio::select! {
             ch = peer.accept_system_channel() => {
-                let Ok(ch) = ch else { return };
+                let Ok(ch) = ch else {
+                    // The session is over: what landed still goes out.
+                    for (region, tag) in notes.take_landed() {
+                        let n = Notification { peer: peer.name().to_owned(), region, tag };
+                        let _ = notifications.send(n).await;
+                    }
+                    return;
+                };
                 let (regions, notifications, notes, name) = (
                     regions.clone(),
                     notifications.clone(),
