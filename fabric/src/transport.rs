@@ -131,8 +131,8 @@ pub trait OneSided: Send + Sync {
 
     /// Installs what receives the immediate data of the peer's writes on this connection
     /// (replacing any earlier handler). Immediates that arrive before a handler is installed
-    /// are dropped: the fabric installs one as soon as the connection joins its session, before
-    /// it can take part in a transfer.
+    /// are kept, within a bound the transport states, and handed to it first; the fabric
+    /// installs one as soon as the connection joins its session.
     fn on_immediate(&self, handler: ImmediateHandler);
 }
 

@@ -1,8 +1,9 @@
 //! The fabric's one-sided transfer path (route, target check, fallback to the session) without
 //! an RDMA device: the in-process transport wrapped with a stand-in memory domain whose
 //! "device" copies between registered ranges (checking both against their registrations) and
-//! fails the operation a test names. Over verbs the same path runs in the lab
-//! (`tests/tests/bulk.rs`, `verbs_rdma`).
+//! fails the operation a test names, and hands a write's immediate data to the other node's end
+//! (the notification that rides on a transfer's last write). Over verbs the same path runs in
+//! the lab (`tests/tests/bulk.rs`, `verbs_rdma`).
 
 use std::collections::HashMap;
 use std::io;

@@ -63,7 +63,8 @@
 //!   A write may carry immediate data (`OneSidedOp::imm`): its last piece goes as RDMA WRITE
 //!   with immediate, which consumes one of the empty receives kept posted on the peer's
 //!   one-sided QP; the peer's drain task hands the value to the fabric's handler once the
-//!   write, and every write before it on the QP, has landed. The fabric notifies a transfer's
+//!   write, and every write before it on the QP, has landed (up to 1,024 values are kept for
+//!   a handler not installed yet). The fabric notifies a transfer's
 //!   target that way (no message after the last block). Immediates found in the CQ as the
 //!   connection is dropped are still handed over: the writer counts them delivered.
 //! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
