@@ -615,8 +615,7 @@ pub(crate) async fn serve_transfers(
                 let Ok(ch) = ch else {
                     // The session is over: what landed still goes out.
                     for (region, tag) in notes.take_landed() {
-                        let n = Notification { peer: peer.name().to_owned(), region, tag };
-                        let _ = notifications.send(n).await;
+                        deliver(&notifications, peer.name(), region, tag).await;
                     }
                     return;
                 };
@@ -634,9 +633,7 @@ pub(crate) async fn serve_transfers(
                 });
             }
             (region, tag) = notes.next_landed() => {
-                let n = Notification { peer: peer.name().to_owned(), region, tag };
-                // Bounded: a node that never reads notifications slows its writers down.
-                let _ = notifications.send(n).await;
+                deliver(&notifications, peer.name(), region, tag).await;
             }
         }
     }
@@ -721,30 +718,30 @@ async fn serve_channel(
                 // immediate did (see `super::notify`).
                 let token = u32::try_from(env.offset).unwrap_or(0);
                 if let Some((region, tag)) = notes.take(token) {
-                    let n = Notification {
-                        peer: peer.to_owned(),
-                        region,
-                        tag,
-                    };
-                    let _ = notifications.send(n).await;
+                    deliver(notifications, peer, region, tag).await;
                 }
                 answer(ch, &m, Ok(Bytes::new())).await?;
             }
             Op::Notify => {
                 let r = regions.lookup(&env.region).map(|r| r.id);
                 if let Ok(region) = r {
-                    let n = Notification {
-                        peer: peer.to_owned(),
-                        region,
-                        tag: env.tag,
-                    };
-                    // Bounded: a node that never reads notifications slows its writers down.
-                    let _ = notifications.send(n).await;
+                    deliver(notifications, peer, region, env.tag).await;
                 }
                 answer(ch, &m, r.map(|_| Bytes::new())).await?;
             }
         }
     }
+}
+
+/// Queues a notification for `Node::notification`. Bounded: a node that never reads its
+/// notifications slows its writers down.
+async fn deliver(notifications: &mpsc::Sender<Notification>, peer: &str, region: u64, tag: u64) {
+    let n = Notification {
+        peer: peer.to_owned(),
+        region,
+        tag,
+    };
+    let _ = notifications.send(n).await;
 }
 
 async fn answer(

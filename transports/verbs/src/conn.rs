@@ -506,6 +506,13 @@ fn poll_cq(cq: *mut ibv_cq, wcs: &mut Vec<ibv_wc>) -> i32 {
     n
 }
 
+/// A completion's immediate data, when it carried some.
+fn wc_imm(wc: &ibv_wc) -> Option<u32> {
+    (wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
+        // SAFETY: reading a u32 union member.
+        .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data }))
+}
+
 /// The connection's state, locked (a panic elsewhere does not poison it for the others).
 fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -896,12 +903,9 @@ impl Inner {
     /// Hands the immediate of completion `k` (a peer's write with immediate that landed) to
     /// the handler, or keeps it for one still to come.
     fn took_immediate(&mut self, k: usize) {
-        let wc = &self.wcs[k];
-        if wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 == 0 {
+        let Some(imm) = wc_imm(&self.wcs[k]) else {
             return;
-        }
-        // SAFETY: reading a u32 union member.
-        let imm = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+        };
         match &self.on_imm {
             Some(h) => h(imm),
             None if self.early_imms.len() < EARLY_IMMEDIATES => self.early_imms.push(imm),
@@ -981,9 +985,7 @@ impl Inner {
             for k in 0..n {
                 let wc = &self.wcs[k];
                 let (status, opcode, wr_id, len) = (wc.status, wc.opcode, wc.wr_id, wc.byte_len);
-                let has_imm = wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
-                // SAFETY: reading a u32 union member.
-                let imm_raw = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
+                let imm = wc_imm(wc);
                 if status != ibv_wc_status::IBV_WC_SUCCESS {
                     let (kind, msg) = explain_status(status, &self.remote);
                     self.fail(kind, msg);
@@ -991,8 +993,8 @@ impl Inner {
                 }
                 if opcode & ibv_wc_opcode::IBV_WC_RECV != 0 {
                     self.received_any = true;
-                    let (credits, fin) = if has_imm {
-                        imm::decode(imm_raw)
+                    let (credits, fin) = if let Some(raw) = imm {
+                        imm::decode(raw)
                     } else {
                         (0, false)
                     };
