@@ -66,6 +66,13 @@ pub trait MemoryDomain: Send + Sync {
     /// may write it at any time until then.
     unsafe fn register(&self, addr: *mut u8, len: usize)
         -> io::Result<Box<dyn MemoryRegistration>>;
+
+    /// Whether the host's CPU carries this domain's one-sided operations (over a byte stream,
+    /// as the TCP transport does) instead of a device. A node whose transports offer several
+    /// domains registers its regions with the first one that is not emulated.
+    fn emulated(&self) -> bool {
+        false
+    }
 }
 
 /// Registered memory. Dropping it deregisters the memory: later remote accesses with its key

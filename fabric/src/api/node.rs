@@ -71,8 +71,18 @@ impl NodeBuilder {
                 crate::core::handshake::MAX_NAME
             )));
         }
-        // Regions are registered for one-sided access with the first transport that offers it.
-        let memory_domain = self.transports.iter().find_map(|t| t.memory_domain());
+        // Regions are registered for one-sided access with the first transport whose device
+        // offers it, else with the first that emulates it (TCP).
+        let domains: Vec<_> = self
+            .transports
+            .iter()
+            .filter_map(|t| t.memory_domain())
+            .collect();
+        let memory_domain = domains
+            .iter()
+            .find(|d| !d.emulated())
+            .or(domains.first())
+            .cloned();
         let mut transports = HashMap::new();
         for t in self.transports {
             transports.insert(t.scheme(), t);

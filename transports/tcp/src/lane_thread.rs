@@ -134,7 +134,7 @@ fn set_nice(n: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -233,7 +233,7 @@ fn run_blocking<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> T {
     }
 }
 
-fn spawn(
+pub(crate) fn spawn(
     name: &str,
     priority: ThreadPriority,
     f: impl FnOnce() + Send + 'static,

@@ -137,22 +137,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentfabric::frame::Lane;
-use agentfabric::transport::{BoxFuture, Connection, FrameSink, FrameStream, Listener, Transport};
+use agentfabric::transport::{
+    BoxFuture, Connection, FrameSink, FrameStream, Listener, MemoryDomain, Transport,
+};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt;
 
 mod lane_thread;
 mod listener;
+mod memory;
 mod preamble;
+mod rma;
 mod sink;
 mod stream;
 
+#[cfg(test)]
+mod rma_tests;
 #[cfg(test)]
 mod tests;
 
 use lane_thread::{ThreadSink, ThreadStream};
 use listener::TcpFrameListener;
+use memory::TcpDomain;
 use preamble::Preamble;
+use rma::RmaLane;
 use sink::LanedSink;
 use stream::LanedStream;
 
@@ -266,10 +274,19 @@ impl TcpConfig {
     }
 }
 
-/// The TCP transport: scheme `tcp`, reliable, two TCP connections (lanes) per [`Connection`].
-#[derive(Debug, Clone, Default)]
+/// The TCP transport: scheme `tcp`, reliable, three TCP connections (lanes) per
+/// [`Connection`], and a memory domain for one-sided operations (see the
+/// [crate docs](crate#one-sided-operations)). Clones share the memory domain.
+#[derive(Debug, Clone)]
 pub struct TcpTransport {
     config: TcpConfig,
+    domain: Arc<TcpDomain>,
+}
+
+impl Default for TcpTransport {
+    fn default() -> Self {
+        Self::with_config(TcpConfig::default())
+    }
 }
 
 impl TcpTransport {
@@ -280,7 +297,10 @@ impl TcpTransport {
 
     /// A transport with the given settings.
     pub fn with_config(config: TcpConfig) -> Self {
-        TcpTransport { config }
+        TcpTransport {
+            config,
+            domain: TcpDomain::new(),
+        }
     }
 
     /// The transport's settings.
@@ -291,7 +311,8 @@ impl TcpTransport {
     /// Wraps two already-connected tokio streams (e.g. obtained through a proxy or inherited
     /// from a supervisor) in a fabric [`Connection`]: `latency` carries lane 0 and `bulk` lane 1
     /// (see the [crate docs](crate#lanes)), applying this transport's socket options that still
-    /// can be applied (`TCP_NODELAY`, buffer sizes).
+    /// can be applied (`TCP_NODELAY`, buffer sizes). The connection has no one-sided lane:
+    /// transfers on it move through the session.
     ///
     /// No preamble is written or read: the streams must already be paired, and connected to a
     /// peer that wrapped its ends the same way (its lane 0 being this side's lane 0). To reach a
@@ -303,7 +324,7 @@ impl TcpTransport {
     ) -> io::Result<Connection> {
         self.config.apply_to_stream(&latency)?;
         self.config.apply_to_stream(&bulk)?;
-        into_connection([latency, bulk], &self.config)
+        into_connection([latency, bulk], None, &self.config, &self.domain)
     }
 
     async fn connect_inner(&self, addr: &str) -> io::Result<Connection> {
@@ -337,21 +358,26 @@ impl TcpTransport {
                 ))
             }
         };
-        into_connection(lanes, &self.config)
+        let [latency, bulk, rma] = lanes;
+        into_connection([latency, bulk], Some(rma), &self.config, &self.domain)
     }
 
-    /// Opens both lanes to `sa` (concurrently) and writes their preambles.
+    /// Opens the lanes to `sa` (concurrently) and writes their preambles.
     async fn connect_lanes(&self, sa: SocketAddr) -> io::Result<[tokio::net::TcpStream; LANES]> {
         let id = preamble::new_connection_id();
-        let (mut latency, mut bulk) = tokio::try_join!(self.connect_one(sa), self.connect_one(sa))?;
-        for (lane, stream) in [&mut latency, &mut bulk].into_iter().enumerate() {
+        let (mut latency, mut bulk, mut rma) = tokio::try_join!(
+            self.connect_one(sa),
+            self.connect_one(sa),
+            self.connect_one(sa)
+        )?;
+        for (lane, stream) in [&mut latency, &mut bulk, &mut rma].into_iter().enumerate() {
             let p = Preamble {
                 lane: lane as u8,
                 id,
             };
             stream.write_all(&p.encode()).await?;
         }
-        Ok([latency, bulk])
+        Ok([latency, bulk, rma])
     }
 
     async fn connect_one(&self, sa: SocketAddr) -> io::Result<tokio::net::TcpStream> {
@@ -375,6 +401,7 @@ impl TcpTransport {
                         listener,
                         format!("{SCHEME}://{local}"),
                         self.config.clone(),
+                        self.domain.clone(),
                     ));
                 }
                 Err(e) => {
@@ -423,20 +450,29 @@ impl Transport for TcpTransport {
             Ok(Box::new(listener) as Box<dyn Listener>)
         })
     }
+
+    fn memory_domain(&self) -> Option<Arc<dyn MemoryDomain>> {
+        Some(self.domain.clone())
+    }
 }
 
-/// Makes a fabric connection of its lanes' streams (`lanes[i]` carries lane `i`).
+/// Makes a fabric connection of its frame lanes' streams (`lanes[i]` carries lane `i`) and, when
+/// there is one, its one-sided lane's.
 fn into_connection(
-    lanes: [tokio::net::TcpStream; LANES],
+    lanes: [tokio::net::TcpStream; Lane::COUNT],
+    rma: Option<tokio::net::TcpStream>,
     config: &TcpConfig,
+    domain: &Arc<TcpDomain>,
 ) -> io::Result<Connection> {
     let remote = match lanes[Lane::Latency as usize].peer_addr() {
         Ok(addr) => format!("{SCHEME}://{addr}"),
         Err(_) => format!("{SCHEME}://(unknown)"),
     };
     if let Some(size) = config.bulk_send_buffer_size {
-        if let Err(e) = SockRef::from(&lanes[Lane::Bulk as usize]).set_send_buffer_size(size) {
-            tracing::warn!(%remote, error = %e, "cannot set SO_SNDBUF of the bulk lane");
+        for s in std::iter::once(&lanes[Lane::Bulk as usize]).chain(&rma) {
+            if let Err(e) = SockRef::from(s).set_send_buffer_size(size) {
+                tracing::warn!(%remote, error = %e, "cannot set SO_SNDBUF of a bulk lane");
+            }
         }
     }
     let [latency, bulk] = lanes;
@@ -465,6 +501,17 @@ fn into_connection(
                     config.read_size(),
                 )),
             )
+        }
+    };
+    let (sink, stream) = match rma {
+        None => (sink, stream),
+        Some(rma) => {
+            let priority = match config.bulk_lane_io {
+                BulkLaneIo::Threads(p) => p,
+                BulkLaneIo::Runtime => ThreadPriority::Nice(10),
+            };
+            let lane = RmaLane::start(rma.into_std()?, domain.clone(), priority)?;
+            rma::attach(sink, stream, lane)
         }
     };
     Ok(Connection {

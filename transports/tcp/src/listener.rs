@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentfabric::transport::{BoxFuture, Connection, Listener};
@@ -12,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::memory::TcpDomain;
 use crate::preamble::{Preamble, PreambleError, LANES, PREAMBLE_LEN};
 use crate::{into_connection, TcpConfig};
 
@@ -29,6 +31,8 @@ pub(crate) struct TcpFrameListener {
     pub(crate) inner: tokio::net::TcpListener,
     pub(crate) local: String,
     pub(crate) config: TcpConfig,
+    /// The transport's memory, which accepted connections' one-sided lanes reach.
+    domain: Arc<TcpDomain>,
     /// Preamble reads in progress.
     handshakes: JoinSet<Handshake>,
     /// Connections some but not all of whose lanes have arrived, by connection id.
@@ -80,11 +84,17 @@ impl HalfOpen {
 }
 
 impl TcpFrameListener {
-    pub(crate) fn new(inner: tokio::net::TcpListener, local: String, config: TcpConfig) -> Self {
+    pub(crate) fn new(
+        inner: tokio::net::TcpListener,
+        local: String,
+        config: TcpConfig,
+        domain: Arc<TcpDomain>,
+    ) -> Self {
         TcpFrameListener {
             inner,
             local,
             config,
+            domain,
             handshakes: JoinSet::new(),
             pending: HashMap::new(),
             order: BTreeMap::new(),
@@ -165,7 +175,8 @@ impl TcpFrameListener {
             self.order.remove(&half.seq);
             self.remember(p.id);
             let lanes = half.lanes.map(|l| l.expect("every lane arrived"));
-            return match into_connection(lanes, &self.config) {
+            let [latency, bulk, rma] = lanes;
+            return match into_connection([latency, bulk], Some(rma), &self.config, &self.domain) {
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     tracing::warn!(local = %self.local, %peer, error = %e,

@@ -2,7 +2,7 @@
 //! belongs to and the lane it carries.
 //!
 //! ```text
-//!  0  magic "AFTL"   4  version (1)   5  lane   6  lane count (2)   7  reserved (0)
+//!  0  magic "AFTL"   4  version (2)   5  lane   6  lane count (3)   7  reserved (0)
 //!  8  connection id (u64, little-endian)
 //! ```
 
@@ -16,12 +16,14 @@ use agentfabric::frame::Lane;
 
 /// Magic bytes that open each TCP connection of the transport ("AFTL": agentfabric TCP lane).
 pub const PREAMBLE_MAGIC: [u8; 4] = *b"AFTL";
-/// Version of the lane preamble spoken by this build.
-pub const PREAMBLE_VERSION: u8 = 1;
+/// Version of the lane preamble spoken by this build (2: a third lane carries one-sided
+/// operations).
+pub const PREAMBLE_VERSION: u8 = 2;
 /// Length of the lane preamble in bytes.
 pub const PREAMBLE_LEN: usize = 16;
-/// TCP connections (lanes) per fabric connection: [`Lane::COUNT`].
-pub const LANES: usize = Lane::COUNT;
+/// TCP connections (lanes) per fabric connection: the [`Lane::COUNT`] frame lanes (latency,
+/// bulk), then the lane of one-sided operations.
+pub const LANES: usize = Lane::COUNT + 1;
 
 /// A decoded lane preamble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -148,18 +148,19 @@ async fn raw_lane(addr: &str, id: u64, lane: u8) -> TcpStream {
     s
 }
 
-/// Raw loopback sockets (both lanes, preambles sent) talking to a fabric connection:
-/// ([lane 0, lane 1] raw side, fabric side).
-async fn raw_pair() -> ([TcpStream; 2], Connection) {
+/// Raw loopback sockets (all lanes, preambles sent) talking to a fabric connection:
+/// ([lane 0, lane 1, one-sided lane] raw side, fabric side).
+async fn raw_pair() -> ([TcpStream; LANES], Connection) {
     let t = TcpTransport::new();
     let mut listener = t.listen("127.0.0.1:0").await.unwrap();
     let addr = addr_of(listener.as_ref());
-    let (l0, l1, conn) = tokio::join!(
+    let (l0, l1, l2, conn) = tokio::join!(
         raw_lane(&addr, 42, 0),
         raw_lane(&addr, 42, 1),
+        raw_lane(&addr, 42, 2),
         listener.accept()
     );
-    ([l0, l1], conn.unwrap())
+    ([l0, l1, l2], conn.unwrap())
 }
 
 /// True once the peer has closed `s` (EOF or reset); false if it is still open after `wait`.
@@ -626,7 +627,7 @@ async fn frames_before_a_bad_frame_are_delivered_first() {
 #[tokio::test]
 async fn garbage_bytes_give_bad_magic() {
     bounded(async {
-        let ([mut raw, _l1], mut conn) = raw_pair().await;
+        let ([mut raw, _l1, _l2], mut conn) = raw_pair().await;
         // Another protocol: refused from its first two bytes, without waiting for a header.
         raw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut out = Vec::new();
@@ -638,7 +639,7 @@ async fn garbage_bytes_give_bad_magic() {
         assert!(out.is_empty());
 
         // A right magic with a wrong header later on is refused too.
-        let ([mut raw, _l1], mut conn) = raw_pair().await;
+        let ([mut raw, _l1, _l2], mut conn) = raw_pair().await;
         let mut bad = data_frame(0, 0).header;
         bad[2] = 99; // version
         raw.write_all(&bad).await.unwrap();
@@ -649,7 +650,7 @@ async fn garbage_bytes_give_bad_magic() {
         );
 
         // Garbage on the bulk lane breaks the connection just the same.
-        let ([_l0, mut raw], mut conn) = raw_pair().await;
+        let ([_l0, mut raw, _l2], mut conn) = raw_pair().await;
         raw.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await.unwrap();
         let err = recv(conn.stream.as_mut(), &mut out).await.unwrap_err();
         assert!(
@@ -665,7 +666,7 @@ async fn truncated_frame_then_close_is_unexpected_eof() {
     bounded(async {
         // A frame announcing 100 payload bytes, of which 10 arrive, then lane 0 closes (lane 1
         // stays open: a lane cut in the middle of a frame ends the connection at once).
-        let ([mut raw, _l1], mut conn) = raw_pair().await;
+        let ([mut raw, _l1, _l2], mut conn) = raw_pair().await;
         let f = data_frame(0, 100);
         raw.write_all(&f.header).await.unwrap();
         raw.write_all(&f.payload[..10]).await.unwrap();
@@ -682,7 +683,7 @@ async fn truncated_frame_then_close_is_unexpected_eof() {
         assert!(out.is_empty());
 
         // Half a header, on the bulk lane this time.
-        let ([l0, mut raw], mut conn) = raw_pair().await;
+        let ([l0, mut raw, _l2], mut conn) = raw_pair().await;
         raw.write_all(&f.header[..30]).await.unwrap();
         drop(raw);
         drop(l0);
@@ -851,7 +852,9 @@ fn preamble_round_trips_and_refuses_bad_bytes() {
     };
     assert_eq!(with(0, b'G'), Err(PreambleError::BadMagic(*b"GFTL")));
     assert_eq!(with(4, 9), Err(PreambleError::UnsupportedVersion(9)));
-    assert_eq!(with(5, 2), Err(PreambleError::BadLane(2)));
+    // Version 1 had no one-sided lane.
+    assert_eq!(with(4, 1), Err(PreambleError::UnsupportedVersion(1)));
+    assert_eq!(with(5, 3), Err(PreambleError::BadLane(3)));
     assert_eq!(with(6, 1), Err(PreambleError::LaneCount(1)));
     assert_eq!(with(7, 1), Err(PreambleError::Reserved(1)));
     // Connection ids differ from one connection to the next.
@@ -1159,7 +1162,7 @@ async fn bad_silent_and_half_open_clients_do_not_block_accept() {
         http.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut bad_version = TcpStream::connect(&addr).await.unwrap();
         let mut b = Preamble { lane: 0, id: 5 }.encode();
-        b[4] = 2;
+        b[4] = 1;
         bad_version.write_all(&b).await.unwrap();
         let mut half_open = raw_lane(&addr, 77, 1).await;
 
@@ -1201,6 +1204,7 @@ async fn bad_silent_and_half_open_clients_do_not_block_accept() {
         assert!(closed_by_peer(&mut duplicate, Duration::from_secs(5)).await);
         // ...and so is one more lane of an already paired connection.
         let _second = raw_lane(&addr, 88, 1).await;
+        let _third = raw_lane(&addr, 88, 2).await;
         let _conn = listener.accept().await.unwrap();
         let mut late = raw_lane(&addr, 88, 1).await;
         run_listener_until(&mut listener, |l| l.closed == closed + 2).await;
@@ -1270,6 +1274,7 @@ async fn half_open_set_is_bounded_oldest_dropped_first() {
         }
         // Completing one of the kept ids yields its connection.
         let _l1 = raw_lane(&addr, 9, 1).await;
+        let _l2 = raw_lane(&addr, 9, 2).await;
         let conn = listener.accept().await.unwrap();
         assert!(conn.remote.starts_with("tcp://127.0.0.1:"));
         assert_eq!(listener.pending.len(), MAX - 1);
@@ -1280,7 +1285,7 @@ async fn half_open_set_is_bounded_oldest_dropped_first() {
 #[tokio::test]
 async fn clean_end_of_one_lane_delivers_the_other_lanes_frames_first() {
     bounded(async {
-        let ([mut l0, mut l1], mut conn) = raw_pair().await;
+        let ([mut l0, mut l1, _l2], mut conn) = raw_pair().await;
         let block = pattern(2, 1000);
         l0.write_all(&wire(&[data_frame(0, 10)])).await.unwrap();
         l0.shutdown().await.unwrap();
