@@ -436,6 +436,11 @@ fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option
 /// holding the old descriptor could reach memory that now belongs to someone else. Reusing a
 /// registration safely needs a new remote key for the same pinned memory (memory windows, or
 /// devices that re-key a registration); this crate does not do that yet.
+///
+/// The TCP transport has a memory domain too (`agentfabric-tcp`'s one-sided lane): there the
+/// "device" is the transport's lane threads, which check the key and the range of every piece
+/// in software before they `send` from the region or `recv` into it. The points above hold for
+/// it as they do for RDMA; a node with both registers its regions with the RDMA device.
 #[derive(Clone)]
 pub struct Region {
     pub(crate) inner: Arc<RegionInner>,

@@ -2,14 +2,15 @@
 //! peer's region, and the node-side service that executes the peer's transfers on this node's
 //! regions.
 //!
-//! On transports without RDMA a transfer moves over the session's system channel (a bulk-class
-//! channel, so it yields to coordination like any bulk traffic): a write sends a small envelope
-//! followed by the block's bytes, taken zero-copy from the local region; the target checks the
-//! range against the region and copies the bytes in. A read sends the envelope and receives the
-//! bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and [`MAX_INFLIGHT_BYTES`]) are in flight per
+//! On transports without one-sided operations (mem, quic) a transfer moves over the session's
+//! system channel (a bulk-class channel, so it yields to coordination like any bulk traffic): a
+//! write sends a small envelope followed by the block's bytes, taken zero-copy from the local
+//! region; the target checks the range against the region and copies the bytes in. A read sends
+//! the envelope and receives the bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and [`MAX_INFLIGHT_BYTES`]) are in flight per
 //! transfer, so a large batch never floods the send queue.
 //!
-//! One-sided path: when the connection has one-sided operations ([`OneSided`], RDMA), both
+//! One-sided path: when the connection has one-sided operations ([`OneSided`]: RDMA on verbs,
+//! the one-sided lane on tcp), both
 //! regions are registered in its domain, and the descriptor carries the remote region's
 //! [`RdmaAccess`](super::region::RdmaAccess), the blocks move by RDMA WRITE or READ between the
 //! two regions: no copy, no work for the target's CPU. The target's checks run first, once per

@@ -11,13 +11,17 @@
 //! beside it as `baseline_hot`.
 //!
 //! Over verbs the blocks move one-sided, by RDMA WRITE (or READ) between the two regions
-//! (registered with the device), as `ib_write_bw` (`ib_read_bw`) moves its own.
+//! (registered with the device), as `ib_write_bw` (`ib_read_bw`) moves its own; over tcp they
+//! move one-sided too, on the connection's one-sided lane (`agentfabric-tcp`).
 //!
 //! Each batch writes a region of [`BATCH_BYTES`] (at least one block) into a peer's region of the
 //! same size, block by block, as a paged KV-cache hand-off does; batches repeat back to back.
-//! Throughput counts the bytes of completed batches over the measured time.
+//! Throughput counts the bytes of completed batches over the measured time. The measured time is
+//! split into rounds in which the fabric and the in-process baselines take turns, so a change
+//! in the machine's speed during the run weighs on both alike (`rounds` in the JSON: 4, or 1
+//! over verbs, whose baseline perftest measured in the lab run).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use agentfabric::Config;
 use serde_json::json;
@@ -30,6 +34,10 @@ use super::{baseline, progress, BenchResult, FabricPair, Output, Settings, Trans
 /// size too.
 pub const BATCH_BYTES: u64 = 64 << 20;
 
+/// Rounds the measured time is split into, the fabric and the baselines measured in this
+/// process taking turns (see `run`).
+const ROUNDS: u32 = 4;
+
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
     let block = s.size as u64;
@@ -38,12 +46,6 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let (src, dst, blocks) = pair.region_pair(block, count)?;
     let remote = dst.descriptor();
 
-    progress(if s.pull {
-        "phase fabric: batched region reads"
-    } else {
-        "phase fabric: batched region writes"
-    });
-    let limit = s.phase_limit();
     // A pull reads the peer's region into the local one.
     let batch = || async {
         match s.pull {
@@ -51,43 +53,79 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             true => pair.peer.read(&src, &remote, &blocks, None).await,
         }
     };
-    let work = async {
-        let warm_until = Instant::now() + s.warmup;
-        while Instant::now() < warm_until {
-            batch().await?;
-        }
+    // Batches back to back for `time` (at least one); returns the bytes moved and the time taken.
+    let run_batches = |time: Duration| async move {
         let (start, mut bytes) = (Instant::now(), 0u64);
-        while start.elapsed() < s.duration {
+        while bytes == 0 || start.elapsed() < time {
             bytes += batch().await?.bytes;
         }
-        BenchResult::Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
+        BenchResult::Ok((bytes, start.elapsed()))
     };
-    let fabric_mb_s = tokio::time::timeout(limit, work)
-        .await
-        .map_err(|_| format!("the fabric phase did not finish within {limit:?}"))??;
+    let limit = s.phase_limit();
+    let bounded = |what: &'static str, f| async move {
+        tokio::time::timeout(limit, f)
+            .await
+            .map_err(|_| format!("the {what} phase did not finish within {limit:?}"))?
+    };
 
-    // For tcp the baseline streams between two buffers of the regions' size (as a transfer does,
-    // so its copies touch memory the same way); the same stream from one cache-resident block is
-    // measured too and reported beside it, since it is the best loopback TCP does at all.
+    // The baselines measured in this process alternate with the fabric in rounds, so that a
+    // change in the machine's speed during the run (another load, the clock) weighs on both
+    // alike; perftest's figures come from the lab run, so verbs measures in one round.
+    let rounds = match s.transport {
+        TransportKind::Verbs => 1,
+        _ => ROUNDS,
+    };
+    let round = s.duration / rounds;
+    progress(if s.pull {
+        "phase fabric: warm-up (batched region reads)"
+    } else {
+        "phase fabric: warm-up (batched region writes)"
+    });
+    bounded("fabric warm-up", run_batches(s.warmup)).await?;
+    let (mut bytes, mut elapsed) = (0u64, Duration::ZERO);
+    let (mut base, mut hot) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        progress(&format!("round {}/{rounds}: fabric", i + 1));
+        let (b, e) = bounded("fabric", run_batches(round)).await?;
+        bytes += b;
+        elapsed += e;
+        // Each baseline opens fresh sockets: the first round warms up as long as the fabric
+        // did, the later ones a quarter of that.
+        let warmup = if i == 0 { s.warmup } else { s.warmup / 4 };
+        match s.transport {
+            TransportKind::Verbs => {}
+            TransportKind::Tcp => {
+                progress(&format!(
+                    "round {}/{rounds}: raw TCP streaming between region-sized buffers",
+                    i + 1
+                ));
+                let span = src.len() as usize;
+                base.push(baseline::tcp_stream_mb_s(s.size, span, warmup, round).await?);
+                progress(&format!(
+                    "round {}/{rounds}: raw TCP streaming of one cache-resident block",
+                    i + 1
+                ));
+                hot.push(baseline::tcp_stream_mb_s(s.size, s.size, warmup, round).await?);
+            }
+            TransportKind::Mem | TransportKind::Quic => {
+                progress(&format!("round {}/{rounds}: raw streaming", i + 1));
+                base.push(baseline::mpsc_stream_mb_s(s.size, warmup, round).await);
+            }
+        }
+    }
+    let fabric_mb_s = bytes as f64 / elapsed.as_secs_f64() / 1e6;
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let (base_name, base_mb_s, hot_mb_s) = match s.transport {
         TransportKind::Verbs => {
             let p = super::verbs::Perftest::load(s.perftest.as_ref())?;
             let name = if s.pull { "ib_read_bw" } else { "ib_write_bw" };
             (name, p.and_then(|p| p.bw_mb_s(s.pull, s.size)), None)
         }
-        TransportKind::Tcp => {
-            progress("phase baseline: raw TCP streaming between region-sized buffers");
-            let span = src.len() as usize;
-            let mb_s = baseline::tcp_stream_mb_s(s.size, span, s.warmup, s.duration).await?;
-            progress("phase baseline_hot: raw TCP streaming of one cache-resident block");
-            let hot = baseline::tcp_stream_mb_s(s.size, s.size, s.warmup, s.duration).await?;
-            ("raw-tcp-stream", Some(mb_s), Some(hot))
-        }
-        TransportKind::Mem | TransportKind::Quic => {
-            progress("phase baseline: raw streaming");
-            let mb_s = baseline::mpsc_stream_mb_s(s.size, s.warmup, s.duration).await;
-            ("tokio-mpsc", Some(mb_s), None)
-        }
+        // For tcp the baseline streams between two buffers of the regions' size (as a transfer
+        // does, so its copies touch memory the same way); the same stream from one
+        // cache-resident block is reported beside it, since it is the best loopback TCP does.
+        TransportKind::Tcp => ("raw-tcp-stream", mean(&base), mean(&hot)),
+        TransportKind::Mem | TransportKind::Quic => ("tokio-mpsc", mean(&base), None),
     };
     let r = base_mb_s.and_then(|b| ratio(fabric_mb_s, b));
 
@@ -98,6 +136,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "direction": if s.pull { "pull" } else { "push" },
         "blocks_per_batch": count,
         "duration_s": round3(s.duration.as_secs_f64()),
+        "rounds": rounds,
         "warmup_s": round3(s.warmup.as_secs_f64()),
         "threads": s.threads,
         "busy_poll": s.busy_poll,

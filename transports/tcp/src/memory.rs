@@ -28,8 +28,8 @@ use agentfabric::transport::{MemoryDomain, MemoryRegistration};
 use crate::lane_thread::lock;
 
 /// How long deregistration lets accesses in progress finish before it shuts down their
-/// connections. An access is one piece (at most 128 KiB), a few tens of microseconds on a live
-/// connection: only a stalled or very slow peer takes longer.
+/// connections. An access is one piece (at most 1 MiB), a few hundred microseconds on a live
+/// loopback connection: only a stalled or slow peer takes longer.
 pub(crate) const DEREGISTER_GRACE: Duration = Duration::from_millis(20);
 
 /// Why an access was refused: sent to the peer in a refusal, and shown in its error.
