@@ -6,14 +6,15 @@
 //! system channel (a bulk-class channel, so it yields to coordination like any bulk traffic): a
 //! write sends a small envelope followed by the block's bytes, taken zero-copy from the local
 //! region; the target checks the range against the region and copies the bytes in. A read sends
-//! the envelope and receives the bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and [`MAX_INFLIGHT_BYTES`]) are in flight per
-//! transfer, so a large batch never floods the send queue.
+//! the envelope and receives the bytes. At most [`MAX_INFLIGHT_BLOCKS`] blocks (and
+//! [`MAX_INFLIGHT_BYTES`]) are in flight per transfer, so a large batch never floods the send
+//! queue.
 //!
 //! One-sided path: when the connection has one-sided operations ([`OneSided`]: RDMA on verbs,
-//! the one-sided lane on tcp), both
-//! regions are registered in its domain, and the descriptor carries the remote region's
-//! [`RdmaAccess`](super::region::RdmaAccess), the blocks move by RDMA WRITE or READ between the
-//! two regions: no copy, no work for the target's CPU. The target's checks run first, once per
+//! the one-sided lane on tcp), both regions are registered in its domain, and the descriptor
+//! carries the remote region's [`RdmaAccess`](super::region::RdmaAccess), the blocks move by
+//! RDMA WRITE or READ between the two regions: no copy, no work for the target's CPU (on tcp,
+//! the target's lane thread `recv`s them straight into the region: the kernel's copy only). The target's checks run first, once per
 //! transfer: one request on the system channel checks the descriptor (key, registration, not
 //! revoked) and the range the blocks span, so a refused transfer moves nothing and says why, as on
 //! the other path. The local region stays locked (shared for a write, exclusive for a read) until

@@ -88,7 +88,7 @@
 //! straight into it. A transfer's block thus costs the kernel's two copies and nothing more;
 //! through the session it also paid a copy out of the bulk lane's read buffer into the region,
 //! and frame and chunk handling per 256 KiB. Measured (`agentfabric bench --transport tcp
-//! --workload bulk`, 1 MiB blocks, loopback, 2 cores): 0.98–1.25 of raw TCP streaming between
+//! --workload bulk`, 1 MiB blocks, loopback, 2 cores): 1.01–1.15 of raw TCP streaming between
 //! buffers of the regions' size in four runs, against 0.47–0.63 through the session.
 //!
 //! What the lane checks, on the side that owns the memory, before every piece (at most 1 MiB) of

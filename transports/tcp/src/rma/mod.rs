@@ -67,9 +67,9 @@ pub(crate) use wire::Header;
 /// `send` (with its header) and one `recv` (`MSG_WAITALL`), and one lease of the registered
 /// memory. Large on purpose: on loopback the cost is in the system calls and the wake-ups
 /// between them. Measured (`agentfabric bench --transport tcp --workload bulk`, 1 MiB blocks,
-/// 2 cores): with 128 KiB sends (the bulk lane's `WRITE_MAX`) 2.8–3.1 GB/s, 0.61–0.68 of raw
-/// streaming, with 100,000 context switches a second; with 1 MiB pieces 3.9–4.9 GB/s,
-/// 0.98–1.25, with less than half the switches. The bulk lane keeps its smaller writes for the
+/// 2 cores, fabric and baseline phases one after the other): with 128 KiB sends (the bulk lane's
+/// `WRITE_MAX`) 2.8–3.1 GB/s, 0.61–0.68 of raw streaming, with 100,000 context switches a
+/// second; with 1 MiB pieces 3.9–4.9 GB/s, 0.98–1.27, with less than half the switches. The bulk lane keeps its smaller writes for the
 /// latency of coordination on a non-preemptive kernel; here `mixed --bulk-api transfer` measured
 /// a loaded/idle p99 of 1.02–1.46 with 1 MiB pieces.
 pub(crate) const PIECE: usize = 1 << 20;
