@@ -392,7 +392,7 @@ impl TcpTransport {
 
     /// Opens the lanes to `sa` (concurrently) and writes their preambles.
     async fn connect_lanes(&self, sa: SocketAddr) -> io::Result<[tokio::net::TcpStream; LANES]> {
-        let id = preamble::new_connection_id();
+        let id = preamble::random_u64();
         let (mut latency, mut bulk, mut rma) = tokio::try_join!(
             self.connect_one(sa),
             self.connect_one(sa),

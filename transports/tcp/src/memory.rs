@@ -13,19 +13,17 @@
 //! down the sockets of the leases still held, which fails their system calls at once (and those
 //! connections, as an RDMA device fails a queue pair whose operation meets a deregistered key).
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::BuildHasher;
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use agentfabric::transport::{MemoryDomain, MemoryRegistration};
 
 use crate::lane_thread::lock;
+use crate::preamble::random_u64;
 
 /// How long deregistration lets accesses in progress finish before it shuts down their
 /// connections. An access is one piece (at most 1 MiB), a few hundred microseconds on a live
@@ -105,14 +103,8 @@ impl fmt::Debug for TcpDomain {
 impl TcpDomain {
     pub(crate) fn new() -> Arc<TcpDomain> {
         // Random, so it matches no other transport's domain (an RDMA device's) in the process.
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let id = RandomState::new().hash_one((
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            std::process::id(),
-            "agentfabric-tcp-domain",
-        ));
         Arc::new(TcpDomain {
-            id,
+            id: random_u64(),
             regs: Registry::default(),
         })
     }
@@ -184,7 +176,7 @@ impl MemoryDomain for TcpDomain {
         // A random key, so a peer cannot name memory it was not given a descriptor for by
         // counting; 0 is never used.
         let key = loop {
-            let k = (rand_u64() >> 32) as u32;
+            let k = (random_u64() >> 32) as u32;
             if k != 0 && !regs.contains_key(&k) {
                 break k;
             }
@@ -201,11 +193,6 @@ impl MemoryDomain for TcpDomain {
     fn emulated(&self) -> bool {
         true
     }
-}
-
-fn rand_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    RandomState::new().hash_one((COUNTER.fetch_add(1, Ordering::Relaxed), std::process::id()))
 }
 
 /// A registration with a [`TcpDomain`]. Dropping it deregisters the memory: it waits for the

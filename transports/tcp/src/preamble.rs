@@ -109,10 +109,11 @@ impl Preamble {
     }
 }
 
-/// A fresh connection id: random (the standard library's randomly keyed hasher, fed a process-wide
-/// counter and the time), so ids of different clients do not collide. It only pairs the lanes of
-/// one connection; it is not a secret and authenticates nothing.
-pub(crate) fn new_connection_id() -> u64 {
+/// A fresh random value (the standard library's randomly keyed hasher, fed a process-wide counter
+/// and the time): connection ids, so ids of different clients do not collide (an id only pairs
+/// the lanes of one connection; it is not a secret and authenticates nothing), and the memory
+/// domain's ids and keys.
+pub(crate) fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()

@@ -858,7 +858,7 @@ fn preamble_round_trips_and_refuses_bad_bytes() {
     assert_eq!(with(6, 1), Err(PreambleError::LaneCount(1)));
     assert_eq!(with(7, 1), Err(PreambleError::Reserved(1)));
     // Connection ids differ from one connection to the next.
-    let ids: HashSet<u64> = (0..1000).map(|_| preamble::new_connection_id()).collect();
+    let ids: HashSet<u64> = (0..1000).map(|_| preamble::random_u64()).collect();
     assert_eq!(ids.len(), 1000);
 }
 

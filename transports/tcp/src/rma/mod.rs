@@ -107,8 +107,6 @@ struct Pending {
     taken: bool,
     /// A thread is moving its bytes: only that thread may complete it (the memory is in use).
     busy: bool,
-    /// All of a write's pieces were handed to the socket.
-    sent: bool,
     /// The target acknowledged a write while its writer was still marking it sent.
     acked: bool,
     /// Bytes of a read's answer received so far.
@@ -384,7 +382,6 @@ impl OneSided for RmaLane {
                 done: Some(done),
                 taken: false,
                 busy: false,
-                sent: false,
                 acked: false,
                 received: 0,
             },

@@ -213,9 +213,10 @@ impl Reader<'_> {
         let lane = self.lane;
         let why = Refusal::from_code(h.len)
             .map_or_else(|| format!("reason {}", h.len), |r| r.to_string());
-        let what = lock(&lane.state).ops.get(&h.seq).map(|p| p.op);
+        // The operation and whether a thread still uses its memory (then that thread fails it).
+        let what = lock(&lane.state).ops.get(&h.seq).map(|p| (p.op, p.busy));
         let text = match what {
-            Some(op) => format!(
+            Some((op, _)) => format!(
                 "the peer refused a one-sided {} of {} bytes at {:#x} (key {:#x}): {why}",
                 if op.kind == OneSidedKind::Write {
                     "write"
@@ -228,15 +229,9 @@ impl Reader<'_> {
             ),
             None => format!("the peer refused one-sided request {}: {why}", h.seq),
         };
-        let busy = lock(&lane.state).ops.get(&h.seq).is_some_and(|p| p.busy);
-        if what.is_some() && !busy {
-            lane.complete(
-                h.seq,
-                Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    text.clone(),
-                )),
-            );
+        if let Some((_, false)) = what {
+            let e = io::Error::new(io::ErrorKind::PermissionDenied, text.clone());
+            lane.complete(h.seq, Err(e));
         }
         io::Error::new(io::ErrorKind::PermissionDenied, text)
     }

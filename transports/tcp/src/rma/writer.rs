@@ -65,13 +65,10 @@ fn send_request(lane: &RmaLane, seq: u64, op: OneSidedOp) -> io::Result<()> {
     };
     if op.kind == OneSidedKind::Read {
         h.op = OP_READ;
+        // Nothing to release: a read's memory is the reader thread's, which may already be
+        // receiving the answer (and marked the read busy).
         // SAFETY: no payload.
-        unsafe { send_message(&lane.socket, &h.encode(), std::ptr::null(), 0) }?;
-        lane.release(seq, |p| {
-            p.sent = true;
-            false
-        });
-        return Ok(());
+        return unsafe { send_message(&lane.socket, &h.encode(), std::ptr::null(), 0) };
     }
     let len = u64::from(op.len);
     // The local memory is checked as the target checks its own: the fabric names registered
@@ -128,10 +125,7 @@ fn send_request(lane: &RmaLane, seq: u64, op: OneSidedOp) -> io::Result<()> {
     };
     drop(local);
     let sent = result.is_ok();
-    lane.release(seq, |p| {
-        p.sent = sent;
-        sent && p.acked
-    });
+    lane.release(seq, |p| sent && p.acked);
     result
 }
 
