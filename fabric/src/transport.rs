@@ -120,6 +120,45 @@ pub struct OneSidedOp {
 /// path: it must be quick and must not block.
 pub type ImmediateHandler = Arc<dyn Fn(u32) + Send + Sync>;
 
+/// Where a transport puts the immediates it receives: the installed [`ImmediateHandler`], or,
+/// before one is installed, a bounded queue handed to it first (as [`OneSided::on_immediate`]
+/// asks of every transport).
+pub struct Immediates {
+    handler: Option<ImmediateHandler>,
+    early: Vec<u32>,
+    limit: usize,
+}
+
+impl Immediates {
+    /// No handler yet; at most `limit` immediates kept until one is installed.
+    pub fn new(limit: usize) -> Immediates {
+        Immediates {
+            handler: None,
+            early: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Hands `imm` to the handler, or keeps it for one still to come. `false` when it had to be
+    /// dropped (no handler, and `limit` kept already): the caller says so in its log.
+    pub fn deliver(&mut self, imm: u32) -> bool {
+        match &self.handler {
+            Some(h) => h(imm),
+            None if self.early.len() < self.limit => self.early.push(imm),
+            None => return false,
+        }
+        true
+    }
+
+    /// Installs `handler` (replacing any earlier one), after handing it the immediates kept.
+    pub fn install(&mut self, handler: ImmediateHandler) {
+        for imm in std::mem::take(&mut self.early) {
+            handler(imm);
+        }
+        self.handler = Some(handler);
+    }
+}
+
 /// Called once when a one-sided operation is over, with its outcome.
 pub type OneSidedDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
@@ -241,4 +280,23 @@ impl std::error::Error for RecvError {}
 pub fn split_url(url: &str) -> Option<(&str, &str)> {
     let (scheme, rest) = url.split_once("://")?;
     (!scheme.is_empty()).then_some((scheme, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn immediates_before_the_handler_are_kept_in_order_within_the_limit() {
+        let mut imms = Immediates::new(2);
+        assert!(imms.deliver(1));
+        assert!(imms.deliver(2));
+        assert!(!imms.deliver(3), "a third one past the limit was kept");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        imms.install(Arc::new(move |v| s.lock().unwrap().push(v)));
+        assert!(imms.deliver(4));
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 4]);
+    }
 }

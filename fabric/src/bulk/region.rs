@@ -211,6 +211,16 @@ pub(crate) struct Registered {
     pub(crate) addr: u64,
 }
 
+impl Registered {
+    /// What a descriptor publishes of it.
+    pub(crate) fn access(&self) -> RdmaAccess {
+        RdmaAccess {
+            addr: self.addr,
+            rkey: self.reg.remote_key(),
+        }
+    }
+}
+
 pub(crate) struct RegionInner {
     pub(crate) id: u64,
     pub(crate) key: u64,
@@ -232,10 +242,7 @@ impl RegionInner {
 
     /// What the descriptor publishes for one-sided access, while registered.
     pub(crate) fn rdma_access(&self) -> Option<RdmaAccess> {
-        self.registered().as_ref().map(|r| RdmaAccess {
-            addr: r.addr,
-            rkey: r.reg.remote_key(),
-        })
+        self.registered().as_ref().map(Registered::access)
     }
 
     /// Checks `offset..offset+len` against the region.

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::notify::PendingNotes;
-use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTable};
+use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTable, Registered};
 use crate::api::{Channel, Message, Peer};
 use crate::error::{Error, Result};
 use crate::frame::MSG_REQUEST;
@@ -49,6 +49,12 @@ use crate::transport::{OneSided, OneSidedKind, OneSidedOp};
 pub const MAX_INFLIGHT_BLOCKS: usize = 32;
 /// Bytes of one transfer in flight at once (at least one block is always allowed).
 pub const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
+
+/// Whether a transfer with `count` blocks and `bytes` in flight must wait before it sends a
+/// block of `next` bytes (at least one block is always allowed).
+fn window_full(count: usize, bytes: u64, next: u64) -> bool {
+    count >= MAX_INFLIGHT_BLOCKS || (count > 0 && bytes + next > MAX_INFLIGHT_BYTES)
+}
 
 /// Answers to a check: go one-sided, or move the blocks through the session.
 const CHECK_ONE_SIDED: u8 = 1;
@@ -310,9 +316,7 @@ impl Peer {
         let mut inflight: JoinSet<(usize, u64, Result<()>)> = JoinSet::new();
         let mut inflight_bytes = 0u64;
         for (i, b) in blocks.iter().copied().enumerate().skip(from) {
-            while inflight.len() >= MAX_INFLIGHT_BLOCKS
-                || (!inflight.is_empty() && inflight_bytes + b.len > MAX_INFLIGHT_BYTES)
-            {
+            while window_full(inflight.len(), inflight_bytes, b.len) {
                 let (idx, len, r) = inflight
                     .join_next()
                     .await
@@ -506,9 +510,7 @@ async fn one_sided(
         if b.len == 0 {
             continue;
         }
-        while ops.pending.len() >= MAX_INFLIGHT_BLOCKS
-            || (!ops.pending.is_empty() && ops.bytes + b.len > MAX_INFLIGHT_BYTES)
-        {
+        while window_full(ops.pending.len(), ops.bytes, b.len) {
             ops.wait_oldest().await.map_err(|idx| (idx, ops.moved))?;
         }
         let (tx, rx) = oneshot::channel();
@@ -694,13 +696,21 @@ async fn serve_channel(
             Op::Check | Op::CheckNotify => {
                 let here = ch.connection_domain();
                 let r = regions.lookup(&env.region).and_then(|r| {
-                    if r.rdma_access() != env.region.rdma {
+                    // The registration's access and domain, under one lock.
+                    let (access, domain) = {
+                        let g = r.registered();
+                        (
+                            g.as_ref().map(Registered::access),
+                            g.as_ref().map(|g| g.domain),
+                        )
+                    };
+                    if access != env.region.rdma {
                         // Not the registration the region has: an old or forged descriptor.
                         return Err(RegionError::BadKey { region: r.id });
                     }
                     r.check(env.offset, env.len)?;
                     // One-sided only if this end of the connection is on the region's device.
-                    let reachable = r.registered().as_ref().map(|g| g.domain) == here;
+                    let reachable = domain == here;
                     if !reachable {
                         return Ok(Bytes::from_static(&[CHECK_SESSION]));
                     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
 use agentfabric::transport::{
-    Connection, FrameSink, FrameStream, ImmediateHandler, OneSided, OneSidedDone, OneSidedKind,
-    OneSidedOp, RecvError,
+    Connection, FrameSink, FrameStream, ImmediateHandler, Immediates, OneSided, OneSidedDone,
+    OneSidedKind, OneSidedOp, RecvError,
 };
 use bytes::Bytes;
 use rdma_sys::*;
@@ -610,7 +610,7 @@ async fn drain_rma(
                 return;
             };
             let mut st = lock_inner(&conn);
-            st.drain_rma(rma.cq);
+            st.drain_rma();
             if !armed {
                 st.fail(
                     io::ErrorKind::Other,
@@ -710,6 +710,9 @@ struct Inner {
     hold: Vec<OutFrame>,
     swrs: Vec<ibv_send_wr>,
     ssges: Vec<ibv_sge>,
+    /// One-sided pieces being posted: (operation index in the queue, offset in it, length,
+    /// last piece?).
+    pieces: Vec<(usize, u32, u32, bool)>,
     // Wakers of the two halves.
     sink_waker: Option<Waker>,
     stream_waker: Option<Waker>,
@@ -732,11 +735,9 @@ struct Inner {
     /// [`VerbsConfig::rma_inflight_bytes`].
     ops_budget: u32,
     /// Takes the immediate data of the peer's writes ([`OneSided::on_immediate`]).
-    on_imm: Option<ImmediateHandler>,
-    /// Immediates that came before a handler was installed, delivered when it is.
-    early_imms: Vec<u32>,
+    imms: Immediates,
     /// The one-sided QP's CQ (after `res`: outlives the QP).
-    _rma: Arc<RmaCq>,
+    rma: Arc<RmaCq>,
     /// Dropped with the connection: stops its [`drain_rma`] task.
     _rma_stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -754,8 +755,7 @@ impl Drop for Inner {
             io::ErrorKind::ConnectionAborted,
             "the connection was closed".into(),
         );
-        let cq = self._rma.cq;
-        self.drain_rma(cq);
+        self.drain_rma();
     }
 }
 
@@ -825,11 +825,11 @@ impl Inner {
         // outcome (the rest of the operation never went).
         let mut queue = std::mem::take(&mut self.ops_queue);
         if self.ops_front_done > 0 {
+            let e = self.io_error().expect("set above");
             if let (Some((_, done)), Some(last)) = (queue.pop_front(), self.ops_inflight.back_mut())
             {
-                let e = self.error.clone().expect("set above");
                 last.last = true;
-                last.done = Some(Box::new(move |_| done(Err(io::Error::new(e.0, e.1)))));
+                last.done = Some(Box::new(move |_| done(Err(e))));
             }
             self.ops_front_done = 0;
         }
@@ -840,7 +840,8 @@ impl Inner {
 
     /// Polls the one-sided CQ until it is empty: completes the operations (or fails them and
     /// the connection), then posts what waited for room or budget.
-    fn drain_rma(&mut self, cq: *mut ibv_cq) {
+    fn drain_rma(&mut self) {
+        let cq = self.rma.cq;
         let mut failed = false;
         let mut reposts = 0;
         loop {
@@ -906,13 +907,11 @@ impl Inner {
         let Some(imm) = wc_imm(&self.wcs[k]) else {
             return;
         };
-        match &self.on_imm {
-            Some(h) => h(imm),
-            None if self.early_imms.len() < EARLY_IMMEDIATES => self.early_imms.push(imm),
-            None => tracing::warn!(
+        if !self.imms.deliver(imm) {
+            tracing::warn!(
                 remote = %self.remote,
                 "write with immediate before any handler, and too many kept; dropped"
-            ),
+            );
         }
     }
 
@@ -1122,8 +1121,9 @@ impl Inner {
         }
         let outstanding = self.ops_posted.saturating_sub(self.ops_completed);
         let room = u64::from(self.send_depth).saturating_sub(outstanding) as usize;
-        // (operation index in the queue, offset in it, length, last piece?)
-        let mut pieces: Vec<(usize, u32, u32, bool)> = Vec::new();
+        // Taken out of `self` (and put back) while `self` is updated piece by piece.
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
         let mut bytes = self.ops_bytes;
         'ops: for (i, (op, _)) in self.ops_queue.iter().enumerate() {
             let mut at = if i == 0 { self.ops_front_done } else { 0 };
@@ -1144,6 +1144,7 @@ impl Inner {
             }
         }
         if pieces.is_empty() {
+            self.pieces = pieces;
             return false;
         }
         self.swrs.clear();
@@ -1221,6 +1222,7 @@ impl Inner {
                 done,
             });
         }
+        self.pieces = pieces;
         if rc != 0 {
             let e = rc_err(
                 rc,
@@ -1500,11 +1502,7 @@ impl OneSided for VerbsOneSided {
         let Some(conn) = self.conn.upgrade() else {
             return;
         };
-        let mut st = lock_inner(&conn);
-        for imm in std::mem::take(&mut st.early_imms) {
-            handler(imm);
-        }
-        st.on_imm = Some(handler);
+        lock_inner(&conn).imms.install(handler);
     }
 }
 
@@ -1756,6 +1754,7 @@ pub(crate) async fn establish(
         hold: Vec::with_capacity(send_depth as usize),
         swrs: Vec::with_capacity(send_depth as usize),
         ssges: Vec::with_capacity(2 * send_depth as usize),
+        pieces: Vec::with_capacity(send_depth as usize),
         sink_waker: None,
         stream_waker: None,
         ops_queue: VecDeque::new(),
@@ -1767,9 +1766,8 @@ pub(crate) async fn establish(
         ops_progress: std::time::Instant::now(),
         rma_failed: false,
         ops_budget: cfg.rma_inflight_bytes,
-        on_imm: None,
-        early_imms: Vec::new(),
-        _rma: rma.clone(),
+        imms: Immediates::new(EARLY_IMMEDIATES),
+        rma: rma.clone(),
         _rma_stop: rma_stop,
         res,
     };

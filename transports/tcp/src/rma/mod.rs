@@ -48,7 +48,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use agentfabric::transport::{
-    ImmediateHandler, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
+    ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
 };
 
 use crate::lane_thread::{lock, spawn, ThreadPriority};
@@ -143,12 +143,6 @@ struct LaneState {
     stream_waker: Option<Waker>,
 }
 
-#[derive(Default)]
-struct Immediates {
-    handler: Option<ImmediateHandler>,
-    early: VecDeque<u32>,
-}
-
 /// A connection's one-sided lane (see the module docs).
 pub(crate) struct RmaLane {
     me: Weak<RmaLane>,
@@ -176,7 +170,7 @@ impl RmaLane {
             priority,
             state: Mutex::default(),
             work: Condvar::new(),
-            imm: Mutex::default(),
+            imm: Mutex::new(Immediates::new(EARLY_IMMEDIATES)),
         });
         let reader = lane.clone();
         spawn("af-tcp-rma-rx", priority, move || {
@@ -331,12 +325,7 @@ impl RmaLane {
     }
 
     fn deliver_immediate(&self, value: u32) {
-        let mut imm = lock(&self.imm);
-        if let Some(h) = &imm.handler {
-            h(value);
-        } else if imm.early.len() < EARLY_IMMEDIATES {
-            imm.early.push_back(value);
-        } else {
+        if !lock(&self.imm).deliver(value) {
             tracing::warn!(
                 value,
                 "tcp one-sided lane: immediate dropped (no handler, {EARLY_IMMEDIATES} kept)"
@@ -392,10 +381,6 @@ impl OneSided for RmaLane {
     }
 
     fn on_immediate(&self, handler: ImmediateHandler) {
-        let mut imm = lock(&self.imm);
-        for v in imm.early.drain(..) {
-            handler(v);
-        }
-        imm.handler = Some(handler);
+        lock(&self.imm).install(handler);
     }
 }
