@@ -730,8 +730,6 @@ struct Inner {
     /// When a one-sided completion last arrived (or the first piece after an idle spell was
     /// posted): `check_stall` for the one-sided QP.
     ops_progress: std::time::Instant,
-    /// The one-sided QP was moved to the error state (see `fail`).
-    rma_failed: bool,
     /// [`VerbsConfig::rma_inflight_bytes`].
     ops_budget: u32,
     /// Takes the immediate data of the peer's writes ([`OneSided::on_immediate`]).
@@ -803,11 +801,8 @@ impl Inner {
         if self.error.is_none() {
             tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
             self.error = Some((kind, msg));
-        }
-        // The one-sided QP goes to the error state too, so its posted pieces complete soon, as
-        // flushed (a failure), whatever broke the connection.
-        if !self.rma_failed {
-            self.rma_failed = true;
+            // The one-sided QP goes to the error state too, so its posted pieces complete soon,
+            // as flushed (a failure), whatever broke the connection.
             // SAFETY: zeroed attrs are valid; the QP is valid.
             unsafe {
                 let mut a: ibv_qp_attr = std::mem::zeroed();
@@ -1764,7 +1759,6 @@ pub(crate) async fn establish(
         ops_completed: 0,
         ops_bytes: 0,
         ops_progress: std::time::Instant::now(),
-        rma_failed: false,
         ops_budget: cfg.rma_inflight_bytes,
         imms: Immediates::new(EARLY_IMMEDIATES),
         rma: rma.clone(),
