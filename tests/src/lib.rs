@@ -209,6 +209,27 @@ pub fn reversed_blocks(n: u64, block: u64) -> Vec<agentfabric::Block> {
         .collect()
 }
 
+/// Where `got` differs from `want`: `None` if they are equal, else the number of differing
+/// bytes, the first and last differing offsets, and how many 1 KiB stretches (one packet at the
+/// lab's MTU) hold a difference, so a failure tells a lost piece from a stray byte.
+pub fn describe_difference(got: &[u8], want: &[u8]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} bytes, not {}", got.len(), want.len()));
+    }
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    let (first, last) = (*differ.first()?, *differ.last()?);
+    let mut stretches: Vec<usize> = differ.iter().map(|i| i >> 10).collect();
+    stretches.dedup();
+    let zeros = differ.iter().filter(|&&i| got[i] == 0).count();
+    Some(format!(
+        "{} bytes differ ({zeros} of them zero), offsets {first}..={last}, in {} KiB stretches \
+         (first at KiB {})",
+        differ.len(),
+        stretches.len(),
+        stretches[0]
+    ))
+}
+
 /// Asserts that each of `blocks` of `region` holds its bytes of `data` (the source region's
 /// contents), block by block.
 pub async fn assert_blocks_landed(
@@ -219,10 +240,9 @@ pub async fn assert_blocks_landed(
     for (i, b) in blocks.iter().enumerate() {
         let mut got = vec![0u8; b.len as usize];
         region.read_at(b.remote, &mut got).await.unwrap();
-        assert!(
-            got[..] == data[b.local as usize..(b.local + b.len) as usize],
-            "block {i} (local offset {}) differs",
-            b.local
-        );
+        let want = &data[b.local as usize..(b.local + b.len) as usize];
+        if let Some(how) = describe_difference(&got, want) {
+            panic!("block {i} (local offset {}) differs: {how}", b.local);
+        }
     }
 }

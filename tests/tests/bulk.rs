@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use agentfabric::bulk::RegionError;
 use agentfabric::{Block, Class, Config, Error, RegionDescriptor};
-use agentfabric_tests::{assert_blocks_landed, pair, reversed_blocks, within, Kind};
+use agentfabric_tests::{
+    assert_blocks_landed, describe_difference, pair, reversed_blocks, within, Kind,
+};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -58,7 +60,9 @@ async fn thousand_block_batches_write_and_read(kind: Kind) {
     .unwrap();
     let mut all = vec![0u8; (BLOCK * N) as usize];
     back.read_at(0, &mut all).await.unwrap();
-    assert!(all == data, "data read back differs");
+    if let Some(how) = describe_difference(&all, &data) {
+        panic!("data read back differs: {how}");
+    }
 }
 
 /// Ranges outside either region fail with the failing block's index, before anything moves.
@@ -300,7 +304,9 @@ async fn one_sided_transfers_bypass_the_session(kind: Kind) {
     );
     let mut all = vec![0u8; (BLOCK * N) as usize];
     back.read_at(0, &mut all).await.unwrap();
-    assert!(all == data, "data read back differs");
+    if let Some(how) = describe_difference(&all, &data) {
+        panic!("data read back differs: {how}");
+    }
     // Coordination still flows on the same session.
     let coord = p.client_peer.channel(Class::Coordination, 3).unwrap();
     coord.send("after").await.unwrap();

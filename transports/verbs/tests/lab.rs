@@ -1,10 +1,11 @@
 //! Fabric sessions over verbs when things break: a peer process killed, and the link taken down
-//! and up. They need the Soft-RoCE lab (an RDMA device, root for `ip link`): `#[ignore]`d, run
-//! by `soft-roce/tests.d/10-verbs-transport` with `--ignored`.
+//! and up (under messages, and under one-sided transfers). They need the Soft-RoCE lab (an RDMA
+//! device, root for `ip link`): `#[ignore]`d, run by `soft-roce/tests.d/30-verbs-failures` with
+//! `--ignored`.
 
 use std::time::{Duration, Instant};
 
-use agentfabric::{Class, Config, Error, Node};
+use agentfabric::{Block, Class, Config, Error, Node};
 use agentfabric_verbs::{VerbsConfig, VerbsTransport};
 
 fn addr_a() -> String {
@@ -224,4 +225,110 @@ async fn link_down_and_up_loses_nothing() {
         resumes >= 1,
         "the outage should have cost the QP and a resume"
     );
+}
+
+/// The byte at offset `i` of the outage test's data.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ 0x3c
+}
+
+/// The first offset where `got` and `want` differ, and how many bytes do.
+fn first_difference(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {
+    let first = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let count = got.iter().zip(want).filter(|(a, b)| a != b).count();
+    Some((first, count))
+}
+
+/// A one-sided write and then a one-sided read, each with the link taken down under it: the
+/// one-sided operations fail with the QP, the rest of each transfer goes through the resumed
+/// session, and both regions end up holding every byte, in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn transfers_across_a_link_outage_keep_every_byte() {
+    log();
+    let Some(dev_b) = device_b() else {
+        panic!("needs the lab's second device (AGENTFABRIC_LAB_DEVICE_B) so traffic crosses veth");
+    };
+    let cfg = Config {
+        peer_timeout: Duration::from_secs(8),
+        ..Config::default()
+    };
+    let server = node("server", None, cfg.clone());
+    let url = server
+        .listen(&format!("verbs://{}:0", addr_a()))
+        .await
+        .unwrap();
+    let client = node("client", Some(dev_b), cfg);
+    let peer = within(Duration::from_secs(10), client.connect(&url))
+        .await
+        .unwrap();
+    let _sp = within(Duration::from_secs(10), server.accept())
+        .await
+        .unwrap();
+    // 16 MiB: under emulation the transfer takes far longer than the 20 ms before the link
+    // goes down (asserted below).
+    const BLOCK: u64 = 64 << 10;
+    const N: u64 = 256;
+    let len = (BLOCK * N) as usize;
+    let data: Vec<u8> = (0..len as u64).map(pattern).collect();
+    let src = client.register(len).unwrap();
+    src.write_at(0, &data).await.unwrap();
+    let dst = server.register(len).unwrap();
+    let back = client.register(len).unwrap();
+    let d = dst.descriptor();
+    assert!(d.rdma.is_some() && src.descriptor().rdma.is_some());
+    // Block i of the client's region to slot N-1-i of the server's.
+    let blocks: Vec<Block> = (0..N)
+        .map(|i| Block {
+            local: i * BLOCK,
+            remote: (N - 1 - i) * BLOCK,
+            len: BLOCK,
+        })
+        .collect();
+    for (what, write) in [("write", true), ("read", false)] {
+        let resumes = peer.stats().session.resumes;
+        let t = tokio::spawn({
+            let (peer, src, back, d, blocks) =
+                (peer.clone(), src.clone(), back.clone(), d, blocks.clone());
+            async move {
+                if write {
+                    peer.write(&src, &d, &blocks, None).await
+                } else {
+                    peer.read(&back, &d, &blocks, None).await
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ip("link set veth1 down");
+        let cut_short = !t.is_finished();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        ip("link set veth1 up");
+        restore_lab_routes();
+        let r = within(Duration::from_secs(60), t).await.unwrap();
+        let report = r.unwrap_or_else(|e| panic!("the {what} failed: {e}"));
+        assert_eq!(report.bytes, BLOCK * N, "{what}: bytes moved");
+        let resumed = peer.stats().session.resumes - resumes;
+        println!("{what}: cut short by the outage; session resumes: {resumed}");
+        assert!(
+            cut_short,
+            "the {what} finished before the link went down: nothing was tested"
+        );
+        assert!(resumed >= 1, "the {what}'s outage cost no resume");
+        // Byte for byte: the server's slots for a write, the client's fresh region for a read.
+        let (region, want): (&agentfabric::Region, Vec<u8>) = if write {
+            let mut want = vec![0u8; len];
+            for b in &blocks {
+                want[b.remote as usize..(b.remote + b.len) as usize]
+                    .copy_from_slice(&data[b.local as usize..(b.local + b.len) as usize]);
+            }
+            (&dst, want)
+        } else {
+            (&back, data.clone())
+        };
+        let mut got = vec![0u8; len];
+        region.read_at(0, &mut got).await.unwrap();
+        if let Some((at, count)) = first_difference(&got, &want) {
+            panic!("{what}: {count} bytes differ, the first at offset {at}");
+        }
+    }
 }
