@@ -69,6 +69,23 @@ else
     show_logs rping
 fi
 
+# The rxe ports' non-zero counters (retransmissions, duplicates, send errors) and the packets the
+# kernel's backlog dropped: after a failed script (so a failure under emulation shows what the
+# link went through), and once at the end of a clean run.
+link_counters() {
+    echo "lab: link counters since boot:"
+    rdma statistic show 2>/dev/null | awk '{
+        line = "  | " $1 " " $2;
+        for (i = 3; i < NF; i += 2) if ($(i + 1) != "0") line = line " " $i "=" $(i + 1);
+        print line
+    }'
+    local drops=0 _cpu dropped _rest
+    while read -r _cpu dropped _rest; do
+        drops=$((drops + 16#$dropped))
+    done </proc/net/softnet_stat
+    echo "  | backlog drops=$drops"
+}
+
 shopt -s nullglob
 scripts=()
 for f in "$TESTS_D"/*; do
@@ -88,7 +105,9 @@ for f in "${scripts[@]}"; do
     else
         notok "tests.d/${f##*/} (exit $rc)"
     fi
+    [[ $rc == 0 ]] || link_counters
 done
 
+[[ $fail == 0 ]] && link_counters
 echo "lab: $pass passed, $fail failed"
 [[ $fail == 0 ]]
