@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentfabric::{Block, Class, Config, Error, Node};
+use agentfabric::{Block, Class, Config, Error, Node, Peer};
 use agentfabric_verbs::{VerbsConfig, VerbsTransport};
 
 fn addr_a() -> String {
@@ -154,14 +154,13 @@ fn restore_lab_routes() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
-async fn link_down_and_up_loses_nothing() {
-    log();
+/// A server node on the lab's first device and a client node on its second, connected, so their
+/// traffic crosses the veth pair; the peer timeout (8 s) outlasts [`link_outage`], so the session
+/// survives it and resumes on a new QP. Returns (server, client, client's peer, server's peer).
+async fn across_veth() -> (Node, Node, Peer, Peer) {
     let Some(dev_b) = device_b() else {
         panic!("needs the lab's second device (AGENTFABRIC_LAB_DEVICE_B) so traffic crosses veth");
     };
-    // Longer than the outage, so the session survives it and resumes on a new QP.
     let cfg = Config {
         peer_timeout: Duration::from_secs(8),
         ..Config::default()
@@ -178,6 +177,22 @@ async fn link_down_and_up_loses_nothing() {
     let sp = within(Duration::from_secs(10), server.accept())
         .await
         .unwrap();
+    (server, client, peer, sp)
+}
+
+/// Takes veth1 down for 2 s (longer than the QP's stall timeout), then up, with the lab's routes.
+async fn link_outage() {
+    ip("link set veth1 down");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    ip("link set veth1 up");
+    restore_lab_routes();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn link_down_and_up_loses_nothing() {
+    log();
+    let (_server, _client, peer, sp) = across_veth().await;
     const N: u32 = 400;
     let ch = peer.channel(Class::Coordination, 4).unwrap();
     let sender = tokio::spawn({
@@ -208,10 +223,7 @@ async fn link_down_and_up_loses_nothing() {
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
     println!("link down");
-    ip("link set veth1 down");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    ip("link set veth1 up");
-    restore_lab_routes();
+    link_outage().await;
     println!("link up");
     within(Duration::from_secs(60), async {
         sender.await.unwrap();
@@ -234,6 +246,9 @@ fn pattern(i: u64) -> u8 {
 
 /// The first offset where `got` and `want` differ, and how many bytes do.
 fn first_difference(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {
+    if got == want {
+        return None;
+    }
     let first = got.iter().zip(want).position(|(a, b)| a != b)?;
     let count = got.iter().zip(want).filter(|(a, b)| a != b).count();
     Some((first, count))
@@ -246,25 +261,7 @@ fn first_difference(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {
 #[ignore = "needs an RDMA device: run with soft-roce/lab test"]
 async fn transfers_across_a_link_outage_keep_every_byte() {
     log();
-    let Some(dev_b) = device_b() else {
-        panic!("needs the lab's second device (AGENTFABRIC_LAB_DEVICE_B) so traffic crosses veth");
-    };
-    let cfg = Config {
-        peer_timeout: Duration::from_secs(8),
-        ..Config::default()
-    };
-    let server = node("server", None, cfg.clone());
-    let url = server
-        .listen(&format!("verbs://{}:0", addr_a()))
-        .await
-        .unwrap();
-    let client = node("client", Some(dev_b), cfg);
-    let peer = within(Duration::from_secs(10), client.connect(&url))
-        .await
-        .unwrap();
-    let _sp = within(Duration::from_secs(10), server.accept())
-        .await
-        .unwrap();
+    let (server, client, peer, _sp) = across_veth().await;
     // 16 MiB: under emulation the transfer takes far longer than the 20 ms before the link
     // goes down (asserted below).
     const BLOCK: u64 = 64 << 10;
@@ -299,11 +296,8 @@ async fn transfers_across_a_link_outage_keep_every_byte() {
             }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        ip("link set veth1 down");
         let cut_short = !t.is_finished();
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        ip("link set veth1 up");
-        restore_lab_routes();
+        link_outage().await;
         let r = within(Duration::from_secs(60), t).await.unwrap();
         let report = r.unwrap_or_else(|e| panic!("the {what} failed: {e}"));
         assert_eq!(report.bytes, BLOCK * N, "{what}: bytes moved");
