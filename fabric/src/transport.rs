@@ -243,6 +243,58 @@ pub trait FrameSink: Send {
     }
 }
 
+/// A sending half that forwards every frame to another and offers one-sided operations beside
+/// them: how a transport whose one-sided operations move outside its frame path (tcp's
+/// one-sided lane, a test's stand-in) attaches them to a connection.
+pub struct OneSidedSink {
+    inner: Box<dyn FrameSink>,
+    ops: Arc<dyn OneSided>,
+    /// Whatever must live as long as this half (e.g. what closes the operations once both halves
+    /// of the connection are gone).
+    _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl OneSidedSink {
+    /// `inner` with `ops` as its one-sided operations; `keep` is dropped with the sink.
+    pub fn new(
+        inner: Box<dyn FrameSink>,
+        ops: Arc<dyn OneSided>,
+        keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> OneSidedSink {
+        OneSidedSink {
+            inner,
+            ops,
+            _keep: keep,
+        }
+    }
+}
+
+impl FrameSink for OneSidedSink {
+    fn push(&mut self, frame: OutFrame) {
+        self.inner.push(frame);
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.inner.queued_bytes()
+    }
+
+    fn queued_bytes_in(&self, lane: Lane) -> usize {
+        self.inner.queued_bytes_in(lane)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_close(cx)
+    }
+
+    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
+        Some(self.ops.clone())
+    }
+}
+
 /// The receiving half of a connection.
 pub trait FrameStream: Send {
     /// Receives the frames that are ready into `out`: `Ready(Ok(()))` adds at least one.

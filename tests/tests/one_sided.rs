@@ -9,14 +9,12 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agentfabric::frame::{Lane, OutFrame};
 use agentfabric::mem::MemNetwork;
 use agentfabric::transport::{
-    BoxFuture, Connection, FrameSink, ImmediateHandler, Listener, MemoryDomain, MemoryRegistration,
-    OneSided, OneSidedDone, OneSidedKind, OneSidedOp, Transport,
+    BoxFuture, Connection, ImmediateHandler, Listener, MemoryDomain, MemoryRegistration, OneSided,
+    OneSidedDone, OneSidedKind, OneSidedOp, OneSidedSink, Transport,
 };
 use agentfabric::{Block, Config, Node};
 use agentfabric_tests::{assert_blocks_landed, reversed_blocks, within};
@@ -161,38 +159,9 @@ struct FakeRdma {
     ops: Arc<FakeOneSided>,
 }
 
-struct WithOneSided {
-    inner: Box<dyn FrameSink>,
-    ops: Arc<FakeOneSided>,
-}
-
-impl FrameSink for WithOneSided {
-    fn push(&mut self, frame: OutFrame) {
-        self.inner.push(frame)
-    }
-    fn queued_bytes(&self) -> usize {
-        self.inner.queued_bytes()
-    }
-    fn queued_bytes_in(&self, lane: Lane) -> usize {
-        self.inner.queued_bytes_in(lane)
-    }
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_flush(cx)
-    }
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_close(cx)
-    }
-    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
-        Some(self.ops.clone())
-    }
-}
-
 fn wrap(c: Connection, ops: &Arc<FakeOneSided>) -> Connection {
     Connection {
-        sink: Box::new(WithOneSided {
-            inner: c.sink,
-            ops: ops.clone(),
-        }),
+        sink: Box::new(OneSidedSink::new(c.sink, ops.clone(), None)),
         stream: c.stream,
         remote: c.remote,
     }

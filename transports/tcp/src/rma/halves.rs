@@ -1,12 +1,11 @@
 //! The connection's halves with the one-sided lane attached: the sink offers its operations,
 //! the stream reports its faults, and the lane ends when both halves are gone.
 
-use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use agentfabric::frame::{Frame, Lane, OutFrame};
-use agentfabric::transport::{FrameSink, FrameStream, OneSided, RecvError};
+use agentfabric::frame::Frame;
+use agentfabric::transport::{FrameSink, FrameStream, OneSidedSink, RecvError};
 
 use super::RmaLane;
 
@@ -28,49 +27,13 @@ pub(crate) fn attach(
 ) -> (Box<dyn FrameSink>, Box<dyn FrameStream>) {
     let owner = Arc::new(Owner(lane.clone()));
     (
-        Box::new(RmaSink {
-            inner: sink,
-            lane: lane.clone(),
-            _owner: owner.clone(),
-        }),
+        Box::new(OneSidedSink::new(sink, lane.clone(), Some(owner.clone()))),
         Box::new(RmaStream {
             inner: stream,
             lane,
             _owner: owner,
         }),
     )
-}
-
-struct RmaSink {
-    inner: Box<dyn FrameSink>,
-    lane: Arc<RmaLane>,
-    _owner: Arc<Owner>,
-}
-
-impl FrameSink for RmaSink {
-    fn push(&mut self, frame: OutFrame) {
-        self.inner.push(frame);
-    }
-
-    fn queued_bytes(&self) -> usize {
-        self.inner.queued_bytes()
-    }
-
-    fn queued_bytes_in(&self, lane: Lane) -> usize {
-        self.inner.queued_bytes_in(lane)
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_flush(cx)
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_close(cx)
-    }
-
-    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
-        Some(self.lane.clone())
-    }
 }
 
 struct RmaStream {
