@@ -514,6 +514,15 @@ fn wc_imm(wc: &ibv_wc) -> Option<u32> {
 }
 
 /// The connection's state, locked (a panic elsewhere does not poison it for the others).
+/// Links `wrs` into one list for a single `ibv_post_send` (each points at the next; the last
+/// keeps its null `next`). The pointers are valid while `wrs` is neither moved nor grown.
+fn chain_send_wrs(wrs: &mut [ibv_send_wr]) {
+    for k in 1..wrs.len() {
+        let next: *mut ibv_send_wr = &mut wrs[k];
+        wrs[k - 1].next = next;
+    }
+}
+
 fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -1179,10 +1188,7 @@ impl Inner {
             self.swrs.push(wr);
         }
         let n = pieces.len();
-        for k in 0..n.saturating_sub(1) {
-            let next: *mut ibv_send_wr = &mut self.swrs[k + 1];
-            self.swrs[k].next = next;
-        }
+        chain_send_wrs(&mut self.swrs);
         if self.ops_posted == self.ops_completed {
             self.ops_progress = std::time::Instant::now();
         }
@@ -1317,10 +1323,7 @@ impl Inner {
             sge_i += num as usize;
             self.swrs.push(wr);
         }
-        for k in 0..n.saturating_sub(1) {
-            let next: *mut ibv_send_wr = &mut self.swrs[k + 1];
-            self.swrs[k].next = next;
-        }
+        chain_send_wrs(&mut self.swrs);
         if self.posted == self.completed {
             self.last_progress = std::time::Instant::now();
         }
