@@ -82,6 +82,33 @@ pub trait MemoryRegistration: Send + Sync {
     fn local_key(&self) -> u32;
     /// The key a peer names the memory with in one-sided operations.
     fn remote_key(&self) -> u32;
+
+    /// Withdraws the remote key and keeps the memory registered: once this returns, the device
+    /// refuses the key (a peer's operation with it fails), while the memory stays pinned for a
+    /// later [`MemoryRegistration::grant`]. This is what makes registering the same memory again
+    /// cheap (a registration cache that never honours an old key): the fabric calls it when a
+    /// region is revoked, and keeps the registration with the region's buffer.
+    ///
+    /// Domains that cannot re-key a registration (the default) return an error of kind
+    /// [`io::ErrorKind::Unsupported`]: the fabric then drops the registration instead, and
+    /// registers the memory afresh next time. On any error the registration must be safe to
+    /// drop.
+    fn withdraw(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this memory domain cannot withdraw a remote key and keep the registration",
+        ))
+    }
+
+    /// Gives a registration whose key was withdrawn a new remote key, different from every key
+    /// it had before ([`MemoryRegistration::remote_key`] returns it from now on). On an error
+    /// the fabric drops the registration and registers the memory afresh.
+    fn grant(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this memory domain cannot grant a new remote key to a registration",
+        ))
+    }
 }
 
 /// Which way a one-sided operation moves bytes.

@@ -25,14 +25,23 @@ const DOMAIN: u64 = 7;
 /// Registered ranges by key (local and remote keys are the same here).
 type Registry = Arc<Mutex<HashMap<u32, (usize, usize)>>>;
 
+/// The stand-in device's memory domain. Its registrations can withdraw their key and take a
+/// new one, as memory windows do on verbs.
 struct FakeDomain {
     regs: Registry,
-    next: AtomicU32,
+    next: Arc<AtomicU32>,
+    /// Registrations made (memory "pinned"), not counting new keys for kept ones.
+    registered: AtomicUsize,
+    /// Registrations dropped.
+    deregistered: Arc<AtomicUsize>,
 }
 
 struct FakeRegistration {
     key: u32,
+    range: (usize, usize),
     regs: Registry,
+    next: Arc<AtomicU32>,
+    deregistered: Arc<AtomicUsize>,
 }
 
 impl MemoryRegistration for FakeRegistration {
@@ -42,11 +51,21 @@ impl MemoryRegistration for FakeRegistration {
     fn remote_key(&self) -> u32 {
         self.key
     }
+    fn withdraw(&mut self) -> io::Result<()> {
+        self.regs.lock().unwrap().remove(&self.key);
+        Ok(())
+    }
+    fn grant(&mut self) -> io::Result<()> {
+        self.key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.regs.lock().unwrap().insert(self.key, self.range);
+        Ok(())
+    }
 }
 
 impl Drop for FakeRegistration {
     fn drop(&mut self) {
         self.regs.lock().unwrap().remove(&self.key);
+        self.deregistered.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -60,11 +79,16 @@ impl MemoryDomain for FakeDomain {
         addr: *mut u8,
         len: usize,
     ) -> io::Result<Box<dyn MemoryRegistration>> {
+        self.registered.fetch_add(1, Ordering::Relaxed);
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        self.regs.lock().unwrap().insert(key, (addr as usize, len));
+        let range = (addr as usize, len);
+        self.regs.lock().unwrap().insert(key, range);
         Ok(Box::new(FakeRegistration {
             key,
+            range,
             regs: self.regs.clone(),
+            next: self.next.clone(),
+            deregistered: self.deregistered.clone(),
         }))
     }
 }
@@ -205,11 +229,27 @@ impl Transport for FakeRdma {
 /// Two nodes on one in-process network sharing the stand-in device, which fails as `failure`
 /// says; with the count of immediates the server's end received.
 async fn pair(failure: Option<Failure>) -> (Node, Node, agentfabric::Peer, Arc<AtomicUsize>) {
+    let (server, client, peer, immediates, _) = pair_on(failure).await;
+    (server, client, peer, immediates)
+}
+
+/// [`pair`], and the stand-in device's domain.
+async fn pair_on(
+    failure: Option<Failure>,
+) -> (
+    Node,
+    Node,
+    agentfabric::Peer,
+    Arc<AtomicUsize>,
+    Arc<FakeDomain>,
+) {
     let net = MemNetwork::new();
     let regs: Registry = Arc::default();
     let domain = Arc::new(FakeDomain {
         regs: regs.clone(),
-        next: AtomicU32::new(1),
+        next: Arc::new(AtomicU32::new(1)),
+        registered: AtomicUsize::new(0),
+        deregistered: Arc::default(),
     });
     let (posted, handlers) = (Arc::new(AtomicUsize::new(0)), Handlers::default());
     let node = |name: &str, side: usize| {
@@ -236,7 +276,7 @@ async fn pair(failure: Option<Failure>) -> (Node, Node, agentfabric::Peer, Arc<A
     let ((server, immediates), (client, _)) = (node("server", 0), node("client", 1));
     let addr = server.listen("mem://server").await.unwrap();
     let peer = client.connect(&addr).await.unwrap();
-    (server, client, peer, immediates)
+    (server, client, peer, immediates, domain)
 }
 
 fn pattern(i: usize) -> u8 {
@@ -338,4 +378,92 @@ async fn a_read_notifies_through_the_session() {
     let mut back = [0u8; 8192];
     dst.read_at(0, &mut back).await.unwrap();
     assert!(back.iter().all(|&b| b == 7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaimed_buffer_takes_a_new_key_without_registering_again() {
+    const LEN: u64 = 64 * 1024;
+    let (server, client, peer, _, domain) = pair_on(None).await;
+    let src = client.register(LEN as usize).unwrap();
+    let dst = server.register(LEN as usize).unwrap();
+    let data: Vec<u8> = (0..LEN as usize).map(pattern).collect();
+    src.write_at(0, &data).await.unwrap();
+    let blocks = reversed_blocks(16, LEN / 16);
+    let old = dst.descriptor();
+    within(LIMIT, peer.write(&src, &old, &blocks, None))
+        .await
+        .unwrap();
+
+    // A second handle keeps the region: reclaiming it hands the region back, revoked.
+    let other = dst.clone();
+    let dst = dst.reclaim().await.expect_err("another handle is alive");
+    assert!(dst.is_revoked());
+    drop(other);
+    let buf = dst.reclaim().await.expect("the only handle");
+    assert!(buf.keeps_registration());
+    let mut landed = vec![0u8; LEN as usize];
+    for b in &blocks {
+        let (from, to, n) = (b.local as usize, b.remote as usize, b.len as usize);
+        landed[to..to + n].copy_from_slice(&data[from..from + n]);
+    }
+    assert!(
+        buf[..] == landed[..],
+        "the written bytes came back with the buffer"
+    );
+    let old_rkey = old.rdma.unwrap().rkey;
+    assert!(
+        !domain.regs.lock().unwrap().contains_key(&old_rkey),
+        "the device still honours the revoked region's key"
+    );
+
+    let pinned = domain.registered.load(Ordering::Relaxed);
+    let again = server.register_buf(buf);
+    assert_eq!(
+        domain.registered.load(Ordering::Relaxed),
+        pinned,
+        "the kept registration was not reused"
+    );
+    let new = again.descriptor();
+    assert_ne!(new.rdma.unwrap().rkey, old_rkey);
+    assert_ne!(new.region, old.region);
+    // The old descriptor is refused; the new one moves blocks one-sided.
+    let refused = within(LIMIT, peer.write(&src, &old, &blocks, None)).await;
+    assert!(
+        refused.is_err(),
+        "a write through the revoked descriptor: {refused:?}"
+    );
+    let data2: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+    src.write_at(0, &data2).await.unwrap();
+    let before = peer.stats().session.bytes_sent;
+    within(LIMIT, peer.write(&src, &new, &blocks, None))
+        .await
+        .unwrap();
+    assert!(peer.stats().session.bytes_sent - before < LEN / 4);
+    assert_blocks_landed(&again, &blocks, &data2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_registration_goes_when_its_buffer_leaves_the_domain_or_is_dropped() {
+    let (server, _client, _peer, _, domain) = pair_on(None).await;
+    let region = server.register(8192).unwrap();
+    let buf = region.reclaim().await.unwrap();
+    assert!(buf.keeps_registration());
+    let gone = domain.deregistered.load(Ordering::Relaxed);
+
+    // A node without the stand-in's domain cannot use the registration: it goes.
+    let plain = Node::builder("plain")
+        .transport(MemNetwork::new().transport())
+        .build()
+        .unwrap();
+    let region = plain.register_buf(buf);
+    assert!(region.descriptor().rdma.is_none());
+    assert_eq!(domain.deregistered.load(Ordering::Relaxed), gone + 1);
+    let buf = region.reclaim().await.unwrap();
+    assert!(!buf.keeps_registration());
+
+    // Dropping a buffer that keeps one deregisters it (before the memory is freed).
+    let buf = server.register_buf(buf).reclaim().await.unwrap();
+    assert!(buf.keeps_registration());
+    drop(buf);
+    assert_eq!(domain.deregistered.load(Ordering::Relaxed), gone + 2);
 }

@@ -24,9 +24,17 @@ use crate::transport::{MemoryDomain, MemoryRegistration};
 pub const REGION_ALIGN: usize = 4096;
 
 /// A zeroed, page-aligned heap buffer.
+///
+/// A buffer handed back by [`Region::reclaim`] may keep its registration with the RDMA device
+/// (with no remote key: no peer can reach it): registering it again with the same node then
+/// only gives it a new remote key, instead of pinning the memory again. The registration goes
+/// when the buffer is dropped, before its memory is freed.
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// The registration a revoked region left with its memory, key withdrawn
+    /// ([`MemoryRegistration::withdraw`]).
+    kept: Option<Registered>,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
@@ -47,7 +55,17 @@ impl AlignedBuf {
         let ptr = unsafe { alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(ptr)
             .ok_or_else(|| Error::Config(format!("out of memory allocating {len} bytes")))?;
-        Ok(AlignedBuf { ptr, len })
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            kept: None,
+        })
+    }
+
+    /// Whether the buffer keeps a device registration from the region it was reclaimed from
+    /// (see the type's docs).
+    pub fn keeps_registration(&self) -> bool {
+        self.kept.is_some()
     }
 }
 
@@ -68,6 +86,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        // The device lets go of the memory before it is freed.
+        drop(self.kept.take());
         let layout =
             Layout::from_size_align(self.len, REGION_ALIGN).expect("checked at allocation");
         // SAFETY: allocated in `new` with this layout.
@@ -79,6 +99,7 @@ impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
+            .field("keeps_registration", &self.keeps_registration())
             .finish()
     }
 }
@@ -360,10 +381,11 @@ impl RegionTable {
 
     pub(crate) fn register(self: &Arc<Self>, mut buf: AlignedBuf) -> Region {
         // Before the table's lock: pinning a large buffer takes a while, and lookups wait on it.
-        let rdma = self
-            .domain
-            .as_ref()
-            .and_then(|d| register_with(d, &mut buf));
+        let kept = buf.kept.take();
+        let rdma = self.domain.as_ref().and_then(|d| {
+            kept.and_then(|k| regrant(d, k))
+                .or_else(|| register_with(d, &mut buf))
+        });
         let mut regions = lock(&self.regions);
         regions.retain(|_, r| r.strong_count() > 0);
         let id = loop {
@@ -390,14 +412,35 @@ impl RegionTable {
     }
 }
 
+/// Gives `kept`, a registration a reclaimed buffer brought back, a new remote key, when it was
+/// made in `domain`; `None` otherwise (dropped: the caller registers the buffer afresh).
+fn regrant(domain: &Arc<dyn MemoryDomain>, mut kept: Registered) -> Option<Registered> {
+    if kept.domain != domain.id() {
+        // Registered with another node's device: that device lets go of it here.
+        return None;
+    }
+    match kept.reg.grant() {
+        Ok(()) => Some(kept),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot give a reclaimed buffer's registration a new remote key; registering it \
+                 again"
+            );
+            None
+        }
+    }
+}
+
 /// Registers `buf` with `domain`. A failure (the device's limits, the locked-memory limit)
 /// leaves the region without one-sided access: transfers to and from it then move through the
 /// session, as on transports without RDMA. Said in the log, since it costs bandwidth.
 fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option<Registered> {
     let addr = buf.as_mut_ptr();
     // SAFETY: the registration is stored in the region beside the buffer and dropped before it
-    // (field order of `RegionInner`, and `Region::revoke`); the buffer's heap memory does not
-    // move when the `AlignedBuf` value does.
+    // (field order of `RegionInner`), or kept in the buffer itself (`Region::revoke`), whose
+    // `Drop` drops it before freeing the memory; the buffer's heap memory does not move when
+    // the `AlignedBuf` value does.
     match unsafe { domain.register(addr, buf.len()) } {
         Ok(reg) => Some(Registered {
             domain: domain.id(),
@@ -437,12 +480,14 @@ fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option
 ///   its session resumes on a new connection).
 ///
 /// Registration is paid once per region, not per transfer: keep a region (a KV-cache pool, say)
-/// for as long as its memory is shared, and move any number of batches in and out of it. There
-/// is no registration cache that would keep a revoked or dropped region's registration for the
-/// next region on the same memory: the device would still honour the old remote key, so a peer
-/// holding the old descriptor could reach memory that now belongs to someone else. Reusing a
-/// registration safely needs a new remote key for the same pinned memory (memory windows, or
-/// devices that re-key a registration); this crate does not do that yet.
+/// for as long as its memory is shared, and move any number of batches in and out of it. To
+/// share the same memory anew (with other peers, after revoking it from the first ones), take
+/// it back with [`Region::reclaim`] and register it again: where the device can withdraw a
+/// remote key and grant a new one for the same registration (the verbs transport does, with
+/// memory windows), the memory stays pinned in between and registering it again costs a new
+/// key, not a new registration. The old key is refused from the revocation on, so a peer
+/// holding the old descriptor never reaches the memory again. A dropped region's registration
+/// is not kept: its memory is freed.
 ///
 /// The TCP transport has a memory domain too (`agentfabric-tcp`'s one-sided lane): there the
 /// "device" is the transport's lane threads, which check the key and the range of every piece
@@ -501,15 +546,75 @@ impl Region {
 
     /// Revokes the region: new operations on it, local or remote, are refused at once; this
     /// waits until the operations already in flight through this node have finished, then
-    /// unregisters it (a peer's one-sided operations in flight are cut off: see [`Region`]).
+    /// withdraws its device registration's remote key (a peer's one-sided operations in flight
+    /// are cut off: see [`Region`]).
+    ///
+    /// Where the device can re-key a registration, the registration stays with the region's
+    /// memory, keyless, for [`Region::reclaim`] to hand back; otherwise it is deregistered.
     pub async fn revoke(&self) {
         self.inner.revoked.store(true, Ordering::Release);
         // The write guard is granted only once every in-flight view is gone.
-        drop(self.inner.mem.write().await);
-        // Deregistered: a peer's one-sided access with the old key now fails on the device.
-        drop(self.inner.registered().take());
+        let mut mem = self.inner.mem.write().await;
+        let registered = self.inner.registered().take();
+        if let Some(mut r) = registered {
+            // Either way a peer's one-sided access with the old key now fails on the device.
+            match r.reg.withdraw() {
+                Ok(()) => mem.kept = Some(r),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::Unsupported {
+                        tracing::warn!(
+                            region = self.inner.id,
+                            error = %e,
+                            "cannot withdraw a revoked region's remote key; deregistering it"
+                        );
+                    }
+                    drop(r);
+                }
+            }
+        }
+        drop(mem);
         if let Some(t) = self.inner.table.upgrade() {
             t.forget(self.inner.id);
+        }
+    }
+
+    /// Revokes the region (as [`Region::revoke`]) and hands its memory back, with the bytes it
+    /// holds. Register the buffer again ([`Node::register_buf`](crate::Node::register_buf))
+    /// to share it anew: the new region has a new id, key and (on RDMA) remote key, so the old
+    /// descriptor stays refused, and where the device can re-key a registration the memory is
+    /// not pinned again (see [`AlignedBuf`]).
+    ///
+    /// Hands the region back instead while another handle to it (a clone of this `Region`, a
+    /// transfer still finishing with it) or a view of its memory (a received block not yet
+    /// dropped) is alive; it stays revoked, and the call can be repeated once they are gone.
+    pub async fn reclaim(self) -> std::result::Result<AlignedBuf, Region> {
+        self.revoke().await;
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(inner) => return Err(Region { inner }),
+        };
+        let RegionInner {
+            id,
+            key,
+            len,
+            rdma,
+            mem,
+            revoked,
+            table,
+        } = inner;
+        match Arc::try_unwrap(mem) {
+            Ok(mem) => Ok(mem.into_inner()),
+            Err(mem) => Err(Region {
+                inner: Arc::new(RegionInner {
+                    id,
+                    key,
+                    len,
+                    rdma,
+                    mem,
+                    revoked,
+                    table,
+                }),
+            }),
         }
     }
 
