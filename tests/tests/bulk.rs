@@ -314,6 +314,51 @@ async fn one_sided_transfers_bypass_the_session(kind: Kind) {
     assert_eq!(&within(LIMIT, rx.recv()).await.unwrap().body[..], b"after");
 }
 
+/// A region reclaimed and registered again: the old descriptor is refused, the new one moves
+/// blocks one-sided, and over verbs the buffer kept its device registration (a memory window
+/// gives it a new remote key instead of pinning it again).
+async fn a_reclaimed_region_is_shared_again_under_a_new_key(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    const BLOCK: u64 = 64 << 10;
+    const N: u64 = 64;
+    let src = p.client.register((BLOCK * N) as usize).unwrap();
+    let dst = p.server.register((BLOCK * N) as usize).unwrap();
+    let blocks = reversed_blocks(N, BLOCK);
+    let data: Vec<u8> = (0..BLOCK * N).map(|i| pattern(i ^ 0x33)).collect();
+    src.write_at(0, &data).await.unwrap();
+    let old = dst.descriptor();
+    within(LIMIT, p.client_peer.write(&src, &old, &blocks, None))
+        .await
+        .unwrap();
+    assert_blocks_landed(&dst, &blocks, &data).await;
+
+    let buf = within(LIMIT, dst.reclaim())
+        .await
+        .expect("the region's only handle");
+    assert_eq!(buf.keeps_registration(), kind == Kind::Verbs);
+    let again = p.server.register_buf(buf);
+    let new = again.descriptor();
+    assert_ne!(new.region, old.region);
+    assert_ne!(new.rdma.unwrap().rkey, old.rdma.unwrap().rkey);
+    let e = within(LIMIT, p.client_peer.write(&src, &old, &blocks, None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { cause, .. } if matches!(**cause, Error::Region(RegionError::Unknown { .. }))),
+        "{e}"
+    );
+
+    let data: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+    src.write_at(0, &data).await.unwrap();
+    let before = p.client_peer.stats().session.bytes_sent;
+    within(LIMIT, p.client_peer.write(&src, &new, &blocks, None))
+        .await
+        .unwrap();
+    let sent = p.client_peer.stats().session.bytes_sent - before;
+    assert!(sent < BLOCK, "{sent} bytes went through the session");
+    assert_blocks_landed(&again, &blocks, &data).await;
+}
+
 /// A region revoked while one-sided writes into it are in flight: the device refuses the rest
 /// (the queue pair breaks), the transfer fails with a typed region error, and the session
 /// resumes on a new connection with coordination intact.
@@ -411,6 +456,7 @@ suite!(
     cfg_attr(any(), ignore):
     one_sided_transfers_bypass_the_session,
     revoked_during_a_one_sided_transfer,
+    a_reclaimed_region_is_shared_again_under_a_new_key,
 );
 // Needs an RDMA device: soft-roce/tests.d/25-verbs-bulk runs these in the lab with --ignored.
 // Over verbs the transfers move one-sided (RDMA WRITE and READ).
@@ -425,4 +471,5 @@ suite!(
     ignore = "needs an RDMA device: run with soft-roce/lab test":
     one_sided_transfers_bypass_the_session,
     revoked_during_a_one_sided_transfer,
+    a_reclaimed_region_is_shared_again_under_a_new_key,
 );

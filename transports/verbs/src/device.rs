@@ -4,11 +4,12 @@ use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rdma_sys::*;
 
 use crate::params::{mtu_bytes, Gid, GidType, LinkLayer};
+use crate::window::Binder;
 
 /// One GID table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +175,11 @@ pub(crate) struct Context {
     /// [`crate::READ_DEPTH`]; at least 1.
     pub(crate) reads_in: u8,
     pub(crate) reads_out: u8,
+    /// The device has type 1 memory windows (`IBV_DEVICE_MEM_WINDOW`).
+    mem_windows: bool,
+    /// Binds memory windows ([`Context::binder`]); made at the first use, `None` when it cannot
+    /// be (no windows, no ACTIVE port).
+    binder: OnceLock<Option<Binder>>,
 }
 
 // SAFETY: ibv_context and ibv_pd are thread-safe handles in rdma-core.
@@ -183,8 +189,10 @@ unsafe impl Sync for Context {}
 
 impl Drop for Context {
     fn drop(&mut self) {
-        // SAFETY: every QP, CQ and MR made from this PD/context holds an Arc<Context>, so none is
-        // left when this runs.
+        // The binder's QP and CQ go before the PD and context they were made on.
+        drop(self.binder.take());
+        // SAFETY: every other QP, CQ, MR and window made from this PD/context holds an
+        // Arc<Context>, so none is left when this runs.
         unsafe {
             ibv_dealloc_pd(self.pd);
             ibv_close_device(self.ctx);
@@ -266,7 +274,32 @@ impl Context {
             max_qp_wr,
             reads_in: reads(attr.max_qp_rd_atom),
             reads_out: reads(attr.max_qp_init_rd_atom),
+            mem_windows: queried
+                && attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW.0 != 0,
+            binder: OnceLock::new(),
         })
+    }
+
+    /// What binds memory windows on this device, made at the first call; `None` when the device
+    /// has none or the binder cannot be set up (said once in the log).
+    pub(crate) fn binder(&self) -> Option<&Binder> {
+        self.binder
+            .get_or_init(|| {
+                if !self.mem_windows {
+                    tracing::debug!(device = %self.name, "the device has no memory windows");
+                    return None;
+                }
+                Binder::new(self)
+                    .map_err(|e| {
+                        tracing::info!(
+                            device = %self.name,
+                            error = %e,
+                            "cannot bind memory windows: revoked regions are deregistered"
+                        )
+                    })
+                    .ok()
+            })
+            .as_ref()
     }
 
     fn phys_port_cnt(&self) -> u8 {

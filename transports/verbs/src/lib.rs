@@ -121,6 +121,7 @@ mod conn;
 mod device;
 mod memory;
 pub mod params;
+mod window;
 
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
 
@@ -178,6 +179,12 @@ pub struct VerbsConfig {
     /// most this much bulk in the device and on the wire; enough to keep a link busy (a 100 Gb/s
     /// link with a 5 µs round trip holds 62 KB). Default 256 KiB.
     pub rma_inflight_bytes: u32,
+    /// Give registered regions their remote key through memory windows, where the device has
+    /// them: revoking a region then withdraws its key but keeps the memory registered, so the
+    /// buffer [`Region::reclaim`](agentfabric::Region::reclaim) hands back registers again
+    /// without pinning its pages again. Off, or on a device without windows, a region's
+    /// registration carries the key itself and revoking deregisters it. Default on.
+    pub memory_windows: bool,
 }
 
 /// Largest piece a one-sided operation is posted in (see [`VerbsConfig::rma_inflight_bytes`]).
@@ -208,6 +215,7 @@ impl Default for VerbsConfig {
             stall_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
             rma_inflight_bytes: 256 << 10,
+            memory_windows: true,
         }
     }
 }
@@ -456,7 +464,10 @@ impl Transport for VerbsTransport {
             None => Context::names().ok()?.into_iter().next()?,
         };
         match self.device(&name) {
-            Ok(dev) => Some(Arc::new(memory::VerbsDomain { dev })),
+            Ok(dev) => Some(Arc::new(memory::VerbsDomain {
+                dev,
+                windows: self.config.memory_windows,
+            })),
             Err(e) => {
                 tracing::debug!(device = %name, error = %e, "no RDMA memory domain");
                 None

@@ -496,3 +496,106 @@ async fn writes_with_immediate_reach_the_peer_after_their_bytes() {
     })
     .await
 }
+
+/// One one-sided operation on `ops`, awaited.
+async fn post_one(
+    ops: &Arc<dyn agentfabric::transport::OneSided>,
+    op: agentfabric::transport::OneSidedOp,
+) -> io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    ops.post(
+        op,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await.expect("the operation's callback ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works() {
+    use agentfabric::transport::{OneSidedKind, OneSidedOp};
+    bounded(async {
+        let s = VerbsTransport::new();
+        let c = VerbsTransport::with_config(client_cfg());
+        let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
+        let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
+        let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
+        // A refused operation fails its connection's one-sided QP: each step gets its own.
+        macro_rules! connect {
+            () => {{
+                let (a, b) = tokio::join!(c.connect(&addr), l.accept());
+                (a.unwrap(), b.unwrap())
+            }};
+        }
+        const LEN: usize = 128 << 10;
+        let mut src: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; LEN];
+        // SAFETY: both buffers outlive their registrations (dropped before them below).
+        let (sreg, mut dreg) = unsafe {
+            (
+                cd.register(src.as_mut_ptr(), LEN).unwrap(),
+                sd.register(dst.as_mut_ptr(), LEN).unwrap(),
+            )
+        };
+        let (src_addr, dst_addr, lkey) =
+            (src.as_ptr() as u64, dst.as_ptr() as u64, sreg.local_key());
+        let write = |rkey: u32| OneSidedOp {
+            kind: OneSidedKind::Write,
+            local_addr: src_addr,
+            local_key: lkey,
+            len: LEN as u32,
+            remote_addr: dst_addr,
+            remote_key: rkey,
+            imm: None,
+        };
+
+        let (a, b) = connect!();
+        let ops = a.sink.one_sided().unwrap();
+        let first = dreg.remote_key();
+        post_one(&ops, write(first))
+            .await
+            .expect("a write with the granted key");
+        drop((a, b));
+
+        dreg.withdraw()
+            .expect("rxe has memory windows: the key can be withdrawn");
+        let (a, b) = connect!();
+        let e = post_one(&a.sink.one_sided().unwrap(), write(first))
+            .await
+            .expect_err("a write with a withdrawn key landed");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        drop((a, b));
+
+        dreg.grant().expect("a new key for the same registration");
+        let second = dreg.remote_key();
+        assert_ne!(second, first);
+        src.iter_mut().for_each(|b| *b ^= 0xa5);
+        let (a, b) = connect!();
+        post_one(&a.sink.one_sided().unwrap(), write(second))
+            .await
+            .expect("a write with the new key");
+        drop((a, b));
+        let (a, b) = connect!();
+        let e = post_one(&a.sink.one_sided().unwrap(), write(first))
+            .await
+            .expect_err("the first key works again after a new grant");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        drop((a, b, sreg, dreg));
+        assert!(dst == src, "the write with the new key did not land whole");
+
+        // Without windows the registration carries its key: only deregistering withdraws it.
+        let plain = VerbsTransport::with_config(VerbsConfig {
+            memory_windows: false,
+            ..client_cfg()
+        });
+        let pd = plain.memory_domain().unwrap();
+        // SAFETY: `src` outlives the registration, dropped at once.
+        let mut reg = unsafe { pd.register(src.as_mut_ptr(), LEN).unwrap() };
+        let e = reg.withdraw().expect_err("withdrew a key without a window");
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        drop(reg);
+    })
+    .await
+}

@@ -1,0 +1,295 @@
+//! Memory windows: one registration (MR) of a buffer, a new remote key each time it is shared.
+//!
+//! Why: revoking a region must make its remote key useless at once. Deregistering the MR does
+//! that, but sharing the same buffer again then costs a new registration, which pins every page
+//! again (milliseconds for a large KV-cache pool). Here the MR grants local access only, and a
+//! type 1 memory window bound over the whole MR carries the remote key: deallocating the window
+//! withdraws the key, and a new window bound to the same MR grants a new one, while the MR and
+//! its pinned pages stay.
+//!
+//! Binding a type 1 window is a work request on a QP in RTS of the same protection domain. Each
+//! device keeps one RC QP connected to itself for that ([`Binder`]): a bind is a local operation
+//! and never goes on the wire.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdma_sys::*;
+
+use crate::device::Context;
+
+/// How long a bind may take before the binder is given up: binds complete in microseconds, so
+/// a longer wait means the device or its driver is stuck.
+const BIND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A type 1 memory window: the remote key of one share of an MR. Deallocated on drop, after
+/// which the device refuses its key.
+pub(crate) struct Window {
+    mw: *mut ibv_mw,
+    rkey: u32,
+}
+
+// SAFETY: an MW handle is usable from any thread; its key is a plain value.
+unsafe impl Send for Window {}
+// SAFETY: as above; nothing is mutated after creation.
+unsafe impl Sync for Window {}
+
+impl Window {
+    /// The window's remote key.
+    pub(crate) fn rkey(&self) -> u32 {
+        self.rkey
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: the MW is valid and owned here; its PD outlives it (the registration holding
+        // the window holds the device).
+        let rc = unsafe { ibv_dealloc_mw(self.mw) };
+        if rc != 0 {
+            tracing::warn!(rc, "cannot deallocate a memory window");
+        }
+    }
+}
+
+/// The QP and CQ a device binds memory windows on: an RC QP connected to itself (a bind needs a
+/// QP in RTS), its CQ polled by the binding thread. One bind at a time.
+pub(crate) struct Binder {
+    state: Mutex<BinderState>,
+}
+
+struct BinderState {
+    qp: *mut ibv_qp,
+    cq: *mut ibv_cq,
+    /// Set when a bind failed in a way that leaves the QP unusable (an error completion moves
+    /// an RC QP to the error state; a lost completion leaves it unknown).
+    broken: Option<String>,
+}
+
+// SAFETY: QP and CQ handles are usable from any thread; all use is under the mutex.
+unsafe impl Send for Binder {}
+// SAFETY: as above.
+unsafe impl Sync for Binder {}
+
+fn os_err(what: impl std::fmt::Display) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
+    let e = if rc > 0 {
+        io::Error::from_raw_os_error(rc)
+    } else {
+        io::Error::last_os_error()
+    };
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+impl Binder {
+    /// The binder of `dev`: creates its QP and CQ and connects the QP to itself on the first
+    /// ACTIVE port. Must be dropped before `dev`'s PD is deallocated.
+    pub(crate) fn new(dev: &Context) -> io::Result<Binder> {
+        let name = &dev.name;
+        let port = dev.first_active_port()?;
+        let gid_index = dev.pick_gid(port, None)?;
+        let gid = dev.query_gid(port, gid_index)?;
+        let attr = dev.query_port(port)?;
+        // SAFETY: the context and PD are open; each handle is checked and owned by `state`
+        // (destroyed by its Drop, also on the error paths below).
+        unsafe {
+            let cq = ibv_create_cq(dev.ctx, 4, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+            if cq.is_null() {
+                return Err(os_err(format!("cannot create the binding CQ on {name}")));
+            }
+            let mut state = BinderState {
+                qp: std::ptr::null_mut(),
+                cq,
+                broken: None,
+            };
+            let mut init: ibv_qp_init_attr = std::mem::zeroed();
+            init.send_cq = cq;
+            init.recv_cq = cq;
+            init.qp_type = ibv_qp_type::IBV_QPT_RC;
+            init.cap.max_send_wr = 2;
+            init.cap.max_recv_wr = 1;
+            init.cap.max_send_sge = 1;
+            init.cap.max_recv_sge = 1;
+            state.qp = ibv_create_qp(dev.pd, &mut init);
+            if state.qp.is_null() {
+                return Err(os_err(format!("cannot create the binding QP on {name}")));
+            }
+            let qpn = (*state.qp).qp_num;
+
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_INIT;
+            a.port_num = port;
+            a.qp_access_flags = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+                | ibv_qp_attr_mask::IBV_QP_PORT
+                | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(
+                    rc,
+                    format!("cannot move the binding QP on {name} to INIT"),
+                ));
+            }
+
+            // Connected to itself: nothing is ever sent, but RTS needs a destination.
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTR;
+            a.path_mtu = attr.active_mtu;
+            a.dest_qp_num = qpn;
+            a.min_rnr_timer = 12;
+            a.ah_attr.port_num = port;
+            a.ah_attr.dlid = attr.lid;
+            if !gid.is_zero() {
+                a.ah_attr.is_global = 1;
+                a.ah_attr.grh.dgid.raw = gid.0;
+                a.ah_attr.grh.sgid_index = gid_index;
+                a.ah_attr.grh.hop_limit = 1;
+            }
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_AV
+                | ibv_qp_attr_mask::IBV_QP_PATH_MTU
+                | ibv_qp_attr_mask::IBV_QP_DEST_QPN
+                | ibv_qp_attr_mask::IBV_QP_RQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+                | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(
+                    rc,
+                    format!("cannot move the binding QP on {name} to RTR"),
+                ));
+            }
+            let mut a: ibv_qp_attr = std::mem::zeroed();
+            a.qp_state = ibv_qp_state::IBV_QPS_RTS;
+            a.timeout = 14;
+            a.retry_cnt = 7;
+            a.rnr_retry = 7;
+            let mask = ibv_qp_attr_mask::IBV_QP_STATE
+                | ibv_qp_attr_mask::IBV_QP_TIMEOUT
+                | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+                | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+                | ibv_qp_attr_mask::IBV_QP_SQ_PSN
+                | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
+            if rc != 0 {
+                return Err(rc_err(
+                    rc,
+                    format!("cannot move the binding QP on {name} to RTS"),
+                ));
+            }
+            Ok(Binder {
+                state: Mutex::new(state),
+            })
+        }
+    }
+
+    /// A new window over the whole of `mr`, for remote reads and writes, bound and ready: its
+    /// key works from when this returns.
+    ///
+    /// # Safety
+    ///
+    /// `mr` must be a live MR of the binder's PD, registered with `IBV_ACCESS_MW_BIND` and
+    /// `IBV_ACCESS_LOCAL_WRITE`, and outlive the window.
+    pub(crate) unsafe fn bind(&self, dev: &Context, mr: *mut ibv_mr) -> io::Result<Window> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &state.broken {
+            return Err(io::Error::other(format!(
+                "memory windows on {} are out of use: {why}",
+                dev.name
+            )));
+        }
+        // SAFETY: the PD is open; the result is checked.
+        let mw = match unsafe { ibv_alloc_mw(dev.pd, ibv_mw_type::IBV_MW_TYPE_1) } {
+            Some(mw) if !mw.is_null() => mw,
+            _ => {
+                return Err(os_err(format!(
+                    "cannot allocate a memory window on {}",
+                    dev.name
+                )))
+            }
+        };
+        // From here the window is deallocated on every early return.
+        let mut window = Window { mw, rkey: 0 };
+        // SAFETY: the caller vouches for `mr`; zeroed is a valid bind request.
+        let mut bind: ibv_mw_bind = unsafe { std::mem::zeroed() };
+        bind.wr_id = 1;
+        bind.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        // SAFETY: as above.
+        unsafe {
+            bind.bind_info.mr = mr;
+            bind.bind_info.addr = (*mr).addr as u64;
+            bind.bind_info.length = (*mr).length as u64;
+        }
+        bind.bind_info.mw_access_flags = (ibv_access_flags::IBV_ACCESS_REMOTE_READ
+            | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+            .0;
+        // SAFETY: the QP is in RTS and owned by the state under the lock; mw and mr are live.
+        let rc = unsafe { ibv_bind_mw(state.qp, mw, &mut bind) };
+        if rc != 0 {
+            return Err(rc_err(
+                rc,
+                format!("cannot bind a memory window on {}", dev.name),
+            ));
+        }
+        let deadline = Instant::now() + BIND_TIMEOUT;
+        // SAFETY: zeroed is a valid work completion to fill.
+        let mut wc: ibv_wc = unsafe { std::mem::zeroed() };
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: the CQ is live; one entry into `wc`.
+            let n = unsafe { ibv_poll_cq(state.cq, 1, &mut wc) };
+            if n > 0 {
+                break;
+            }
+            if n < 0 || Instant::now() >= deadline {
+                let why = if n < 0 {
+                    format!("polling the binding CQ failed ({n})")
+                } else {
+                    format!("a bind did not complete within {BIND_TIMEOUT:?}")
+                };
+                state.broken = Some(why.clone());
+                // The window may still be referenced by the pending bind: leak it rather than
+                // deallocate it under the device.
+                std::mem::forget(window);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+            }
+            // A bind completes in microseconds: spin briefly, then yield the CPU.
+            spins += 1;
+            if spins > 64 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+            let why = format!(
+                "binding a memory window failed with completion status {}",
+                wc.status
+            );
+            // An error completion moves the QP to the error state: later binds would fail too.
+            state.broken = Some(why.clone());
+            return Err(io::Error::other(why));
+        }
+        // SAFETY: the provider set the window's new key when the bind was posted.
+        window.rkey = unsafe { (*mw).rkey };
+        Ok(window)
+    }
+}
+
+impl Drop for BinderState {
+    fn drop(&mut self) {
+        // SAFETY: owned handles, the QP before the CQ it completes on.
+        unsafe {
+            if !self.qp.is_null() {
+                ibv_destroy_qp(self.qp);
+            }
+            ibv_destroy_cq(self.cq);
+        }
+    }
+}
