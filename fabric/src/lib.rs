@@ -40,7 +40,7 @@ pub mod transport;
 pub use api::{
     Channel, ChannelSnapshot, Message, MessageParts, Node, NodeBuilder, Peer, PeerStats,
 };
-pub use bulk::{Block, Region, RegionDescriptor};
+pub use bulk::{AlignedBuf, Block, Region, RegionDescriptor};
 pub use bytes::Bytes;
 pub use class::{Class, Priority};
 pub use config::{Config, CongestionConfig, PerClass};

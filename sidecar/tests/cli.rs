@@ -171,6 +171,35 @@ fn bulk_pull_reads_the_blocks() {
     assert!(v["fabric_mb_s"].as_f64().unwrap() > 0.0, "{v}");
 }
 
+/// `register` times registrations of reclaimed and fresh buffers; over tcp the regions are
+/// registered with its one-sided lane, which keeps nothing across a revocation.
+#[test]
+fn register_tcp_times_reclaimed_and_fresh_buffers() {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        "tcp",
+        "--workload",
+        "register",
+        "--size",
+        "1048576",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--json",
+    ]);
+    assert_eq!(v["workload"], "register");
+    assert_eq!(v["size_bytes"], 1048576);
+    check_summary(&v["fabric"], "fabric");
+    check_summary(&v["baseline"], "baseline");
+    check_summary(&v["reclaim"], "reclaim");
+    assert_eq!(v["fabric"]["count"], v["baseline"]["count"]);
+    assert_eq!(v["one_sided"], true);
+    assert_eq!(v["kept_registration"], false);
+    assert!(v["ratio_p50"].as_f64().unwrap() > 0.0, "{v}");
+}
+
 #[test]
 fn unknown_transport_exits_2_naming_the_available_ones() {
     let out = agentfabric(&[

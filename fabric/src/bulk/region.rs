@@ -246,7 +246,8 @@ pub(crate) struct RegionInner {
     pub(crate) id: u64,
     pub(crate) key: u64,
     pub(crate) len: u64,
-    /// The RDMA registration, if any; taken (deregistered) by [`Region::revoke`]. Declared
+    /// The RDMA registration, if any; taken by [`Region::revoke`] (deregistered, or kept in
+    /// the buffer with its key withdrawn). Declared
     /// before `mem` so that it is dropped first: the device lets go of the memory before the
     /// memory can be freed.
     pub(crate) rdma: Mutex<Option<Registered>>,
@@ -475,9 +476,9 @@ fn register_with(domain: &Arc<dyn MemoryDomain>, buf: &mut AlignedBuf) -> Option
 /// - A peer's one-sided write lands without taking the region's lock: a local read (or a view)
 ///   of the same bytes meanwhile may see them half written. Coordinate with the writer (the
 ///   transfer's notification says when its blocks have all landed).
-/// - [`Region::revoke`] cannot wait for a peer's one-sided operations: it deregisters the
-///   region, and the device refuses the rest (the peer's transfer fails with a typed error and
-///   its session resumes on a new connection).
+/// - [`Region::revoke`] cannot wait for a peer's one-sided operations: it withdraws the
+///   region's remote key (or deregisters it), and the device refuses the rest (the peer's
+///   transfer fails with a typed error and its session resumes on a new connection).
 ///
 /// Registration is paid once per region, not per transfer: keep a region (a KV-cache pool, say)
 /// for as long as its memory is shared, and move any number of batches in and out of it. To

@@ -9,6 +9,7 @@
 //!   saturated (messages on a bulk channel, or region writes with `--bulk-api transfer`), with
 //!   priorities on and off (FIFO), plus bulk throughput alone;
 //! - [`bulk`]: batched region writes against raw streaming of the same block size;
+//! - [`register`]: registering a reclaimed buffer again against registering a fresh one;
 //! - [`toolcall`]: tool calls with an injected slow tail, without and with hedging.
 //!
 //! Every sample after the warm-up goes into an HDR histogram in nanoseconds ([`report`]).
@@ -32,6 +33,7 @@ pub mod bulk;
 pub mod mixed;
 pub mod pingpong;
 pub mod quic;
+pub mod register;
 pub mod report;
 pub mod toolcall;
 pub mod verbs;
@@ -111,6 +113,8 @@ pub enum Workload {
     Bulk,
     /// Tool calls with an injected slow tail, without and with hedging.
     Toolcall,
+    /// Registering a region from a reclaimed buffer against from a fresh one (`--size` bytes).
+    Register,
 }
 
 impl Workload {
@@ -121,6 +125,7 @@ impl Workload {
             Workload::Mixed => "mixed",
             Workload::Bulk => "bulk",
             Workload::Toolcall => "toolcall",
+            Workload::Register => "register",
         }
     }
 }
@@ -157,7 +162,7 @@ pub struct BenchArgs {
     pub workload: Workload,
     /// Message size in bytes: the round-trip payload for pingpong (default 64), the bulk message
     /// (or block, with `--bulk-api transfer`) size for mixed (default 1048576; coordination
-    /// messages stay 64 B).
+    /// messages stay 64 B), the region size for register (default 67108864).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub size: Option<usize>,
     /// Measured seconds per measurement, after the warm-up (default 3; 2 per phase for mixed,
@@ -288,6 +293,7 @@ impl Settings {
             Workload::Mixed => (1 << 20, Duration::from_secs(2)),
             Workload::Bulk => (a.block_bytes.unwrap_or(1 << 20), Duration::from_secs(3)),
             Workload::Toolcall => (64, Duration::from_secs(3)),
+            Workload::Register => (64 << 20, Duration::from_secs(3)),
         };
         Ok(Settings {
             transport: a.transport,
@@ -394,6 +400,7 @@ async fn run(s: Settings) -> BenchResult<Output> {
         Workload::Pingpong => pingpong::run(&s).await,
         Workload::Mixed => mixed::run(&s).await,
         Workload::Bulk => bulk::run(&s).await,
+        Workload::Register => register::run(&s).await,
     }
 }
 
