@@ -167,8 +167,10 @@ impl MemoryRegistration for VerbsRegistration {
             ));
         }
         // Deallocating the window makes the device refuse its key.
-        drop(self.window.take());
-        Ok(())
+        match self.window.take() {
+            Some(w) => w.dealloc(),
+            None => Ok(()),
+        }
     }
 
     fn grant(&mut self) -> io::Result<()> {

@@ -40,12 +40,24 @@ impl Window {
     pub(crate) fn rkey(&self) -> u32 {
         self.rkey
     }
+
+    /// Deallocates the window: from when this returns the device refuses its key. On failure
+    /// the key may still be honoured, and the caller must not count it withdrawn.
+    pub(crate) fn dealloc(self) -> io::Result<()> {
+        let window = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the MW is valid and owned here, and not deallocated again (no Drop); its PD
+        // outlives it (the registration holding the window holds the device).
+        let rc = unsafe { ibv_dealloc_mw(window.mw) };
+        if rc != 0 {
+            return Err(rc_err(rc, "cannot deallocate a memory window"));
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: the MW is valid and owned here; its PD outlives it (the registration holding
-        // the window holds the device).
+        // SAFETY: as in `dealloc`.
         let rc = unsafe { ibv_dealloc_mw(self.mw) };
         if rc != 0 {
             tracing::warn!(rc, "cannot deallocate a memory window");
