@@ -53,7 +53,7 @@
 //!   (read and write). Revoking a region deallocates the window, after which the device refuses
 //!   its key, and keeps the MR with the buffer ([`agentfabric::Region::reclaim`]): registering
 //!   that buffer again binds a new window instead of pinning the memory again (64 MiB in the
-//!   lab: 0.12 of a fresh registration's time). Dropping a region deregisters it. On a device
+//!   emulated lab: 0.12 of a fresh registration's time, `bench/RESULTS.md`). Dropping a region deregisters it. On a device
 //!   without memory windows, or with [`VerbsConfig::memory_windows`] off, the MR carries the
 //!   remote key and revoking deregisters it. The operations run on a second RC QP of the connection,
 //!   set up with the first (its QPN and PSN travel in the same parameter exchange), so a
