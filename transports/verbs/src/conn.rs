@@ -111,12 +111,15 @@ fn rc_qp_attr(
     init
 }
 
-fn os_err(what: impl std::fmt::Display) -> io::Error {
+/// The last OS error, prefixed with what failed.
+pub(crate) fn os_err(what: impl std::fmt::Display) -> io::Error {
     let e = io::Error::last_os_error();
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
+/// A verbs call's error: `rc` when it is an errno (positive), else the last OS error; prefixed
+/// with what failed.
+pub(crate) fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
     let e = if rc > 0 {
         io::Error::from_raw_os_error(rc)
     } else {

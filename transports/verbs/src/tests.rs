@@ -409,20 +409,55 @@ async fn connection_set_up_time() {
     .await
 }
 
+/// A server transport listening on the lab's address and a client transport (across the veth
+/// wire when the lab has a second device), with their memory domains, for one-sided tests.
+struct OneSidedLab {
+    _server: VerbsTransport,
+    client: VerbsTransport,
+    /// The server's and the client's memory domains.
+    sd: Arc<dyn agentfabric::transport::MemoryDomain>,
+    cd: Arc<dyn agentfabric::transport::MemoryDomain>,
+    listener: Box<dyn agentfabric::transport::Listener>,
+    addr: String,
+}
+
+impl OneSidedLab {
+    async fn new() -> OneSidedLab {
+        let s = VerbsTransport::new();
+        let c = VerbsTransport::with_config(client_cfg());
+        let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
+        let listener = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
+        let addr = listener
+            .local_addr()
+            .strip_prefix("verbs://")
+            .unwrap()
+            .to_owned();
+        OneSidedLab {
+            _server: s,
+            client: c,
+            sd,
+            cd,
+            listener,
+            addr,
+        }
+    }
+
+    /// A new connection: the client's end, then the server's.
+    async fn connect(&mut self) -> (Connection, Connection) {
+        let (a, b) = tokio::join!(self.client.connect(&self.addr), self.listener.accept());
+        (a.unwrap(), b.unwrap())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an RDMA device: run with soft-roce/lab test"]
 async fn writes_with_immediate_reach_the_peer_after_their_bytes() {
     use agentfabric::transport::{OneSidedKind, OneSidedOp};
     use std::sync::Mutex;
     bounded(async {
-        let s = VerbsTransport::new();
-        let c = VerbsTransport::with_config(client_cfg());
-        let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
-        let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
-        let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
-        let accept = tokio::spawn(async move { l.accept().await });
-        let a = c.connect(&addr).await.unwrap();
-        let b = accept.await.unwrap().unwrap();
+        let mut lab = OneSidedLab::new().await;
+        let (sd, cd) = (lab.sd.clone(), lab.cd.clone());
+        let (a, b) = lab.connect().await;
         let (ops, peer_ops) = (a.sink.one_sided().unwrap(), b.sink.one_sided().unwrap());
         assert_eq!(ops.domain(), cd.id());
         // What the peer's end hears, with what its memory held at that moment.
@@ -517,18 +552,10 @@ async fn post_one(
 async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works() {
     use agentfabric::transport::{OneSidedKind, OneSidedOp};
     bounded(async {
-        let s = VerbsTransport::new();
-        let c = VerbsTransport::with_config(client_cfg());
-        let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
-        let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
-        let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
-        // A refused operation fails its connection's one-sided QP: each step gets its own.
-        macro_rules! connect {
-            () => {{
-                let (a, b) = tokio::join!(c.connect(&addr), l.accept());
-                (a.unwrap(), b.unwrap())
-            }};
-        }
+        let mut lab = OneSidedLab::new().await;
+        let (sd, cd) = (lab.sd.clone(), lab.cd.clone());
+        // A refused operation fails its connection's one-sided QP: each step gets its own
+        // connection.
         const LEN: usize = 128 << 10;
         let mut src: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
         let mut dst = vec![0u8; LEN];
@@ -551,7 +578,7 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
             imm: None,
         };
 
-        let (a, b) = connect!();
+        let (a, b) = lab.connect().await;
         let ops = a.sink.one_sided().unwrap();
         let first = dreg.remote_key();
         post_one(&ops, write(first))
@@ -561,7 +588,7 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
 
         dreg.withdraw()
             .expect("rxe has memory windows: the key can be withdrawn");
-        let (a, b) = connect!();
+        let (a, b) = lab.connect().await;
         let e = post_one(&a.sink.one_sided().unwrap(), write(first))
             .await
             .expect_err("a write with a withdrawn key landed");
@@ -572,12 +599,12 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
         let second = dreg.remote_key();
         assert_ne!(second, first);
         src.iter_mut().for_each(|b| *b ^= 0xa5);
-        let (a, b) = connect!();
+        let (a, b) = lab.connect().await;
         post_one(&a.sink.one_sided().unwrap(), write(second))
             .await
             .expect("a write with the new key");
         drop((a, b));
-        let (a, b) = connect!();
+        let (a, b) = lab.connect().await;
         let e = post_one(&a.sink.one_sided().unwrap(), write(first))
             .await
             .expect_err("the first key works again after a new grant");

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
+use crate::conn::{os_err, rc_err};
 use crate::device::Context;
 
 /// How long a bind may take before the binder is given up: binds complete in microseconds, so
@@ -83,20 +84,6 @@ struct BinderState {
 unsafe impl Send for Binder {}
 // SAFETY: as above.
 unsafe impl Sync for Binder {}
-
-fn os_err(what: impl std::fmt::Display) -> io::Error {
-    let e = io::Error::last_os_error();
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
-    let e = if rc > 0 {
-        io::Error::from_raw_os_error(rc)
-    } else {
-        io::Error::last_os_error()
-    };
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
 
 impl Binder {
     /// The binder of `dev`: creates its QP and CQ and connects the QP to itself on the first
