@@ -594,27 +594,11 @@ impl Region {
             Ok(inner) => inner,
             Err(inner) => return Err(Region { inner }),
         };
-        let RegionInner {
-            id,
-            key,
-            len,
-            rdma,
-            mem,
-            revoked,
-            table,
-        } = inner;
-        match Arc::try_unwrap(mem) {
+        match Arc::try_unwrap(inner.mem) {
             Ok(mem) => Ok(mem.into_inner()),
+            // A view still holds the memory: the region goes back as it was.
             Err(mem) => Err(Region {
-                inner: Arc::new(RegionInner {
-                    id,
-                    key,
-                    len,
-                    rdma,
-                    mem,
-                    revoked,
-                    table,
-                }),
+                inner: Arc::new(RegionInner { mem, ..inner }),
             }),
         }
     }
