@@ -109,6 +109,71 @@ pub trait MemoryRegistration: Send + Sync {
             "this memory domain cannot grant a new remote key to a registration",
         ))
     }
+
+    /// Local keys of the same memory on the domain's extra devices ("rails"), in the domain's
+    /// rail order: a transport whose connections have a queue pair on each of several devices
+    /// spreads one-sided operations over them. Empty (the default) for one device.
+    fn rail_local_keys(&self) -> RailKeys {
+        RailKeys::EMPTY
+    }
+
+    /// Remote keys of the same memory on the domain's rails, in the same order as
+    /// [`MemoryRegistration::rail_local_keys`]; they change with [`MemoryRegistration::grant`]
+    /// like [`MemoryRegistration::remote_key`]. Published in a region's descriptor.
+    fn rail_remote_keys(&self) -> RailKeys {
+        RailKeys::EMPTY
+    }
+}
+
+/// Most extra devices ("rails") one registration spans besides its main one.
+pub const MAX_RAILS: usize = 4;
+
+/// The keys of one registration on its extra devices, rail by rail (at most [`MAX_RAILS`]).
+/// A plain value, so that it travels in a [`OneSidedOp`] and a region's descriptor.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RailKeys {
+    len: u8,
+    keys: [u32; MAX_RAILS],
+}
+
+impl RailKeys {
+    /// No rails.
+    pub const EMPTY: RailKeys = RailKeys {
+        len: 0,
+        keys: [0; MAX_RAILS],
+    };
+
+    /// The keys in `keys`, rail by rail; `None` when there are more than [`MAX_RAILS`].
+    pub fn from_slice(keys: &[u32]) -> Option<RailKeys> {
+        if keys.len() > MAX_RAILS {
+            return None;
+        }
+        let mut r = RailKeys::EMPTY;
+        r.keys[..keys.len()].copy_from_slice(keys);
+        r.len = keys.len() as u8;
+        Some(r)
+    }
+
+    /// The keys, rail by rail.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.keys[..usize::from(self.len)]
+    }
+
+    /// How many rails.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for RailKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
 }
 
 /// Which way a one-sided operation moves bytes.
@@ -135,6 +200,12 @@ pub struct OneSidedOp {
     pub remote_addr: u64,
     /// The peer registration's [`MemoryRegistration::remote_key`].
     pub remote_key: u32,
+    /// The local registration's [`MemoryRegistration::rail_local_keys`]: with
+    /// `remote_rails`, lets a connection with queue pairs on several devices move pieces of
+    /// the operation on each rail both registrations span. Empty: the main device only.
+    pub local_rails: RailKeys,
+    /// The peer registration's [`MemoryRegistration::rail_remote_keys`].
+    pub remote_rails: RailKeys,
     /// Immediate data for the peer (writes only; RDMA WRITE with immediate): once this write
     /// and every operation posted before it on the connection have landed, the peer's end of
     /// the connection hands the value to its [`ImmediateHandler`]. The fabric uses it to notify

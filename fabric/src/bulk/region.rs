@@ -18,7 +18,7 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use crate::api::sync::lock;
 use crate::error::{Error, Result};
 use crate::pace::CopyPacer;
-use crate::transport::{MemoryDomain, MemoryRegistration};
+use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
 
 /// Alignment of region memory: a page, as RDMA registration and DMA prefer.
 pub const REGION_ALIGN: usize = 4096;
@@ -178,41 +178,69 @@ pub struct RdmaAccess {
     pub addr: u64,
     /// The registration's remote key.
     pub rkey: u32,
+    /// The registration's remote keys on the owner's extra devices, when its transport spreads
+    /// one-sided operations over several (see [`MemoryRegistration::rail_remote_keys`]).
+    ///
+    /// [`MemoryRegistration::rail_remote_keys`]: crate::transport::MemoryRegistration::rail_remote_keys
+    pub rails: RailKeys,
 }
 
 impl RegionDescriptor {
-    /// Encoded length.
+    /// Encoded length without rail keys (every descriptor has at least this many bytes).
     pub const LEN: usize = 37;
 
-    /// The descriptor as [`RegionDescriptor::LEN`] little-endian bytes: region, len, key, then
-    /// a flag byte (1 when `rdma` is present), the RDMA address and remote key (zero without).
-    pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
+    /// Longest encoding: [`RegionDescriptor::LEN`] and a key per rail.
+    pub const MAX_LEN: usize = Self::LEN + 4 * MAX_RAILS;
+
+    /// Length of [`RegionDescriptor::encode`]'s output for this descriptor.
+    pub fn encoded_len(&self) -> usize {
+        Self::LEN + 4 * self.rdma.map_or(0, |r| r.rails.len())
+    }
+
+    /// The descriptor as little-endian bytes: region, len, key, then a flag byte (0 without
+    /// `rdma`, else 1 + the number of rail keys), the RDMA address and remote key (zero
+    /// without), then the rail keys. [`RegionDescriptor::LEN`] bytes without rails.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.encoded_len()];
         out[0..8].copy_from_slice(&self.region.to_le_bytes());
         out[8..16].copy_from_slice(&self.len.to_le_bytes());
         out[16..24].copy_from_slice(&self.key.to_le_bytes());
         if let Some(r) = self.rdma {
-            out[24] = 1;
+            out[24] = 1 + r.rails.len() as u8;
             out[25..33].copy_from_slice(&r.addr.to_le_bytes());
             out[33..37].copy_from_slice(&r.rkey.to_le_bytes());
+            for (i, k) in r.rails.as_slice().iter().enumerate() {
+                out[Self::LEN + 4 * i..Self::LEN + 4 * i + 4].copy_from_slice(&k.to_le_bytes());
+            }
         }
         out
     }
 
-    /// Decodes [`RegionDescriptor::encode`]'s output; `None` for any other length or an unknown
-    /// flag byte.
+    /// Decodes [`RegionDescriptor::encode`]'s output; `None` for a flag byte out of range or a
+    /// length that does not match it.
     pub fn decode(b: &[u8]) -> Option<RegionDescriptor> {
-        if b.len() != Self::LEN {
+        if b.len() < Self::LEN {
             return None;
         }
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let half = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let rails = usize::from(b[24].saturating_sub(1));
+        if rails > MAX_RAILS || b.len() != Self::LEN + 4 * rails {
+            return None;
+        }
         let rdma = match b[24] {
             0 => None,
-            1 => Some(RdmaAccess {
-                addr: word(25),
-                rkey: u32::from_le_bytes(b[33..37].try_into().expect("4 bytes")),
-            }),
-            _ => return None,
+            _ => {
+                let mut keys = [0u32; MAX_RAILS];
+                for (i, k) in keys[..rails].iter_mut().enumerate() {
+                    *k = half(Self::LEN + 4 * i);
+                }
+                Some(RdmaAccess {
+                    addr: word(25),
+                    rkey: half(33),
+                    rails: RailKeys::from_slice(&keys[..rails])?,
+                })
+            }
         };
         Some(RegionDescriptor {
             region: word(0),
@@ -238,6 +266,7 @@ impl Registered {
         RdmaAccess {
             addr: self.addr,
             rkey: self.reg.remote_key(),
+            rails: self.reg.rail_remote_keys(),
         }
     }
 }

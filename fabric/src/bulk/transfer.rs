@@ -43,7 +43,7 @@ use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTab
 use crate::api::{Channel, Message, Peer};
 use crate::error::{Error, Result};
 use crate::frame::MSG_REQUEST;
-use crate::transport::{OneSided, OneSidedKind, OneSidedOp};
+use crate::transport::{OneSided, OneSidedKind, OneSidedOp, RailKeys};
 
 /// Blocks of one transfer in flight at once.
 pub const MAX_INFLIGHT_BLOCKS: usize = 32;
@@ -122,20 +122,21 @@ struct Envelope {
 }
 
 impl Envelope {
-    const LEN: usize = 1 + RegionDescriptor::LEN + 24;
+    /// Bytes before the descriptor, which ends the envelope (its length varies with its rails).
+    const FIXED: usize = 1 + 24;
 
     fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(Self::LEN);
+        let mut b = BytesMut::with_capacity(Self::FIXED + RegionDescriptor::MAX_LEN);
         b.put_u8(self.op as u8);
-        b.put_slice(&self.region.encode());
         b.put_u64_le(self.offset);
         b.put_u64_le(self.len);
         b.put_u64_le(self.tag);
+        b.put_slice(&self.region.encode());
         b.freeze()
     }
 
     fn decode(b: &[u8]) -> Option<Envelope> {
-        if b.len() != Self::LEN {
+        if b.len() < Self::FIXED {
             return None;
         }
         let op = match b[0] {
@@ -146,15 +147,13 @@ impl Envelope {
             5 => Op::CheckNotify,
             _ => return None,
         };
-        let region = RegionDescriptor::decode(&b[1..1 + RegionDescriptor::LEN])?;
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let base = 1 + RegionDescriptor::LEN;
         Some(Envelope {
             op,
-            region,
-            offset: word(base),
-            len: word(base + 8),
-            tag: word(base + 16),
+            region: RegionDescriptor::decode(&b[Self::FIXED..])?,
+            offset: word(1),
+            len: word(9),
+            tag: word(17),
         })
     }
 }
@@ -379,6 +378,8 @@ struct Route {
     ops: Arc<dyn OneSided>,
     remote: RdmaAccess,
     local_key: u32,
+    /// The local registration's keys on its extra devices (see [`RailKeys`]).
+    local_rails: RailKeys,
 }
 
 impl Peer {
@@ -399,6 +400,7 @@ impl Peer {
         let r = reg.as_ref().filter(|r| r.domain == ops.domain())?;
         Some(Route {
             local_key: r.reg.local_key(),
+            local_rails: r.reg.rail_local_keys(),
             ops,
             remote: access,
         })
@@ -524,6 +526,8 @@ async fn one_sided(
                 // Wrapping: the address came from the peer; its device refuses a bad one.
                 remote_addr: route.remote.addr.wrapping_add(b.remote),
                 remote_key: route.remote.rkey,
+                local_rails: route.local_rails,
+                remote_rails: route.remote.rails,
                 imm: imm.filter(|_| Some(i) == last),
             },
             Box::new(move |r| {
@@ -791,12 +795,30 @@ mod tests {
         env.region.rdma = Some(RdmaAccess {
             addr: 0x7f00_dead_b000,
             rkey: 0x1234_5678,
+            rails: RailKeys::EMPTY,
         });
         assert_eq!(Envelope::decode(&env.encode()), Some(env));
-        // An unknown RDMA flag byte is refused, not read as "no RDMA".
+        assert_eq!(env.encode().len(), Envelope::FIXED + RegionDescriptor::LEN);
+        // A flag byte that promises rail keys the bytes do not hold is refused, not read as
+        // "no RDMA" or as fewer rails.
+        let flag = Envelope::FIXED + 24;
         let mut bad = env.encode().to_vec();
-        bad[1 + 24] = 2;
+        bad[flag] = 2;
         assert_eq!(Envelope::decode(&bad), None);
+        // Rail keys round-trip, in order; more than MAX_RAILS is refused.
+        env.region.rdma.as_mut().unwrap().rails = RailKeys::from_slice(&[7, 8, 9]).unwrap();
+        let wire = env.encode();
+        assert_eq!(wire.len(), Envelope::FIXED + RegionDescriptor::LEN + 12);
+        assert_eq!(Envelope::decode(&wire), Some(env));
+        assert_eq!(Envelope::decode(&wire[..wire.len() - 4]), None);
+        let mut bad = wire.to_vec();
+        bad[flag] = 2 + crate::transport::MAX_RAILS as u8;
+        bad.resize(
+            Envelope::FIXED + RegionDescriptor::LEN + 4 * (1 + crate::transport::MAX_RAILS),
+            0,
+        );
+        assert_eq!(Envelope::decode(&bad), None);
+        assert!(RailKeys::from_slice(&[0; crate::transport::MAX_RAILS + 1]).is_none());
         let e = RegionError::OutOfBounds {
             region: 9,
             offset: 10,

@@ -8,8 +8,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use agentfabric::transport::{
-    Connection, FrameStream, MemoryRegistration, OneSided, OneSidedKind, OneSidedOp, RecvError,
-    Transport,
+    Connection, FrameStream, MemoryRegistration, OneSided, OneSidedKind, OneSidedOp, RailKeys,
+    RecvError, Transport,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -66,6 +66,8 @@ fn write_op(from: &Mem, at: u64, to: &Mem, len: u32, imm: Option<u32>) -> OneSid
         len,
         remote_addr: to.addr() + at,
         remote_key: to.key(),
+        local_rails: RailKeys::EMPTY,
+        remote_rails: RailKeys::EMPTY,
         imm,
     }
 }
@@ -148,6 +150,8 @@ async fn writes_and_reads_move_bytes_between_registrations() {
         len: len as u32,
         remote_addr: dst.addr() + 100,
         remote_key: dst.key(),
+        local_rails: RailKeys::EMPTY,
+        remote_rails: RailKeys::EMPTY,
         imm: None,
     };
     run(&os, read).await.unwrap();
@@ -165,6 +169,8 @@ async fn a_refused_access_fails_the_operation_and_the_connection() {
             "unknown key",
             OneSidedOp {
                 remote_key: dst.key() ^ 0x5a5a,
+                local_rails: RailKeys::EMPTY,
+                remote_rails: RailKeys::EMPTY,
                 ..write_op(&src, 0, &dst, 4096, None)
             },
             "no registered memory has that key",

@@ -452,7 +452,7 @@ impl OneSidedLab {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an RDMA device: run with soft-roce/lab test"]
 async fn writes_with_immediate_reach_the_peer_after_their_bytes() {
-    use agentfabric::transport::{OneSidedKind, OneSidedOp};
+    use agentfabric::transport::{OneSidedKind, OneSidedOp, RailKeys};
     use std::sync::Mutex;
     bounded(async {
         let mut lab = OneSidedLab::new().await;
@@ -491,6 +491,8 @@ async fn writes_with_immediate_reach_the_peer_after_their_bytes() {
             len: len as u32,
             remote_addr: dst_addr as u64 + local as u64,
             remote_key: dreg.remote_key(),
+            local_rails: RailKeys::EMPTY,
+            remote_rails: RailKeys::EMPTY,
             imm,
         };
         // A plain write, a zero-length write that only notifies, and a write of the rest whose
@@ -550,7 +552,7 @@ async fn post_one(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an RDMA device: run with soft-roce/lab test"]
 async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works() {
-    use agentfabric::transport::{OneSidedKind, OneSidedOp};
+    use agentfabric::transport::{OneSidedKind, OneSidedOp, RailKeys};
     bounded(async {
         let mut lab = OneSidedLab::new().await;
         let (sd, cd) = (lab.sd.clone(), lab.cd.clone());
@@ -575,6 +577,8 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
             len: LEN as u32,
             remote_addr: dst_addr,
             remote_key: rkey,
+            local_rails: RailKeys::EMPTY,
+            remote_rails: RailKeys::EMPTY,
             imm: None,
         };
 
