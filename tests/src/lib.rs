@@ -40,6 +40,30 @@ pub fn verbs_transport(name: &str) -> agentfabric_verbs::VerbsTransport {
     agentfabric_verbs::VerbsTransport::with_config(cfg)
 }
 
+/// The verbs settings of [`verbs_transport`] with the lab's other device as a rail
+/// (`VerbsConfig::rails`): the server on `AGENTFABRIC_LAB_DEVICE` with rail
+/// `AGENTFABRIC_LAB_DEVICE_B`, other nodes the other way round, so each end's rail pairs with
+/// the peer's across the veth wire and one-sided transfers spread over both devices. Panics,
+/// saying so, when the lab has no second device.
+pub fn verbs_rails_transport(name: &str) -> agentfabric_verbs::VerbsTransport {
+    let var = |v: &str| {
+        std::env::var(v)
+            .unwrap_or_else(|_| panic!("{v} is unset: the rails tests need the lab's two devices"))
+    };
+    let (a, b) = (
+        var("AGENTFABRIC_LAB_DEVICE"),
+        var("AGENTFABRIC_LAB_DEVICE_B"),
+    );
+    let mut cfg = verbs_transport(name).config().clone();
+    if name == "server" {
+        cfg.rails = vec![b];
+    } else {
+        cfg.device = Some(b);
+        cfg.rails = vec![a];
+    }
+    agentfabric_verbs::VerbsTransport::with_config(cfg)
+}
+
 /// A QUIC transport for node `name`, with a certificate from the tests' development CA.
 pub fn quic_transport(name: &str) -> agentfabric_quic::QuicTransport {
     static CA: std::sync::OnceLock<agentfabric_quic::DevCa> = std::sync::OnceLock::new();
@@ -122,7 +146,17 @@ pub fn listen_url(kind: Kind, tag: &str) -> String {
 }
 
 /// A connected pair with configuration `cfg` on both sides.
-pub async fn pair(kind: Kind, mut cfg: Config) -> Pair {
+pub async fn pair(kind: Kind, cfg: Config) -> Pair {
+    pair_built(kind, cfg, |name, cfg, net| node(kind, name, cfg, net)).await
+}
+
+/// A connected pair with configuration `cfg` on both sides, whose nodes `build` makes (from a
+/// name, `"server"` or `"client"`, the configuration and the in-process network).
+pub async fn pair_built(
+    kind: Kind,
+    mut cfg: Config,
+    build: impl Fn(&str, Config, &MemNetwork) -> Node,
+) -> Pair {
     // Soft-RoCE under software emulation (the lab VM) can go silent for over a second while rxe
     // retransmits; a default 1 s peer timeout would then fail cases that are not about failure.
     // The cases about peer death set their own timeout and keep it.
@@ -139,13 +173,13 @@ pub async fn pair(kind: Kind, mut cfg: Config) -> Pair {
         cfg.peer_timeout = Duration::from_secs(5);
     }
     let net = MemNetwork::new();
-    let server = node(kind, "server", cfg.clone(), &net);
+    let server = build("server", cfg.clone(), &net);
     let addr = server
         .listen(&listen_url(kind, "server"))
         .await
         .expect("listen");
     let addr = path_to(kind, addr).await;
-    let client = node(kind, "client", cfg, &net);
+    let client = build("client", cfg, &net);
     let client_peer = client.connect(&addr).await.expect("connect");
     let server_peer = within(Duration::from_secs(5), server.accept())
         .await

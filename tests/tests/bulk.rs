@@ -473,3 +473,122 @@ suite!(
     revoked_during_a_one_sided_transfer,
     a_reclaimed_region_is_shared_again_under_a_new_key,
 );
+
+/// Bytes sent so far by lab netdev `var` (`AGENTFABRIC_LAB_NETDEV_A` or `_B`).
+fn tx_bytes(var: &str) -> u64 {
+    let dev = std::env::var(var).unwrap_or_else(|_| panic!("{var} is unset: not in the lab"));
+    let path = format!("/sys/class/net/{dev}/statistics/tx_bytes");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// What each end of the lab's veth wire sent while `fut` ran: (veth A, veth B).
+async fn wire_bytes<T>(fut: impl std::future::Future<Output = T>) -> (T, u64, u64) {
+    let (a, b) = (
+        tx_bytes("AGENTFABRIC_LAB_NETDEV_A"),
+        tx_bytes("AGENTFABRIC_LAB_NETDEV_B"),
+    );
+    let out = fut.await;
+    let (a2, b2) = (
+        tx_bytes("AGENTFABRIC_LAB_NETDEV_A"),
+        tx_bytes("AGENTFABRIC_LAB_NETDEV_B"),
+    );
+    (out, a2 - a, b2 - b)
+}
+
+/// Over verbs with a rail on each end (`VerbsConfig::rails`), the blocks of one transfer spread
+/// over both devices: each end of the veth wire carries at least a quarter of the bytes, both
+/// pushed (RDMA WRITE, the client's two devices sending) and pulled (RDMA READ, the server's
+/// responding). Without the rail one end carries them all and the other only acknowledgements.
+/// The data lands byte for byte, the notification rides on the last write once every byte
+/// before it on either rail has landed, and a reclaimed region is shared again with new keys on
+/// both devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs two RDMA devices: run with soft-roce/lab test"]
+async fn verbs_rails_transfers_spread_over_both_devices() {
+    let p = agentfabric_tests::pair_built(Kind::Verbs, Config::default(), |name, cfg, _| {
+        agentfabric::Node::builder(name)
+            .config(cfg)
+            .transport(agentfabric_tests::verbs_rails_transport(name))
+            .build()
+            .expect("valid node")
+    })
+    .await;
+    const BLOCK: u64 = 256 << 10;
+    const N: u64 = 64;
+    const TOTAL: u64 = BLOCK * N;
+    let src = p.client.register(TOTAL as usize).unwrap();
+    let dst = p.server.register(TOTAL as usize).unwrap();
+    let d = dst.descriptor();
+    let rails = d.rdma.expect("registered with the device").rails;
+    assert_eq!(rails.len(), 1, "the server's region spans its rail: {d:?}");
+    let data: Vec<u8> = (0..TOTAL).map(|i| pattern(i ^ 0x5a)).collect();
+    src.write_at(0, &data).await.unwrap();
+    let blocks = reversed_blocks(N, BLOCK);
+
+    let before = p.client_peer.stats().session.bytes_sent;
+    let (r, a, b) = wire_bytes(within(
+        LIMIT,
+        p.client_peer.write(&src, &d, &blocks, Some(9)),
+    ))
+    .await;
+    r.unwrap();
+    eprintln!("rails write of {TOTAL} B: veth A sent {a} B, veth B {b} B");
+    let sent = p.client_peer.stats().session.bytes_sent - before;
+    assert!(sent < BLOCK, "{sent} bytes went through the session");
+    assert!(
+        a >= TOTAL / 4 && b >= TOTAL / 4,
+        "a {TOTAL} B write did not spread over both devices: the wire's ends sent {a} and {b} B"
+    );
+    assert_eq!(within(LIMIT, p.server.notification()).await.unwrap().tag, 9);
+    assert_blocks_landed(&dst, &blocks, &data).await;
+
+    let back = p.client.register(TOTAL as usize).unwrap();
+    let (r, a, b) = wire_bytes(within(LIMIT, p.client_peer.read(&back, &d, &blocks, None))).await;
+    r.unwrap();
+    eprintln!("rails read of {TOTAL} B: veth A sent {a} B, veth B {b} B");
+    assert!(
+        a >= TOTAL / 4 && b >= TOTAL / 4,
+        "a {TOTAL} B read did not spread over both devices: the wire's ends sent {a} and {b} B"
+    );
+    let mut all = vec![0u8; TOTAL as usize];
+    back.read_at(0, &mut all).await.unwrap();
+    if let Some(how) = describe_difference(&all, &data) {
+        panic!("data read back differs: {how}");
+    }
+
+    // Reclaimed and shared again: new keys on both devices, the old descriptor refused.
+    drop(back);
+    let buf = within(LIMIT, dst.reclaim())
+        .await
+        .expect("the region's only handle");
+    assert!(buf.keeps_registration());
+    let again = p.server.register_buf(buf);
+    let new = again.descriptor();
+    let (old_rdma, new_rdma) = (d.rdma.unwrap(), new.rdma.unwrap());
+    assert_ne!(new_rdma.rkey, old_rdma.rkey);
+    assert_eq!(new_rdma.rails.len(), 1);
+    assert_ne!(new_rdma.rails, old_rdma.rails);
+    let e = within(LIMIT, p.client_peer.write(&src, &d, &blocks, None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Transfer { cause, .. } if matches!(**cause, Error::Region(RegionError::Unknown { .. }))),
+        "{e}"
+    );
+    let data: Vec<u8> = data.iter().map(|b| b ^ 0xff).collect();
+    src.write_at(0, &data).await.unwrap();
+    let (r, a, b) = wire_bytes(within(
+        LIMIT,
+        p.client_peer.write(&src, &new, &blocks, None),
+    ))
+    .await;
+    r.unwrap();
+    assert!(
+        a >= TOTAL / 4 && b >= TOTAL / 4,
+        "after reclaim: {a} and {b} B"
+    );
+    assert_blocks_landed(&again, &blocks, &data).await;
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
 use agentfabric::transport::{
     Connection, FrameSink, FrameStream, ImmediateHandler, Immediates, OneSided, OneSidedDone,
-    OneSidedKind, OneSidedOp, RecvError,
+    OneSidedOp, RecvError,
 };
 use bytes::Bytes;
 use rdma_sys::*;
@@ -24,7 +24,9 @@ use tokio::net::TcpStream;
 
 use crate::device::Context;
 use crate::params::{self, imm, negotiate, GidType, LinkLayer, Negotiated, QpParams, PARAMS_LEN};
+use crate::rma::{create_rma_qp, probe_rails, LocalPort, Rail, RailQp, Rma, RmaCq};
 use crate::VerbsConfig;
+use agentfabric::transport::MAX_RAILS;
 
 /// Which end of the side channel this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +92,7 @@ impl Drop for Resources {
 
 /// Creation attributes of an RC QP completing on `cq` (sends and receives), signalling chosen
 /// per WR.
-fn rc_qp_attr(
+pub(crate) fn rc_qp_attr(
     cq: *mut ibv_cq,
     send_wr: u32,
     recv_wr: u32,
@@ -221,53 +223,10 @@ impl Resources {
                     ),
                 ));
             }
-            let mut init = rc_qp_attr(rma_cq, cfg.send_depth, RMA_RECVS, 1, 0);
-            r.rma_qp = ibv_create_qp(r.dev.pd, &mut init);
-            if r.rma_qp.is_null() {
-                return Err(os_err(format!(
-                    "cannot create the one-sided RC QP on {name} (send depth {})",
-                    cfg.send_depth
-                )));
-            }
-            // RESET -> INIT.
-            for qp in [r.qp, r.rma_qp] {
-                let mut a: ibv_qp_attr = std::mem::zeroed();
-                a.qp_state = ibv_qp_state::IBV_QPS_INIT;
-                a.pkey_index = 0;
-                a.port_num = port;
-                a.qp_access_flags = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                    | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-                    | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
-                    .0;
-                let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                    | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
-                    | ibv_qp_attr_mask::IBV_QP_PORT
-                    | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
-                let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
-                if rc != 0 {
-                    return Err(rc_err(rc, format!("cannot move a QP on {name} to INIT")));
-                }
-            }
+            to_init(r.qp, port, &name)?;
         }
-        r.post_rma_recvs(RMA_RECVS)?;
+        r.rma_qp = create_rma_qp(&r.dev, port, rma_cq, cfg.send_depth)?;
         Ok(r)
-    }
-
-    /// Posts `n` empty receives on the one-sided QP, for the peer's writes with immediate.
-    fn post_rma_recvs(&mut self, n: u32) -> io::Result<()> {
-        for _ in 0..n {
-            // SAFETY: zeroed is a valid ibv_recv_wr (no scatter entries: a write with immediate
-            // places its data by address, the receive only reports the immediate).
-            let mut wr: ibv_recv_wr = unsafe { std::mem::zeroed() };
-            wr.wr_id = RMA_RECV_WR;
-            let mut bad = std::ptr::null_mut();
-            // SAFETY: the QP is valid; the WR lives until the call returns.
-            let rc = unsafe { ibv_post_recv(self.rma_qp, &mut wr, &mut bad) };
-            if rc != 0 {
-                return Err(rc_err(rc, "cannot post receives on the one-sided QP"));
-            }
-        }
-        Ok(())
     }
 
     fn qpn(&self) -> u32 {
@@ -361,94 +320,154 @@ impl Resources {
         remote: &QpParams,
         n: &Negotiated,
     ) -> io::Result<()> {
+        let spec = self.path(local, remote, n);
         let main = (self.qp, remote.qpn, remote.psn, local.psn);
         let rma = (self.rma_qp, remote.rma_qpn, remote.rma_psn, local.rma_psn);
         for (qp, dest_qpn, rq_psn, sq_psn) in [main, rma] {
-            self.connect_one(qp, dest_qpn, rq_psn, sq_psn, local, remote, n)?;
+            connect_one(qp, dest_qpn, rq_psn, sq_psn, &spec)?;
         }
         Ok(())
     }
 
-    /// One QP INIT -> RTR -> RTS towards `dest_qpn`.
-    #[allow(clippy::too_many_arguments)]
-    fn connect_one(
-        &mut self,
-        qp: *mut ibv_qp,
-        dest_qpn: u32,
-        rq_psn: u32,
-        sq_psn: u32,
-        local: &QpParams,
-        remote: &QpParams,
-        n: &Negotiated,
-    ) -> io::Result<()> {
-        // SAFETY: zeroed attrs are valid; qp is valid.
-        unsafe {
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-            a.path_mtu = u32::from(n.path_mtu);
-            a.dest_qp_num = dest_qpn;
-            a.rq_psn = rq_psn;
-            // As many READs in flight from the peer as this device takes (and said it would).
-            a.max_dest_rd_atomic = local.reads_in;
-            a.min_rnr_timer = local.min_rnr_timer;
-            a.ah_attr.port_num = self.port;
-            a.ah_attr.sl = 0;
-            a.ah_attr.src_path_bits = 0;
-            a.ah_attr.dlid = remote.lid;
-            if local.link_layer == LinkLayer::Ethernet || !remote.gid.is_zero() {
-                a.ah_attr.is_global = 1;
-                a.ah_attr.grh.dgid.raw = remote.gid.0;
-                a.ah_attr.grh.sgid_index = self.gid_index;
-                a.ah_attr.grh.hop_limit = 64;
-                a.ah_attr.grh.traffic_class = 0;
-                a.ah_attr.grh.flow_label = 0;
-            }
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_AV
-                | ibv_qp_attr_mask::IBV_QP_PATH_MTU
-                | ibv_qp_attr_mask::IBV_QP_DEST_QPN
-                | ibv_qp_attr_mask::IBV_QP_RQ_PSN
-                | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
-                | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
-            let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(
-                    rc,
-                    format!(
-                        "cannot move the QP to RTR (path MTU {}, remote GID {}, local GID index \
-                         {}): wrong GID index or unreachable peer",
-                        params::mtu_bytes(n.path_mtu),
-                        remote.gid,
-                        self.gid_index
-                    ),
-                ));
-            }
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_RTS;
-            a.timeout = local.timeout;
-            a.retry_cnt = local.retry_cnt;
-            a.rnr_retry = local.rnr_retry;
-            a.sq_psn = sq_psn;
+    /// The path and timers of this connection's QPs towards `remote`.
+    fn path(&self, local: &QpParams, remote: &QpParams, n: &Negotiated) -> PathSpec {
+        PathSpec {
+            port: self.port,
+            gid_index: self.gid_index,
+            link_layer: local.link_layer,
+            path_mtu: n.path_mtu,
+            remote_lid: remote.lid,
+            remote_gid: remote.gid,
+            reads_in: local.reads_in,
             // No more READs in flight than the peer's device takes, or this one issues: with
             // one, a pulled block moves one piece per round trip.
-            a.max_rd_atomic = remote.reads_in.min(self.dev.reads_out);
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_TIMEOUT
-                | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
-                | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
-                | ibv_qp_attr_mask::IBV_QP_SQ_PSN
-                | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
-            let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(rc, "cannot move the QP to RTS"));
-            }
+            reads_out: remote.reads_in.min(self.dev.reads_out),
+            min_rnr_timer: local.min_rnr_timer,
+            timeout: local.timeout,
+            retry_cnt: local.retry_cnt,
+            rnr_retry: local.rnr_retry,
         }
-        Ok(())
     }
 }
 
+/// Moves a new QP from RESET to INIT on `port`, with remote read and write access.
+pub(crate) fn to_init(qp: *mut ibv_qp, port: u8, device: &str) -> io::Result<()> {
+    // SAFETY: zeroed attrs are valid; the QP is valid.
+    unsafe {
+        let mut a: ibv_qp_attr = std::mem::zeroed();
+        a.qp_state = ibv_qp_state::IBV_QPS_INIT;
+        a.pkey_index = 0;
+        a.port_num = port;
+        a.qp_access_flags = (ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+            | ibv_access_flags::IBV_ACCESS_REMOTE_READ)
+            .0;
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
+            | ibv_qp_attr_mask::IBV_QP_PORT
+            | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+        let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
+        if rc != 0 {
+            return Err(rc_err(rc, format!("cannot move a QP on {device} to INIT")));
+        }
+    }
+    Ok(())
+}
+
+/// What moving a QP to RTR and RTS towards its peer takes: the local port and GID, the path to
+/// the peer, and the negotiated timers and depths.
+#[derive(Clone, Copy)]
+pub(crate) struct PathSpec {
+    pub(crate) port: u8,
+    pub(crate) gid_index: u8,
+    pub(crate) link_layer: LinkLayer,
+    /// `ibv_mtu` code.
+    pub(crate) path_mtu: u8,
+    pub(crate) remote_lid: u16,
+    pub(crate) remote_gid: params::Gid,
+    /// READs the peer may have in flight towards this end (this device's limit).
+    pub(crate) reads_in: u8,
+    /// READs this end may have in flight (the peer's limit and this device's).
+    pub(crate) reads_out: u8,
+    pub(crate) min_rnr_timer: u8,
+    pub(crate) timeout: u8,
+    pub(crate) retry_cnt: u8,
+    pub(crate) rnr_retry: u8,
+}
+
+/// One QP INIT -> RTR -> RTS towards `dest_qpn` along `p`.
+pub(crate) fn connect_one(
+    qp: *mut ibv_qp,
+    dest_qpn: u32,
+    rq_psn: u32,
+    sq_psn: u32,
+    p: &PathSpec,
+) -> io::Result<()> {
+    // SAFETY: zeroed attrs are valid; qp is valid.
+    unsafe {
+        let mut a: ibv_qp_attr = std::mem::zeroed();
+        a.qp_state = ibv_qp_state::IBV_QPS_RTR;
+        a.path_mtu = u32::from(p.path_mtu);
+        a.dest_qp_num = dest_qpn;
+        a.rq_psn = rq_psn;
+        // As many READs in flight from the peer as this device takes (and said it would).
+        a.max_dest_rd_atomic = p.reads_in;
+        a.min_rnr_timer = p.min_rnr_timer;
+        a.ah_attr.port_num = p.port;
+        a.ah_attr.sl = 0;
+        a.ah_attr.src_path_bits = 0;
+        a.ah_attr.dlid = p.remote_lid;
+        if p.link_layer == LinkLayer::Ethernet || !p.remote_gid.is_zero() {
+            a.ah_attr.is_global = 1;
+            a.ah_attr.grh.dgid.raw = p.remote_gid.0;
+            a.ah_attr.grh.sgid_index = p.gid_index;
+            a.ah_attr.grh.hop_limit = 64;
+            a.ah_attr.grh.traffic_class = 0;
+            a.ah_attr.grh.flow_label = 0;
+        }
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_AV
+            | ibv_qp_attr_mask::IBV_QP_PATH_MTU
+            | ibv_qp_attr_mask::IBV_QP_DEST_QPN
+            | ibv_qp_attr_mask::IBV_QP_RQ_PSN
+            | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
+            | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
+        let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
+        if rc != 0 {
+            return Err(rc_err(
+                rc,
+                format!(
+                    "cannot move the QP to RTR (path MTU {}, remote GID {}, local GID index \
+                     {}): wrong GID index or unreachable peer",
+                    params::mtu_bytes(p.path_mtu),
+                    p.remote_gid,
+                    p.gid_index
+                ),
+            ));
+        }
+        let mut a: ibv_qp_attr = std::mem::zeroed();
+        a.qp_state = ibv_qp_state::IBV_QPS_RTS;
+        a.timeout = p.timeout;
+        a.retry_cnt = p.retry_cnt;
+        a.rnr_retry = p.rnr_retry;
+        a.sq_psn = sq_psn;
+        a.max_rd_atomic = p.reads_out;
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE
+            | ibv_qp_attr_mask::IBV_QP_TIMEOUT
+            | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
+            | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
+            | ibv_qp_attr_mask::IBV_QP_SQ_PSN
+            | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
+        let rc = ibv_modify_qp(qp, &mut a, mask.0 as i32);
+        if rc != 0 {
+            return Err(rc_err(rc, "cannot move the QP to RTS"));
+        }
+    }
+    Ok(())
+}
+
 /// The completion channel's fd, for `AsyncFd` (not owned: the channel closes it).
-struct ChannelFd(RawFd);
+pub(crate) struct ChannelFd(RawFd);
 impl AsRawFd for ChannelFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
@@ -461,7 +480,7 @@ impl AsRawFd for ChannelFd {
 /// # Safety
 ///
 /// `channel` is valid, and outlives the returned `AsyncFd`.
-unsafe fn channel_fd(channel: *mut ibv_comp_channel) -> io::Result<AsyncFd<ChannelFd>> {
+pub(crate) unsafe fn channel_fd(channel: *mut ibv_comp_channel) -> io::Result<AsyncFd<ChannelFd>> {
     // SAFETY: the caller's contract; fcntl on the channel's own fd.
     unsafe {
         let fd = (*channel).fd;
@@ -497,7 +516,7 @@ unsafe fn take_cq_events(channel: *mut ibv_comp_channel) -> bool {
 }
 
 /// Polls up to `wcs.capacity()` completions of `cq` into `wcs`; negative on failure.
-fn poll_cq(cq: *mut ibv_cq, wcs: &mut Vec<ibv_wc>) -> i32 {
+pub(crate) fn poll_cq(cq: *mut ibv_cq, wcs: &mut Vec<ibv_wc>) -> i32 {
     wcs.clear();
     // SAFETY: the CQ is valid while its connection lives (the callers hold it); wcs has room for
     // its capacity, and poll_cq writes at most that many.
@@ -510,7 +529,7 @@ fn poll_cq(cq: *mut ibv_cq, wcs: &mut Vec<ibv_wc>) -> i32 {
 }
 
 /// A completion's immediate data, when it carried some.
-fn wc_imm(wc: &ibv_wc) -> Option<u32> {
+pub(crate) fn wc_imm(wc: &ibv_wc) -> Option<u32> {
     (wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0)
         // SAFETY: reading a u32 union member.
         .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data }))
@@ -519,7 +538,7 @@ fn wc_imm(wc: &ibv_wc) -> Option<u32> {
 /// The connection's state, locked (a panic elsewhere does not poison it for the others).
 /// Links `wrs` into one list for a single `ibv_post_send` (each points at the next; the last
 /// keeps its null `next`). The pointers are valid while `wrs` is neither moved nor grown.
-fn chain_send_wrs(wrs: &mut [ibv_send_wr]) {
+pub(crate) fn chain_send_wrs(wrs: &mut [ibv_send_wr]) {
     for k in 1..wrs.len() {
         let next: *mut ibv_send_wr = &mut wrs[k];
         wrs[k - 1].next = next;
@@ -530,86 +549,14 @@ fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Receives posted on the one-sided QP: how many of the peer's writes with immediate can land
-/// before this end takes their completions (each is reposted as it is taken; beyond this the
-/// peer's device waits and retries, receiver not ready).
-const RMA_RECVS: u32 = 64;
-
-/// The work-request id of the one-sided QP's receives (its pieces count up from 1).
-const RMA_RECV_WR: u64 = u64::MAX;
-
 /// Immediates kept for a handler not installed yet (see [`OneSided::on_immediate`]).
 const EARLY_IMMEDIATES: usize = 1024;
 
-/// The one-sided QP's completion queue and channel. Apart from the frames' so that one-sided
-/// completions (one per piece, thousands a second under bulk) never wake the task that reads
-/// frames: a task of their own ([`drain_rma`]) takes them. Dropped after the QP that completes on
-/// it (the connection holds it beside its resources, and the task until it stops).
-struct RmaCq {
-    // Declared first: deregistered before `channel` closes the fd.
-    fd: AsyncFd<ChannelFd>,
-    cq: *mut ibv_cq,
-    channel: *mut ibv_comp_channel,
-    _dev: Arc<Context>,
-}
-
-// SAFETY: CQ and channel handles are usable from any thread; polling is serialised by the
-// connection's mutex, event handling by the single draining task.
-unsafe impl Send for RmaCq {}
-// SAFETY: as above.
-unsafe impl Sync for RmaCq {}
-
-impl RmaCq {
-    fn new(dev: &Arc<Context>, depth: u32) -> io::Result<RmaCq> {
-        // SAFETY: the context is open; each handle is checked, and owned by the result or
-        // destroyed here on failure.
-        unsafe {
-            let channel = ibv_create_comp_channel(dev.ctx);
-            if channel.is_null() {
-                return Err(os_err(format!(
-                    "cannot create a completion channel on {}",
-                    dev.name
-                )));
-            }
-            let cqe = (depth + RMA_RECVS + 1) as i32;
-            let cq = ibv_create_cq(dev.ctx, cqe, std::ptr::null_mut(), channel, 0);
-            if cq.is_null() {
-                let e = os_err(format!("cannot create the one-sided CQ on {}", dev.name));
-                ibv_destroy_comp_channel(channel);
-                return Err(e);
-            }
-            // The fd stays open while the AsyncFd lives: `fd` is dropped before `channel`.
-            match channel_fd(channel) {
-                Ok(fd) => Ok(RmaCq {
-                    fd,
-                    cq,
-                    channel,
-                    _dev: dev.clone(),
-                }),
-                Err(e) => {
-                    ibv_destroy_cq(cq);
-                    ibv_destroy_comp_channel(channel);
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-impl Drop for RmaCq {
-    fn drop(&mut self) {
-        // SAFETY: owned handles; the QP completing on the CQ is gone (see the type's docs).
-        unsafe {
-            ibv_destroy_cq(self.cq);
-            ibv_destroy_comp_channel(self.channel);
-        }
-    }
-}
-
-/// Takes the one-sided QP's completions as they come, until the connection is gone (`stop`
+/// Takes rail `k`'s one-sided completions as they come, until the connection is gone (`stop`
 /// resolves when it drops): completes the operations, posts what waited for room.
 async fn drain_rma(
     conn: std::sync::Weak<Mutex<Inner>>,
+    k: usize,
     rma: Arc<RmaCq>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -622,11 +569,11 @@ async fn drain_rma(
                 return;
             };
             let mut st = lock_inner(&conn);
-            st.drain_rma();
+            st.drain_rma(k);
             if !armed {
                 st.fail(
                     io::ErrorKind::Other,
-                    "arming the one-sided completion queue failed".into(),
+                    "arming a one-sided completion queue failed".into(),
                 );
                 st.wake_both();
                 return;
@@ -656,15 +603,6 @@ async fn drain_rma(
     }
 }
 
-/// A posted piece of a one-sided operation.
-struct Piece {
-    seq: u64,
-    len: u32,
-    /// The operation's last piece: it carries the operation's completion.
-    last: bool,
-    done: Option<OneSidedDone>,
-}
-
 /// How one queued WR carries its frame.
 #[derive(Clone, Copy)]
 enum Carry {
@@ -688,6 +626,14 @@ struct Inner {
     fd: AsyncFd<ChannelFd>,
     side: TcpStream,
     res: Resources,
+    /// One-sided operations on the rails. After `res`: rail 0's QP (in `res`) is destroyed
+    /// before the rails' CQs and the operations' completions go.
+    rma: Rma,
+    /// Dropped with the connection: stops the rails' [`drain_rma`] tasks.
+    _rma_stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The memory domain whose registrations the one-sided operations name: the device's and
+    /// its configured rails' (`memory::domain_id`).
+    domain: u64,
     remote: String,
     send_depth: u32,
     signal_every: u64,
@@ -722,34 +668,9 @@ struct Inner {
     hold: Vec<OutFrame>,
     swrs: Vec<ibv_send_wr>,
     ssges: Vec<ibv_sge>,
-    /// One-sided pieces being posted: (operation index in the queue, offset in it, length,
-    /// last piece?).
-    pieces: Vec<(usize, u32, u32, bool)>,
     // Wakers of the two halves.
     sink_waker: Option<Waker>,
     stream_waker: Option<Waker>,
-    // One-sided operations, on the second QP. After `res`: dropped once the QPs are destroyed,
-    // so whatever their completions keep alive outlives the device's use of it.
-    /// Not posted in full yet, with the bytes of the front one already posted.
-    ops_queue: VecDeque<(OneSidedOp, OneSidedDone)>,
-    ops_front_done: u32,
-    /// Posted pieces, by sequence number (each is signalled; RC completes them in order).
-    ops_inflight: VecDeque<Piece>,
-    /// Pieces posted and completed (sequence numbers are 1-based), and bytes in flight.
-    ops_posted: u64,
-    ops_completed: u64,
-    ops_bytes: u64,
-    /// When a one-sided completion last arrived (or the first piece after an idle spell was
-    /// posted): `check_stall` for the one-sided QP.
-    ops_progress: std::time::Instant,
-    /// [`VerbsConfig::rma_inflight_bytes`].
-    ops_budget: u32,
-    /// Takes the immediate data of the peer's writes ([`OneSided::on_immediate`]).
-    imms: Immediates,
-    /// The one-sided QP's CQ (after `res`: outlives the QP).
-    rma: Arc<RmaCq>,
-    /// Dropped with the connection: stops its [`drain_rma`] task.
-    _rma_stop: tokio::sync::oneshot::Sender<()>,
 }
 
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
@@ -765,7 +686,9 @@ impl Drop for Inner {
             io::ErrorKind::ConnectionAborted,
             "the connection was closed".into(),
         );
-        self.drain_rma();
+        for k in 0..self.rma.rails.len() {
+            self.drain_rma(k);
+        }
     }
 }
 
@@ -776,7 +699,7 @@ fn status_text(status: u32) -> String {
         .into_owned()
 }
 
-fn explain_status(status: u32, remote: &str) -> (io::ErrorKind, String) {
+pub(crate) fn explain_status(status: u32, remote: &str) -> (io::ErrorKind, String) {
     let text = status_text(status);
     match status {
         ibv_wc_status::IBV_WC_RETRY_EXC_ERR => (
@@ -812,113 +735,25 @@ impl Inner {
     fn fail(&mut self, kind: io::ErrorKind, msg: String) {
         if self.error.is_none() {
             tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
-            self.error = Some((kind, msg));
-            // The one-sided QP goes to the error state too, so its posted pieces complete soon,
-            // as flushed (a failure), whatever broke the connection.
-            // SAFETY: zeroed attrs are valid; the QP is valid.
-            unsafe {
-                let mut a: ibv_qp_attr = std::mem::zeroed();
-                a.qp_state = ibv_qp_state::IBV_QPS_ERR;
-                ibv_modify_qp(
-                    self.res.rma_qp,
-                    &mut a,
-                    ibv_qp_attr_mask::IBV_QP_STATE.0 as i32,
-                );
-            }
+            self.error = Some((kind, msg.clone()));
         }
-        // Operations not posted never reach the device: they fail now. Posted ones complete
-        // (flushed) on the CQ, or are dropped with the QP; so does one posted in part, whose
-        // completion moves to its last posted piece and reports a failure whatever that piece's
-        // outcome (the rest of the operation never went).
-        let mut queue = std::mem::take(&mut self.ops_queue);
-        if self.ops_front_done > 0 {
-            let e = self.io_error().expect("set above");
-            if let (Some((_, done)), Some(last)) = (queue.pop_front(), self.ops_inflight.back_mut())
-            {
-                last.last = true;
-                last.done = Some(Box::new(move |_| done(Err(e))));
-            }
-            self.ops_front_done = 0;
-        }
-        for (_, done) in queue {
-            done(Err(self.io_error().expect("set above")));
-        }
+        // The one-sided QPs go to the error state too, so their posted pieces complete soon,
+        // as flushed (a failure), whatever broke the connection; operations not posted fail.
+        self.rma.fail((kind, msg));
     }
 
-    /// Polls the one-sided CQ until it is empty: completes the operations (or fails them and
-    /// the connection), then posts what waited for room or budget.
-    fn drain_rma(&mut self) {
-        let cq = self.rma.cq;
-        let mut failed = false;
-        let mut reposts = 0;
-        loop {
-            let cap = self.wcs.capacity() as i32;
-            let n = poll_cq(cq, &mut self.wcs);
-            if n <= 0 {
-                failed |= n < 0;
-                break;
+    /// Takes rail `k`'s one-sided completions, then posts what waited for room or budget; on a
+    /// failure, fails the connection and wakes both halves (the frame path learns of it when
+    /// it next runs).
+    fn drain_rma(&mut self, k: usize) {
+        match self.rma.drain(k) {
+            Ok(()) => {
+                self.post_ops();
             }
-            self.ops_progress = std::time::Instant::now();
-            for k in 0..n as usize {
-                // The work-request id of a piece is its sequence number.
-                let (status, seq) = (self.wcs[k].status, self.wcs[k].wr_id);
-                if seq == RMA_RECV_WR {
-                    if status == ibv_wc_status::IBV_WC_SUCCESS {
-                        self.took_immediate(k);
-                        reposts += 1;
-                    } else if status != ibv_wc_status::IBV_WC_WR_FLUSH_ERR {
-                        let (kind, msg) = explain_status(status, &self.remote);
-                        self.fail(kind, msg);
-                        failed = true;
-                    }
-                    continue;
-                }
-                if status == ibv_wc_status::IBV_WC_SUCCESS {
-                    self.ops_completed = self.ops_completed.max(seq);
-                    self.complete_ops(seq);
-                } else {
-                    let (kind, msg) = explain_status(status, &self.remote);
-                    self.fail_op(seq, kind, &msg);
-                    self.fail(kind, msg);
-                    failed = true;
-                }
+            Err((kind, msg)) => {
+                self.fail(kind, msg);
+                self.wake_both();
             }
-            self.wcs.clear();
-            if n < cap {
-                break;
-            }
-        }
-        if reposts > 0 && self.error.is_none() {
-            if let Err(e) = self.res.post_rma_recvs(reposts) {
-                self.fail(e.kind(), e.to_string());
-                failed = true;
-            }
-        }
-        if failed {
-            if self.error.is_none() {
-                self.fail(
-                    io::ErrorKind::Other,
-                    "polling the one-sided completion queue failed".into(),
-                );
-            }
-            // The frame path learns of the failure when it next runs: make it run.
-            self.wake_both();
-        } else {
-            self.post_ops();
-        }
-    }
-
-    /// Hands the immediate of completion `k` (a peer's write with immediate that landed) to
-    /// the handler, or keeps it for one still to come.
-    fn took_immediate(&mut self, k: usize) {
-        let Some(imm) = wc_imm(&self.wcs[k]) else {
-            return;
-        };
-        if !self.imms.deliver(imm) {
-            tracing::warn!(
-                remote = %self.remote,
-                "write with immediate before any handler, and too many kept; dropped"
-            );
         }
     }
 
@@ -929,32 +764,6 @@ impl Inner {
             .flatten()
         {
             w.wake();
-        }
-    }
-
-    /// Completes the posted pieces up to sequence `upto` (RC completes in order), and the
-    /// operations whose last piece that was.
-    fn complete_ops(&mut self, upto: u64) {
-        while self.ops_inflight.front().is_some_and(|p| p.seq <= upto) {
-            let p = self.ops_inflight.pop_front().expect("checked");
-            self.ops_bytes -= u64::from(p.len);
-            if let Some(done) = p.done {
-                done(Ok(()));
-            }
-        }
-    }
-
-    /// Fails the operation that piece `seq` belongs to, with `err`.
-    fn fail_op(&mut self, seq: u64, kind: io::ErrorKind, msg: &str) {
-        let Some(k) = self.ops_inflight.iter().position(|p| p.seq >= seq) else {
-            return;
-        };
-        // The operation's completion rides on its last piece, at `k` or after (already taken
-        // if an earlier piece of it failed); later operations' pieces are not its.
-        if let Some(j) = (k..self.ops_inflight.len()).find(|&j| self.ops_inflight[j].last) {
-            if let Some(done) = self.ops_inflight[j].done.take() {
-                done(Err(io::Error::new(kind, msg.to_owned())));
-            }
         }
     }
 
@@ -1119,123 +928,19 @@ impl Inner {
         self.post_plan() || ops
     }
 
-    /// Posts queued one-sided operations on the one-sided QP in pieces of at most
-    /// [`crate::RMA_PIECE`], as the in-flight budget and the send queue allow, in one call.
-    /// Returns whether anything was posted.
+    /// Posts queued one-sided operations' pieces on the rails (see [`Rma::post`]). Returns
+    /// whether anything was posted.
     fn post_ops(&mut self) -> bool {
         if self.error.is_some() {
             return false;
         }
-        let outstanding = self.ops_posted.saturating_sub(self.ops_completed);
-        let room = u64::from(self.send_depth).saturating_sub(outstanding) as usize;
-        // Taken out of `self` (and put back) while `self` is updated piece by piece.
-        let mut pieces = std::mem::take(&mut self.pieces);
-        pieces.clear();
-        let mut bytes = self.ops_bytes;
-        'ops: for (i, (op, _)) in self.ops_queue.iter().enumerate() {
-            let mut at = if i == 0 { self.ops_front_done } else { 0 };
-            loop {
-                let len = (op.len - at).min(crate::RMA_PIECE);
-                // One piece always goes when nothing is in flight.
-                let fits = bytes == 0 || bytes + u64::from(len) <= u64::from(self.ops_budget);
-                if pieces.len() == room || !fits {
-                    break 'ops;
-                }
-                let last = at + len == op.len;
-                pieces.push((i, at, len, last));
-                bytes += u64::from(len);
-                at += len;
-                if last {
-                    break;
-                }
+        match self.rma.post() {
+            Ok(posted) => posted,
+            Err(e) => {
+                self.fail(e.kind(), e.to_string());
+                true
             }
         }
-        if pieces.is_empty() {
-            self.pieces = pieces;
-            return false;
-        }
-        self.swrs.clear();
-        self.ssges.clear();
-        for &(i, at, len, _) in &pieces {
-            let op = &self.ops_queue[i].0;
-            self.ssges.push(ibv_sge {
-                // Wrapping: the device refuses an address outside the registration.
-                addr: op.local_addr.wrapping_add(u64::from(at)),
-                length: len,
-                lkey: op.local_key,
-            });
-        }
-        for (k, &(i, at, _, _)) in pieces.iter().enumerate() {
-            let op = self.ops_queue[i].0;
-            // SAFETY: zeroed is a valid ibv_send_wr.
-            let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
-            // Every piece is signalled: the budget frees as they complete.
-            wr.wr_id = self.ops_posted + k as u64 + 1;
-            wr.sg_list = &mut self.ssges[k];
-            // A zero-length scatter entry means 2 GiB to some devices: none instead.
-            wr.num_sge = i32::from(self.ssges[k].length > 0);
-            wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            let last = pieces[k].3;
-            wr.opcode = match (op.kind, op.imm) {
-                // The immediate goes with the last piece: the peer hears of it once every
-                // byte before it on this QP has landed.
-                (OneSidedKind::Write, Some(imm)) if last => {
-                    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-                    ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
-                }
-                (OneSidedKind::Write, _) => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-                (OneSidedKind::Read, _) => ibv_wr_opcode::IBV_WR_RDMA_READ,
-            };
-            wr.wr.rdma.remote_addr = op.remote_addr.wrapping_add(u64::from(at));
-            wr.wr.rdma.rkey = op.remote_key;
-            self.swrs.push(wr);
-        }
-        let n = pieces.len();
-        chain_send_wrs(&mut self.swrs);
-        if self.ops_posted == self.ops_completed {
-            self.ops_progress = std::time::Instant::now();
-        }
-        let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
-        // SAFETY: WRs and SGEs live until the call returns; the memory they name is registered
-        // and kept alive by each operation's completion (see `OneSided::post`).
-        let rc = unsafe { ibv_post_send(self.res.rma_qp, self.swrs.as_mut_ptr(), &mut bad) };
-        // On failure the WRs before `bad` were posted: they are in flight like any other.
-        let posted = if rc == 0 {
-            n
-        } else {
-            let at = (bad as usize).wrapping_sub(self.swrs.as_ptr() as usize)
-                / std::mem::size_of::<ibv_send_wr>();
-            at.min(n)
-        };
-        self.swrs.clear();
-        self.ssges.clear();
-        for &(_, _, len, last) in &pieces[..posted] {
-            self.ops_posted += 1;
-            self.ops_bytes += u64::from(len);
-            let done = if last {
-                self.ops_front_done = 0;
-                self.ops_queue.pop_front().map(|(_, d)| d)
-            } else {
-                self.ops_front_done += len;
-                None
-            };
-            self.ops_inflight.push_back(Piece {
-                seq: self.ops_posted,
-                len,
-                last,
-                done,
-            });
-        }
-        self.pieces = pieces;
-        if rc != 0 {
-            let e = rc_err(
-                rc,
-                format!("posting one-sided operations to {}", self.remote),
-            );
-            self.fail(e.kind(), e.to_string());
-            return posted > 0;
-        }
-        true
     }
 
     /// A zero-length message that only proves the path (and returns nothing yet).
@@ -1405,32 +1110,22 @@ impl Inner {
     /// retry machinery has not said so (Soft-RoCE keeps retrying across a link down/up without
     /// ever completing). The fabric's keepalives keep polling, so this is checked in time.
     fn check_stall(&mut self) {
-        let queues = [
-            (
-                "one-sided completion",
-                self.ops_posted.saturating_sub(self.ops_completed),
-                "pieces",
-                self.ops_progress,
-            ),
-            (
-                "RDMA completion",
-                self.posted - self.completed,
-                "sends",
-                self.last_progress,
-            ),
-        ];
-        for (what, outstanding, unit, since) in queues {
-            let quiet = since.elapsed();
-            if outstanding > 0 && self.error.is_none() && quiet > self.stall_timeout {
-                let remote = self.remote.clone();
-                self.fail(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "no {what} from {remote} for {quiet:?} with {outstanding} {unit} \
-                         outstanding: the link is down or the peer is unreachable"
-                    ),
-                );
-            }
+        if self.error.is_some() {
+            return;
+        }
+        let quiet = self.last_progress.elapsed();
+        let outstanding = self.posted - self.completed;
+        if outstanding > 0 && quiet > self.stall_timeout {
+            let remote = self.remote.clone();
+            self.fail(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "no RDMA completion from {remote} for {quiet:?} with {outstanding} sends \
+                     outstanding: the link is down or the peer is unreachable"
+                ),
+            );
+        } else if let Some(why) = self.rma.stalled(self.stall_timeout) {
+            self.fail(io::ErrorKind::TimedOut, why);
         }
     }
 
@@ -1495,7 +1190,7 @@ impl OneSided for VerbsOneSided {
             done(Ok(()));
             return;
         }
-        st.ops_queue.push_back((op, done));
+        st.rma.submit(op, done);
         st.post();
     }
 
@@ -1503,7 +1198,7 @@ impl OneSided for VerbsOneSided {
         let Some(conn) = self.conn.upgrade() else {
             return;
         };
-        lock_inner(&conn).imms.install(handler);
+        lock_inner(&conn).rma.imms.install(handler);
     }
 }
 
@@ -1576,7 +1271,7 @@ impl FrameSink for VerbsSink {
     }
 
     fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
-        let domain = crate::memory::domain_id(&self.0.lock().res.dev);
+        let domain = self.0.lock().domain;
         Some(Arc::new(VerbsOneSided {
             conn: Arc::downgrade(&self.0 .0),
             domain,
@@ -1646,17 +1341,31 @@ impl FrameStream for VerbsStream {
 pub(crate) async fn establish(
     mut side: TcpStream,
     role: Role,
-    dev: Arc<Context>,
-    port: u8,
-    gid_index: u8,
+    main: LocalPort,
+    rails: Vec<LocalPort>,
     cfg: &VerbsConfig,
     remote_name: String,
 ) -> io::Result<Connection> {
     side.set_nodelay(true)?;
     let t0 = std::time::Instant::now();
     // Created first, dropped last: the one-sided QP in `res` completes on it.
+    let LocalPort {
+        dev,
+        port,
+        gid_index,
+    } = main;
     let rma = Arc::new(RmaCq::new(&dev, cfg.send_depth)?);
     let mut res = Resources::new(dev, port, gid_index, cfg, rma.cq)?;
+    let domain = {
+        let devs: Vec<Arc<Context>> = rails.iter().map(|r| r.dev.clone()).collect();
+        crate::memory::domain_id(&res.dev, &devs)
+    };
+    // Each rail's QP goes before its CQ (the pair's order).
+    let mut rail_qps = Vec::with_capacity(rails.len());
+    for rail in rails {
+        let cq = Arc::new(RmaCq::new(&rail.dev, cfg.send_depth)?);
+        rail_qps.push((RailQp::new(rail, &cq, cfg.send_depth)?, cq));
+    }
     let t_resources = t0.elapsed();
     {
         let all: Vec<u32> = (0..cfg.recv_depth).collect();
@@ -1714,6 +1423,14 @@ pub(crate) async fn establish(
     };
     let t_exchanged = t0.elapsed();
     res.connect_qp(&local, &remote, &n)?;
+    let rails = connect_rails(
+        &mut side,
+        rail_qps,
+        &res.path(&local, &remote, &n),
+        cfg,
+        &remote_name,
+    )
+    .await?;
     let t_rts = t0.elapsed();
 
     // SAFETY: the fd stays open while the AsyncFd lives: `Inner` drops `fd` before `res`, whose
@@ -1721,7 +1438,13 @@ pub(crate) async fn establish(
     let local_inline = res.max_inline;
     let fd = unsafe { channel_fd(res.channel)? };
     let send_depth = cfg.send_depth;
-    let (rma_stop, rma_stopped) = tokio::sync::oneshot::channel();
+    let mut rma_rails = vec![Rail::main(res.rma_qp, rma)];
+    rma_rails.extend(rails.into_iter().map(|(qp, cq)| Rail::extra(qp, cq)));
+    let (rma_stop, rma_stopped): (Vec<_>, Vec<_>) = rma_rails
+        .iter()
+        .map(|_| tokio::sync::oneshot::channel())
+        .unzip();
+    let rail_cqs: Vec<Arc<RmaCq>> = rma_rails.iter().map(|r| r.cq.clone()).collect();
     let inner = Inner {
         fd,
         side,
@@ -1755,24 +1478,23 @@ pub(crate) async fn establish(
         hold: Vec::with_capacity(send_depth as usize),
         swrs: Vec::with_capacity(send_depth as usize),
         ssges: Vec::with_capacity(2 * send_depth as usize),
-        pieces: Vec::with_capacity(send_depth as usize),
         sink_waker: None,
         stream_waker: None,
-        ops_queue: VecDeque::new(),
-        ops_front_done: 0,
-        ops_inflight: VecDeque::new(),
-        ops_posted: 0,
-        ops_completed: 0,
-        ops_bytes: 0,
-        ops_progress: std::time::Instant::now(),
-        ops_budget: cfg.rma_inflight_bytes,
-        imms: Immediates::new(EARLY_IMMEDIATES),
-        rma: rma.clone(),
+        rma: Rma::new(
+            rma_rails,
+            cfg.rma_inflight_bytes,
+            send_depth,
+            remote_name.clone(),
+            Immediates::new(EARLY_IMMEDIATES),
+        ),
         _rma_stop: rma_stop,
+        domain,
         res,
     };
     let shared = Shared(Arc::new(Mutex::new(inner)));
-    tokio::spawn(drain_rma(Arc::downgrade(&shared.0), rma, rma_stopped));
+    for (k, (cq, stopped)) in rail_cqs.into_iter().zip(rma_stopped).enumerate() {
+        tokio::spawn(drain_rma(Arc::downgrade(&shared.0), k, cq, stopped));
+    }
     // The probe: one zero-length message each way, so a wrong GID or an unreachable peer fails
     // here, with a clear error, rather than as a dead session later.
     shared.lock().post_probe();
@@ -1831,4 +1553,60 @@ pub(crate) async fn establish(
         stream: Box::new(VerbsStream(shared)),
         remote: remote_name,
     })
+}
+
+/// Exchanges the rails' parameters over the side channel, pairs rail *k* here with rail *k* on
+/// the peer (as many as both have; the others are dropped), connects each pair with the
+/// connection's timers `timers`, and proves each pair's path. Returns the connected rails.
+async fn connect_rails(
+    side: &mut TcpStream,
+    rails: Vec<(RailQp, Arc<RmaCq>)>,
+    timers: &PathSpec,
+    cfg: &VerbsConfig,
+    remote_name: &str,
+) -> io::Result<Vec<(RailQp, Arc<RmaCq>)>> {
+    let limit = cfg.connect_timeout;
+    let bad = |m: params::Mismatch| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("verbs connection to {remote_name}: {m}"),
+        )
+    };
+    let mine = rails
+        .iter()
+        .map(|(qp, _)| qp.params())
+        .collect::<io::Result<Vec<_>>>()?;
+    let theirs = tokio::time::timeout(limit, async {
+        side.write_all(&params::encode_rails(&mine)).await?;
+        let mut head = [0u8; 1];
+        side.read_exact(&mut head).await?;
+        if usize::from(head[0]) > MAX_RAILS {
+            return Err(bad(params::decode_rails(&head, MAX_RAILS).unwrap_err()));
+        }
+        let mut b = vec![0u8; params::rails_len(head[0])];
+        b[0] = head[0];
+        side.read_exact(&mut b[1..]).await?;
+        params::decode_rails(&b, MAX_RAILS).map_err(bad)
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("verbs connection to {remote_name}: no rails exchange within {limit:?}"),
+        )
+    })??;
+    let required = cfg.mtu.and_then(params::mtu_code).unwrap_or(0);
+    let mut paired = Vec::new();
+    for ((qp, cq), (local, remote)) in rails.into_iter().zip(mine.iter().zip(&theirs)) {
+        let mtu = params::rail_path_mtu(local, remote, required).map_err(bad)?;
+        qp.connect(local, remote, mtu, timers)?;
+        paired.push((qp, cq));
+    }
+    if paired.len() < mine.len().max(theirs.len()) {
+        tracing::info!(remote = %remote_name, here = mine.len(), there = theirs.len(),
+            "the two ends have different numbers of rails: using {}", paired.len());
+    }
+    let probing: Vec<(&RailQp, &RmaCq)> = paired.iter().map(|(q, c)| (q, &**c)).collect();
+    probe_rails(&probing, limit.max(Duration::from_millis(500)), remote_name).await?;
+    Ok(paired)
 }

@@ -126,6 +126,7 @@ mod conn;
 mod device;
 mod memory;
 pub mod params;
+mod rma;
 mod window;
 
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
@@ -190,6 +191,16 @@ pub struct VerbsConfig {
     /// without pinning its pages again. Off, or on a device without windows, a region's
     /// registration carries the key itself and revoking deregisters it. Default on.
     pub memory_windows: bool,
+    /// Extra RDMA devices ("rails", e.g. `["rxe1"]`) that one-sided operations spread over,
+    /// beside the connection's own device: each connection sets up one more one-sided QP per
+    /// rail (on the rail's first ACTIVE port and its first RoCE v2 IPv4-mapped GID), regions are
+    /// registered on every rail too, and the pieces of each operation go to the rail with the
+    /// fewest bytes in flight. Rails pair up by position with the peer's (rail *k* here with
+    /// rail *k* there, as many as both ends have), so list them in the same order on both
+    /// ends, each on a network that reaches the peer's rail of the same position. At most
+    /// [`agentfabric::transport::MAX_RAILS`]. Default none. Env: `AGENTFABRIC_RAILS`
+    /// (comma-separated) when empty.
+    pub rails: Vec<String>,
 }
 
 /// Largest piece a one-sided operation is posted in (see [`VerbsConfig::rma_inflight_bytes`]).
@@ -221,6 +232,7 @@ impl Default for VerbsConfig {
             connect_timeout: Duration::from_secs(3),
             rma_inflight_bytes: 256 << 10,
             memory_windows: true,
+            rails: Vec::new(),
         }
     }
 }
@@ -268,6 +280,21 @@ impl VerbsConfig {
                 self.min_rnr_timer
             ));
         }
+        let rails = self.env_rails();
+        if rails.len() > agentfabric::transport::MAX_RAILS {
+            return bad(format!(
+                "VerbsConfig::rails names {} devices; at most {} are supported",
+                rails.len(),
+                agentfabric::transport::MAX_RAILS
+            ));
+        }
+        for (i, r) in rails.iter().enumerate() {
+            if r.is_empty() || rails[..i].contains(r) {
+                return bad(format!(
+                    "VerbsConfig::rails {rails:?}: each rail must name a different device"
+                ));
+            }
+        }
         if self.retry_count > 7 || self.rnr_retry > 7 || self.ack_timeout > 31 {
             return bad(
                 "VerbsConfig::retry_count and rnr_retry must be 0..=7, ack_timeout 0..=31".into(),
@@ -282,6 +309,21 @@ impl VerbsConfig {
                 .ok()
                 .filter(|s| !s.is_empty())
         })
+    }
+
+    /// [`VerbsConfig::rails`], else `AGENTFABRIC_RAILS`.
+    fn env_rails(&self) -> Vec<String> {
+        if !self.rails.is_empty() {
+            return self.rails.clone();
+        }
+        std::env::var("AGENTFABRIC_RAILS")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn env_gid_index(&self) -> io::Result<Option<u8>> {
@@ -374,6 +416,34 @@ impl VerbsTransport {
         Ok((dev, port, gid))
     }
 
+    /// The rails' devices, each with its port and GID index, refusing the connection's own
+    /// device `main` among them.
+    fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<rma::LocalPort>> {
+        self.config
+            .env_rails()
+            .iter()
+            .map(|name| {
+                let dev = self.device(name)?;
+                if Arc::ptr_eq(&dev, main) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "VerbsConfig::rails names {name}, the connection's own device: a \
+                             rail must be another device"
+                        ),
+                    ));
+                }
+                let port = dev.first_active_port()?;
+                let gid_index = dev.pick_gid(port, None)?;
+                Ok(rma::LocalPort {
+                    dev,
+                    port,
+                    gid_index,
+                })
+            })
+            .collect()
+    }
+
     async fn connect_inner(&self, addr: &str) -> io::Result<Connection> {
         self.config.validate()?;
         let target = parse(addr, false)?;
@@ -401,12 +471,16 @@ impl VerbsTransport {
         };
         let local_ip = side.local_addr()?.ip();
         let (dev, port, gid) = self.choose(local_ip)?;
+        let rails = self.rails(&dev)?;
         conn::establish(
             side,
             Role::Initiator,
-            dev,
-            port,
-            gid,
+            rma::LocalPort {
+                dev,
+                port,
+                gid_index: gid,
+            },
+            rails,
             &self.config,
             format!("{SCHEME}://{target}"),
         )
@@ -424,7 +498,8 @@ impl VerbsTransport {
         })?;
         let local = listener.local_addr()?;
         // Fail now, not on the first connection, if there is no device to serve it with.
-        self.choose(local.ip())?;
+        let (dev, _, _) = self.choose(local.ip())?;
+        self.rails(&dev)?;
         tracing::debug!(%local, "verbs transport listening");
         Ok(Box::new(VerbsListener {
             inner: listener,
@@ -468,11 +543,16 @@ impl Transport for VerbsTransport {
             Some(n) => n,
             None => Context::names().ok()?.into_iter().next()?,
         };
-        match self.device(&name) {
-            Ok(dev) => Some(Arc::new(memory::VerbsDomain {
+        let domain = self.device(&name).and_then(|dev| {
+            let rails = self.rails(&dev)?.into_iter().map(|r| r.dev).collect();
+            Ok(memory::VerbsDomain {
                 dev,
+                rails,
                 windows: self.config.memory_windows,
-            })),
+            })
+        });
+        match domain {
+            Ok(d) => Some(Arc::new(d)),
             Err(e) => {
                 tracing::debug!(device = %name, error = %e, "no RDMA memory domain");
                 None
@@ -510,7 +590,9 @@ impl Listener for VerbsListener {
                         self.pending.spawn(async move {
                             let ip = side.local_addr()?.ip();
                             let (dev, port, gid) = t.choose(ip)?;
-                            conn::establish(side, Role::Acceptor, dev, port, gid, &t.config,
+                            let rails = t.rails(&dev)?;
+                            let main = rma::LocalPort { dev, port, gid_index: gid };
+                            conn::establish(side, Role::Acceptor, main, rails, &t.config,
                                 format!("{SCHEME}://{peer}")).await
                         });
                     }

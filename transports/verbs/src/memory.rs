@@ -13,23 +13,30 @@
 use std::io;
 use std::sync::Arc;
 
-use agentfabric::transport::{MemoryDomain, MemoryRegistration};
+use agentfabric::transport::{MemoryDomain, MemoryRegistration, RailKeys};
 use rdma_sys::*;
 
 use crate::device::Context;
 use crate::window::Window;
 
-/// The protection domain of one open device. Connections on the same device (the same
-/// [`Context`]) reach what is registered here.
+/// The protection domains of the transport's device and of its rails
+/// ([`VerbsConfig::rails`]). Connections on the same devices reach what is registered here.
+///
+/// [`VerbsConfig::rails`]: crate::VerbsConfig::rails
 pub(crate) struct VerbsDomain {
     pub(crate) dev: Arc<Context>,
+    /// The extra devices one-sided operations spread over, in rail order.
+    pub(crate) rails: Vec<Arc<Context>>,
     /// Give registrations their remote key through memory windows, where the device can.
     pub(crate) windows: bool,
 }
 
-/// The domain id of a device: connections compare theirs with it.
-pub(crate) fn domain_id(dev: &Arc<Context>) -> u64 {
-    Arc::as_ptr(dev) as u64
+/// The domain id of a device and its rails: connections compare theirs with it, so a
+/// connection reaches a registration only when both span the same devices in the same order.
+pub(crate) fn domain_id(dev: &Arc<Context>, rails: &[Arc<Context>]) -> u64 {
+    rails.iter().fold(Arc::as_ptr(dev) as u64, |id, r| {
+        id.rotate_left(17) ^ (Arc::as_ptr(r) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    })
 }
 
 /// Registers `len` bytes at `addr` with `access`.
@@ -59,39 +66,77 @@ unsafe fn reg_mr(
     Ok(mr)
 }
 
-impl VerbsDomain {
-    /// An MR for local access and window binding, with a window over it for remote access.
-    ///
-    /// # Safety
-    ///
-    /// As [`MemoryDomain::register`].
-    unsafe fn register_windowed(&self, addr: *mut u8, len: usize) -> io::Result<VerbsRegistration> {
-        let binder = self.dev.binder().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{} cannot bind memory windows", self.dev.name),
-            )
-        })?;
-        let access =
-            ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
+/// An MR on `dev` for local access and window binding, with a window over it for remote
+/// access.
+///
+/// # Safety
+///
+/// As [`MemoryDomain::register`].
+unsafe fn register_windowed(
+    dev: &Arc<Context>,
+    addr: *mut u8,
+    len: usize,
+) -> io::Result<DeviceRegistration> {
+    let binder = dev.binder().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{} cannot bind memory windows", dev.name),
+        )
+    })?;
+    let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | ibv_access_flags::IBV_ACCESS_MW_BIND;
+    // SAFETY: as the caller promises.
+    let mr = unsafe { reg_mr(dev, addr, len, access)? };
+    let mut reg = DeviceRegistration {
+        mr,
+        window: None,
+        windowed: true,
+        dev: dev.clone(),
+    };
+    // SAFETY: the MR is live, in the binder's PD, with the access a window needs; the
+    // registration drops the window before the MR.
+    reg.window = Some(unsafe { binder.bind(dev, mr)? });
+    Ok(reg)
+}
+
+/// The memory registered on `dev`: windowed when `windows` and the device can, else an MR that
+/// carries the remote key itself.
+///
+/// # Safety
+///
+/// As [`MemoryDomain::register`].
+unsafe fn register_on(
+    dev: &Arc<Context>,
+    windows: bool,
+    addr: *mut u8,
+    len: usize,
+) -> io::Result<DeviceRegistration> {
+    if windows {
         // SAFETY: as the caller promises.
-        let mr = unsafe { reg_mr(&self.dev, addr, len, access)? };
-        let mut reg = VerbsRegistration {
-            mr,
-            window: None,
-            windowed: true,
-            dev: self.dev.clone(),
-        };
-        // SAFETY: the MR is live, in the binder's PD, with the access a window needs; the
-        // registration drops the window before the MR.
-        reg.window = Some(unsafe { binder.bind(&self.dev, mr)? });
-        Ok(reg)
+        match unsafe { register_windowed(dev, addr, len) } {
+            Ok(reg) => return Ok(reg),
+            Err(e) => tracing::debug!(
+                device = %dev.name,
+                error = %e,
+                "no memory window: the registration carries the remote key itself"
+            ),
+        }
     }
+    let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+        | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+        | ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+    // SAFETY: as the caller promises.
+    let mr = unsafe { reg_mr(dev, addr, len, access)? };
+    Ok(DeviceRegistration {
+        mr,
+        window: None,
+        windowed: false,
+        dev: dev.clone(),
+    })
 }
 
 impl MemoryDomain for VerbsDomain {
     fn id(&self) -> u64 {
-        domain_id(&self.dev)
+        domain_id(&self.dev, &self.rails)
     }
 
     unsafe fn register(
@@ -99,35 +144,71 @@ impl MemoryDomain for VerbsDomain {
         addr: *mut u8,
         len: usize,
     ) -> io::Result<Box<dyn MemoryRegistration>> {
-        if self.windows {
-            // SAFETY: as the caller promises.
-            match unsafe { self.register_windowed(addr, len) } {
-                Ok(reg) => return Ok(Box::new(reg)),
-                Err(e) => tracing::debug!(
-                    device = %self.dev.name,
-                    error = %e,
-                    "no memory window: the registration carries the remote key itself"
-                ),
-            }
-        }
-        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-            | ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-            | ibv_access_flags::IBV_ACCESS_REMOTE_READ;
-        // SAFETY: as the caller promises.
-        let mr = unsafe { reg_mr(&self.dev, addr, len, access)? };
-        Ok(Box::new(VerbsRegistration {
-            mr,
-            window: None,
-            windowed: false,
-            dev: self.dev.clone(),
-        }))
+        // SAFETY (all three): as the caller promises; a registration made before a later one
+        // fails is dropped (deregistered) on the way out.
+        let main = unsafe { register_on(&self.dev, self.windows, addr, len)? };
+        let rails = self
+            .rails
+            .iter()
+            .map(|dev| unsafe { register_on(dev, self.windows, addr, len) })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Box::new(VerbsRegistration { main, rails }))
     }
 }
 
-/// One MR, and the window that carries its remote key when it has one. Dropping it deallocates
-/// the window and deregisters the MR: the device refuses its keys from then on (a peer's
-/// operation with them fails with a remote access error), and no longer touches the memory.
+/// A registration on the main device and on each rail.
 struct VerbsRegistration {
+    main: DeviceRegistration,
+    rails: Vec<DeviceRegistration>,
+}
+
+impl VerbsRegistration {
+    fn all(&mut self) -> impl Iterator<Item = &mut DeviceRegistration> {
+        std::iter::once(&mut self.main).chain(self.rails.iter_mut())
+    }
+}
+
+impl MemoryRegistration for VerbsRegistration {
+    fn local_key(&self) -> u32 {
+        self.main.local_key()
+    }
+
+    fn remote_key(&self) -> u32 {
+        self.main.remote_key()
+    }
+
+    fn withdraw(&mut self) -> io::Result<()> {
+        // Every device's key goes, even when one of them fails (the caller then drops it all).
+        let mut first = Ok(());
+        for reg in self.all() {
+            let r = reg.withdraw();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    fn grant(&mut self) -> io::Result<()> {
+        self.all().try_for_each(DeviceRegistration::grant)
+    }
+
+    fn rail_local_keys(&self) -> RailKeys {
+        let keys: Vec<u32> = self.rails.iter().map(|r| r.local_key()).collect();
+        RailKeys::from_slice(&keys).expect("VerbsConfig::validate bounds the rails")
+    }
+
+    fn rail_remote_keys(&self) -> RailKeys {
+        let keys: Vec<u32> = self.rails.iter().map(|r| r.remote_key()).collect();
+        RailKeys::from_slice(&keys).expect("VerbsConfig::validate bounds the rails")
+    }
+}
+
+/// One MR on one device, and the window that carries its remote key when it has one. Dropping
+/// it deallocates the window and deregisters the MR: the device refuses its keys from then on
+/// (a peer's operation with them fails with a remote access error), and no longer touches the
+/// memory.
+struct DeviceRegistration {
     mr: *mut ibv_mr,
     /// The current share's window (windowed registrations between `grant` and `withdraw`).
     window: Option<Window>,
@@ -138,11 +219,11 @@ struct VerbsRegistration {
 }
 
 // SAFETY: an MR handle is usable from any thread; its keys are plain values.
-unsafe impl Send for VerbsRegistration {}
+unsafe impl Send for DeviceRegistration {}
 // SAFETY: as above; `&self` methods only read.
-unsafe impl Sync for VerbsRegistration {}
+unsafe impl Sync for DeviceRegistration {}
 
-impl MemoryRegistration for VerbsRegistration {
+impl DeviceRegistration {
     fn local_key(&self) -> u32 {
         // SAFETY: the MR is valid until drop.
         unsafe { (*self.mr).lkey }
@@ -191,7 +272,7 @@ impl MemoryRegistration for VerbsRegistration {
     }
 }
 
-impl Drop for VerbsRegistration {
+impl Drop for DeviceRegistration {
     fn drop(&mut self) {
         // The device refuses to deregister an MR with a window bound to it.
         drop(self.window.take());

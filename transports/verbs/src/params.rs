@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 pub const MAGIC: [u8; 4] = *b"AFVB";
 /// Version of the side-channel exchange and of the data-path conventions (immediate data
 /// layout, credits). Both ends must speak the same.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Encoded length of [`QpParams`].
 pub const PARAMS_LEN: usize = 128;
 /// Longest device name carried (longer names are cut; only used in messages).
@@ -334,6 +334,116 @@ pub fn encode_refusal(reason: &str) -> [u8; PARAMS_LEN] {
     b
 }
 
+/// One rail's one-sided QP as its end describes it (see `VerbsConfig::rails`). After the
+/// [`QpParams`] exchange each end sends [`encode_rails`] of its rails; rail *k* connects to the
+/// peer's rail *k*, as many as both ends have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailParams {
+    /// The rail QP's number.
+    pub qpn: u32,
+    /// Its initial packet sequence number.
+    pub psn: u32,
+    /// Port LID (InfiniBand).
+    pub lid: u16,
+    /// The GID the rail's QP uses.
+    pub gid: Gid,
+    /// Its index in the port's GID table.
+    pub gid_index: u8,
+    /// The port's active MTU (`ibv_mtu` code).
+    pub active_mtu: u8,
+    /// RDMA READs the device serves in flight.
+    pub reads_in: u8,
+    /// The port's link layer.
+    pub link_layer: LinkLayer,
+}
+
+/// Encoded length of one [`RailParams`].
+pub const RAIL_PARAMS_LEN: usize = 28;
+
+impl RailParams {
+    fn encode_into(&self, b: &mut [u8]) {
+        b[0..4].copy_from_slice(&self.qpn.to_le_bytes());
+        b[4..8].copy_from_slice(&self.psn.to_le_bytes());
+        b[8..10].copy_from_slice(&self.lid.to_le_bytes());
+        b[10..26].copy_from_slice(&self.gid.0);
+        b[26] = self.gid_index;
+        b[27] = self.active_mtu | (self.link_layer.to_u8() << 4);
+    }
+
+    fn decode(b: &[u8], reads_in: u8) -> RailParams {
+        RailParams {
+            qpn: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+            psn: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            lid: u16::from_le_bytes(b[8..10].try_into().expect("2 bytes")),
+            gid: Gid(b[10..26].try_into().expect("16 bytes")),
+            gid_index: b[26],
+            active_mtu: b[27] & 0x0f,
+            link_layer: LinkLayer::from_u8(b[27] >> 4),
+            reads_in,
+        }
+    }
+}
+
+/// The rails message: a count, then for each rail its [`RailParams`] and its READ depth.
+pub fn encode_rails(rails: &[RailParams]) -> Vec<u8> {
+    let mut out = vec![0u8; 1 + rails.len() * (RAIL_PARAMS_LEN + 1)];
+    out[0] = rails.len() as u8;
+    for (k, r) in rails.iter().enumerate() {
+        let at = 1 + k * (RAIL_PARAMS_LEN + 1);
+        r.encode_into(&mut out[at..at + RAIL_PARAMS_LEN]);
+        out[at + RAIL_PARAMS_LEN] = r.reads_in;
+    }
+    out
+}
+
+/// Bytes of a rails message with `count` rails (its first byte).
+pub fn rails_len(count: u8) -> usize {
+    1 + usize::from(count) * (RAIL_PARAMS_LEN + 1)
+}
+
+/// Decodes [`encode_rails`]'s output (exactly [`rails_len`] of its first byte). A count above
+/// `max` is malformed.
+pub fn decode_rails(b: &[u8], max: usize) -> Result<Vec<RailParams>, Mismatch> {
+    let Some(&count) = b.first() else {
+        return Err(Mismatch::Malformed("empty rails message".into()));
+    };
+    if usize::from(count) > max {
+        return Err(Mismatch::Malformed(format!(
+            "the peer offers {count} rails; at most {max} are supported"
+        )));
+    }
+    if b.len() != rails_len(count) {
+        return Err(Mismatch::Malformed(format!(
+            "a rails message of {} bytes for {count} rails",
+            b.len()
+        )));
+    }
+    Ok((0..usize::from(count))
+        .map(|k| {
+            let at = 1 + k * (RAIL_PARAMS_LEN + 1);
+            RailParams::decode(&b[at..at + RAIL_PARAMS_LEN], b[at + RAIL_PARAMS_LEN].max(1))
+        })
+        .collect())
+}
+
+/// The path MTU of rail pair (`local`, `remote`): the smaller active MTU, and no more than
+/// `required` (an `ibv_mtu` code, 0 for none). An error when their link layers differ.
+pub fn rail_path_mtu(
+    local: &RailParams,
+    remote: &RailParams,
+    required: u8,
+) -> Result<u8, Mismatch> {
+    if local.link_layer != remote.link_layer {
+        return Err(Mismatch::Setting(format!(
+            "a rail's link layers differ ({} here, {} on the peer): rails pair up by position, \
+             so list VerbsConfig::rails (AGENTFABRIC_RAILS) in the same order on both ends",
+            local.link_layer, remote.link_layer
+        )));
+    }
+    let mtu = local.active_mtu.min(remote.active_mtu);
+    Ok(if required > 0 { mtu.min(required) } else { mtu })
+}
+
 /// What the two ends agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiated {
@@ -578,6 +688,42 @@ pub mod imm {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rails_round_trip_and_bad_rails_messages_are_refused() {
+        let rail = |k: u8| RailParams {
+            qpn: 0x11_2233 + u32::from(k),
+            psn: 0x44_5566,
+            lid: 7,
+            gid: Gid([k; 16]),
+            gid_index: 1,
+            active_mtu: 3,
+            reads_in: 16,
+            link_layer: LinkLayer::Ethernet,
+        };
+        let rails = vec![rail(1), rail(2)];
+        let wire = encode_rails(&rails);
+        assert_eq!(wire.len(), rails_len(2));
+        assert_eq!(decode_rails(&wire, 4).unwrap(), rails);
+        assert_eq!(decode_rails(&encode_rails(&[]), 4).unwrap(), vec![]);
+        assert!(matches!(
+            decode_rails(&wire, 1),
+            Err(Mismatch::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_rails(&wire[..wire.len() - 1], 4),
+            Err(Mismatch::Malformed(_))
+        ));
+        assert!(matches!(decode_rails(&[], 4), Err(Mismatch::Malformed(_))));
+        let mut ib = rail(3);
+        ib.link_layer = LinkLayer::InfiniBand;
+        let e = rail_path_mtu(&rail(1), &ib, 0).unwrap_err().to_string();
+        assert!(e.contains("AGENTFABRIC_RAILS"), "{e}");
+        let mut small = rail(4);
+        small.active_mtu = 2;
+        assert_eq!(rail_path_mtu(&rail(1), &small, 0).unwrap(), 2);
+        assert_eq!(rail_path_mtu(&rail(1), &rail(2), 1).unwrap(), 1);
+    }
     use super::*;
 
     fn roce(gid_index: u8) -> QpParams {
