@@ -72,6 +72,16 @@
 //!   a handler not installed yet). The fabric notifies a transfer's
 //!   target that way (no message after the last block). Immediates found in the CQ as the
 //!   connection is dropped are still handed over: the writer counts them delivered.
+//! - **Rails** ([`VerbsConfig::rails`]): extra devices one-sided operations spread over. Each
+//!   connection sets up one more one-sided QP per rail, with a CQ and a draining task of its own,
+//!   after the main exchange: the two ends send each other their rails' QPN, PSN, GID, MTU and
+//!   READ depth, pair rail *k* with rail *k* (as many as both have), connect each pair with the
+//!   connection's timers, and prove each pair's path with a zero-length SEND before `connect`
+//!   returns. Regions are registered on every rail too (an MR and window per device; the
+//!   descriptor carries each rail's remote key), and pieces go to the rail with the fewest bytes
+//!   in flight among those both regions span. A write with immediate data still tells the peer
+//!   that every byte before it landed: its last piece waits until the other rails have nothing
+//!   in flight, and goes on the main device's QP. See `rma.rs`.
 //! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
 //!   QP's error state, or the side channel closing without an in-band close, surfaces as
 //!   [`RecvError::Io`](agentfabric::transport::RecvError) naming the cause; the fabric session
@@ -91,7 +101,8 @@
 //!
 //! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes (4 MiB with
 //! the defaults: 32 + 32 buffers of 64 KiB) and sets up two QPs (frames, one-sided operations),
-//! each with its CQ and completion channel, and a task that drains the one-sided CQ. In
+//! each with its CQ and completion channel, and a task that drains the one-sided CQ (and one
+//! more QP, CQ and task per rail). In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
@@ -535,9 +546,10 @@ impl Transport for VerbsTransport {
     }
 
     /// The protection domain of the device this transport's connections use when it is named
-    /// ([`VerbsConfig::device`] or `AGENTFABRIC_LAB_DEVICE`), else of the first device. `None`
-    /// when no device can be opened: regions then move through the session. A connection that
-    /// ends up on another device (chosen by its IP address) moves them through the session too.
+    /// ([`VerbsConfig::device`] or `AGENTFABRIC_LAB_DEVICE`), else of the first device, with
+    /// those of its rails ([`VerbsConfig::rails`]). `None` when a device cannot be opened:
+    /// regions then move through the session. A connection that ends up on another device
+    /// (chosen by its IP address) moves them through the session too.
     fn memory_domain(&self) -> Option<Arc<dyn MemoryDomain>> {
         let name = match self.config.env_device() {
             Some(n) => n,

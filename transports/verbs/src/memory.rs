@@ -1,6 +1,7 @@
 //! Memory registration for one-sided operations: the transport's [`MemoryDomain`] is the
-//! protection domain of one device, and a registration is a memory region (MR) in it that peers
-//! may read and write with its remote key.
+//! protection domain of its device (and of each rail's, `VerbsConfig::rails`), and a
+//! registration is a memory region (MR) in each that peers may read and write with its remote
+//! keys (the main device's, and one per rail in [`MemoryRegistration::rail_remote_keys`]).
 //!
 //! Where the device has memory windows (and [`VerbsConfig::memory_windows`] is on), the MR
 //! grants local access only and a window bound over it carries the remote key (see
