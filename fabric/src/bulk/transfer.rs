@@ -122,21 +122,27 @@ struct Envelope {
 }
 
 impl Envelope {
-    /// Bytes before the descriptor, which ends the envelope (its length varies with its rails).
-    const FIXED: usize = 1 + 24;
+    /// Bytes before the descriptor's rail keys: the op, the descriptor without them, and the
+    /// range and tag (the layout before rails; rail keys follow, so a peer that knows no rails
+    /// refuses an envelope with them by its length).
+    const FIXED: usize = 1 + RegionDescriptor::LEN + 24;
 
     fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(Self::FIXED + RegionDescriptor::MAX_LEN);
+        let d = self.region.encode();
+        let mut b = BytesMut::with_capacity(Self::FIXED + d.len() - RegionDescriptor::LEN);
         b.put_u8(self.op as u8);
+        b.put_slice(&d[..RegionDescriptor::LEN]);
         b.put_u64_le(self.offset);
         b.put_u64_le(self.len);
         b.put_u64_le(self.tag);
-        b.put_slice(&self.region.encode());
+        b.put_slice(&d[RegionDescriptor::LEN..]);
         b.freeze()
     }
 
     fn decode(b: &[u8]) -> Option<Envelope> {
-        if b.len() < Self::FIXED {
+        if b.len() < Self::FIXED
+            || b.len() > Self::FIXED + RegionDescriptor::MAX_LEN - RegionDescriptor::LEN
+        {
             return None;
         }
         let op = match b[0] {
@@ -147,13 +153,19 @@ impl Envelope {
             5 => Op::CheckNotify,
             _ => return None,
         };
+        let mut d = [0u8; RegionDescriptor::MAX_LEN];
+        let rails = b.len() - Self::FIXED;
+        d[..RegionDescriptor::LEN].copy_from_slice(&b[1..1 + RegionDescriptor::LEN]);
+        d[RegionDescriptor::LEN..RegionDescriptor::LEN + rails].copy_from_slice(&b[Self::FIXED..]);
+        let region = RegionDescriptor::decode(&d[..RegionDescriptor::LEN + rails])?;
         let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let base = 1 + RegionDescriptor::LEN;
         Some(Envelope {
             op,
-            region: RegionDescriptor::decode(&b[Self::FIXED..])?,
-            offset: word(1),
-            len: word(9),
-            tag: word(17),
+            region,
+            offset: word(base),
+            len: word(base + 8),
+            tag: word(base + 16),
         })
     }
 }
@@ -556,8 +568,9 @@ struct OpsInFlight {
 }
 
 impl OpsInFlight {
-    /// Waits for the oldest operation (a queue pair completes in order, so waiting for the
-    /// oldest first loses nothing); `Err(block)` when it failed or was dropped.
+    /// Waits for the oldest operation; `Err(block)` when it failed or was dropped. Operations
+    /// spread over several devices may finish out of order: waiting for the oldest first only
+    /// holds back the window a little, and keeps the blame on the first block that failed.
     async fn wait_oldest(&mut self) -> std::result::Result<(), usize> {
         let Some((idx, len, rx)) = self.pending.pop_front() else {
             return Ok(());
@@ -798,17 +811,18 @@ mod tests {
             rails: RailKeys::EMPTY,
         });
         assert_eq!(Envelope::decode(&env.encode()), Some(env));
-        assert_eq!(env.encode().len(), Envelope::FIXED + RegionDescriptor::LEN);
+        // Without rails, the layout before rails existed.
+        assert_eq!(env.encode().len(), Envelope::FIXED);
         // A flag byte that promises rail keys the bytes do not hold is refused, not read as
         // "no RDMA" or as fewer rails.
-        let flag = Envelope::FIXED + 24;
+        let flag = 1 + 24;
         let mut bad = env.encode().to_vec();
         bad[flag] = 2;
         assert_eq!(Envelope::decode(&bad), None);
         // Rail keys round-trip, in order; more than MAX_RAILS is refused.
         env.region.rdma.as_mut().unwrap().rails = RailKeys::from_slice(&[7, 8, 9]).unwrap();
         let wire = env.encode();
-        assert_eq!(wire.len(), Envelope::FIXED + RegionDescriptor::LEN + 12);
+        assert_eq!(wire.len(), Envelope::FIXED + 12);
         assert_eq!(Envelope::decode(&wire), Some(env));
         assert_eq!(Envelope::decode(&wire[..wire.len() - 4]), None);
         let mut bad = wire.to_vec();
@@ -819,6 +833,14 @@ mod tests {
         );
         assert_eq!(Envelope::decode(&bad), None);
         assert!(RailKeys::from_slice(&[0; crate::transport::MAX_RAILS + 1]).is_none());
+        // Any length, however long, is refused without a panic.
+        for len in 0..Envelope::FIXED + 2 * RegionDescriptor::MAX_LEN {
+            let mut any = vec![0xa5u8; len];
+            if let Some(op) = any.first_mut() {
+                *op = 4;
+            }
+            let _ = Envelope::decode(&any);
+        }
         let e = RegionError::OutOfBounds {
             region: 9,
             offset: 10,

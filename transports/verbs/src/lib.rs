@@ -81,7 +81,10 @@
 //!   descriptor carries each rail's remote key), and pieces go to the rail with the fewest bytes
 //!   in flight among those both regions span. A write with immediate data still tells the peer
 //!   that every byte before it landed: its last piece waits until the other rails have nothing
-//!   in flight, and goes on the main device's QP. See `rma.rs`.
+//!   in flight, and goes on the main device's QP. See `rma.rs`. (That a rail's RC
+//!   acknowledgement means its bytes are visible at the peer before the main device's
+//!   immediate is handed over there is assumed, as multi-rail libraries assume it; it holds for
+//!   devices that place data before acknowledging it, as rxe and current RNICs do.)
 //! - **Failure.** A failed work completion (e.g. retries exhausted after a link loss), the
 //!   QP's error state, or the side channel closing without an in-band close, surfaces as
 //!   [`RecvError::Io`](agentfabric::transport::RecvError) naming the cause; the fabric session
@@ -291,21 +294,7 @@ impl VerbsConfig {
                 self.min_rnr_timer
             ));
         }
-        let rails = self.env_rails();
-        if rails.len() > agentfabric::transport::MAX_RAILS {
-            return bad(format!(
-                "VerbsConfig::rails names {} devices; at most {} are supported",
-                rails.len(),
-                agentfabric::transport::MAX_RAILS
-            ));
-        }
-        for (i, r) in rails.iter().enumerate() {
-            if r.is_empty() || rails[..i].contains(r) {
-                return bad(format!(
-                    "VerbsConfig::rails {rails:?}: each rail must name a different device"
-                ));
-            }
-        }
+        self.checked_rails()?;
         if self.retry_count > 7 || self.rnr_retry > 7 || self.ack_timeout > 31 {
             return bad(
                 "VerbsConfig::retry_count and rnr_retry must be 0..=7, ack_timeout 0..=31".into(),
@@ -320,6 +309,30 @@ impl VerbsConfig {
                 .ok()
                 .filter(|s| !s.is_empty())
         })
+    }
+
+    /// [`VerbsConfig::rails`] (else `AGENTFABRIC_RAILS`), checked: at most
+    /// [`agentfabric::transport::MAX_RAILS`], each a different device.
+    fn checked_rails(&self) -> io::Result<Vec<String>> {
+        let rails = self.env_rails();
+        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
+        if rails.len() > agentfabric::transport::MAX_RAILS {
+            return bad(format!(
+                "VerbsConfig::rails (or AGENTFABRIC_RAILS) names {} devices; at most {} are \
+                 supported",
+                rails.len(),
+                agentfabric::transport::MAX_RAILS
+            ));
+        }
+        for (i, r) in rails.iter().enumerate() {
+            if rails[..i].contains(r) {
+                return bad(format!(
+                    "VerbsConfig::rails (or AGENTFABRIC_RAILS) {rails:?}: each rail must name a \
+                     different device"
+                ));
+            }
+        }
+        Ok(rails)
     }
 
     /// [`VerbsConfig::rails`], else `AGENTFABRIC_RAILS`.
@@ -431,7 +444,7 @@ impl VerbsTransport {
     /// device `main` among them.
     fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<rma::LocalPort>> {
         self.config
-            .env_rails()
+            .checked_rails()?
             .iter()
             .map(|name| {
                 let dev = self.device(name)?;

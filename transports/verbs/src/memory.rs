@@ -14,7 +14,7 @@
 use std::io;
 use std::sync::Arc;
 
-use agentfabric::transport::{MemoryDomain, MemoryRegistration, RailKeys};
+use agentfabric::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
 use rdma_sys::*;
 
 use crate::device::Context;
@@ -196,12 +196,14 @@ impl MemoryRegistration for VerbsRegistration {
 
     fn rail_local_keys(&self) -> RailKeys {
         let keys: Vec<u32> = self.rails.iter().map(|r| r.local_key()).collect();
-        RailKeys::from_slice(&keys).expect("VerbsConfig::validate bounds the rails")
+        // `LocalPort`s come from `checked_rails`: never more than MAX_RAILS.
+        RailKeys::from_slice(&keys[..keys.len().min(MAX_RAILS)]).unwrap_or_default()
     }
 
     fn rail_remote_keys(&self) -> RailKeys {
         let keys: Vec<u32> = self.rails.iter().map(|r| r.remote_key()).collect();
-        RailKeys::from_slice(&keys).expect("VerbsConfig::validate bounds the rails")
+        // `LocalPort`s come from `checked_rails`: never more than MAX_RAILS.
+        RailKeys::from_slice(&keys[..keys.len().min(MAX_RAILS)]).unwrap_or_default()
     }
 }
 

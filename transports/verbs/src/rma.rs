@@ -709,7 +709,10 @@ impl Rma {
                 };
                 let notify = last && op.imm.is_some() && op.kind == OneSidedKind::Write;
                 let rail = if notify {
-                    if (1..n).any(|r| bytes[r] > 0) || !fits(0) {
+                    // Any piece outstanding on another rail (posted or planned), even one of
+                    // no bytes, holds the immediate back.
+                    let idle = |r: usize| room[r] == u64::from(self.send_depth);
+                    if !(1..n).all(idle) || !fits(0) {
                         break 'ops;
                     }
                     0
@@ -816,7 +819,10 @@ impl Rma {
         // SAFETY: WRs and SGEs live until the call returns; the memory they name is registered
         // and kept alive by each operation's completion (see `OneSided::post`).
         let rc = unsafe { ibv_post_send(self.rails[k].qp, self.wrs.as_mut_ptr(), &mut bad) };
-        // The WRs before `bad` were posted: they are in flight like any other.
+        // The WRs before `bad` were posted: they are in flight like any other. A provider that
+        // leaves `bad` null makes them all count as posted: the safe side, since their
+        // operations then end only once the QP is destroyed, never while the device may still
+        // run them.
         let posted = ((bad as usize).wrapping_sub(self.wrs.as_ptr() as usize)
             / std::mem::size_of::<ibv_send_wr>())
         .min(n);

@@ -110,6 +110,20 @@ fn bad_settings_are_refused_with_the_setting_named() {
             },
             "retry_count",
         ),
+        (
+            VerbsConfig {
+                rails: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+                ..Default::default()
+            },
+            "at most 4",
+        ),
+        (
+            VerbsConfig {
+                rails: vec!["rxe1".into(), "rxe1".into()],
+                ..Default::default()
+            },
+            "each rail must name a different device",
+        ),
     ] {
         let e = cfg.validate().unwrap_err();
         assert!(e.to_string().contains(what), "{e}");

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
-use crate::conn::{os_err, rc_err};
+use crate::conn::{connect_one, os_err, rc_err, to_init, PathSpec};
 use crate::device::Context;
+use crate::params::LinkLayer;
 
 /// How long a bind may take before the binder is given up: binds complete in microseconds, so
 /// a longer wait means the device or its driver is stuck.
@@ -120,68 +121,24 @@ impl Binder {
             }
             let qpn = (*state.qp).qp_num;
 
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_INIT;
-            a.port_num = port;
-            a.qp_access_flags = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_PKEY_INDEX
-                | ibv_qp_attr_mask::IBV_QP_PORT
-                | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
-            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(
-                    rc,
-                    format!("cannot move the binding QP on {name} to INIT"),
-                ));
-            }
-
             // Connected to itself: nothing is ever sent, but RTS needs a destination.
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-            a.path_mtu = attr.active_mtu;
-            a.dest_qp_num = qpn;
-            a.min_rnr_timer = 12;
-            a.ah_attr.port_num = port;
-            a.ah_attr.dlid = attr.lid;
-            if !gid.is_zero() {
-                a.ah_attr.is_global = 1;
-                a.ah_attr.grh.dgid.raw = gid.0;
-                a.ah_attr.grh.sgid_index = gid_index;
-                a.ah_attr.grh.hop_limit = 1;
-            }
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_AV
-                | ibv_qp_attr_mask::IBV_QP_PATH_MTU
-                | ibv_qp_attr_mask::IBV_QP_DEST_QPN
-                | ibv_qp_attr_mask::IBV_QP_RQ_PSN
-                | ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC
-                | ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER;
-            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(
-                    rc,
-                    format!("cannot move the binding QP on {name} to RTR"),
-                ));
-            }
-            let mut a: ibv_qp_attr = std::mem::zeroed();
-            a.qp_state = ibv_qp_state::IBV_QPS_RTS;
-            a.timeout = 14;
-            a.retry_cnt = 7;
-            a.rnr_retry = 7;
-            let mask = ibv_qp_attr_mask::IBV_QP_STATE
-                | ibv_qp_attr_mask::IBV_QP_TIMEOUT
-                | ibv_qp_attr_mask::IBV_QP_RETRY_CNT
-                | ibv_qp_attr_mask::IBV_QP_RNR_RETRY
-                | ibv_qp_attr_mask::IBV_QP_SQ_PSN
-                | ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC;
-            let rc = ibv_modify_qp(state.qp, &mut a, mask.0 as i32);
-            if rc != 0 {
-                return Err(rc_err(
-                    rc,
-                    format!("cannot move the binding QP on {name} to RTS"),
-                ));
-            }
+            let spec = PathSpec {
+                port,
+                gid_index,
+                link_layer: LinkLayer::from_u8(attr.link_layer),
+                path_mtu: attr.active_mtu as u8,
+                remote_lid: attr.lid,
+                remote_gid: gid,
+                reads_in: 0,
+                reads_out: 0,
+                min_rnr_timer: 12,
+                timeout: 14,
+                retry_cnt: 7,
+                rnr_retry: 7,
+            };
+            to_init(state.qp, port, name)
+                .and_then(|()| connect_one(state.qp, qpn, 0, 0, &spec))
+                .map_err(|e| io::Error::new(e.kind(), format!("the binding QP on {name}: {e}")))?;
             Ok(Binder {
                 state: Mutex::new(state),
             })
