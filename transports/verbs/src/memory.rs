@@ -164,6 +164,17 @@ struct VerbsRegistration {
 }
 
 impl VerbsRegistration {
+    /// `key` of each rail's registration, in rail order (no allocation: the descriptor and
+    /// every transfer ask for them).
+    fn rail_keys(&self, key: fn(&DeviceRegistration) -> u32) -> RailKeys {
+        let mut keys = [0u32; MAX_RAILS];
+        for (k, r) in keys.iter_mut().zip(&self.rails) {
+            *k = key(r);
+        }
+        // `LocalPort`s come from `checked_rails`: never more than MAX_RAILS.
+        RailKeys::from_slice(&keys[..self.rails.len().min(MAX_RAILS)]).unwrap_or_default()
+    }
+
     fn all(&mut self) -> impl Iterator<Item = &mut DeviceRegistration> {
         std::iter::once(&mut self.main).chain(self.rails.iter_mut())
     }
@@ -195,15 +206,11 @@ impl MemoryRegistration for VerbsRegistration {
     }
 
     fn rail_local_keys(&self) -> RailKeys {
-        let keys: Vec<u32> = self.rails.iter().map(|r| r.local_key()).collect();
-        // `LocalPort`s come from `checked_rails`: never more than MAX_RAILS.
-        RailKeys::from_slice(&keys[..keys.len().min(MAX_RAILS)]).unwrap_or_default()
+        self.rail_keys(DeviceRegistration::local_key)
     }
 
     fn rail_remote_keys(&self) -> RailKeys {
-        let keys: Vec<u32> = self.rails.iter().map(|r| r.remote_key()).collect();
-        // `LocalPort`s come from `checked_rails`: never more than MAX_RAILS.
-        RailKeys::from_slice(&keys[..keys.len().min(MAX_RAILS)]).unwrap_or_default()
+        self.rail_keys(DeviceRegistration::remote_key)
     }
 }
 
