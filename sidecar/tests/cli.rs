@@ -272,6 +272,12 @@ fn options_that_do_not_apply_are_refused() {
             &["--perftest", "/nonexistent"][..],
             "--perftest applies to the verbs transport only",
         ),
+        (
+            "tcp",
+            "bulk",
+            &["--devices", "rxe0,rxe1:rxe1,rxe0"][..],
+            "--devices applies to the verbs transport only",
+        ),
     ] {
         let mut args = vec!["bench", "--transport", transport, "--workload", workload];
         args.extend(extra);
@@ -291,6 +297,8 @@ fn bad_numbers_are_refused_without_a_panic() {
         ["--size", "0"],
         ["--warmup", "nan"],
         ["--threads", "0"],
+        ["--devices", "rxe0"],
+        ["--devices", "rxe0,:rxe1"],
     ] {
         let mut all = vec!["bench", "--transport", "mem", "--workload", "pingpong"];
         all.extend(args);

@@ -200,6 +200,11 @@ pub struct BenchArgs {
     /// `sidecar/src/bench/verbs.rs`). Without it the verbs baseline is null.
     #[arg(long, value_name = "FILE")]
     pub perftest: Option<std::path::PathBuf>,
+    /// verbs: each node's RDMA device and then its rails (extra devices for one-sided
+    /// transfers), as SERVER:CLIENT, e.g. `rxe0,rxe1:rxe1,rxe0`. Default: both nodes on the
+    /// transport's default device (`AGENTFABRIC_LAB_DEVICE` in the lab), no rails.
+    #[arg(long, value_parser = verbs::Devices::parse, value_name = "SERVER:CLIENT")]
+    pub devices: Option<verbs::Devices>,
 }
 
 fn parse_transport(s: &str) -> Result<TransportKind, String> {
@@ -259,6 +264,8 @@ pub struct Settings {
     pub busy_poll: bool,
     /// Bulk: pull (read) the blocks instead of pushing (writing) them.
     pub pull: bool,
+    /// verbs: each node's device and rails, if given.
+    pub devices: Option<verbs::Devices>,
 }
 
 impl Settings {
@@ -288,6 +295,9 @@ impl Settings {
         if a.perftest.is_some() && a.transport != TransportKind::Verbs {
             return refuse("--perftest", "the verbs transport");
         }
+        if a.devices.is_some() && a.transport != TransportKind::Verbs {
+            return refuse("--devices", "the verbs transport");
+        }
         let (size, duration) = match a.workload {
             Workload::Pingpong => (64, Duration::from_secs(3)),
             Workload::Mixed => (1 << 20, Duration::from_secs(2)),
@@ -306,6 +316,7 @@ impl Settings {
             bulk_api: a.bulk_api.unwrap_or(BulkApi::Channel),
             busy_poll: a.busy_poll,
             pull: a.pull,
+            devices: a.devices.clone(),
         })
     }
 
@@ -588,7 +599,7 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
-            TransportKind::Verbs => verbs::nodes(&config, tag, s.busy_poll)?,
+            TransportKind::Verbs => verbs::nodes(&config, tag, s.busy_poll, s.devices.as_ref())?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

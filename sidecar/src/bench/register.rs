@@ -123,6 +123,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "duration_s": round3(s.duration.as_secs_f64()),
         "warmup_s": round3(s.warmup.as_secs_f64()),
         "threads": s.threads,
+        "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "one_sided": seen.one_sided,
         "kept_registration": seen.kept,

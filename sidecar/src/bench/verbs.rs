@@ -36,28 +36,79 @@ fn listen_addr() -> BenchResult<String> {
     })
 }
 
+/// `--devices SERVER:CLIENT`: the RDMA devices of each node, its own device first and then its
+/// rails (`VerbsConfig::rails`), comma-separated: `rxe0,rxe1:rxe1,rxe0` puts the server on rxe0
+/// with rail rxe1 and the client on rxe1 with rail rxe0. Rails pair up by position, so the lab's
+/// two devices, one at each end of its veth wire, give two paths that each cross the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices {
+    /// The server node's device, then its rails.
+    pub server: Vec<String>,
+    /// The client node's device, then its rails.
+    pub client: Vec<String>,
+}
+
+impl Devices {
+    /// Parses `SERVER:CLIENT` (see the type's docs). How many rails, and whether they are
+    /// distinct, the verbs transport checks when the nodes connect.
+    pub fn parse(s: &str) -> Result<Devices, String> {
+        let (server, client) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?}: expected SERVER:CLIENT, each a device then its rails, e.g. rxe0,rxe1:rxe1,rxe0")
+        })?;
+        let side = |names: &str, which: &str| -> Result<Vec<String>, String> {
+            let list: Vec<String> = names.split(',').map(|n| n.trim().to_owned()).collect();
+            if list.iter().any(|n| n.is_empty()) {
+                return Err(format!(
+                    "{s:?}: the {which}'s list {names:?} has an empty device name"
+                ));
+            }
+            Ok(list)
+        };
+        Ok(Devices {
+            server: side(server, "server")?,
+            client: side(client, "client")?,
+        })
+    }
+
+    /// `{"server": [...], "client": [...]}` for the JSON output.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"server": self.server, "client": self.client})
+    }
+}
+
 /// (server, client, listen URL) for `FabricPair::new`. Under emulation (Soft-RoCE in a TCG VM)
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
 /// 10 s, as the conformance suite does for verbs. With `busy_poll` both nodes spin on their
-/// completion queues, as perftest does.
-pub fn nodes(cfg: &Config, tag: &str, busy_poll: bool) -> BenchResult<(Node, Node, String)> {
+/// completion queues, as perftest does. `devices` chooses each node's device and rails;
+/// without it both nodes take the transport's default device (the lab's) and no rails.
+pub fn nodes(
+    cfg: &Config,
+    tag: &str,
+    busy_poll: bool,
+    devices: Option<&Devices>,
+) -> BenchResult<(Node, Node, String)> {
     let url = format!("verbs://{}:0", listen_addr()?);
     let mut cfg = cfg.clone();
     if cfg.peer_timeout == Config::default().peer_timeout {
         cfg.peer_timeout = Duration::from_secs(10);
     }
-    let mk = |name: String| {
+    let mk = |name: String, devices: Option<&Vec<String>>| {
+        let mut vc = VerbsConfig {
+            busy_poll,
+            ..VerbsConfig::default()
+        };
+        if let Some((device, rails)) = devices.and_then(|d| d.split_first()) {
+            vc.device = Some(device.clone());
+            vc.rails = rails.to_vec();
+        }
         Node::builder(name)
-            .transport(VerbsTransport::with_config(VerbsConfig {
-                busy_poll,
-                ..VerbsConfig::default()
-            }))
+            .transport(VerbsTransport::with_config(vc))
             .config(cfg.clone())
             .build()
     };
     Ok((
-        mk(format!("bench-{tag}-server"))?,
-        mk(format!("bench-{tag}-client"))?,
+        mk(format!("bench-{tag}-server"), devices.map(|d| &d.server))?,
+        mk(format!("bench-{tag}-client"), devices.map(|d| &d.client))?,
         url,
     ))
 }
@@ -114,6 +165,32 @@ impl Perftest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_parse_each_side_and_refuse_bad_lists() {
+        let d = Devices::parse("rxe0,rxe1:rxe1, rxe0").unwrap();
+        assert_eq!(d.server, ["rxe0", "rxe1"]);
+        assert_eq!(d.client, ["rxe1", "rxe0"]);
+        assert_eq!(
+            d.to_json(),
+            serde_json::json!({"server": ["rxe0", "rxe1"], "client": ["rxe1", "rxe0"]})
+        );
+        let one = Devices::parse("mlx5_0:mlx5_1").unwrap();
+        assert_eq!((one.server.len(), one.client.len()), (1, 1));
+        for bad in [
+            "rxe0",
+            "rxe0,:rxe1",
+            ":rxe1",
+            "rxe0:",
+            "rxe0,rxe1:rxe1,,rxe0",
+        ] {
+            let e = Devices::parse(bad).unwrap_err();
+            assert!(
+                e.contains("SERVER:CLIENT") || e.contains("empty device name"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn perftest_rows_become_round_trips_and_bandwidth() {
