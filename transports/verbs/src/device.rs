@@ -215,8 +215,7 @@ impl Context {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
-                    "RDMA device {name:?} not found (devices here: {}): set \
-                     AGENTFABRIC_LAB_DEVICE / VerbsConfig::device to one of them",
+                    "RDMA device {name:?} not found (devices here: {})",
                     names.join(", ")
                 ),
             ));

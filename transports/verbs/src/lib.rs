@@ -428,7 +428,12 @@ impl VerbsTransport {
                 })?,
             },
         };
-        let dev = self.device(&name)?;
+        let dev = self.device(&name).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{e}: set AGENTFABRIC_LAB_DEVICE / VerbsConfig::device to one of them"),
+            )
+        })?;
         let port = match cfg.port {
             Some(p) => p,
             None => dev.first_active_port()?,
@@ -447,7 +452,15 @@ impl VerbsTransport {
             .checked_rails()?
             .iter()
             .map(|name| {
-                let dev = self.device(name)?;
+                let dev = self.device(name).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "VerbsConfig::rails (or AGENTFABRIC_RAILS) names {name}, which \
+                             cannot be used: {e}"
+                        ),
+                    )
+                })?;
                 if Arc::ptr_eq(&dev, main) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,

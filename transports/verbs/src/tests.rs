@@ -332,6 +332,45 @@ async fn wrong_gid_index_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn bad_rails_are_named() {
+    bounded(async {
+        // A rail that is the connection's own device would give a second queue pair on the same
+        // device, not a second path: refused, naming the device.
+        let own = client_cfg()
+            .device
+            .or_else(|| std::env::var("AGENTFABRIC_LAB_DEVICE").ok())
+            .expect("the lab sets AGENTFABRIC_LAB_DEVICE");
+        let client = VerbsConfig {
+            rails: vec![own.clone()],
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("names {own}, the connection's own device")),
+            "{e}"
+        );
+        // A rail that is no device here.
+        let client = VerbsConfig {
+            rails: vec!["norxe9".into()],
+            ..client_cfg()
+        };
+        let e = pair_with(VerbsConfig::default(), client).await.unwrap_err();
+        println!("{e}");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert!(
+            e.to_string()
+                .contains("VerbsConfig::rails (or AGENTFABRIC_RAILS) names norxe9"),
+            "{e}"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
 async fn mtu_and_buffer_mismatches_are_named() {
     bounded(async {
         let client = VerbsConfig {
