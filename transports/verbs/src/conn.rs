@@ -495,24 +495,26 @@ pub(crate) unsafe fn channel_fd(channel: *mut ibv_comp_channel) -> io::Result<As
     }
 }
 
-/// Takes (and acknowledges) every event waiting on `channel`; returns whether there was one.
+/// Takes (and acknowledges) the event waiting on `channel`, if any; returns whether there was
+/// one. One read, not a read until `EAGAIN`: each channel serves one CQ, and an armed CQ raises
+/// at most one event per arming, so after one event the channel stays empty until the CQ is
+/// armed again, and a second read would only cost a system call per wake-up to learn so. The
+/// channel's fd is edge-triggered in the reactor; the next event, after the next arming, is a
+/// new edge.
 ///
 /// # Safety
 ///
 /// `channel` is valid and non-blocking.
-unsafe fn take_cq_events(channel: *mut ibv_comp_channel) -> bool {
-    let mut any = false;
-    loop {
-        let (mut cq, mut ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
-        // SAFETY: the caller's contract; one event got, one acknowledged.
-        unsafe {
-            if ibv_get_cq_event(channel, &mut cq, &mut ctx) != 0 {
-                return any;
-            }
-            ibv_ack_cq_events(cq, 1);
+unsafe fn take_cq_event(channel: *mut ibv_comp_channel) -> bool {
+    let (mut cq, mut ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the caller's contract; one event got, one acknowledged.
+    unsafe {
+        if ibv_get_cq_event(channel, &mut cq, &mut ctx) != 0 {
+            return false;
         }
-        any = true;
+        ibv_ack_cq_events(cq, 1);
     }
+    true
 }
 
 /// Polls up to `wcs.capacity()` completions of `cq` into `wcs`; negative on failure.
@@ -584,7 +586,7 @@ async fn drain_rma(
             r = rma.fd.readable() => match r {
                 Ok(mut guard) => {
                     // SAFETY: the channel is valid (and non-blocking) while `rma` lives.
-                    unsafe { take_cq_events(rma.channel) };
+                    unsafe { take_cq_event(rma.channel) };
                     guard.clear_ready();
                 }
                 Err(e) => {
@@ -1069,7 +1071,7 @@ impl Inner {
         match self.fd.poll_read_ready(cx) {
             Poll::Ready(Ok(mut guard)) => {
                 // SAFETY: the channel is valid and non-blocking.
-                if unsafe { take_cq_events(self.res.channel) } {
+                if unsafe { take_cq_event(self.res.channel) } {
                     self.armed = false;
                 }
                 guard.clear_ready();
