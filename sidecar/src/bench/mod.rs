@@ -201,8 +201,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub perftest: Option<std::path::PathBuf>,
     /// verbs: each node's RDMA device and then its rails (extra devices for one-sided
-    /// transfers), as SERVER:CLIENT, e.g. `rxe0,rxe1:rxe1,rxe0`. Default: both nodes on the
-    /// transport's default device (`AGENTFABRIC_LAB_DEVICE` in the lab), no rails.
+    /// transfers), as SERVER:CLIENT, e.g. `rxe0,rxe1:rxe1,rxe0` (refused while
+    /// `AGENTFABRIC_RAILS` is set). Default: both nodes on the transport's default device
+    /// (`AGENTFABRIC_LAB_DEVICE` in the lab), with the rails of `AGENTFABRIC_RAILS`, if any.
     #[arg(long, value_parser = verbs::Devices::parse, value_name = "SERVER:CLIENT")]
     pub devices: Option<verbs::Devices>,
 }

@@ -1,6 +1,7 @@
-//! Verbs in the bench: both nodes on one RDMA device (as perftest runs in the lab: server and
-//! client on the same device, the server reached at one address), and perftest's figures from
-//! the same lab boot as the baseline.
+//! Verbs in the bench: both nodes on one RDMA device by default (as perftest runs in the lab:
+//! server and client on the same device, the server reached at one address), or each on the
+//! device and rails `--devices` gives, and perftest's figures from the same lab boot as the
+//! baseline.
 //!
 //! The bench does not start perftest itself: `soft-roce/bench.d/20-agentfabric-verbs` runs
 //! `ib_send_lat` and `ib_write_bw` right before (with the lab's retries for perftest's clock
@@ -14,8 +15,10 @@
 //!
 //! `ib_send_lat` reports one-way latency; a round trip is taken as twice its figures (as
 //! `notes/bench-json.md` says). Without the file the baseline is `null`, and the output says
-//! so. Where the device is chosen: `AGENTFABRIC_LAB_DEVICE` and `AGENTFABRIC_LAB_GID_INDEX`
-//! (read by the verbs transport); the address: `AGENTFABRIC_LAB_ADDR_A`.
+//! so. Where the device is chosen: `--devices`, else `AGENTFABRIC_LAB_DEVICE` (read by the
+//! verbs transport); the GID index: `AGENTFABRIC_LAB_GID_INDEX` if set, for whichever device a
+//! node is on (in the lab both devices' RoCE v2 IPv4 GID is index 1), else the device's GID of
+//! the side channel's address; the address: `AGENTFABRIC_LAB_ADDR_A`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,7 +55,7 @@ impl Devices {
     /// Parses `SERVER:CLIENT` (see the type's docs). How many rails, and whether they are
     /// distinct, the verbs transport checks when the nodes connect.
     pub fn parse(s: &str) -> Result<Devices, String> {
-        let (server, client) = s.split_once(':').ok_or_else(|| {
+        let (server, client) = s.split_once(':').filter(|(_, c)| !c.contains(':')).ok_or_else(|| {
             format!("{s:?}: expected SERVER:CLIENT, each a device then its rails, e.g. rxe0,rxe1:rxe1,rxe0")
         })?;
         let side = |names: &str, which: &str| -> Result<Vec<String>, String> {
@@ -91,6 +94,14 @@ pub fn nodes(
     let mut cfg = cfg.clone();
     if cfg.peer_timeout == Config::default().peer_timeout {
         cfg.peer_timeout = Duration::from_secs(10);
+    }
+    if devices.is_some() && std::env::var("AGENTFABRIC_RAILS").is_ok_and(|v| !v.trim().is_empty()) {
+        // The transport would add these to a node that --devices gives no rails.
+        return Err(
+            "--devices names each node's rails, but AGENTFABRIC_RAILS is set too: unset \
+                    it, so that the rails are the ones --devices gives"
+                .into(),
+        );
     }
     let mk = |name: String, devices: Option<&Vec<String>>| {
         let mut vc = VerbsConfig {
@@ -183,6 +194,7 @@ mod tests {
             ":rxe1",
             "rxe0:",
             "rxe0,rxe1:rxe1,,rxe0",
+            "rxe0:rxe1:rxe2",
         ] {
             let e = Devices::parse(bad).unwrap_err();
             assert!(

@@ -201,8 +201,9 @@ impl Drop for Context {
 }
 
 impl Context {
-    /// Opens the device called `name`.
-    pub(crate) fn open(name: &str) -> io::Result<Arc<Context>> {
+    /// Opens the device called `name`; `setting` names where the name came from, for the error
+    /// when there is no such device.
+    pub(crate) fn open(name: &str, setting: &str) -> io::Result<Arc<Context>> {
         let list = DeviceList::get()?;
         let names: Vec<String> = (0..list.len()).map(|i| list.name(i)).collect();
         if names.is_empty() {
@@ -215,7 +216,8 @@ impl Context {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
-                    "RDMA device {name:?} not found (devices here: {})",
+                    "RDMA device {name:?} not found (devices here: {}): set {setting} to one of \
+                     them",
                     names.join(", ")
                 ),
             ));

@@ -151,6 +151,11 @@ use device::Context;
 /// URL scheme of this transport: `verbs://ip:port`.
 pub const SCHEME: &str = "verbs";
 
+/// Where a connection's own device is named, for errors.
+const MAIN_DEVICE_SETTING: &str = "AGENTFABRIC_LAB_DEVICE / VerbsConfig::device";
+/// Where the rails are named, for errors.
+const RAILS_SETTING: &str = "VerbsConfig::rails (or AGENTFABRIC_RAILS)";
+
 /// Settings of the verbs transport. [`Default`] reads the lab's environment for the device and
 /// GID index and otherwise gives the settings the benchmarks use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,13 +405,15 @@ impl VerbsTransport {
         &self.config
     }
 
-    fn device(&self, name: &str) -> io::Result<Arc<Context>> {
+    /// The open device called `name` (opened now if no connection holds it); `setting` names
+    /// where the name came from, for the error when there is no such device.
+    fn device(&self, name: &str, setting: &str) -> io::Result<Arc<Context>> {
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         let open = open.get_or_insert_with(HashMap::new);
         if let Some(d) = open.get(name).and_then(Weak::upgrade) {
             return Ok(d);
         }
-        let d = Context::open(name)?;
+        let d = Context::open(name, setting)?;
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(name.to_owned(), Arc::downgrade(&d));
         Ok(d)
@@ -428,12 +435,7 @@ impl VerbsTransport {
                 })?,
             },
         };
-        let dev = self.device(&name).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("{e}: set AGENTFABRIC_LAB_DEVICE / VerbsConfig::device to one of them"),
-            )
-        })?;
+        let dev = self.device(&name, MAIN_DEVICE_SETTING)?;
         let port = match cfg.port {
             Some(p) => p,
             None => dev.first_active_port()?,
@@ -452,21 +454,13 @@ impl VerbsTransport {
             .checked_rails()?
             .iter()
             .map(|name| {
-                let dev = self.device(name).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "VerbsConfig::rails (or AGENTFABRIC_RAILS) names {name}, which \
-                             cannot be used: {e}"
-                        ),
-                    )
-                })?;
+                let dev = self.device(name, RAILS_SETTING)?;
                 if Arc::ptr_eq(&dev, main) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!(
-                            "VerbsConfig::rails names {name}, the connection's own device: a \
-                             rail must be another device"
+                            "{RAILS_SETTING} names {name}, the connection's own device: a rail \
+                             must be another device"
                         ),
                     ));
                 }
@@ -581,7 +575,7 @@ impl Transport for VerbsTransport {
             Some(n) => n,
             None => Context::names().ok()?.into_iter().next()?,
         };
-        let domain = self.device(&name).and_then(|dev| {
+        let domain = self.device(&name, MAIN_DEVICE_SETTING).and_then(|dev| {
             let rails = self.rails(&dev)?.into_iter().map(|r| r.dev).collect();
             Ok(memory::VerbsDomain {
                 dev,

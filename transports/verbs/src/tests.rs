@@ -361,8 +361,9 @@ async fn bad_rails_are_named() {
         println!("{e}");
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
         assert!(
-            e.to_string()
-                .contains("VerbsConfig::rails (or AGENTFABRIC_RAILS) names norxe9"),
+            e.to_string().contains("RDMA device \"norxe9\" not found")
+                && e.to_string()
+                    .contains("set VerbsConfig::rails (or AGENTFABRIC_RAILS) to one of them"),
             "{e}"
         );
     })
