@@ -83,7 +83,8 @@ impl Devices {
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
 /// 10 s, as the conformance suite does for verbs. With `busy_poll` both nodes spin on their
 /// completion queues, as perftest does. `devices` chooses each node's device and rails;
-/// without it both nodes take the transport's default device (the lab's) and no rails.
+/// without it both nodes take the transport's default device (the lab's) and the rails of
+/// `AGENTFABRIC_RAILS`, if any.
 pub fn nodes(
     cfg: &Config,
     tag: &str,
@@ -98,8 +99,8 @@ pub fn nodes(
     if devices.is_some() && std::env::var("AGENTFABRIC_RAILS").is_ok_and(|v| !v.trim().is_empty()) {
         // The transport would add these to a node that --devices gives no rails.
         return Err(
-            "--devices names each node's rails, but AGENTFABRIC_RAILS is set too: unset \
-                    it, so that the rails are the ones --devices gives"
+            "--devices names each node's rails, but AGENTFABRIC_RAILS is set too: unset it, \
+             so that the rails are the ones --devices gives"
                 .into(),
         );
     }
