@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 
 use crate::frame::{Frame, FrameError, Lane, OutFrame};
 
+pub use crate::thread_priority::ThreadPriority;
+
 /// A boxed, sendable future (used only on connection set-up).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -35,7 +35,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use agentfabric::frame::{Frame, OutFrame, HEADER_LEN};
-use agentfabric::transport::{FrameSink, RecvError};
+use agentfabric::transport::{FrameSink, RecvError, ThreadPriority};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::sink::TcpFrameSink;
@@ -61,78 +61,6 @@ const WRITE_MAX: usize = 128 << 10;
 
 /// Stack of each lane thread: they keep their buffers on the heap.
 const THREAD_STACK: usize = 256 << 10;
-
-/// Scheduling priority of the bulk lane's threads ([`crate::BulkLaneIo::Threads`]; the
-/// default is `Nice(10)`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadPriority {
-    /// Linux `SCHED_IDLE`: the threads run only on CPU time nothing else wants, and the kernel
-    /// preempts them as soon as any normal thread wakes. Bulk nearly stops while the
-    /// application keeps the CPUs busy, and coordination latency gains only with small writes:
-    /// measured at two runtime workers (`agentfabric bench --transport tcp --workload mixed
-    /// --threads 2`, 2 cores), `ratio_loaded_idle_p99` 3.3 against `Nice(10)`'s 2.7–3.3 with
-    /// 256 KiB writes (bulk 0.29 of its solo rate), and 1.7–1.9 with 32–64 KiB writes, but with
-    /// bulk at 0.09–0.16 of solo. Elsewhere than Linux a no-op, as [`ThreadPriority::Inherit`].
-    Idle,
-    /// A nice value (-20..=19; raising priority, below the process's own, needs privileges).
-    /// Linux only: elsewhere `setpriority` would renice the whole process, so this is a no-op
-    /// there, as [`ThreadPriority::Inherit`].
-    Nice(i8),
-    /// The priority of the thread that made the connection.
-    Inherit,
-}
-
-impl ThreadPriority {
-    /// Applies the priority to the calling thread. A failure is logged, not fatal: the lane
-    /// still works, only without the scheduling preference.
-    #[cfg(target_os = "linux")]
-    fn apply(self) {
-        let result = match self {
-            ThreadPriority::Inherit => return,
-            ThreadPriority::Idle => set_idle(),
-            ThreadPriority::Nice(n) => set_nice(i32::from(n)),
-        };
-        if let Err(e) = result {
-            tracing::warn!(priority = ?self, error = %e, "cannot set the bulk lane thread's priority");
-        }
-    }
-
-    /// Leaves the calling thread's priority as it is: outside Linux, `setpriority` with
-    /// `PRIO_PROCESS` and who = 0 renices the whole process (the runtime's workers with it), and
-    /// there is no portable per-thread call. Logged at debug level, since it happens on every
-    /// connection with the default settings.
-    #[cfg(not(target_os = "linux"))]
-    fn apply(self) {
-        if self != ThreadPriority::Inherit {
-            tracing::debug!(
-                priority = ?self,
-                "bulk lane thread priorities are applied on Linux only; the thread keeps its creator's"
-            );
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn set_idle() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain system call on the calling thread (pid 0) with a valid parameter.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(target_os = "linux")]
-fn set_nice(n: i32) -> io::Result<()> {
-    // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value only.
-    // SAFETY: plain system call.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -781,27 +709,5 @@ mod tests {
             "{late}"
         );
         assert!(!sink.started, "no writer thread for refused frames");
-    }
-
-    // Linux only: elsewhere the priorities are not applied (see `ThreadPriority::apply`).
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn thread_priorities_are_applied_to_the_calling_thread() {
-        let nice = std::thread::spawn(|| {
-            ThreadPriority::Nice(7).apply();
-            // SAFETY: plain system call on the calling thread.
-            unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-        })
-        .join()
-        .unwrap();
-        assert_eq!(nice, 7);
-        let policy = std::thread::spawn(|| {
-            ThreadPriority::Idle.apply();
-            // SAFETY: plain system call on the calling thread.
-            unsafe { libc::sched_getscheduler(0) }
-        })
-        .join()
-        .unwrap();
-        assert_eq!(policy, libc::SCHED_IDLE);
     }
 }

@@ -192,7 +192,9 @@ use rma::RmaLane;
 use sink::LanedSink;
 use stream::LanedStream;
 
-pub use lane_thread::ThreadPriority;
+/// Scheduling priority of the bulk lane's threads ([`BulkLaneIo::Threads`]; the default is
+/// `Nice(10)`). The fabric's own type, re-exported here where tcp's settings name it.
+pub use agentfabric::transport::ThreadPriority;
 pub use preamble::{LANES, PREAMBLE_LEN, PREAMBLE_MAGIC, PREAMBLE_VERSION};
 pub use sink::MAX_IOVECS;
 

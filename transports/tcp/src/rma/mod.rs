@@ -51,8 +51,9 @@ use agentfabric::transport::{
     ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
 };
 
-use crate::lane_thread::{lock, spawn, ThreadPriority};
+use crate::lane_thread::{lock, spawn};
 use crate::memory::{Refusal, TcpDomain};
+use crate::ThreadPriority;
 
 mod halves;
 mod reader;
