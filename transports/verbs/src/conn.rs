@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ use tokio::net::TcpStream;
 
 use crate::device::Context;
 use crate::params::{self, imm, negotiate, GidType, LinkLayer, Negotiated, QpParams, PARAMS_LEN};
-use crate::rma::{create_rma_qp, probe_rails, LocalPort, Rail, RailQp, Rma, RmaCq};
+use crate::rma::{create_rma_qp, probe_rails, LocalPort, Rail, RailQp, Rma, RmaCq, RmaShared};
+use crate::ThreadPriority;
 use crate::VerbsConfig;
 use agentfabric::transport::MAX_RAILS;
 
@@ -557,7 +558,8 @@ const EARLY_IMMEDIATES: usize = 1024;
 /// Takes rail `k`'s one-sided completions as they come, until the connection is gone (`stop`
 /// resolves when it drops): completes the operations, posts what waited for room.
 async fn drain_rma(
-    conn: std::sync::Weak<Mutex<Inner>>,
+    conn: Weak<Mutex<Inner>>,
+    ops: Weak<RmaShared>,
     k: usize,
     rma: Arc<RmaCq>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -567,17 +569,21 @@ async fn drain_rma(
         // SAFETY: the CQ is valid while `rma` lives.
         let armed = unsafe { ibv_req_notify_cq(rma.cq, 0) } == 0;
         {
-            let Some(conn) = conn.upgrade() else {
+            // The connection is held (not locked) while its QPs may be posted to.
+            let (Some(conn), Some(ops)) = (conn.upgrade(), ops.upgrade()) else {
                 return;
             };
-            let mut st = lock_inner(&conn);
-            st.drain_rma(k);
+            let drained = ops.lock().drain(k);
+            match drained {
+                Ok(()) => post_queued(&conn, &ops),
+                Err((kind, msg)) => fail_conn(&conn, kind, msg),
+            }
             if !armed {
-                st.fail(
+                fail_conn(
+                    &conn,
                     io::ErrorKind::Other,
                     "arming a one-sided completion queue failed".into(),
                 );
-                st.wake_both();
                 return;
             }
         }
@@ -591,16 +597,55 @@ async fn drain_rma(
                 }
                 Err(e) => {
                     if let Some(conn) = conn.upgrade() {
-                        let mut st = lock_inner(&conn);
-                        st.fail(
+                        fail_conn(
+                            &conn,
                             e.kind(),
                             format!("waiting for one-sided completions failed: {e}"),
                         );
-                        st.wake_both();
                     }
                     return;
                 }
             },
+        }
+    }
+}
+
+/// Fails the connection with `kind` and `msg`, and wakes both halves (the frame path learns
+/// of it when it next runs).
+fn fail_conn(conn: &Mutex<Inner>, kind: io::ErrorKind, msg: String) {
+    let mut st = lock_inner(conn);
+    st.fail(kind, msg);
+    st.wake_both();
+}
+
+/// Posts the one-sided pieces that wait and fit, on the connection's posting thread when it
+/// has one, else here. The caller holds the connection, so its QPs live through the post.
+fn post_queued(conn: &Mutex<Inner>, ops: &RmaShared) {
+    if !ops.queued() || ops.kick() {
+        return;
+    }
+    if let Err(e) = ops.post() {
+        fail_conn(conn, e.kind(), e.to_string());
+    }
+}
+
+/// The connection's posting thread ([`crate::RmaPosting`]): posts what is queued each time it
+/// is woken, at `priority`, until the connection is gone (its wake-up sender drops with it).
+fn post_thread(
+    conn: Weak<Mutex<Inner>>,
+    ops: Weak<RmaShared>,
+    kicks: std::sync::mpsc::Receiver<()>,
+    priority: ThreadPriority,
+) {
+    priority.apply();
+    while kicks.recv().is_ok() {
+        // Held through the post: the QPs live until it returns. If the connection was
+        // dropped meanwhile, it is torn down here when these go.
+        let (Some(conn), Some(ops)) = (conn.upgrade(), ops.upgrade()) else {
+            return;
+        };
+        if let Err(e) = ops.post() {
+            fail_conn(&conn, e.kind(), e.to_string());
         }
     }
 }
@@ -629,8 +674,9 @@ struct Inner {
     side: TcpStream,
     res: Resources,
     /// One-sided operations on the rails. After `res`: rail 0's QP (in `res`) is destroyed
-    /// before the rails' CQs and the operations' completions go.
-    rma: Rma,
+    /// before the rails' CQs and the operations' completions go (whoever else holds this holds
+    /// the connection too while it posts, see [`post_queued`]).
+    rma: Arc<RmaShared>,
     /// Dropped with the connection: stops the rails' [`drain_rma`] tasks.
     _rma_stop: Vec<tokio::sync::oneshot::Sender<()>>,
     /// The memory domain whose registrations the one-sided operations name: the device's and
@@ -688,8 +734,10 @@ impl Drop for Inner {
             io::ErrorKind::ConnectionAborted,
             "the connection was closed".into(),
         );
-        for k in 0..self.rma.rails.len() {
-            self.drain_rma(k);
+        let mut rma = self.rma.lock();
+        for k in 0..rma.rails.len() {
+            // Failed already: nothing is posted, and the drain's verdict changes nothing.
+            let _ = rma.drain(k);
         }
     }
 }
@@ -741,22 +789,7 @@ impl Inner {
         }
         // The one-sided QPs go to the error state too, so their posted pieces complete soon,
         // as flushed (a failure), whatever broke the connection; operations not posted fail.
-        self.rma.fail((kind, msg));
-    }
-
-    /// Takes rail `k`'s one-sided completions, then posts what waited for room or budget; on a
-    /// failure, fails the connection and wakes both halves (the frame path learns of it when
-    /// it next runs).
-    fn drain_rma(&mut self, k: usize) {
-        match self.rma.drain(k) {
-            Ok(()) => {
-                self.post_ops();
-            }
-            Err((kind, msg)) => {
-                self.fail(kind, msg);
-                self.wake_both();
-            }
-        }
+        self.rma.lock().fail((kind, msg));
     }
 
     /// Wakes both halves' tasks.
@@ -926,23 +959,7 @@ impl Inner {
             self.credits -= 1;
             self.fin_sent = true;
         }
-        let ops = self.post_ops();
-        self.post_plan() || ops
-    }
-
-    /// Posts queued one-sided operations' pieces on the rails (see [`Rma::post`]). Returns
-    /// whether anything was posted.
-    fn post_ops(&mut self) -> bool {
-        if self.error.is_some() {
-            return false;
-        }
-        match self.rma.post() {
-            Ok(posted) => posted,
-            Err(e) => {
-                self.fail(e.kind(), e.to_string());
-                true
-            }
-        }
+        self.post_plan()
     }
 
     /// A zero-length message that only proves the path (and returns nothing yet).
@@ -1117,6 +1134,8 @@ impl Inner {
         }
         let quiet = self.last_progress.elapsed();
         let outstanding = self.posted - self.completed;
+        // Taken before `fail`, which locks the one-sided state again.
+        let rma_stalled = self.rma.lock().stalled(self.stall_timeout);
         if outstanding > 0 && quiet > self.stall_timeout {
             let remote = self.remote.clone();
             self.fail(
@@ -1126,7 +1145,7 @@ impl Inner {
                      outstanding: the link is down or the peer is unreachable"
                 ),
             );
-        } else if let Some(why) = self.rma.stalled(self.stall_timeout) {
+        } else if let Some(why) = rma_stalled {
             self.fail(io::ErrorKind::TimedOut, why);
         }
     }
@@ -1163,7 +1182,8 @@ struct VerbsStream(Shared);
 /// The connection's one-sided operations ([`FrameSink::one_sided`]). Holds the connection
 /// weakly: a transfer waiting on its operations does not keep a failed connection alive.
 struct VerbsOneSided {
-    conn: std::sync::Weak<Mutex<Inner>>,
+    conn: Weak<Mutex<Inner>>,
+    ops: Weak<RmaShared>,
     domain: u64,
 }
 
@@ -1173,34 +1193,33 @@ impl OneSided for VerbsOneSided {
     }
 
     fn post(&self, op: OneSidedOp, done: OneSidedDone) {
-        let Some(conn) = self.conn.upgrade() else {
+        let (Some(conn), Some(ops)) = (self.conn.upgrade(), self.ops.upgrade()) else {
             done(Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the verbs connection is gone",
             )));
             return;
         };
-        let mut st = lock_inner(&conn);
-        if let Some(e) = st.io_error() {
-            drop(st);
+        let failed = lock_inner(&conn).io_error();
+        if let Some(e) = failed {
             done(Err(e));
             return;
         }
         if op.len == 0 && op.imm.is_none() {
             // Nothing to move or tell.
-            drop(st);
             done(Ok(()));
             return;
         }
-        st.rma.submit(op, done);
-        st.post();
+        // A failure between the check above and here fails what is queued (`Rma::fail`), so
+        // the operation is not lost either way.
+        ops.lock().submit(op, done);
+        post_queued(&conn, &ops);
     }
 
     fn on_immediate(&self, handler: ImmediateHandler) {
-        let Some(conn) = self.conn.upgrade() else {
-            return;
-        };
-        lock_inner(&conn).rma.imms.install(handler);
+        if let Some(ops) = self.ops.upgrade() {
+            ops.lock().imms.install(handler);
+        }
     }
 }
 
@@ -1273,10 +1292,11 @@ impl FrameSink for VerbsSink {
     }
 
     fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
-        let domain = self.0.lock().domain;
+        let st = self.0.lock();
         Some(Arc::new(VerbsOneSided {
             conn: Arc::downgrade(&self.0 .0),
-            domain,
+            ops: Arc::downgrade(&st.rma),
+            domain: st.domain,
         }))
     }
 }
@@ -1447,6 +1467,15 @@ pub(crate) async fn establish(
         .map(|_| tokio::sync::oneshot::channel())
         .unzip();
     let rail_cqs: Vec<Arc<RmaCq>> = rma_rails.iter().map(|r| r.cq.clone()).collect();
+    let poster = cfg.rma_posting.thread(res.dev.software);
+    let (kick, kicks) = match poster {
+        // One pending wake-up is enough: the thread posts all that fits when it runs.
+        Some(_) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let inner = Inner {
         fd,
         side,
@@ -1482,20 +1511,45 @@ pub(crate) async fn establish(
         ssges: Vec::with_capacity(2 * send_depth as usize),
         sink_waker: None,
         stream_waker: None,
-        rma: Rma::new(
-            rma_rails,
-            cfg.rma_inflight_bytes,
-            send_depth,
-            remote_name.clone(),
-            Immediates::new(EARLY_IMMEDIATES),
-        ),
+        rma: Arc::new(RmaShared::new(
+            Rma::new(
+                rma_rails,
+                cfg.rma_inflight_bytes,
+                send_depth,
+                remote_name.clone(),
+                Immediates::new(EARLY_IMMEDIATES),
+            ),
+            kick,
+        )),
         _rma_stop: rma_stop,
         domain,
         res,
     };
     let shared = Shared(Arc::new(Mutex::new(inner)));
+    let ops = Arc::downgrade(&shared.lock().rma);
+    if let (Some(priority), Some(kicks)) = (poster, kicks) {
+        let (conn, ops) = (Arc::downgrade(&shared.0), ops.clone());
+        std::thread::Builder::new()
+            .name("af-verbs-post".into())
+            .spawn(move || post_thread(conn, ops, kicks, priority))
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "verbs connection to {remote_name}: cannot start its one-sided posting \
+                         thread ({e}); VerbsConfig::rma_posting = RmaPosting::Caller needs none"
+                    ),
+                )
+            })?;
+    }
     for (k, (cq, stopped)) in rail_cqs.into_iter().zip(rma_stopped).enumerate() {
-        tokio::spawn(drain_rma(Arc::downgrade(&shared.0), k, cq, stopped));
+        tokio::spawn(drain_rma(
+            Arc::downgrade(&shared.0),
+            ops.clone(),
+            k,
+            cq,
+            stopped,
+        ));
     }
     // The probe: one zero-length message each way, so a wrong GID or an unreachable peer fails
     // here, with a clear error, rather than as a dead session later.

@@ -165,6 +165,10 @@ impl Drop for DeviceList {
 
 /// An open device with one protection domain. Shared (`Arc`) by every connection on it; closed
 /// when the last connection's resources are gone (they hold an `Arc`).
+/// Vendor ids of the software RDMA devices: Soft-RoCE (`RXE_VENDOR_ID` in the kernel's
+/// `rxe_param.h`; `ibv_devinfo` shows 0xffffff on rxe0) and soft-iWARP (`SIW_VENDOR_ID`, "bmt").
+const SOFTWARE_VENDOR_IDS: [u32; 2] = [0x00ff_ffff, 0x0062_6d74];
+
 pub(crate) struct Context {
     pub(crate) ctx: *mut ibv_context,
     pub(crate) pd: *mut ibv_pd,
@@ -175,6 +179,10 @@ pub(crate) struct Context {
     /// [`crate::READ_DEPTH`]; at least 1.
     pub(crate) reads_in: u8,
     pub(crate) reads_out: u8,
+    /// A software device (Soft-RoCE `rxe`, `siw`), by its vendor id: its `ibv_post_send` runs
+    /// the protocol, copies included, inside the posting system call (see
+    /// [`crate::RmaPosting::Auto`]).
+    pub(crate) software: bool,
     /// The device has type 1 memory windows (`IBV_DEVICE_MEM_WINDOW`).
     mem_windows: bool,
     /// Binds memory windows ([`Context::binder`]); made at the first use, `None` when it cannot
@@ -275,6 +283,7 @@ impl Context {
             max_qp_wr,
             reads_in: reads(attr.max_qp_rd_atom),
             reads_out: reads(attr.max_qp_init_rd_atom),
+            software: queried && SOFTWARE_VENDOR_IDS.contains(&attr.vendor_id),
             mem_windows: queried
                 && attr.device_cap_flags & ibv_device_cap_flags::IBV_DEVICE_MEM_WINDOW.0 != 0,
             binder: OnceLock::new(),

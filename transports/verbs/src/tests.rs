@@ -73,8 +73,31 @@ fn default_config_is_valid_and_sets_frame_size() {
 }
 
 #[test]
+fn one_sided_posting_gets_a_thread_on_software_devices_only_unless_told() {
+    use ThreadPriority::*;
+    assert_eq!(RmaPosting::default(), RmaPosting::Auto);
+    assert_eq!(RmaPosting::Auto.thread(true), Some(Nice(10)));
+    assert_eq!(RmaPosting::Auto.thread(false), None);
+    assert_eq!(RmaPosting::Caller.thread(true), None);
+    assert_eq!(RmaPosting::Thread(Idle).thread(false), Some(Idle));
+    assert_eq!(RmaPosting::Thread(Nice(-20)).thread(true), Some(Nice(-20)));
+    let ok = VerbsConfig {
+        rma_posting: RmaPosting::Thread(Nice(19)),
+        ..Default::default()
+    };
+    ok.validate().unwrap();
+}
+
+#[test]
 fn bad_settings_are_refused_with_the_setting_named() {
     for (cfg, what) in [
+        (
+            VerbsConfig {
+                rma_posting: RmaPosting::Thread(ThreadPriority::Nice(20)),
+                ..Default::default()
+            },
+            "rma_posting Thread(Nice(20))",
+        ),
         (
             VerbsConfig {
                 recv_depth: 1,
@@ -681,6 +704,90 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
         let e = reg.withdraw().expect_err("withdrew a key without a window");
         assert_eq!(e.kind(), io::ErrorKind::Unsupported);
         drop(reg);
+    })
+    .await
+}
+
+/// Threads of this process named `name` (Linux: `/proc/self/task/*/comm`).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim_end() == name)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn software_devices_post_one_sided_work_on_a_thread_that_ends_with_the_connection() {
+    use agentfabric::transport::{OneSidedKind, OneSidedOp, RailKeys};
+    const POSTER: &str = "af-verbs-post";
+    bounded(async {
+        assert_eq!(
+            threads_named(POSTER),
+            0,
+            "a posting thread outlived its test"
+        );
+        for (posting, threads) in [(RmaPosting::Auto, 2), (RmaPosting::Caller, 0)] {
+            let server = VerbsConfig {
+                rma_posting: posting,
+                ..Default::default()
+            };
+            let client = VerbsConfig {
+                rma_posting: posting,
+                ..client_cfg()
+            };
+            let (s, c) = (
+                VerbsTransport::with_config(server),
+                VerbsTransport::with_config(client),
+            );
+            let (sd, cd) = (s.memory_domain().unwrap(), c.memory_domain().unwrap());
+            let mut l = s.listen(&format!("{}:0", lab_addr())).await.unwrap();
+            let addr = l.local_addr().strip_prefix("verbs://").unwrap().to_owned();
+            let (a, b) = tokio::join!(c.connect(&addr), l.accept());
+            let (a, b) = (a.unwrap(), b.unwrap());
+            // rxe is a software device: Auto gives each end a posting thread, Caller none.
+            assert_eq!(threads_named(POSTER), threads, "{posting:?}");
+            // Pieces go out and complete either way (several pieces, more than the budget).
+            const LEN: usize = 1 << 20;
+            let mut src: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8).collect();
+            let mut dst = vec![0u8; LEN];
+            // SAFETY: both buffers outlive their registrations (dropped before them below).
+            let (sreg, dreg) = unsafe {
+                (
+                    cd.register(src.as_mut_ptr(), LEN).unwrap(),
+                    sd.register(dst.as_mut_ptr(), LEN).unwrap(),
+                )
+            };
+            let ops = a.sink.one_sided().unwrap();
+            let op = OneSidedOp {
+                kind: OneSidedKind::Write,
+                local_addr: src.as_ptr() as u64,
+                local_key: sreg.local_key(),
+                len: LEN as u32,
+                remote_addr: dst.as_mut_ptr() as u64,
+                remote_key: dreg.remote_key(),
+                local_rails: RailKeys::EMPTY,
+                remote_rails: RailKeys::EMPTY,
+                imm: None,
+            };
+            post_one(&ops, op).await.unwrap();
+            assert!(dst == src, "{posting:?}: written bytes differ");
+            drop((ops, a, b, sreg, dreg));
+            // The threads end with their connections (each wakes on its sender's drop).
+            let t = std::time::Instant::now();
+            while threads_named(POSTER) > 0 && t.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(
+                threads_named(POSTER),
+                0,
+                "{posting:?}: posting threads left"
+            );
+        }
     })
     .await
 }
