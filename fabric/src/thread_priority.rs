@@ -8,6 +8,7 @@
 //! does: on a thread of its own at a lower priority, bulk uses the CPU time the runtime
 //! leaves, and the kernel preempts it when a worker wakes for a coordination frame.
 
+#[cfg(target_os = "linux")]
 use std::io;
 
 /// Scheduling priority of a transport's bulk thread.

@@ -259,7 +259,9 @@ impl Immediates {
     }
 }
 
-/// Called once when a one-sided operation is over, with its outcome.
+/// Called once when a one-sided operation is over, with its outcome. Runs on the transport's
+/// completion path, possibly with the connection's locks held: it must be quick, and must not
+/// call back into the connection (post another operation from a task it wakes instead).
 pub type OneSidedDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 /// One-sided operations on a connection (see [`FrameSink::one_sided`]).

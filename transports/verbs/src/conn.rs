@@ -556,7 +556,8 @@ fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 const EARLY_IMMEDIATES: usize = 1024;
 
 /// Takes rail `k`'s one-sided completions as they come, until the connection is gone (`stop`
-/// resolves when it drops): completes the operations, posts what waited for room.
+/// resolves when it drops): completes the operations, and has what waited for room posted
+/// ([`post_queued`]).
 async fn drain_rma(
     conn: Weak<Mutex<Inner>>,
     ops: Weak<RmaShared>,

@@ -163,12 +163,12 @@ impl Drop for DeviceList {
     }
 }
 
-/// An open device with one protection domain. Shared (`Arc`) by every connection on it; closed
-/// when the last connection's resources are gone (they hold an `Arc`).
 /// Vendor ids of the software RDMA devices: Soft-RoCE (`RXE_VENDOR_ID` in the kernel's
 /// `rxe_param.h`; `ibv_devinfo` shows 0xffffff on rxe0) and soft-iWARP (`SIW_VENDOR_ID`, "bmt").
 const SOFTWARE_VENDOR_IDS: [u32; 2] = [0x00ff_ffff, 0x0062_6d74];
 
+/// An open device with one protection domain. Shared (`Arc`) by every connection on it; closed
+/// when the last connection's resources are gone (they hold an `Arc`).
 pub(crate) struct Context {
     pub(crate) ctx: *mut ibv_context,
     pub(crate) pd: *mut ibv_pd,

@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,7 @@ pub(crate) struct RmaCq {
 }
 
 // SAFETY: CQ and channel handles are usable from any thread; polling is serialised by the
-// connection's mutex, event handling by the single draining task.
+// one-sided state's mutex (`RmaShared::state`), event handling by the single draining task.
 unsafe impl Send for RmaCq {}
 // SAFETY: as above.
 unsafe impl Sync for RmaCq {}
@@ -169,7 +169,7 @@ pub(crate) struct RailQp {
 }
 
 // SAFETY: a QP handle is usable from any thread, and verbs calls on one QP are thread-safe;
-// posting is serialised by the connection's mutex anyway.
+// posting is serialised by `RmaShared::posting` anyway.
 unsafe impl Send for RailQp {}
 // SAFETY: as above; `&self` methods only query and post.
 unsafe impl Sync for RailQp {}
@@ -335,8 +335,8 @@ pub(crate) struct Rail {
     progress: Instant,
 }
 
-// SAFETY: the QP handle is usable from any thread; the rail is used under the connection's
-// mutex.
+// SAFETY: the QP handle is usable from any thread; the rail is used under the one-sided
+// state's mutex, its QP also by the poster (under `RmaShared::posting`).
 unsafe impl Send for Rail {}
 
 impl Rail {
@@ -421,7 +421,8 @@ pub(crate) struct Rma {
     wcs: Vec<ibv_wc>,
 }
 
-// SAFETY: the raw pointers (QPs, scratch WRs) are only used under the connection's mutex.
+// SAFETY: the raw pointers (QPs, CQs) are handles usable from any thread; the state is used
+// under `RmaShared::state`.
 unsafe impl Send for Rma {}
 
 impl Rma {
@@ -650,12 +651,14 @@ impl Rma {
         }
         self.plan_pieces(&mut batch.plan);
         for (k, rail) in self.rails.iter().enumerate() {
-            let count = batch.plan.iter().filter(|p| p.rail == k).count() as u64;
+            let count = batch.plan.iter().filter(|p| p.rail == k).count();
             if count > 0 {
                 batch.rails.push(BatchRail {
                     rail: k,
                     qp: rail.qp,
-                    first_seq: rail.posted - count + 1,
+                    first_seq: rail.posted - count as u64 + 1,
+                    count,
+                    was_idle: rail.posted - count as u64 == rail.completed,
                 });
             }
         }
@@ -788,6 +791,10 @@ struct BatchRail {
     rail: usize,
     qp: *mut ibv_qp,
     first_seq: u64,
+    /// Its pieces in the batch.
+    count: usize,
+    /// It had nothing in flight before them: its stall clock starts when they are posted.
+    was_idle: bool,
 }
 
 /// Pieces planned under the state's lock and posted outside it, with the scratch the work
@@ -821,6 +828,7 @@ impl Batch {
             rail,
             qp,
             first_seq,
+            ..
         } = self.rails[r];
         self.wrs.clear();
         self.sges.clear();
@@ -885,7 +893,7 @@ impl Batch {
 /// system call, and a coordination frame must not wait for that (measured in the lab: the
 /// posting `write`s of `mixed --bulk-api transfer` took 6 ms at p90, 11 ms at p99).
 pub(crate) struct RmaShared {
-    pub(crate) state: Mutex<Rma>,
+    state: Mutex<Rma>,
     /// Serialises posting, so that batches reach the QPs in the order they were planned (their
     /// work-request ids count up, and RC completes them in posted order). Taken before
     /// `state`, never while holding it.
@@ -916,29 +924,24 @@ impl RmaShared {
     }
 
     /// Has the posting thread post what is queued: `true` when it was woken (or already had
-    /// a wake-up pending), `false` when there is no thread and the caller must post
-    /// ([`RmaShared::post`]).
+    /// a wake-up pending), `false` when there is no thread (or it is gone) and the caller must
+    /// post ([`RmaShared::post`]).
     pub(crate) fn kick(&self) -> bool {
         match &self.kick {
-            Some(k) => {
-                // Full: a wake-up is pending already, and it will see this work too.
-                let _ = k.try_send(());
-                true
-            }
+            // Full: a wake-up is pending already, and the post it leads to plans this work too
+            // (the thread takes the wake-up before it plans).
+            Some(k) => !matches!(k.try_send(()), Err(TrySendError::Disconnected(_))),
             None => false,
         }
     }
 
     /// Posts the pieces that fit now: planned and booked under the state's lock, posted
-    /// outside it (one `ibv_post_send` per rail). `Ok(true)` when anything was posted; `Err`
-    /// when the device refused (the caller fails the connection; the pieces not posted are
-    /// settled as failed). The caller keeps the connection alive meanwhile, so its QPs are.
-    pub(crate) fn post(&self) -> io::Result<bool> {
+    /// outside it (one `ibv_post_send` per rail). `Err` when the device refused (the caller
+    /// fails the connection; the pieces not posted are settled as failed). The caller keeps
+    /// the connection alive meanwhile, so its QPs are.
+    pub(crate) fn post(&self) -> io::Result<()> {
         let mut batch = self.posting.lock().unwrap_or_else(|e| e.into_inner());
         self.lock().plan(&mut batch);
-        if batch.plan.is_empty() {
-            return Ok(false);
-        }
         for r in 0..batch.rails.len() {
             let Err((posted, rc)) = batch.post_rail(r) else {
                 continue;
@@ -953,15 +956,23 @@ impl RmaShared {
                     st.rails[k].name()
                 ),
             );
-            let count = |k: usize| batch.plan.iter().filter(|p| p.rail == k).count();
-            st.take_back(k, count(k) - posted, &e);
+            st.take_back(k, batch.rails[r].count - posted, &e);
             // The later rails' pieces never go.
             let later = io::Error::other("an earlier rail's post failed");
             for b in &batch.rails[r + 1..] {
-                st.take_back(b.rail, count(b.rail), &later);
+                st.take_back(b.rail, b.count, &later);
             }
             return Err(e);
         }
-        Ok(true)
+        if batch.rails.iter().any(|b| b.was_idle) {
+            // The stall clock of a rail idle when these were planned starts now that they are
+            // posted: a posting thread kept off the CPU is not a silent link.
+            let mut st = self.lock();
+            let now = Instant::now();
+            for b in batch.rails.iter().filter(|b| b.was_idle) {
+                st.rails[b.rail].progress = now;
+            }
+        }
+        Ok(())
     }
 }
