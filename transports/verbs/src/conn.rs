@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
 use agentfabric::transport::{
-    Connection, FrameSink, FrameStream, ImmediateHandler, Immediates, OneSided, OneSidedDone,
-    OneSidedOp, RecvError,
+    Connection, ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedOp, RecvError,
 };
 use bytes::Bytes;
 use rdma_sys::*;
@@ -47,7 +46,7 @@ pub(crate) struct Resources {
     qp: *mut ibv_qp,
     /// The second QP: one-sided operations only. Its receive queue holds [`RMA_RECVS`] empty
     /// receives, each consumed by a peer's RDMA WRITE with immediate (plain WRITE and READ
-    /// consume none).
+    /// consume none). Null on a bulk lane's resources (see [`crate::lanes`]).
     rma_qp: *mut ibv_qp,
     recv_mr: *mut ibv_mr,
     send_mr: *mut ibv_mr,
@@ -133,13 +132,13 @@ pub(crate) fn rc_err(rc: i32, what: impl std::fmt::Display) -> io::Error {
 
 impl Resources {
     /// The connection's resources; its one-sided QP completes on `rma_cq` (see [`RmaCq`]),
-    /// which must outlive them.
-    fn new(
+    /// which must outlive them. Without `rma_cq`, a frames-only QP (a bulk lane's).
+    pub(crate) fn new(
         dev: Arc<Context>,
         port: u8,
         gid_index: u8,
         cfg: &VerbsConfig,
-        rma_cq: *mut ibv_cq,
+        rma_cq: Option<*mut ibv_cq>,
     ) -> io::Result<Self> {
         let buf_size = cfg.recv_buffer_size;
         let mut r = Resources {
@@ -226,8 +225,25 @@ impl Resources {
             }
             to_init(r.qp, port, &name)?;
         }
-        r.rma_qp = create_rma_qp(&r.dev, port, rma_cq, cfg.send_depth)?;
+        if let Some(rma_cq) = rma_cq {
+            r.rma_qp = create_rma_qp(&r.dev, port, rma_cq, cfg.send_depth)?;
+        }
         Ok(r)
+    }
+
+    /// A frames-only QP's resources beside these (same device, port and GID index), with
+    /// every receive buffer posted: a bulk lane's (see [`crate::lanes`]).
+    pub(crate) fn sibling(&self, cfg: &VerbsConfig) -> io::Result<Resources> {
+        let mut r = Resources::new(self.dev.clone(), self.port, self.gid_index, cfg, None)?;
+        r.post_all_recvs(cfg)?;
+        Ok(r)
+    }
+
+    /// Posts every receive buffer (a new QP's).
+    fn post_all_recvs(&mut self, cfg: &VerbsConfig) -> io::Result<()> {
+        let all: Vec<u32> = (0..cfg.recv_depth).collect();
+        let (mut rw, mut rs) = (Vec::new(), Vec::new());
+        self.post_recvs(&all, &mut rw, &mut rs)
     }
 
     fn qpn(&self) -> u32 {
@@ -279,7 +295,7 @@ impl Resources {
         Ok(())
     }
 
-    fn local_params(&self, cfg: &VerbsConfig) -> io::Result<QpParams> {
+    pub(crate) fn local_params(&self, cfg: &VerbsConfig) -> io::Result<QpParams> {
         let attr = self.dev.query_port(self.port)?;
         let link_layer = LinkLayer::from_u8(attr.link_layer);
         let gid = self.dev.query_gid(self.port, self.gid_index)?;
@@ -287,8 +303,12 @@ impl Resources {
             version: params::PROTOCOL_VERSION,
             qpn: self.qpn(),
             psn: rand::random::<u32>() & 0x00ff_ffff,
-            // SAFETY: rma_qp is valid.
-            rma_qpn: unsafe { (*self.rma_qp).qp_num },
+            rma_qpn: if self.rma_qp.is_null() {
+                0
+            } else {
+                // SAFETY: rma_qp is valid.
+                unsafe { (*self.rma_qp).qp_num }
+            },
             rma_psn: rand::random::<u32>() & 0x00ff_ffff,
             lid: attr.lid,
             gid,
@@ -314,18 +334,24 @@ impl Resources {
         })
     }
 
-    /// Both QPs INIT -> RTR -> RTS towards their peers on `remote`.
-    fn connect_qp(
+    /// Both QPs (the frames' one only, on a bulk lane) INIT -> RTR -> RTS towards their peers
+    /// on `remote`.
+    pub(crate) fn connect_qp(
         &mut self,
         local: &QpParams,
         remote: &QpParams,
         n: &Negotiated,
     ) -> io::Result<()> {
         let spec = self.path(local, remote, n);
-        let main = (self.qp, remote.qpn, remote.psn, local.psn);
-        let rma = (self.rma_qp, remote.rma_qpn, remote.rma_psn, local.rma_psn);
-        for (qp, dest_qpn, rq_psn, sq_psn) in [main, rma] {
-            connect_one(qp, dest_qpn, rq_psn, sq_psn, &spec)?;
+        connect_one(self.qp, remote.qpn, remote.psn, local.psn, &spec)?;
+        if !self.rma_qp.is_null() {
+            connect_one(
+                self.rma_qp,
+                remote.rma_qpn,
+                remote.rma_psn,
+                local.rma_psn,
+                &spec,
+            )?;
         }
         Ok(())
     }
@@ -651,15 +677,100 @@ fn post_thread(
     }
 }
 
+/// A lane's posting thread ([`crate::lanes`]): plans under the lane's lock and posts outside
+/// it, each time it is woken, at `priority`, until the lane is gone (its wake-up sender drops
+/// with it).
+pub(crate) fn send_post_thread(
+    lane: Weak<Mutex<Inner>>,
+    kicks: std::sync::mpsc::Receiver<()>,
+    priority: ThreadPriority,
+) {
+    priority.apply();
+    while kicks.recv().is_ok() {
+        // Held through the post: the QP and send slots live until it returns.
+        let Some(lane) = lane.upgrade() else {
+            return;
+        };
+        loop {
+            let Some(mut batch) = lock_inner(&lane).plan_batch() else {
+                break;
+            };
+            // Outside the lock: on a software device this call runs the protocol for every
+            // byte posted, for milliseconds, while the lane's stream half takes its receives.
+            // SAFETY: `lane` is held; this thread is the lane's only poster once it runs (its
+            // `poster` is set), so batches are submitted one at a time, in order.
+            let rc = unsafe { batch.submit() };
+            let mut st = lock_inner(&lane);
+            let posted = st.finish(batch, rc);
+            // The sink waits for its queue to empty (or the error), the stream perhaps for
+            // credits returned.
+            st.wake_both();
+            if !posted {
+                break;
+            }
+        }
+    }
+}
+
 /// How one queued WR carries its frame.
 #[derive(Clone, Copy)]
 enum Carry {
     /// Inline: header and payload straight from the frame (index into `hold`).
     Inline(usize),
-    /// Copied into send slot `slot`, `len` bytes.
-    Slot(usize, usize),
+    /// Copied into send slot `slot`, `len` bytes, from the frame at index `hold` into `hold`
+    /// (when the batch is submitted: see [`SendBatch::submit`]).
+    Slot {
+        slot: usize,
+        len: usize,
+        hold: usize,
+    },
     /// No data (credit return, FIN, probe).
     Empty,
+}
+
+/// Sends planned and built under the connection's lock, and booked (their send slots and
+/// queue entries are theirs): what [`SendBatch::submit`] posts, with or without the lock (a
+/// bulk lane's posting thread posts without it, see [`crate::lanes`]).
+pub(crate) struct SendBatch {
+    qp: *mut ibv_qp,
+    wrs: Vec<ibv_send_wr>,
+    sges: Vec<ibv_sge>,
+    /// The frames the WRs point into (inline) or are copied from (slots), kept until posted.
+    hold: Vec<OutFrame>,
+    /// Slot copies to make before posting: (index into `hold`, offset into the send slots).
+    copies: Vec<(usize, usize)>,
+    /// The send slots' memory (registered, owned by the connection's [`Resources`]).
+    slots: *mut u8,
+}
+
+impl SendBatch {
+    /// Copies the slot-carried frames into their slots and posts every WR in one call.
+    /// Returns `ibv_post_send`'s result.
+    ///
+    /// # Safety
+    ///
+    /// The connection that built the batch must be held (its QP and send slots live), and the
+    /// batch submitted once, before any later batch of the same connection.
+    pub(crate) unsafe fn submit(&mut self) -> i32 {
+        for &(h, at) in &self.copies {
+            let f = &self.hold[h];
+            // SAFETY: the slot at `at` is this batch's (booked under the lock, not posted yet,
+            // so the device does not read it), and holds a whole frame (checked when planned).
+            unsafe {
+                let dst = self.slots.add(at);
+                std::ptr::copy_nonoverlapping(f.header.as_ptr(), dst, HEADER_LEN);
+                std::ptr::copy_nonoverlapping(
+                    f.payload.as_ptr(),
+                    dst.add(HEADER_LEN),
+                    f.payload.len(),
+                );
+            }
+        }
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: WRs and SGEs live until the call returns; inline data is copied by the call;
+        // slot data stays in the send slots, which live as long as the QP.
+        unsafe { ibv_post_send(self.qp, self.wrs.as_mut_ptr(), &mut bad) }
+    }
 }
 
 struct Planned {
@@ -667,13 +778,18 @@ struct Planned {
     imm: u32,
 }
 
-/// Connection state shared by the sink and the stream (both are driven by the same task in the
-/// fabric, so the mutex is uncontended).
-struct Inner {
+/// The state of one lane's QP, shared by the sink and the stream (both are driven by the same
+/// task in the fabric, so the mutex is uncontended, but for a bulk lane's posting thread which
+/// takes it only to plan and to account).
+pub(crate) struct Inner {
     // Declared first: dropped before `res`, whose channel owns the fd.
     fd: AsyncFd<ChannelFd>,
-    side: TcpStream,
+    /// The side channel, on the latency lane: its closing tells of the peer's death.
+    side: Option<TcpStream>,
     res: Resources,
+    /// Wakes the thread that posts this lane's sends (a bulk lane on a software device, see
+    /// [`crate::lanes`]); `None`: whoever plans them posts them, under the lock.
+    poster: Option<std::sync::mpsc::SyncSender<()>>,
     /// One-sided operations on the rails. After `res`: rail 0's QP (in `res`) is destroyed
     /// before the rails' CQs and the operations' completions go (whoever else holds this holds
     /// the connection too while it posts, see [`post_queued`]).
@@ -717,6 +833,7 @@ struct Inner {
     hold: Vec<OutFrame>,
     swrs: Vec<ibv_send_wr>,
     ssges: Vec<ibv_sge>,
+    copies: Vec<(usize, usize)>,
     // Wakers of the two halves.
     sink_waker: Option<Waker>,
     stream_waker: Option<Waker>,
@@ -783,6 +900,69 @@ pub(crate) fn explain_status(status: u32, remote: &str) -> (io::ErrorKind, Strin
 }
 
 impl Inner {
+    /// A lane over `res` (connected, its receives posted), that may send `credits` frames
+    /// before the peer returns any; `side` on the latency lane only. Its one-sided operations
+    /// are `rma` (the connection's, shared by its lanes); `rma_stop` stops their drains when
+    /// this lane goes.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        res: Resources,
+        side: Option<TcpStream>,
+        rma: Arc<RmaShared>,
+        rma_stop: Vec<tokio::sync::oneshot::Sender<()>>,
+        domain: u64,
+        credits: u32,
+        cfg: &VerbsConfig,
+        remote: &str,
+    ) -> io::Result<Inner> {
+        // SAFETY: the fd stays open while the AsyncFd lives: `Inner` drops `fd` before `res`,
+        // whose completion channel owns it.
+        let fd = unsafe { channel_fd(res.channel)? };
+        let send_depth = cfg.send_depth;
+        Ok(Inner {
+            fd,
+            side,
+            res,
+            poster: None,
+            rma,
+            _rma_stop: rma_stop,
+            domain,
+            remote: remote.to_owned(),
+            send_depth,
+            signal_every: u64::from(cfg.signal_every.clamp(1, send_depth.max(2) / 2)),
+            credit_threshold: (cfg.recv_depth / 4).clamp(1, cfg.recv_depth - 1),
+            busy_poll: cfg.busy_poll,
+            stall_timeout: cfg.stall_timeout,
+            last_progress: std::time::Instant::now(),
+            queue: VecDeque::new(),
+            queued: 0,
+            credits,
+            posted: 0,
+            completed: 0,
+            closing: false,
+            fin_sent: false,
+            to_return: 0,
+            ready: VecDeque::new(),
+            fin_received: false,
+            received_any: false,
+            frame_error: None,
+            error: None,
+            side_closed: false,
+            armed: false,
+            wcs: Vec::with_capacity(32),
+            repost: Vec::with_capacity(cfg.recv_depth as usize),
+            rwrs: Vec::with_capacity(cfg.recv_depth as usize),
+            rsges: Vec::with_capacity(cfg.recv_depth as usize),
+            plan: Vec::with_capacity(send_depth as usize),
+            hold: Vec::with_capacity(send_depth as usize),
+            swrs: Vec::with_capacity(send_depth as usize),
+            ssges: Vec::with_capacity(2 * send_depth as usize),
+            copies: Vec::with_capacity(send_depth as usize),
+            sink_waker: None,
+            stream_waker: None,
+        })
+    }
+
     fn fail(&mut self, kind: io::ErrorKind, msg: String) {
         if self.error.is_none() {
             tracing::debug!(remote = %self.remote, error = %msg, "verbs connection failed");
@@ -891,10 +1071,39 @@ impl Inner {
 
     /// Posts as much as credits and send-queue room allow, in one `ibv_post_send`: queued
     /// frames, then a credit return if one is due, then FIN when closing. Returns whether
-    /// anything was posted.
+    /// anything was posted. With a posting thread, only wakes it when there may be something
+    /// to post (and returns `false`).
     fn post(&mut self) -> bool {
+        if let Some(kick) = &self.poster {
+            if self.error.is_some() || !self.may_post() {
+                return false;
+            }
+            match kick.try_send(()) {
+                // Full: a wake-up is pending, and the thread plans everything when it runs.
+                Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => return false,
+                // The thread is gone (it ends only when this lane is gone, so this does not
+                // happen; if it did, nothing would be posted): post here from now on.
+                Err(std::sync::mpsc::TrySendError::Disconnected(())) => self.poster = None,
+            }
+        }
+        match self.plan_batch() {
+            Some(batch) => self.submit_here(batch),
+            None => false,
+        }
+    }
+
+    /// Whether [`Inner::plan_batch`] may find something to post (frames, a credit return due,
+    /// FIN), credits and room aside.
+    fn may_post(&self) -> bool {
+        !self.queue.is_empty()
+            || self.to_return >= self.credit_threshold
+            || (self.closing && (self.to_return > 0 || !self.fin_sent))
+    }
+
+    /// Plans and books what [`Inner::post`] would post (see there): `None` when nothing.
+    pub(crate) fn plan_batch(&mut self) -> Option<SendBatch> {
         if self.error.is_some() {
-            return false;
+            return None;
         }
         self.plan.clear();
         self.hold.clear();
@@ -915,18 +1124,16 @@ impl Inner {
                         "a frame of {len} bytes exceeds the verbs receive buffer size {buf_size}"
                     ),
                 );
-                return false;
+                return None;
             }
             let seq = self.posted + self.plan.len() as u64; // 0-based
+            self.hold.push(f);
+            let hold = self.hold.len() - 1;
             let carry = if len as u32 <= self.res.max_inline {
-                self.hold.push(f);
-                Carry::Inline(self.hold.len() - 1)
+                Carry::Inline(hold)
             } else {
                 let slot = (seq % u64::from(self.send_depth)) as usize;
-                let at = slot * buf_size;
-                self.res.send_buf[at..at + HEADER_LEN].copy_from_slice(&f.header);
-                self.res.send_buf[at + HEADER_LEN..at + len].copy_from_slice(&f.payload);
-                Carry::Slot(slot, len)
+                Carry::Slot { slot, len, hold }
             };
             let ret = self.to_return.min(imm::CREDITS);
             self.to_return -= ret;
@@ -960,10 +1167,10 @@ impl Inner {
             self.credits -= 1;
             self.fin_sent = true;
         }
-        self.post_plan()
+        self.build_batch()
     }
 
-    /// A zero-length message that only proves the path (and returns nothing yet).
+    /// A zero-length message that only proves the path (and returns nothing yet), posted here.
     fn post_probe(&mut self) {
         self.plan.clear();
         self.hold.clear();
@@ -972,19 +1179,33 @@ impl Inner {
             imm: imm::encode(0, false),
         });
         self.credits -= 1;
-        self.post_plan();
+        if let Some(batch) = self.build_batch() {
+            self.submit_here(batch);
+        }
     }
 
-    fn post_plan(&mut self) -> bool {
+    /// Posts `batch` under the lock, and takes it back.
+    fn submit_here(&mut self, mut batch: SendBatch) -> bool {
+        // SAFETY: this connection built the batch and is held (locked); batches are built and
+        // submitted one at a time under the lock.
+        let rc = unsafe { batch.submit() };
+        self.finish(batch, rc)
+    }
+
+    /// Builds the WRs of what is planned into a batch, and books them: their sequence numbers
+    /// and slots are taken.
+    fn build_batch(&mut self) -> Option<SendBatch> {
         let n = self.plan.len();
         if n == 0 {
-            return false;
+            return None;
         }
         self.swrs.clear();
         self.ssges.clear();
+        self.copies.clear();
         // SAFETY: send_mr is valid.
         let lkey = unsafe { (*self.res.send_mr).lkey };
-        let base = self.res.send_buf.as_ptr() as u64;
+        let slots = self.res.send_buf.as_mut_ptr();
+        let buf_size = self.res.buf_size;
         // SGEs first (two per WR at most): their addresses are stable when the WRs point at them.
         for p in &self.plan {
             match p.carry {
@@ -1003,9 +1224,10 @@ impl Inner {
                         });
                     }
                 }
-                Carry::Slot(slot, len) => {
+                Carry::Slot { slot, len, hold } => {
+                    self.copies.push((hold, slot * buf_size));
                     self.ssges.push(ibv_sge {
-                        addr: base + (slot * self.res.buf_size) as u64,
+                        addr: slots as u64 + (slot * buf_size) as u64,
                         length: len as u32,
                         lkey,
                     });
@@ -1025,7 +1247,7 @@ impl Inner {
                     },
                     true,
                 ),
-                Carry::Slot(..) => (1, false),
+                Carry::Slot { .. } => (1, false),
                 Carry::Empty => (0, true),
             };
             let signalled = k + 1 == n || seq.is_multiple_of(self.signal_every);
@@ -1055,17 +1277,40 @@ impl Inner {
         if self.posted == self.completed {
             self.last_progress = std::time::Instant::now();
         }
-        let mut bad = std::ptr::null_mut();
-        // SAFETY: WRs and SGEs live until the call returns; inline data is copied by the call;
-        // slot data stays in send_buf, which lives as long as the QP.
-        let rc = unsafe { ibv_post_send(self.res.qp, self.swrs.as_mut_ptr(), &mut bad) };
-        self.hold.clear();
+        // Booked: later batches take the next sequence numbers and slots, and a close waits
+        // for these to complete.
+        self.posted += n as u64;
+        // The vectors move with their heap buffers, so the WRs' pointers stay valid.
+        Some(SendBatch {
+            qp: self.res.qp,
+            wrs: std::mem::take(&mut self.swrs),
+            sges: std::mem::take(&mut self.ssges),
+            hold: std::mem::take(&mut self.hold),
+            copies: std::mem::take(&mut self.copies),
+            slots,
+        })
+    }
+
+    /// Takes a submitted batch back (its vectors are reused) and fails the connection if
+    /// `rc`, its post's result, says it failed. Returns whether it was posted.
+    pub(crate) fn finish(&mut self, batch: SendBatch, rc: i32) -> bool {
+        let SendBatch {
+            mut wrs,
+            mut sges,
+            mut hold,
+            mut copies,
+            ..
+        } = batch;
+        hold.clear();
+        wrs.clear();
+        sges.clear();
+        copies.clear();
+        (self.swrs, self.ssges, self.hold, self.copies) = (wrs, sges, hold, copies);
         if rc != 0 {
             let e = rc_err(rc, format!("posting sends to {}", self.remote));
             self.fail(e.kind(), e.to_string());
             return false;
         }
-        self.posted += n as u64;
         true
     }
 
@@ -1102,16 +1347,19 @@ impl Inner {
 
     /// Notices the side channel closing (the peer process died or dropped the connection).
     fn poll_side(&mut self, cx: &mut TaskCx<'_>) {
+        let Some(side) = &self.side else {
+            return;
+        };
         if self.side_closed {
             return;
         }
-        while let Poll::Ready(r) = self.side.poll_read_ready(cx) {
+        while let Poll::Ready(r) = side.poll_read_ready(cx) {
             if r.is_err() {
                 self.side_closed = true;
                 return;
             }
             let mut b = [0u8; 64];
-            match self.side.try_read(&mut b) {
+            match side.try_read(&mut b) {
                 Ok(0) => {
                     self.side_closed = true;
                     return;
@@ -1167,68 +1415,43 @@ impl Inner {
     }
 }
 
-/// Both halves hold this.
+/// One lane's state; both halves of the connection hold it (see [`crate::lanes`]).
 #[derive(Clone)]
-struct Shared(Arc<Mutex<Inner>>);
+pub(crate) struct Shared(Arc<Mutex<Inner>>);
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         lock_inner(&self.0)
     }
-}
 
-struct VerbsSink(Shared);
-struct VerbsStream(Shared);
-
-/// The connection's one-sided operations ([`FrameSink::one_sided`]). Holds the connection
-/// weakly: a transfer waiting on its operations does not keep a failed connection alive.
-struct VerbsOneSided {
-    conn: Weak<Mutex<Inner>>,
-    ops: Weak<RmaShared>,
-    domain: u64,
-}
-
-impl OneSided for VerbsOneSided {
-    fn domain(&self) -> u64 {
-        self.domain
+    /// The lane, held weakly (by its posting thread).
+    pub(crate) fn downgrade(&self) -> Weak<Mutex<Inner>> {
+        Arc::downgrade(&self.0)
     }
 
-    fn post(&self, op: OneSidedOp, done: OneSidedDone) {
-        let (Some(conn), Some(ops)) = (self.conn.upgrade(), self.ops.upgrade()) else {
-            done(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the verbs connection is gone",
-            )));
-            return;
-        };
-        let failed = lock_inner(&conn).io_error();
-        if let Some(e) = failed {
-            done(Err(e));
-            return;
-        }
-        if op.len == 0 && op.imm.is_none() {
-            // Nothing to move or tell.
-            done(Ok(()));
-            return;
-        }
-        // A failure between the check above and here fails what is queued (`Rma::fail`), so
-        // the operation is not lost either way.
-        ops.lock().submit(op, done);
-        post_queued(&conn, &ops);
+    /// Queues a frame.
+    pub(crate) fn push(&self, frame: OutFrame) {
+        let mut st = self.lock();
+        st.queued += frame.wire_len();
+        st.queue.push_back(frame);
     }
 
-    fn on_immediate(&self, handler: ImmediateHandler) {
-        if let Some(ops) = self.ops.upgrade() {
-            ops.lock().imms.install(handler);
-        }
+    /// Bytes queued and not yet posted.
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().queued
     }
-}
 
-impl VerbsSink {
-    fn poll_write(&mut self, cx: &mut TaskCx<'_>, close: bool) -> Poll<io::Result<()>> {
-        let mut st = self.0.lock();
+    /// Posts what is queued (and, when `close`, FIN after it): `Ready(Ok(()))` once everything
+    /// is posted (and, when closing, has completed).
+    pub(crate) fn poll_write(&self, cx: &mut TaskCx<'_>, close: bool) -> Poll<io::Result<()>> {
+        let mut st = self.lock();
         if close {
             st.closing = true;
+        } else if st.closing && !st.queue.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "frame pushed after the verbs connection was closed",
+            )));
         }
         loop {
             if let Some(e) = st.io_error() {
@@ -1262,53 +1485,15 @@ impl VerbsSink {
             }
         }
     }
-}
 
-impl FrameSink for VerbsSink {
-    fn push(&mut self, frame: OutFrame) {
-        let mut st = self.0.lock();
-        st.queued += frame.wire_len();
-        st.queue.push_back(frame);
-    }
-
-    fn queued_bytes(&self) -> usize {
-        self.0.lock().queued
-    }
-
-    fn poll_flush(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
-        {
-            let st = self.0.lock();
-            if st.closing && !st.queue.is_empty() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "frame pushed after the verbs connection was closed",
-                )));
-            }
-        }
-        self.poll_write(cx, false)
-    }
-
-    fn poll_close(&mut self, cx: &mut TaskCx<'_>) -> Poll<io::Result<()>> {
-        self.poll_write(cx, true)
-    }
-
-    fn one_sided(&self) -> Option<Arc<dyn OneSided>> {
-        let st = self.0.lock();
-        Some(Arc::new(VerbsOneSided {
-            conn: Arc::downgrade(&self.0 .0),
-            ops: Arc::downgrade(&st.rma),
-            domain: st.domain,
-        }))
-    }
-}
-
-impl FrameStream for VerbsStream {
-    fn poll_recv(
-        &mut self,
+    /// Receives this lane's frames that are ready into `out` (`Ready(Ok(()))` adds at least
+    /// one); `Eof` once the peer closed the lane and everything before its FIN was received.
+    pub(crate) fn poll_recv(
+        &self,
         cx: &mut TaskCx<'_>,
         out: &mut Vec<Frame>,
     ) -> Poll<Result<(), RecvError>> {
-        let mut st = self.0.lock();
+        let mut st = self.lock();
         loop {
             if !st.ready.is_empty() {
                 out.extend(st.ready.drain(..));
@@ -1357,6 +1542,70 @@ impl FrameStream for VerbsStream {
             }
         }
     }
+
+    /// The connection's one-sided operations (on the latency lane's state).
+    pub(crate) fn one_sided(&self) -> Arc<dyn OneSided> {
+        let st = self.lock();
+        Arc::new(VerbsOneSided {
+            conn: Arc::downgrade(&self.0),
+            ops: Arc::downgrade(&st.rma),
+            domain: st.domain,
+        })
+    }
+
+    /// Has `kick` wake the lane's posting thread to post its sends from now on.
+    pub(crate) fn set_poster(&self, kick: std::sync::mpsc::SyncSender<()>) {
+        self.lock().poster = Some(kick);
+    }
+
+    /// Fails the lane (and so the connection's one-sided operations) with `kind` and `msg`.
+    pub(crate) fn fail(&self, kind: io::ErrorKind, msg: String) {
+        fail_conn(&self.0, kind, msg);
+    }
+}
+
+/// The connection's one-sided operations ([`FrameSink::one_sided`]). Holds the connection
+/// weakly: a transfer waiting on its operations does not keep a failed connection alive.
+struct VerbsOneSided {
+    conn: Weak<Mutex<Inner>>,
+    ops: Weak<RmaShared>,
+    domain: u64,
+}
+
+impl OneSided for VerbsOneSided {
+    fn domain(&self) -> u64 {
+        self.domain
+    }
+
+    fn post(&self, op: OneSidedOp, done: OneSidedDone) {
+        let (Some(conn), Some(ops)) = (self.conn.upgrade(), self.ops.upgrade()) else {
+            done(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the verbs connection is gone",
+            )));
+            return;
+        };
+        let failed = lock_inner(&conn).io_error();
+        if let Some(e) = failed {
+            done(Err(e));
+            return;
+        }
+        if op.len == 0 && op.imm.is_none() {
+            // Nothing to move or tell.
+            done(Ok(()));
+            return;
+        }
+        // A failure between the check above and here fails what is queued (`Rma::fail`), so
+        // the operation is not lost either way.
+        ops.lock().submit(op, done);
+        post_queued(&conn, &ops);
+    }
+
+    fn on_immediate(&self, handler: ImmediateHandler) {
+        if let Some(ops) = self.ops.upgrade() {
+            ops.lock().imms.install(handler);
+        }
+    }
 }
 
 /// Sets up one connection over an established side channel: resources, parameter exchange and
@@ -1378,7 +1627,7 @@ pub(crate) async fn establish(
         gid_index,
     } = main;
     let rma = Arc::new(RmaCq::new(&dev, cfg.send_depth)?);
-    let mut res = Resources::new(dev, port, gid_index, cfg, rma.cq)?;
+    let mut res = Resources::new(dev, port, gid_index, cfg, Some(rma.cq))?;
     let domain = {
         let devs: Vec<Arc<Context>> = rails.iter().map(|r| r.dev.clone()).collect();
         crate::memory::domain_id(&res.dev, &devs)
@@ -1390,11 +1639,7 @@ pub(crate) async fn establish(
         rail_qps.push((RailQp::new(rail, &cq, cfg.send_depth)?, cq));
     }
     let t_resources = t0.elapsed();
-    {
-        let all: Vec<u32> = (0..cfg.recv_depth).collect();
-        let (mut rw, mut rs) = (Vec::new(), Vec::new());
-        res.post_recvs(&all, &mut rw, &mut rs)?;
-    }
+    res.post_all_recvs(cfg)?;
     let local = res.local_params(cfg)?;
     let limit = cfg.connect_timeout;
     let (n, remote) = match tokio::time::timeout(limit, async {
@@ -1454,13 +1699,17 @@ pub(crate) async fn establish(
         &remote_name,
     )
     .await?;
+    let bulk_lane = match crate::lanes::agree(&mut side, cfg.bulk_lane, limit, &remote_name).await?
+    {
+        true => {
+            let lane = res.sibling(cfg)?;
+            Some(crate::lanes::connect(&mut side, lane, cfg, &remote_name).await?)
+        }
+        false => None,
+    };
     let t_rts = t0.elapsed();
 
-    // SAFETY: the fd stays open while the AsyncFd lives: `Inner` drops `fd` before `res`, whose
-    // completion channel owns it.
     let local_inline = res.max_inline;
-    let fd = unsafe { channel_fd(res.channel)? };
-    let send_depth = cfg.send_depth;
     let mut rma_rails = vec![Rail::main(res.rma_qp, rma)];
     rma_rails.extend(rails.into_iter().map(|(qp, cq)| Rail::extra(qp, cq)));
     let (rma_stop, rma_stopped): (Vec<_>, Vec<_>) = rma_rails
@@ -1468,7 +1717,8 @@ pub(crate) async fn establish(
         .map(|_| tokio::sync::oneshot::channel())
         .unzip();
     let rail_cqs: Vec<Arc<RmaCq>> = rma_rails.iter().map(|r| r.cq.clone()).collect();
-    let poster = cfg.rma_posting.thread(res.dev.software);
+    let software = res.dev.software;
+    let poster = cfg.rma_posting.thread(software);
     let (kick, kicks) = match poster {
         // One pending wake-up is enough: the thread posts all that fits when it runs.
         Some(_) => {
@@ -1477,71 +1727,51 @@ pub(crate) async fn establish(
         }
         None => (None, None),
     };
-    let inner = Inner {
-        fd,
-        side,
-        remote: remote_name.clone(),
-        send_depth,
-        signal_every: u64::from(cfg.signal_every.clamp(1, send_depth.max(2) / 2)),
-        credit_threshold: (cfg.recv_depth / 4).clamp(1, cfg.recv_depth - 1),
-        busy_poll: cfg.busy_poll,
-        stall_timeout: cfg.stall_timeout,
-        last_progress: std::time::Instant::now(),
-        queue: VecDeque::new(),
-        queued: 0,
-        credits: n.send_credits,
-        posted: 0,
-        completed: 0,
-        closing: false,
-        fin_sent: false,
-        to_return: 0,
-        ready: VecDeque::new(),
-        fin_received: false,
-        received_any: false,
-        frame_error: None,
-        error: None,
-        side_closed: false,
-        armed: false,
-        wcs: Vec::with_capacity(32),
-        repost: Vec::with_capacity(cfg.recv_depth as usize),
-        rwrs: Vec::with_capacity(cfg.recv_depth as usize),
-        rsges: Vec::with_capacity(cfg.recv_depth as usize),
-        plan: Vec::with_capacity(send_depth as usize),
-        hold: Vec::with_capacity(send_depth as usize),
-        swrs: Vec::with_capacity(send_depth as usize),
-        ssges: Vec::with_capacity(2 * send_depth as usize),
-        sink_waker: None,
-        stream_waker: None,
-        rma: Arc::new(RmaShared::new(
-            Rma::new(
-                rma_rails,
-                cfg.rma_inflight_bytes,
-                send_depth,
-                remote_name.clone(),
-                Immediates::new(EARLY_IMMEDIATES),
-            ),
-            kick,
-        )),
-        _rma_stop: rma_stop,
-        domain,
-        res,
+    let rma = Arc::new(RmaShared::new(
+        Rma::new(
+            rma_rails,
+            cfg.rma_inflight_bytes,
+            cfg.send_depth,
+            remote_name.clone(),
+            Immediates::new(EARLY_IMMEDIATES),
+        ),
+        kick,
+    ));
+    let lane = |res: Resources, side: Option<TcpStream>, credits: u32, stop: Vec<_>| {
+        Inner::new(
+            res,
+            side,
+            rma.clone(),
+            stop,
+            domain,
+            credits,
+            cfg,
+            &remote_name,
+        )
     };
-    let shared = Shared(Arc::new(Mutex::new(inner)));
-    let ops = Arc::downgrade(&shared.lock().rma);
+    let shared = Shared(Arc::new(Mutex::new(lane(
+        res,
+        Some(side),
+        n.send_credits,
+        rma_stop,
+    )?)));
+    // The bulk lane fails with the connection's one-sided operations (it shares them), and the
+    // latency lane with its frames: either lane's failure is the connection's.
+    let bulk = match bulk_lane {
+        Some((res, n)) => Some(Shared(Arc::new(Mutex::new(lane(
+            res,
+            None,
+            n.send_credits,
+            Vec::new(),
+        )?)))),
+        None => None,
+    };
+    let ops = Arc::downgrade(&rma);
     if let (Some(priority), Some(kicks)) = (poster, kicks) {
         let (conn, ops) = (Arc::downgrade(&shared.0), ops.clone());
-        std::thread::Builder::new()
-            .name("af-verbs-post".into())
-            .spawn(move || post_thread(conn, ops, kicks, priority))
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "verbs connection to {remote_name}: cannot start its one-sided posting \
-                         thread ({e}); VerbsConfig::rma_posting = RmaPosting::Caller needs none"
-                    ),
-                )
-            })?;
+        spawn_poster("af-verbs-post", &remote_name, move || {
+            post_thread(conn, ops, kicks, priority)
+        })?;
     }
     for (k, (cq, stopped)) in rail_cqs.into_iter().zip(rma_stopped).enumerate() {
         tokio::spawn(drain_rma(
@@ -1552,11 +1782,66 @@ pub(crate) async fn establish(
             stopped,
         ));
     }
-    // The probe: one zero-length message each way, so a wrong GID or an unreachable peer fails
-    // here, with a clear error, rather than as a dead session later.
-    shared.lock().post_probe();
-    let probe = poll_fn(|cx| {
-        let mut st = shared.lock();
+    // The probe: one zero-length message each way on each lane, so a wrong GID or an
+    // unreachable peer fails here, with a clear error, rather than as a dead session later.
+    let wait = limit.max(Duration::from_millis(500));
+    let describe = |why: String| {
+        io::Error::new(
+            io::ErrorKind::HostUnreachable,
+            format!(
+                "verbs connection to {remote_name}: the side channel works but the RDMA path \
+                 does not ({why}): local {} port {port} GID index {gid_index} ({}) -> peer {} \
+                 GID index {} ({}); check the GID index on both ends (AGENTFABRIC_LAB_GID_INDEX / \
+                 VerbsConfig::gid_index: a RoCE v2 IPv4 GID on the interface that routes to the \
+                 peer) and that the link is up",
+                local.device, local.gid, remote.device, remote.gid_index, remote.gid
+            ),
+        )
+    };
+    for lane in std::iter::once(&shared).chain(&bulk) {
+        match tokio::time::timeout(wait, probe(lane)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(describe(e.to_string())),
+            Err(_) => return Err(describe(format!("no RDMA message within {wait:?}"))),
+        }
+    }
+    if let Some(bulk) = &bulk {
+        crate::lanes::start_posting(bulk, poster, &remote_name)?;
+    }
+    tracing::debug!(remote = %remote_name, local_qpn = local.qpn, remote_qpn = remote.qpn,
+        path_mtu = params::mtu_bytes(n.path_mtu), credits = n.send_credits,
+        max_inline = local_inline, bulk_lane = bulk.is_some(), ?t_resources, ?t_exchanged,
+        ?t_rts, t_probed = ?t0.elapsed(), "verbs connection up");
+    Ok(crate::lanes::connection(shared, bulk, remote_name))
+}
+
+/// Starts a posting thread named `name` for the connection to `remote_name`.
+pub(crate) fn spawn_poster(
+    name: &str,
+    remote_name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "verbs connection to {remote_name}: cannot start its posting thread {name} \
+                     ({e}); VerbsConfig::rma_posting = RmaPosting::Caller needs none"
+                ),
+            )
+        })
+}
+
+/// Proves one lane's RDMA path: its probe message goes out and completes, and the peer's
+/// comes in.
+async fn probe(lane: &Shared) -> io::Result<()> {
+    lane.lock().post_probe();
+    poll_fn(|cx| {
+        let mut st = lane.lock();
         loop {
             let drained = st.drain();
             if let Some(e) = st.io_error() {
@@ -1581,35 +1866,8 @@ pub(crate) async fn establish(
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-    });
-    let wait = limit.max(Duration::from_millis(500));
-    let describe = |why: String| {
-        io::Error::new(
-            io::ErrorKind::HostUnreachable,
-            format!(
-                "verbs connection to {remote_name}: the side channel works but the RDMA path \
-                 does not ({why}): local {} port {port} GID index {gid_index} ({}) -> peer {} \
-                 GID index {} ({}); check the GID index on both ends (AGENTFABRIC_LAB_GID_INDEX / \
-                 VerbsConfig::gid_index: a RoCE v2 IPv4 GID on the interface that routes to the \
-                 peer) and that the link is up",
-                local.device, local.gid, remote.device, remote.gid_index, remote.gid
-            ),
-        )
-    };
-    match tokio::time::timeout(wait, probe).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(describe(e.to_string())),
-        Err(_) => return Err(describe(format!("no RDMA message within {wait:?}"))),
-    }
-    tracing::debug!(remote = %remote_name, local_qpn = local.qpn, remote_qpn = remote.qpn,
-        path_mtu = params::mtu_bytes(n.path_mtu), credits = n.send_credits,
-        max_inline = local_inline, ?t_resources, ?t_exchanged, ?t_rts, t_probed = ?t0.elapsed(),
-        "verbs connection up");
-    Ok(Connection {
-        sink: Box::new(VerbsSink(shared.clone())),
-        stream: Box::new(VerbsStream(shared)),
-        remote: remote_name,
     })
+    .await
 }
 
 /// Exchanges the rails' parameters over the side channel, pairs rail *k* here with rail *k* on

@@ -14,7 +14,7 @@
 //!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs` and
+//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs`, `rma.rs` and
 //!   `memory.rs`, behind types whose drop order frees nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
@@ -46,6 +46,15 @@
 //!   back without waiting for the application. Completions wake tokio through the completion
 //!   channel's fd (`AsyncFd`), armed only when the CQ is found empty; [`VerbsConfig::busy_poll`]
 //!   spins on the CQ instead (lower latency, one core busy).
+//! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`): bulk channels' data frames
+//!   take a frames QP of their own, set up beside the first (its parameters cross the side
+//!   channel after the first's, and it is probed the same way), with its own receive buffers
+//!   and credits. A QP sends in order, so on one QP a coordination frame waited behind every
+//!   bulk frame posted before it (in the lab: a loaded coordination p50 of 5.9 ms against
+//!   0.53–0.57 ms with the lane, `bench/RESULTS.md`). On a software device the bulk lane's
+//!   sends are planned under its lock and posted outside it by a thread of its own
+//!   ([`RmaPosting`]). Either lane's failure is the connection's; the stream ends when both
+//!   lanes have ended; closing closes both.
 //! - **One-sided operations** ([`FrameSink::one_sided`](agentfabric::transport::FrameSink)):
 //!   the fabric's transfers between registered regions move by RDMA WRITE and READ. Regions
 //!   are registered as MRs in the device's protection domain (the transport's `MemoryDomain`)
@@ -108,11 +117,12 @@
 //!
 //! # Cost of a connection
 //!
-//! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes (4 MiB with
-//! the defaults: 32 + 32 buffers of 64 KiB) and sets up two QPs (frames, one-sided operations),
-//! each with its CQ and completion channel, and a task that drains the one-sided CQ (and one
-//! more QP, CQ and task per rail); on a software device, one thread that posts one-sided work
-//! ([`RmaPosting::Auto`]), asleep while there is none. In
+//! Each connection registers `(recv_depth + send_depth) × recv_buffer_size` bytes per frames
+//! QP (4 MiB with the defaults: 32 + 32 buffers of 64 KiB; 8 MiB with the bulk lane) and sets
+//! up three QPs (latency frames, bulk frames, one-sided operations; two without the bulk
+//! lane), each with its CQ and completion channel, and a task that drains the one-sided CQ
+//! (and one more QP, CQ and task per rail); on a software device, two threads that post
+//! one-sided work and bulk frames ([`RmaPosting::Auto`]), asleep while there is none. In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
@@ -148,6 +158,7 @@ use tokio::net::TcpStream;
 
 mod conn;
 mod device;
+mod lanes;
 mod memory;
 pub mod params;
 mod rma;
@@ -230,13 +241,20 @@ pub struct VerbsConfig {
     /// [`agentfabric::transport::MAX_RAILS`]. Default none. Env: `AGENTFABRIC_RAILS`
     /// (comma-separated) when empty.
     pub rails: Vec<String>,
-    /// Where one-sided operations' pieces are posted from. Default [`RmaPosting::Auto`]: a
-    /// thread of the connection's own at nice 10 on a software device, the submitting or
-    /// completing task on hardware.
+    /// Where one-sided operations' pieces (and the bulk lane's sends) are posted from. Default
+    /// [`RmaPosting::Auto`]: a thread of the connection's own at nice 10 on a software device,
+    /// the submitting or completing task on hardware.
     pub rma_posting: RmaPosting,
+    /// Give bulk channels' frames a queue pair of their own (a second one per connection, with
+    /// its own receive buffers: twice the registered memory of one), so that coordination never
+    /// waits behind bulk data in a send queue. Used when both ends set it. Where the bulk lane's
+    /// sends are posted from follows [`VerbsConfig::rma_posting`]. Default on.
+    pub bulk_lane: bool,
 }
 
-/// Where a connection posts its one-sided operations' pieces ([`VerbsConfig::rma_posting`]).
+/// Where a connection posts its one-sided operations' pieces, and its bulk lane's sends
+/// ([`VerbsConfig::rma_posting`], [`VerbsConfig::bulk_lane`]): each gets a thread of its own
+/// when a thread is chosen.
 ///
 /// Posting never holds the lock the connection's frames need, whichever is chosen. On hardware
 /// `ibv_post_send` writes a doorbell and returns. On a software device (Soft-RoCE `rxe`,
@@ -302,6 +320,7 @@ impl Default for VerbsConfig {
             memory_windows: true,
             rails: Vec::new(),
             rma_posting: RmaPosting::Auto,
+            bulk_lane: true,
         }
     }
 }

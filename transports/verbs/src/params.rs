@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 pub const MAGIC: [u8; 4] = *b"AFVB";
 /// Version of the side-channel exchange and of the data-path conventions (immediate data
 /// layout, credits). Both ends must speak the same.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Encoded length of [`QpParams`].
 pub const PARAMS_LEN: usize = 128;
 /// Longest device name carried (longer names are cut; only used in messages).

@@ -791,3 +791,99 @@ async fn software_devices_post_one_sided_work_on_a_thread_that_ends_with_the_con
     })
     .await
 }
+
+/// A data frame of `class` on channel `channel` (its lane follows the class), `len` bytes of
+/// a pattern `check_on` verifies.
+fn frame_on(class: agentfabric::Class, channel: u32, seq: u64, len: usize) -> OutFrame {
+    let mut f = frame(seq, len);
+    let mut h = Header::decode(&f.header).unwrap();
+    h.class = class;
+    h.channel = channel;
+    f.header = h.encode();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn bulk_frames_take_a_lane_of_their_own_in_order_and_both_lanes_close_cleanly() {
+    use agentfabric::frame::Lane;
+    use agentfabric::Class;
+    const POSTER: &str = "af-verbs-bulk";
+    bounded(async {
+        assert_eq!(
+            threads_named(POSTER),
+            0,
+            "a bulk posting thread outlived its test"
+        );
+        let max = VerbsTransport::new().max_frame_payload();
+        // Both ends want the lane (rxe is a software device: each posts it from a thread), or
+        // one does not and bulk frames share the latency lane's QP.
+        for (server_lane, lanes) in [(true, 2), (false, 0)] {
+            let server = VerbsConfig {
+                bulk_lane: server_lane,
+                ..Default::default()
+            };
+            let (mut a, mut b) = pair_with(server, client_cfg()).await.unwrap();
+            assert_eq!(threads_named(POSTER), lanes, "bulk_lane {server_lane}");
+            // Interleaved: full-size bulk frames, and coordination frames between them.
+            const BULK: u64 = 120;
+            const COORD: u64 = 300;
+            let sender = tokio::spawn(async move {
+                let (mut bulk, mut coord) = (0u64, 0u64);
+                while bulk < BULK || coord < COORD {
+                    if bulk < BULK {
+                        a.sink.push(frame_on(Class::Bulk, 7, bulk, max));
+                        bulk += 1;
+                    }
+                    for _ in 0..3 {
+                        if coord < COORD {
+                            a.sink.push(frame_on(Class::Coordination, 3, coord, 100));
+                            coord += 1;
+                        }
+                    }
+                    flush(&mut a).await.unwrap();
+                }
+                // Closing ends both lanes: the peer sees everything, then EOF.
+                poll_fn(|cx| a.sink.poll_close(cx)).await.unwrap();
+                a
+            });
+            let mut got = Vec::new();
+            let eof = loop {
+                match poll_fn(|cx| b.stream.poll_recv(cx, &mut got)).await {
+                    Ok(()) => continue,
+                    Err(e) => break e,
+                }
+            };
+            assert!(
+                matches!(eof, RecvError::Eof),
+                "bulk_lane {server_lane}: {eof}"
+            );
+            let (mut bulk, mut coord) = (0u64, 0u64);
+            for f in &got {
+                let h = &f.header;
+                if Lane::of(&h.encode()) == Lane::Bulk {
+                    assert_eq!(h.channel, 7);
+                    check(f, bulk, max);
+                    bulk += 1;
+                } else {
+                    assert_eq!(h.channel, 3);
+                    check(f, coord, 100);
+                    coord += 1;
+                }
+            }
+            assert_eq!(
+                (bulk, coord),
+                (BULK, COORD),
+                "bulk_lane {server_lane}: frames lost"
+            );
+            drop((sender.await.unwrap(), b));
+            // The posting threads end with their connections.
+            let t = std::time::Instant::now();
+            while threads_named(POSTER) > 0 && t.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(threads_named(POSTER), 0, "bulk posting threads left");
+        }
+    })
+    .await
+}

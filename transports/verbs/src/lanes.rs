@@ -1,0 +1,261 @@
+//! Lanes: a connection's frames take one RC queue pair per [`Lane`] when both ends agree (the
+//! default, [`crate::VerbsConfig::bulk_lane`]).
+//!
+//! A QP sends its work requests in order, so on one QP a coordination frame waits for every
+//! bulk frame posted before it: up to `send_depth` of them, 2 MiB with the defaults. On a
+//! software device that wait is long (Soft-RoCE ran 64 KiB SENDs at about 25 MB/s in the lab,
+//! 2.6 ms each), and the posting itself runs the protocol inside `ibv_post_send`. With a lane
+//! of its own, bulk data queues only behind bulk data: coordination frames never wait behind
+//! it in a send queue, and a bulk lane on a software device is posted from a thread of its own
+//! at a lower priority ([`crate::RmaPosting`]), off the runtime's workers.
+//!
+//! The bulk lane is a second frames QP like the first (its own CQ, completion channel, receive
+//! buffers and credits), set up over the same side channel after the first, and proved by a
+//! probe message each way like it. The connection is one: either lane's failure fails it, the
+//! stream ends only when both lanes have ended cleanly, and closing closes both. Frames of one
+//! channel always take the same lane, so per-channel order holds; the session tolerates any
+//! interleaving between lanes.
+
+use std::future::Future;
+use std::io;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentfabric::frame::{Frame, Lane, OutFrame};
+use agentfabric::transport::{Connection, FrameSink, FrameStream, OneSided, RecvError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::conn::{send_post_thread, spawn_poster, Resources, Shared};
+use crate::params::{self, negotiate, Negotiated, QpParams, PARAMS_LEN};
+use crate::{ThreadPriority, VerbsConfig};
+
+/// Name of a bulk lane's posting thread.
+pub(crate) const BULK_POSTER: &str = "af-verbs-bulk";
+
+/// Runs `f`, a step of the bulk lane's set-up, within `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    remote_name: &str,
+    what: &str,
+    f: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, f).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("verbs connection to {remote_name}: no {what} within {limit:?}"),
+        )
+    })?
+}
+
+/// Tells the peer whether this end wants a bulk lane and learns whether it does: `true` when
+/// both do.
+pub(crate) async fn agree(
+    side: &mut TcpStream,
+    want: bool,
+    limit: Duration,
+    remote_name: &str,
+) -> io::Result<bool> {
+    bounded(limit, remote_name, "bulk lane agreement", async {
+        side.write_all(&[u8::from(want)]).await?;
+        let mut theirs = [0u8; 1];
+        side.read_exact(&mut theirs).await?;
+        match theirs[0] {
+            0 | 1 => Ok(want && theirs[0] == 1),
+            b => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "verbs connection to {remote_name}: the peer answered {b} to the bulk lane \
+                     agreement (0 or 1 expected)"
+                ),
+            )),
+        }
+    })
+    .await
+}
+
+/// Connects the bulk lane's QP, `res` (made with [`Resources::sibling`]), to the peer's: the
+/// parameters of each end's bulk lane QP cross the side channel and are checked like the first
+/// QP's.
+pub(crate) async fn connect(
+    side: &mut TcpStream,
+    mut res: Resources,
+    cfg: &VerbsConfig,
+    remote_name: &str,
+) -> io::Result<(Resources, Negotiated)> {
+    let local = res.local_params(cfg)?;
+    let remote = bounded(
+        cfg.connect_timeout,
+        remote_name,
+        "bulk lane parameter exchange",
+        async {
+            // Both ends write first: the messages are small enough for any socket buffer.
+            side.write_all(&local.encode()).await?;
+            let mut buf = [0u8; PARAMS_LEN];
+            side.read_exact(&mut buf).await?;
+            Ok(buf)
+        },
+    )
+    .await?;
+    let bad = |m: params::Mismatch| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("verbs connection to {remote_name}, bulk lane: {m}"),
+        )
+    };
+    let remote = QpParams::decode(&remote).map_err(bad)?;
+    let n = negotiate(&local, &remote).map_err(bad)?;
+    res.connect_qp(&local, &remote, &n)?;
+    Ok((res, n))
+}
+
+/// Has the bulk lane's sends posted by a thread of its own at `priority` from now on (`None`:
+/// by whoever plans them).
+pub(crate) fn start_posting(
+    bulk: &Shared,
+    priority: Option<ThreadPriority>,
+    remote_name: &str,
+) -> io::Result<()> {
+    let Some(priority) = priority else {
+        return Ok(());
+    };
+    // One pending wake-up is enough: the thread posts all that fits when it runs.
+    let (kick, kicks) = std::sync::mpsc::sync_channel(1);
+    let lane = bulk.downgrade();
+    spawn_poster(BULK_POSTER, remote_name, move || {
+        send_post_thread(lane, kicks, priority)
+    })?;
+    bulk.set_poster(kick);
+    Ok(())
+}
+
+/// The connection over its lanes.
+pub(crate) fn connection(latency: Shared, bulk: Option<Shared>, remote: String) -> Connection {
+    Connection {
+        sink: Box::new(LanedSink {
+            latency: latency.clone(),
+            bulk: bulk.clone(),
+        }),
+        stream: Box::new(LanedStream {
+            latency,
+            bulk,
+            ended: [false; Lane::COUNT],
+        }),
+        remote,
+    }
+}
+
+/// The sending half: each frame goes to its lane's QP.
+struct LanedSink {
+    latency: Shared,
+    bulk: Option<Shared>,
+}
+
+impl LanedSink {
+    fn lane(&self, lane: Lane) -> Option<&Shared> {
+        match lane {
+            Lane::Latency => Some(&self.latency),
+            Lane::Bulk => self.bulk.as_ref(),
+        }
+    }
+
+    /// Writes (or closes) both lanes: ready when both are.
+    fn poll_both(&mut self, cx: &mut Context<'_>, close: bool) -> Poll<io::Result<()>> {
+        let latency = self.latency.poll_write(cx, close)?;
+        let bulk = match &self.bulk {
+            Some(b) => b.poll_write(cx, close)?,
+            None => Poll::Ready(()),
+        };
+        if latency.is_ready() && bulk.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl FrameSink for LanedSink {
+    fn push(&mut self, frame: OutFrame) {
+        match &self.bulk {
+            Some(bulk) if frame.lane() == Lane::Bulk => bulk.push(frame),
+            _ => self.latency.push(frame),
+        }
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.latency.queued() + self.bulk.as_ref().map_or(0, Shared::queued)
+    }
+
+    fn queued_bytes_in(&self, lane: Lane) -> usize {
+        match (lane, &self.bulk) {
+            (Lane::Latency, None) => self.queued_bytes(),
+            (lane, _) => self.lane(lane).map_or(0, Shared::queued),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_both(cx, false)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_both(cx, true)
+    }
+
+    fn one_sided(&self) -> Option<std::sync::Arc<dyn OneSided>> {
+        Some(self.latency.one_sided())
+    }
+}
+
+/// The receiving half: frames from both lanes, as they come.
+struct LanedStream {
+    latency: Shared,
+    bulk: Option<Shared>,
+    /// Per lane, whether it ended cleanly (the peer's FIN and everything before it came).
+    ended: [bool; Lane::COUNT],
+}
+
+impl FrameStream for LanedStream {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Frame>,
+    ) -> Poll<Result<(), RecvError>> {
+        let before = out.len();
+        // A lane without its QP has ended as far as this end knows.
+        self.ended[Lane::Bulk as usize] |= self.bulk.is_none();
+        let lanes = [
+            (Lane::Latency, Some(&self.latency)),
+            (Lane::Bulk, self.bulk.as_ref()),
+        ];
+        for (lane, shared) in lanes {
+            let Some(shared) = shared else {
+                continue;
+            };
+            if self.ended[lane as usize] {
+                continue;
+            }
+            match shared.poll_recv(cx, out) {
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Err(RecvError::Eof)) => self.ended[lane as usize] = true,
+                Poll::Ready(Err(e)) => {
+                    // The other lane learns of it too, should anything still poll it.
+                    let other = match lane {
+                        Lane::Latency => self.bulk.as_ref(),
+                        Lane::Bulk => Some(&self.latency),
+                    };
+                    if let Some(other) = other {
+                        other.fail(io::ErrorKind::ConnectionAborted, format!("{e}"));
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        if out.len() > before {
+            Poll::Ready(Ok(()))
+        } else if self.ended.iter().all(|&e| e) {
+            Poll::Ready(Err(RecvError::Eof))
+        } else {
+            Poll::Pending
+        }
+    }
+}
