@@ -692,7 +692,16 @@ pub(crate) fn send_post_thread(
             return;
         };
         loop {
-            let Some(mut batch) = lock_inner(&lane).plan_batch() else {
+            let planned = {
+                let mut st = lock_inner(&lane);
+                let planned = st.plan_batch();
+                if planned.is_none() && st.error.is_some() {
+                    // Planning failed the lane (an oversize frame): the halves learn of it now.
+                    st.wake_both();
+                }
+                planned
+            };
+            let Some(mut batch) = planned else {
                 break;
             };
             // Outside the lock: on a software device this call runs the protocol for every
@@ -741,6 +750,9 @@ pub(crate) struct SendBatch {
     copies: Vec<(usize, usize)>,
     /// The send slots' memory (registered, owned by the connection's [`Resources`]).
     slots: *mut u8,
+    /// Nothing was outstanding before this batch: the stall clock starts again when it is
+    /// posted (a posting thread kept waiting for a CPU is not a dead link).
+    was_idle: bool,
 }
 
 impl SendBatch {
@@ -792,7 +804,9 @@ pub(crate) struct Inner {
     poster: Option<std::sync::mpsc::SyncSender<()>>,
     /// One-sided operations on the rails. After `res`: rail 0's QP (in `res`) is destroyed
     /// before the rails' CQs and the operations' completions go (whoever else holds this holds
-    /// the connection too while it posts, see [`post_queued`]).
+    /// the connection too while it posts, see [`post_queued`]). A bulk lane shares the
+    /// latency lane's, and may outlive rail 0's QP: that is safe because the latency lane's
+    /// drop fails them first, after which nothing is posted.
     rma: Arc<RmaShared>,
     /// Dropped with the connection: stops the rails' [`drain_rma`] tasks.
     _rma_stop: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -840,7 +854,8 @@ pub(crate) struct Inner {
 }
 
 // SAFETY: the raw pointers in the scratch vectors are only meaningful during one call, under
-// the mutex; Resources is Send.
+// the mutex, or inside a `SendBatch` while the thread that built it holds the lane (see
+// `send_post_thread`); Resources is Send.
 unsafe impl Send for Inner {}
 
 impl Drop for Inner {
@@ -1094,10 +1109,15 @@ impl Inner {
 
     /// Whether [`Inner::plan_batch`] may find something to post (frames, a credit return due,
     /// FIN), credits and room aside.
+    /// Mirrors the plan's conditions, so a lane waiting for credits or room does not wake its
+    /// thread for nothing.
     fn may_post(&self) -> bool {
-        !self.queue.is_empty()
-            || self.to_return >= self.credit_threshold
-            || (self.closing && (self.to_return > 0 || !self.fin_sent))
+        let want_return =
+            self.to_return >= self.credit_threshold || (self.to_return > 0 && self.closing);
+        self.sq_free() > 0
+            && ((!self.queue.is_empty() && self.credits >= 2)
+                || (want_return && self.credits >= 1 && !self.fin_sent)
+                || (self.closing && self.queue.is_empty() && !self.fin_sent && self.credits >= 1))
     }
 
     /// Plans and books what [`Inner::post`] would post (see there): `None` when nothing.
@@ -1274,7 +1294,10 @@ impl Inner {
             self.swrs.push(wr);
         }
         chain_send_wrs(&mut self.swrs);
-        if self.posted == self.completed {
+        // The stall clock starts when an idle lane books sends (a stall check before they are
+        // posted must not count the idle time), and again when they are posted (see `finish`).
+        let was_idle = self.posted == self.completed;
+        if was_idle {
             self.last_progress = std::time::Instant::now();
         }
         // Booked: later batches take the next sequence numbers and slots, and a close waits
@@ -1288,6 +1311,7 @@ impl Inner {
             hold: std::mem::take(&mut self.hold),
             copies: std::mem::take(&mut self.copies),
             slots,
+            was_idle,
         })
     }
 
@@ -1299,6 +1323,7 @@ impl Inner {
             mut sges,
             mut hold,
             mut copies,
+            was_idle,
             ..
         } = batch;
         hold.clear();
@@ -1310,6 +1335,9 @@ impl Inner {
             let e = rc_err(rc, format!("posting sends to {}", self.remote));
             self.fail(e.kind(), e.to_string());
             return false;
+        }
+        if was_idle {
+            self.last_progress = std::time::Instant::now();
         }
         true
     }
@@ -1553,6 +1581,14 @@ impl Shared {
         })
     }
 
+    /// Whether the lane's side channel has closed (registering `cx` to hear of it); `false` on
+    /// a lane without one.
+    pub(crate) fn side_closed(&self, cx: &mut TaskCx<'_>) -> bool {
+        let mut st = self.lock();
+        st.poll_side(cx);
+        st.side_closed
+    }
+
     /// Has `kick` wake the lane's posting thread to post its sends from now on.
     pub(crate) fn set_poster(&self, kick: std::sync::mpsc::SyncSender<()>) {
         self.lock().poster = Some(kick);
@@ -1699,14 +1735,9 @@ pub(crate) async fn establish(
         &remote_name,
     )
     .await?;
-    let bulk_lane = match crate::lanes::agree(&mut side, cfg.bulk_lane, limit, &remote_name).await?
-    {
-        true => {
-            let lane = res.sibling(cfg)?;
-            Some(crate::lanes::connect(&mut side, lane, cfg, &remote_name).await?)
-        }
-        false => None,
-    };
+    // Made before the agreement, so that an end that cannot have one says so.
+    let sibling = cfg.bulk_lane.then(|| res.sibling(cfg));
+    let bulk_lane = crate::lanes::set_up(&mut side, sibling, cfg, &remote_name).await?;
     let t_rts = t0.elapsed();
 
     let local_inline = res.max_inline;
@@ -1798,8 +1829,9 @@ pub(crate) async fn establish(
             ),
         )
     };
-    for lane in std::iter::once(&shared).chain(&bulk) {
-        match tokio::time::timeout(wait, probe(lane)).await {
+    let probes = std::iter::once((&shared, None)).chain(bulk.iter().map(|b| (b, Some(&shared))));
+    for (lane, side) in probes {
+        match tokio::time::timeout(wait, probe(lane, side)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(describe(e.to_string())),
             Err(_) => return Err(describe(format!("no RDMA message within {wait:?}"))),
@@ -1837,10 +1869,17 @@ pub(crate) fn spawn_poster(
 }
 
 /// Proves one lane's RDMA path: its probe message goes out and completes, and the peer's
-/// comes in.
-async fn probe(lane: &Shared) -> io::Result<()> {
+/// comes in. `side` is the lane that holds the side channel, when another: its closing ends
+/// the wait too.
+async fn probe(lane: &Shared, side: Option<&Shared>) -> io::Result<()> {
     lane.lock().post_probe();
     poll_fn(|cx| {
+        if side.is_some_and(|s| s.side_closed(cx)) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer closed the side channel before the bulk lane's RDMA path check",
+            )));
+        }
         let mut st = lane.lock();
         loop {
             let drained = st.drain();

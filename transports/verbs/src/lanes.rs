@@ -33,24 +33,64 @@ use crate::{ThreadPriority, VerbsConfig};
 /// Name of a bulk lane's posting thread.
 pub(crate) const BULK_POSTER: &str = "af-verbs-bulk";
 
-/// Runs `f`, a step of the bulk lane's set-up, within `limit`.
+/// Runs `f`, a step of the bulk lane's set-up, within `limit`; its errors say which step.
 async fn bounded<T>(
     limit: Duration,
     remote_name: &str,
     what: &str,
     f: impl Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    tokio::time::timeout(limit, f).await.map_err(|_| {
-        io::Error::new(
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!(
+                "verbs connection to {remote_name}: the peer closed the side channel during \
+                 set-up ({what}): {e}"
+            ),
+        )),
+        Ok(Err(e)) if e.to_string().starts_with("verbs connection") => Err(e),
+        Ok(Err(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("verbs connection to {remote_name}: {what}: {e}"),
+        )),
+        Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("verbs connection to {remote_name}: no {what} within {limit:?}"),
-        )
-    })?
+        )),
+    }
+}
+
+/// Sets up the bulk lane when both ends want one: `sibling` is this end's bulk lane QP
+/// ([`Resources::sibling`]) when it wants one. An end that wanted one and could not make it
+/// (out of locked memory, say) goes on without, and so does the connection: bulk frames then
+/// share the latency lane's QP.
+pub(crate) async fn set_up(
+    side: &mut TcpStream,
+    sibling: Option<io::Result<Resources>>,
+    cfg: &VerbsConfig,
+    remote_name: &str,
+) -> io::Result<Option<(Resources, Negotiated)>> {
+    let sibling = match sibling {
+        Some(Ok(res)) => Some(res),
+        Some(Err(e)) => {
+            tracing::warn!(remote = %remote_name, error = %e,
+                "cannot set up a bulk lane: bulk frames share the latency lane's queue pair");
+            None
+        }
+        None => None,
+    };
+    let want = sibling.is_some();
+    let both = agree(side, want, cfg.connect_timeout, remote_name).await?;
+    match sibling {
+        Some(res) if both => connect(side, res, cfg, remote_name).await.map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// Tells the peer whether this end wants a bulk lane and learns whether it does: `true` when
 /// both do.
-pub(crate) async fn agree(
+async fn agree(
     side: &mut TcpStream,
     want: bool,
     limit: Duration,
@@ -77,7 +117,7 @@ pub(crate) async fn agree(
 /// Connects the bulk lane's QP, `res` (made with [`Resources::sibling`]), to the peer's: the
 /// parameters of each end's bulk lane QP cross the side channel and are checked like the first
 /// QP's.
-pub(crate) async fn connect(
+async fn connect(
     side: &mut TcpStream,
     mut res: Resources,
     cfg: &VerbsConfig,
@@ -105,7 +145,12 @@ pub(crate) async fn connect(
     };
     let remote = QpParams::decode(&remote).map_err(bad)?;
     let n = negotiate(&local, &remote).map_err(bad)?;
-    res.connect_qp(&local, &remote, &n)?;
+    res.connect_qp(&local, &remote, &n).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("verbs connection to {remote_name}, bulk lane: {e}"),
+        )
+    })?;
     Ok((res, n))
 }
 
@@ -251,11 +296,33 @@ impl FrameStream for LanedStream {
             }
         }
         if out.len() > before {
-            Poll::Ready(Ok(()))
-        } else if self.ended.iter().all(|&e| e) {
-            Poll::Ready(Err(RecvError::Eof))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        if self.ended.iter().all(|&e| e) {
+            return Poll::Ready(Err(RecvError::Eof));
+        }
+        // The latency lane ended cleanly and the bulk lane waits for its FIN: only the side
+        // channel (the latency lane's) tells of the peer dying meanwhile. A clean close has
+        // both FINs acknowledged before the peer drops it, so the bulk lane is looked at once
+        // more first.
+        if let (true, Some(bulk)) = (self.ended[Lane::Latency as usize], &self.bulk) {
+            if self.latency.side_closed(cx) {
+                match bulk.poll_recv(cx, out) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Err(RecvError::Eof)) => return Poll::Ready(Err(RecvError::Eof)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        let e = io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "the side channel closed before the bulk lane's close: the peer \
+                             process died or dropped the connection",
+                        );
+                        bulk.fail(e.kind(), e.to_string());
+                        return Poll::Ready(Err(RecvError::Io(e)));
+                    }
+                }
+            }
+        }
+        Poll::Pending
     }
 }

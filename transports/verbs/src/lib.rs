@@ -256,7 +256,9 @@ pub struct VerbsConfig {
 /// ([`VerbsConfig::rma_posting`], [`VerbsConfig::bulk_lane`]): each gets a thread of its own
 /// when a thread is chosen.
 ///
-/// Posting never holds the lock the connection's frames need, whichever is chosen. On hardware
+/// Posting one-sided work never holds the lock the connection's frames need, whichever is
+/// chosen; the bulk lane's sends are posted under the bulk lane's own lock by
+/// [`RmaPosting::Caller`], outside it by a thread. On hardware
 /// `ibv_post_send` writes a doorbell and returns. On a software device (Soft-RoCE `rxe`,
 /// `siw`) it runs the protocol in the posting system call: segmenting, checksums, the copies,
 /// and often the receiving side's work too. In the lab those calls took 6 ms at p90 and 11 ms

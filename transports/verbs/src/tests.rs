@@ -708,6 +708,17 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
     .await
 }
 
+/// Waits up to 5 s for the threads of this process named `name` to number `n` (a new thread
+/// names itself once it runs; an ending one goes once it has run out), and returns how many
+/// there are then.
+async fn threads_named_become(name: &str, n: usize) -> usize {
+    let t = std::time::Instant::now();
+    while threads_named(name) != n && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    threads_named(name)
+}
+
 /// Threads of this process named `name` (Linux: `/proc/self/task/*/comm`).
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -750,7 +761,11 @@ async fn software_devices_post_one_sided_work_on_a_thread_that_ends_with_the_con
             let (a, b) = tokio::join!(c.connect(&addr), l.accept());
             let (a, b) = (a.unwrap(), b.unwrap());
             // rxe is a software device: Auto gives each end a posting thread, Caller none.
-            assert_eq!(threads_named(POSTER), threads, "{posting:?}");
+            assert_eq!(
+                threads_named_become(POSTER, threads).await,
+                threads,
+                "{posting:?}"
+            );
             // Pieces go out and complete either way (several pieces, more than the budget).
             const LEN: usize = 1 << 20;
             let mut src: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8).collect();
@@ -778,12 +793,8 @@ async fn software_devices_post_one_sided_work_on_a_thread_that_ends_with_the_con
             assert!(dst == src, "{posting:?}: written bytes differ");
             drop((ops, a, b, sreg, dreg));
             // The threads end with their connections (each wakes on its sender's drop).
-            let t = std::time::Instant::now();
-            while threads_named(POSTER) > 0 && t.elapsed() < Duration::from_secs(5) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
             assert_eq!(
-                threads_named(POSTER),
+                threads_named_become(POSTER, 0).await,
                 0,
                 "{posting:?}: posting threads left"
             );
@@ -824,7 +835,11 @@ async fn bulk_frames_take_a_lane_of_their_own_in_order_and_both_lanes_close_clea
                 ..Default::default()
             };
             let (mut a, mut b) = pair_with(server, client_cfg()).await.unwrap();
-            assert_eq!(threads_named(POSTER), lanes, "bulk_lane {server_lane}");
+            assert_eq!(
+                threads_named_become(POSTER, lanes).await,
+                lanes,
+                "bulk_lane {server_lane}"
+            );
             // Interleaved: full-size bulk frames, and coordination frames between them.
             const BULK: u64 = 120;
             const COORD: u64 = 300;
@@ -878,11 +893,11 @@ async fn bulk_frames_take_a_lane_of_their_own_in_order_and_both_lanes_close_clea
             );
             drop((sender.await.unwrap(), b));
             // The posting threads end with their connections.
-            let t = std::time::Instant::now();
-            while threads_named(POSTER) > 0 && t.elapsed() < Duration::from_secs(5) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert_eq!(threads_named(POSTER), 0, "bulk posting threads left");
+            assert_eq!(
+                threads_named_become(POSTER, 0).await,
+                0,
+                "bulk posting threads left"
+            );
         }
     })
     .await
