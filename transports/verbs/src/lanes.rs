@@ -49,7 +49,6 @@ async fn bounded<T>(
                  set-up ({what}): {e}"
             ),
         )),
-        Ok(Err(e)) if e.to_string().starts_with("verbs connection") => Err(e),
         Ok(Err(e)) => Err(io::Error::new(
             e.kind(),
             format!("verbs connection to {remote_name}: {what}: {e}"),
@@ -104,10 +103,7 @@ async fn agree(
             0 | 1 => Ok(want && theirs[0] == 1),
             b => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "verbs connection to {remote_name}: the peer answered {b} to the bulk lane \
-                     agreement (0 or 1 expected)"
-                ),
+                format!("the peer answered {b} (0 or 1 expected)"),
             )),
         }
     })
