@@ -80,8 +80,8 @@ fn pingpong_mem_prints_one_json_object() {
     }
 }
 
-fn mixed_mem(bulk_api: &str) -> serde_json::Value {
-    let v = bench_json(&[
+fn mixed_mem(bulk_api: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "--transport",
         "mem",
@@ -96,7 +96,9 @@ fn mixed_mem(bulk_api: &str) -> serde_json::Value {
         "--warmup",
         "0.05",
         "--json",
-    ]);
+    ];
+    args.extend(extra);
+    let v = bench_json(&args);
     check_common(&v, "mixed");
     assert_eq!(v["block_bytes"], 65536);
     assert_eq!(v["bulk_api"], bulk_api);
@@ -111,14 +113,29 @@ fn mixed_mem(bulk_api: &str) -> serde_json::Value {
 
 #[test]
 fn mixed_mem_prints_one_json_object() {
-    mixed_mem("channel");
+    let v = mixed_mem("channel", &[]);
+    // Back to back unless asked otherwise.
+    assert_eq!(v["coord_interval_us"], 0, "{v}");
+}
+
+/// Paced coordination: round trips start at least `--coord-interval-us` apart, so the idle
+/// phase's 4 slices of 50 ms hold at most 26 starts each; back to back over mem makes thousands.
+#[test]
+fn mixed_mem_paces_its_round_trips_when_asked() {
+    let v = mixed_mem("channel", &["--coord-interval-us", "2000"]);
+    assert_eq!(v["coord_interval_us"], 2000, "{v}");
+    let idle = v["idle"]["count"].as_u64().unwrap();
+    assert!(
+        (1..=4 * 26).contains(&idle),
+        "{idle} paced round trips in 200 ms: {v}"
+    );
 }
 
 /// The bulk load through region writes: bytes land (counted per completed batch) while the
 /// coordination round trips run.
 #[test]
 fn mixed_mem_with_region_transfers_prints_one_json_object() {
-    let v = mixed_mem("transfer");
+    let v = mixed_mem("transfer", &[]);
     assert!(v["fifo_bulk_mb_s"].as_f64().unwrap() > 0.0, "{v}");
 }
 
@@ -259,6 +276,12 @@ fn options_that_do_not_apply_are_refused() {
             "mixed",
             &["--block-bytes", "65536"][..],
             "--block-bytes applies to the bulk workload (mixed takes --size) only",
+        ),
+        (
+            "mem",
+            "pingpong",
+            &["--coord-interval-us", "100"][..],
+            "--coord-interval-us applies to the mixed workload only",
         ),
         (
             "tcp",

@@ -25,6 +25,10 @@
 //! of `warmup / ROUNDS`. A machine's speed drifts between seconds (bulk alone moved 2.7 GB/s in
 //! one run and 4.4 GB/s in the next); slices taken side by side see the same drift.
 //!
+//! The coordination round trips of every phase run back to back, or with
+//! `--coord-interval-us N` start at most every N µs ([`super::pace`]); only the round trip
+//! itself is timed.
+//!
 //! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
 //! cumulative; the idle and loaded slices each use a coordination channel of their own, so the
 //! loaded channel's queueing-delay histogram covers the loaded slices (and their warm-ups)
@@ -40,6 +44,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::bulk::BATCH_BYTES;
+use super::pace::Pacer;
 use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
 use super::{
     baseline, fabric_stats_json, new_histogram, progress, BenchResult, BulkApi, FabricPair, Pinger,
@@ -199,6 +204,7 @@ impl<'a> BulkLoad<'a> {
 /// part; the load is stopped (and drained) before this returns, error or not.
 async fn loaded_slice(
     coord: &mut Pinger,
+    pacer: &mut Pacer,
     bulk: &BulkSource,
     warmup: Duration,
     dur: Duration,
@@ -208,10 +214,12 @@ async fn loaded_slice(
     // A round trip's error is returned only after the load is stopped: the load must not
     // outlive the slice.
     let work = async {
-        coord.run_until(Instant::now() + warmup, None).await?;
+        coord
+            .run_paced_until(Instant::now() + warmup, None, pacer)
+            .await?;
         let (rate, r) = Rate::during(
             bulk.delivered(),
-            coord.run_until(Instant::now() + dur, Some(hist)),
+            coord.run_paced_until(Instant::now() + dur, Some(hist), pacer),
         )
         .await;
         r?;
@@ -234,7 +242,8 @@ async fn loaded_phase(
 ) -> BenchResult<(Summary, f64, serde_json::Value)> {
     let mut coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let mut h = new_histogram();
-    let slice = loaded_slice(&mut coord, bulk, s.warmup, s.duration, &mut h);
+    let mut pacer = Pacer::every(s.coord_interval);
+    let slice = loaded_slice(&mut coord, &mut pacer, bulk, s.warmup, s.duration, &mut h);
     let limit = s.phase_limit();
     let rate = tokio::time::timeout(limit, slice)
         .await
@@ -260,18 +269,28 @@ async fn interleaved(pair: &FabricPair, bulk: &BulkSource, s: &Settings) -> Benc
     let (slice, warmup) = (s.duration / ROUNDS, s.warmup / ROUNDS);
     let mut idle_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
     let mut loaded_coord = Pinger::Fabric(pair.coordination_pinger(COORDINATION_SIZE).await?);
+    let mut idle_pacer = Pacer::every(s.coord_interval);
+    let mut loaded_pacer = Pacer::every(s.coord_interval);
     let (mut idle, mut loaded) = (new_histogram(), new_histogram());
     let (mut solo_rate, mut loaded_rate) = (Rate::default(), Rate::default());
     for _ in 0..ROUNDS {
         idle_coord
-            .warm_then_record(warmup, slice, &mut idle)
+            .warm_then_record(warmup, slice, &mut idle, &mut idle_pacer)
             .await?;
 
         let load = BulkLoad::start(bulk);
         solo_rate += baseline::measure(bulk.delivered(), warmup, slice).await;
         load.stop().await?;
 
-        loaded_rate += loaded_slice(&mut loaded_coord, bulk, warmup, slice, &mut loaded).await?;
+        loaded_rate += loaded_slice(
+            &mut loaded_coord,
+            &mut loaded_pacer,
+            bulk,
+            warmup,
+            slice,
+            &mut loaded,
+        )
+        .await?;
     }
     let stats_loaded = match loaded_coord.as_fabric() {
         Some(f) => fabric_stats_json(pair, f),
@@ -358,6 +377,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "size_bytes": COORDINATION_SIZE,
         "block_bytes": s.size,
         "bulk_api": s.bulk_api.name(),
+        "coord_interval_us": s.coord_interval.as_micros(),
         "duration_s": s.duration.as_secs_f64(),
         "warmup_s": s.warmup.as_secs_f64(),
         "threads": s.threads,
@@ -379,13 +399,14 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
 
     let mut t = Table::new(&format!(
         "agentfabric {} bench: transport={} workload=mixed coordination={} B bulk block={} B \
-         by {} duration={:.2} s/phase warmup={:.2} s/phase (idle, bulk_solo and loaded split in \
+         by {} coordination every >= {} us duration={:.2} s/phase warmup={:.2} s/phase (idle, bulk_solo and loaded split in \
          {ROUNDS} rounds) threads={}",
         env!("CARGO_PKG_VERSION"),
         s.transport,
         COORDINATION_SIZE,
         s.size,
         s.bulk_api.name(),
+        s.coord_interval.as_micros(),
         s.duration.as_secs_f64(),
         s.warmup.as_secs_f64(),
         s.threads

@@ -31,6 +31,7 @@ use tokio::task::AbortHandle;
 pub mod baseline;
 pub mod bulk;
 pub mod mixed;
+pub mod pace;
 pub mod pingpong;
 pub mod quic;
 pub mod register;
@@ -52,6 +53,9 @@ const MAX_SIZE: usize = 128 << 20;
 
 /// Longest `--duration` or `--warmup` accepted, in seconds.
 const MAX_SECONDS: f64 = 24.0 * 3600.0;
+
+/// mixed's default `--coord-interval-us`: round trips back to back (see [`pace`]).
+const DEFAULT_COORD_INTERVAL_US: u64 = 0;
 
 /// The transport a benchmark runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +184,13 @@ pub struct BenchArgs {
     /// of sleeping on the completion channel.
     #[arg(long)]
     pub busy_poll: bool,
+    /// mixed: start coordination round trips at most every this many microseconds, as an agent
+    /// that thinks between steps sends them [default: 0, back to back]. Back to back, the round
+    /// trips keep a runtime worker busy for as long as they run: on a machine of few cores that
+    /// leaves bulk the other cores only. Paced, the worker sleeps between them and each round
+    /// trip starts with a wake-up that competes with bulk's copies for a core.
+    #[arg(long, value_name = "MICROS", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub coord_interval_us: Option<u32>,
     /// How mixed's bulk load moves its bytes: messages on a bulk channel, or batched region
     /// writes through the transfer API [default: channel].
     #[arg(long, value_enum)]
@@ -261,6 +272,9 @@ pub struct Settings {
     pub perftest: Option<std::path::PathBuf>,
     /// Mixed: how the bulk load moves its bytes.
     pub bulk_api: BulkApi,
+    /// Mixed: least time from one coordination round trip's start to the next (zero: back to
+    /// back).
+    pub coord_interval: Duration,
     /// verbs: spin on the completion queue.
     pub busy_poll: bool,
     /// Bulk: pull (read) the blocks instead of pushing (writing) them.
@@ -283,6 +297,9 @@ impl Settings {
         };
         if a.bulk_api.is_some() && a.workload != Workload::Mixed {
             return refuse("--bulk-api", "the mixed workload");
+        }
+        if a.coord_interval_us.is_some() && a.workload != Workload::Mixed {
+            return refuse("--coord-interval-us", "the mixed workload");
         }
         if a.pull && a.workload != Workload::Bulk {
             return refuse("--pull", "the bulk workload");
@@ -315,6 +332,10 @@ impl Settings {
             threads: a.threads.map_or_else(default_threads, usize::from),
             perftest: a.perftest.clone(),
             bulk_api: a.bulk_api.unwrap_or(BulkApi::Channel),
+            coord_interval: Duration::from_micros(
+                a.coord_interval_us
+                    .map_or(DEFAULT_COORD_INTERVAL_US, u64::from),
+            ),
             busy_poll: a.busy_poll,
             pull: a.pull,
             devices: a.devices.clone(),
@@ -492,15 +513,28 @@ impl Pinger {
         }
     }
 
-    /// Round trips until `until`; each one is recorded (in nanoseconds) when `hist` is given.
-    /// Returns the number of round trips made.
+    /// Round trips back to back until `until`; each one is recorded (in nanoseconds) when
+    /// `hist` is given. Returns the number of round trips made.
     pub async fn run_until(
         &mut self,
         until: Instant,
+        hist: Option<&mut Histogram<u64>>,
+    ) -> BenchResult<u64> {
+        self.run_paced_until(until, hist, &mut pace::Pacer::back_to_back())
+            .await
+    }
+
+    /// As [`Pinger::run_until`], each round trip starting when `pacer` lets it; the wait before
+    /// a round trip is not part of its time.
+    pub async fn run_paced_until(
+        &mut self,
+        until: Instant,
         mut hist: Option<&mut Histogram<u64>>,
+        pacer: &mut pace::Pacer,
     ) -> BenchResult<u64> {
         let mut n = 0;
         loop {
+            pacer.wait().await?;
             let t0 = Instant::now();
             if t0 >= until {
                 return Ok(n);
@@ -514,16 +548,19 @@ impl Pinger {
         }
     }
 
-    /// Round trips for `warmup`, not recorded, then for `dur`, recorded into `hist`; returns the
-    /// recorded count.
+    /// Round trips paced by `pacer` for `warmup`, not recorded, then for `dur`, recorded into
+    /// `hist`; returns the recorded count.
     pub async fn warm_then_record(
         &mut self,
         warmup: Duration,
         dur: Duration,
         hist: &mut Histogram<u64>,
+        pacer: &mut pace::Pacer,
     ) -> BenchResult<u64> {
-        self.run_until(Instant::now() + warmup, None).await?;
-        self.run_until(Instant::now() + dur, Some(hist)).await
+        self.run_paced_until(Instant::now() + warmup, None, pacer)
+            .await?;
+        self.run_paced_until(Instant::now() + dur, Some(hist), pacer)
+            .await
     }
 }
 

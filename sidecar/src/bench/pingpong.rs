@@ -18,6 +18,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::baseline::BaselinePinger;
+use super::pace::Pacer;
 use super::report::{fmt_ratio, ratio, Summary, Table};
 use super::{
     fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Output, Pinger, Settings,
@@ -58,7 +59,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         let Some(base) = base.as_mut() else {
             progress("measuring the fabric (the baseline is perftest's, from --perftest)");
             fabric
-                .warm_then_record(s.warmup, s.duration, &mut hf)
+                .warm_then_record(s.warmup, s.duration, &mut hf, &mut Pacer::back_to_back())
                 .await?;
             return BenchResult::Ok((hf, hb));
         };
