@@ -171,3 +171,57 @@ fn quick_reconnect_while_idle_changes_nothing() {
         before
     );
 }
+
+/// A transport with a bulk lane of its own asks for frames with `bulk_ok` false while that lane
+/// is backed up (`Session::poll_transmit_lane`). After a resume, a coordination channel's
+/// retransmissions must still go before its new chunks: a reliable transport's receiver takes a
+/// gap in a channel's sequence for a broken peer. (Found in the lab: a link outage under channel
+/// bulk over verbs killed the session with `SequenceFromFuture` on the coordination channel.)
+#[test]
+fn after_a_resume_retransmissions_go_before_new_chunks_while_bulk_waits() {
+    use agentfabric::frame::Header;
+    use agentfabric::{Class, Priority};
+    let link = LinkConfig::with_delay(Duration::from_millis(5));
+    let mut sim = Sim::new(SimConfig::new(11).link(link).reliable(true));
+    let now = sim.now();
+    let a = sim.a_mut();
+    let coord = a
+        .open_channel(Class::Coordination, Priority::DEFAULT)
+        .unwrap();
+    let bulk = a.open_channel(Class::Bulk, Priority::DEFAULT).unwrap();
+    a.send(now, bulk, sim_common::body(1, 1 << 20), 0, 0)
+        .unwrap();
+    for i in 0..5 {
+        a.send(now, coord, sim_common::body(10 + i, 100), 0, 0)
+            .unwrap();
+    }
+    // Everything goes onto the link and nothing is acknowledged yet (5 ms each way).
+    sim.run_for(Duration::from_micros(200));
+    assert!(sim.a().stats().inflight > 0);
+    sim.disconnect();
+    let now = sim.now();
+    for i in 0..3 {
+        sim.a_mut()
+            .send(now, coord, sim_common::body(20 + i, 100), 0, 0)
+            .unwrap();
+    }
+    sim.reconnect();
+    // The bulk lane is backed up: only what may go on the other lane is asked for.
+    let mut coord_frames = Vec::new();
+    while let Some(f) = sim.a_mut().poll_transmit_lane(now, false) {
+        let h = Header::decode(&f.header).unwrap();
+        if h.kind != Kind::Data {
+            continue;
+        }
+        assert_ne!(h.channel, bulk, "a bulk chunk went while bulk could not");
+        coord_frames.push((h.seq, h.flags & FLAG_RETRANSMIT != 0));
+    }
+    let seqs: Vec<u64> = coord_frames.iter().map(|&(s, _)| s).collect();
+    assert_eq!(
+        seqs,
+        (0..8).collect::<Vec<_>>(),
+        "the coordination channel's chunks in order, retransmissions first"
+    );
+    assert!(coord_frames[..5].iter().all(|&(_, retx)| retx));
+    assert!(coord_frames[5..].iter().all(|&(_, retx)| !retx));
+}

@@ -158,7 +158,11 @@ pub struct Session {
     accept_queue: VecDeque<u32>,
     system_accept_queue: VecDeque<u32>,
     sched: Scheduler,
+    /// Chunks to send again (channel, sequence), each channel's in order: of channels of every
+    /// class but bulk, which go first...
     retx: VecDeque<(u32, u64)>,
+    /// ...and of bulk channels, which wait, as new bulk chunks do, while bulk may not go.
+    retx_bulk: VecDeque<(u32, u64)>,
     ack_queue: VecDeque<u32>,
     ack_deadline: Option<Instant>,
     /// Channels owing the peer an ack; when the last one's ack rides on data, the ack timer
@@ -213,6 +217,7 @@ impl Session {
             system_accept_queue: VecDeque::new(),
             sched,
             retx: VecDeque::new(),
+            retx_bulk: VecDeque::new(),
             ack_queue: VecDeque::new(),
             ack_deadline: None,
             acks_owed: 0,
@@ -503,14 +508,11 @@ impl Session {
         self.last_rx = now;
         self.stats.resumes += 1;
         self.rto_backoff = 0;
-        self.retx.clear();
+        self.queue_unacked_again();
         let mut ids: Vec<u32> = self.channels.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
             let c = self.channels.get_mut(&id).expect("id from keys");
-            for s in &c.unacked {
-                self.retx.push_back((id, s.seq));
-            }
             if c.expected_seq > 0 || c.released > 0 {
                 c.ack_pending = true;
                 Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
@@ -890,19 +892,7 @@ impl Session {
                 self.probe_credit(now);
                 self.cwnd.on_timeout();
                 self.progress_at = now;
-                self.retx.clear();
-                let mut ids: Vec<u32> = self
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| !c.unacked.is_empty())
-                    .map(|(&id, _)| id)
-                    .collect();
-                ids.sort_unstable();
-                for id in ids {
-                    for s in &self.channels[&id].unacked {
-                        self.retx.push_back((id, s.seq));
-                    }
-                }
+                self.queue_unacked_again();
             }
         }
     }
@@ -911,7 +901,8 @@ impl Session {
         (!self.reliable
             && self.connected
             && (self.inflight > 0 || self.credit_probe)
-            && self.retx.is_empty())
+            && self.retx.is_empty()
+            && self.retx_bulk.is_empty())
         .then(|| self.progress_at + self.rto())
     }
 
@@ -1023,9 +1014,16 @@ impl Session {
         if matches!(self.state, State::Closing) {
             return None;
         }
-        // Retransmissions wait for a moment when everything may go (they are rare: lossy
-        // transports and resumes).
-        while let Some((id, seq)) = bulk_ok.then(|| self.retx.pop_front()).flatten() {
+        // Retransmissions (lossy transports and resumes) before new chunks: a channel's chunks
+        // must reach the peer in order. Bulk ones wait while bulk may not go, as new bulk
+        // chunks do; the others go now, not behind a backed-up bulk lane, and before their
+        // channels' new chunks.
+        while let Some((id, seq)) = self.retx.pop_front() {
+            if let Some(f) = self.retransmit(now, id, seq) {
+                return Some(f);
+            }
+        }
+        while let Some((id, seq)) = bulk_ok.then(|| self.retx_bulk.pop_front()).flatten() {
             if let Some(f) = self.retransmit(now, id, seq) {
                 return Some(f);
             }
@@ -1178,6 +1176,29 @@ impl Session {
         Some(self.data_frame(now, id, &sent, false))
     }
 
+    /// Queues every unacknowledged chunk to be sent again, in channel order and each channel's
+    /// in sequence order; what was queued before is dropped (it is in this again).
+    fn queue_unacked_again(&mut self) {
+        self.retx.clear();
+        self.retx_bulk.clear();
+        let mut ids: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| !c.unacked.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            let c = &self.channels[&id];
+            let queue = if c.class == Class::Bulk {
+                &mut self.retx_bulk
+            } else {
+                &mut self.retx
+            };
+            queue.extend(c.unacked.iter().map(|s| (id, s.seq)));
+        }
+    }
+
     fn retransmit(&mut self, now: Instant, id: u32, seq: u64) -> Option<OutFrame> {
         let sent = self.channels.get(&id)?.unacked_chunk(seq)?.clone();
         self.stats.retransmits += 1;
@@ -1227,6 +1248,7 @@ impl Session {
         self.state = State::Dead(err.clone());
         self.sched.clear();
         self.retx.clear();
+        self.retx_bulk.clear();
         self.control.clear();
         self.ack_queue.clear();
         self.events.push_back(Event::Dead(err));
