@@ -61,11 +61,15 @@ async fn ordering_across_interleaved_channels(kind: Kind) {
     assert!(next.values().all(|&n| n == PER));
 }
 
-/// Connections forced down repeatedly, from both ends, while messages flow both ways: every
-/// message arrives exactly once, in order, and the session resumed.
+/// Connections forced down repeatedly, from both ends, while messages flow both ways (upstream
+/// coordination beside bulk, so that one sender has both classes' chunks to send again while its
+/// bulk is backed up): every message arrives exactly once, in order, and the session resumed.
 async fn exactly_once_across_reconnects(kind: Kind) {
     let p = pair(kind, Config::default()).await;
     const N: u32 = 3_000;
+    // Bulk opened first: after a reconnect its chunks are first to be sent again, and fill the
+    // bulk lane while coordination's wait behind them.
+    let up_bulk = p.client_peer.channel(Class::Bulk, 2).unwrap();
     let up = p.client_peer.channel(Class::Coordination, 4).unwrap();
     let down = p.server_peer.channel(Class::Bulk, 2).unwrap();
     let send_up = tokio::spawn({
@@ -77,6 +81,18 @@ async fn exactly_once_across_reconnects(kind: Kind) {
                     .unwrap();
             }
             up.flush().await.unwrap();
+        }
+    });
+    let send_up_bulk = tokio::spawn({
+        let up_bulk = up_bulk.clone();
+        async move {
+            for i in 0..N / 10 {
+                up_bulk
+                    .send(body(2, i, 20_000 + (i as usize * 89) % 60_000))
+                    .await
+                    .unwrap();
+            }
+            up_bulk.flush().await.unwrap();
         }
     });
     let send_down = tokio::spawn({
@@ -103,16 +119,24 @@ async fn exactly_once_across_reconnects(kind: Kind) {
             }
         }
     });
-    let up_rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    let mut up_readers = Vec::new();
+    for _ in 0..2 {
+        let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        up_readers.push(tokio::spawn(async move {
+            let (stream, count) = if rx.class() == Class::Bulk {
+                (2, N / 10)
+            } else {
+                (0, N)
+            };
+            for i in 0..count {
+                let m = within(LIMIT, rx.recv()).await.unwrap();
+                assert_eq!(check_body(&m.body), (stream, i), "upstream");
+            }
+            // Nothing more (no duplicate) arrives.
+            assert!(rx.try_recv().unwrap().is_none());
+        }));
+    }
     let down_rx = within(LIMIT, p.client_peer.accept_channel()).await.unwrap();
-    let r1 = tokio::spawn(async move {
-        for i in 0..N {
-            let m = within(LIMIT, up_rx.recv()).await.unwrap();
-            assert_eq!(check_body(&m.body), (0, i), "upstream");
-        }
-        // Nothing more (no duplicate) arrives.
-        assert!(up_rx.try_recv().unwrap().is_none());
-    });
     let r2 = tokio::spawn(async move {
         for i in 0..N / 10 {
             let m = within(LIMIT, down_rx.recv()).await.unwrap();
@@ -122,9 +146,12 @@ async fn exactly_once_across_reconnects(kind: Kind) {
     });
     within(LIMIT, async {
         send_up.await.unwrap();
+        send_up_bulk.await.unwrap();
         send_down.await.unwrap();
         breaker.await.unwrap();
-        r1.await.unwrap();
+        for r in up_readers {
+            r.await.unwrap();
+        }
         r2.await.unwrap();
     })
     .await;
