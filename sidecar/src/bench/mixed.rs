@@ -26,7 +26,7 @@
 //! one run and 4.4 GB/s in the next); slices taken side by side see the same drift.
 //!
 //! The coordination round trips of every phase run back to back, or with
-//! `--coord-interval-us N` start at most every N µs ([`super::pace`]); only the round trip
+//! `--coord-interval-us N` start at most every N µs ([`super::pacer`]); only the round trip
 //! itself is timed.
 //!
 //! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
@@ -44,7 +44,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::bulk::BATCH_BYTES;
-use super::pace::Pacer;
+use super::pacer::Pacer;
 use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
 use super::{
     baseline, fabric_stats_json, new_histogram, progress, BenchResult, BulkApi, FabricPair, Pinger,

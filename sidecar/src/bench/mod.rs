@@ -31,7 +31,7 @@ use tokio::task::AbortHandle;
 pub mod baseline;
 pub mod bulk;
 pub mod mixed;
-pub mod pace;
+pub mod pacer;
 pub mod pingpong;
 pub mod quic;
 pub mod register;
@@ -54,7 +54,7 @@ const MAX_SIZE: usize = 128 << 20;
 /// Longest `--duration` or `--warmup` accepted, in seconds.
 const MAX_SECONDS: f64 = 24.0 * 3600.0;
 
-/// mixed's default `--coord-interval-us`: round trips back to back (see [`pace`]).
+/// mixed's default `--coord-interval-us`: round trips back to back (see [`pacer`]).
 const DEFAULT_COORD_INTERVAL_US: u64 = 0;
 
 /// The transport a benchmark runs over.
@@ -520,7 +520,7 @@ impl Pinger {
         until: Instant,
         hist: Option<&mut Histogram<u64>>,
     ) -> BenchResult<u64> {
-        self.run_paced_until(until, hist, &mut pace::Pacer::back_to_back())
+        self.run_paced_until(until, hist, &mut pacer::Pacer::back_to_back())
             .await
     }
 
@@ -530,7 +530,7 @@ impl Pinger {
         &mut self,
         until: Instant,
         mut hist: Option<&mut Histogram<u64>>,
-        pacer: &mut pace::Pacer,
+        pacer: &mut pacer::Pacer,
     ) -> BenchResult<u64> {
         let mut n = 0;
         loop {
@@ -555,7 +555,7 @@ impl Pinger {
         warmup: Duration,
         dur: Duration,
         hist: &mut Histogram<u64>,
-        pacer: &mut pace::Pacer,
+        pacer: &mut pacer::Pacer,
     ) -> BenchResult<u64> {
         self.run_paced_until(Instant::now() + warmup, None, pacer)
             .await?;

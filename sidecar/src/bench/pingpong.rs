@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::baseline::BaselinePinger;
-use super::pace::Pacer;
+use super::pacer::Pacer;
 use super::report::{fmt_ratio, ratio, Summary, Table};
 use super::{
     fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Output, Pinger, Settings,
