@@ -741,3 +741,5 @@ fn parse(addr: &str, allow_port_zero: bool) -> io::Result<SocketAddr> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod thread_count;

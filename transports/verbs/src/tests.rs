@@ -10,6 +10,7 @@ use agentfabric::frame::{Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST};
 use agentfabric::transport::{Connection, RecvError, Transport};
 use bytes::Bytes;
 
+use super::thread_count::{threads_named, threads_named_become};
 use super::*;
 
 const NEEDS_DEVICE: &str = "needs an RDMA device: run with soft-roce/lab test";
@@ -706,29 +707,6 @@ async fn a_withdrawn_remote_key_is_refused_by_the_device_and_a_granted_one_works
         drop(reg);
     })
     .await
-}
-
-/// Waits up to 5 s for the threads of this process named `name` to number `n` (a new thread
-/// names itself once it runs; an ending one goes once it has run out), and returns how many
-/// there are then.
-async fn threads_named_become(name: &str, n: usize) -> usize {
-    let t = std::time::Instant::now();
-    while threads_named(name) != n && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    threads_named(name)
-}
-
-/// Threads of this process named `name` (Linux: `/proc/self/task/*/comm`).
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.trim_end() == name)
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use agentfabric::{Block, Class, Config, Error, Node, Peer};
 use agentfabric_verbs::{VerbsConfig, VerbsTransport};
 
+#[path = "../src/thread_count.rs"]
+mod thread_count;
+use thread_count::{threads_named, threads_named_become};
+
 fn addr_a() -> String {
     std::env::var("AGENTFABRIC_LAB_ADDR_A").unwrap_or_else(|_| "10.77.0.1".into())
 }
@@ -327,18 +331,6 @@ async fn transfers_across_a_link_outage_keep_every_byte() {
     }
 }
 
-/// Threads of this process named `name` (Linux names a thread in `/proc/self/task/*/comm`).
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.trim_end() == name)
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// The bytes of bulk message `i` of the outage test: its number, then a pattern of its own.
 fn bulk_message(i: u64, len: usize) -> Vec<u8> {
     let mut m: Vec<u8> = (0..len as u64)
@@ -436,12 +428,8 @@ async fn both_lanes_across_a_link_outage_lose_nothing() {
         "the outage should have cost the QPs and a resume"
     );
     // The resumed connection has its bulk lane again, and the old one's threads are gone.
-    let t0 = Instant::now();
-    while threads_named("af-verbs-bulk") != 2 && t0.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(
-        threads_named("af-verbs-bulk"),
+        threads_named_become("af-verbs-bulk", 2).await,
         2,
         "bulk lane threads after the resume"
     );
