@@ -399,14 +399,17 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
 
     let mut t = Table::new(&format!(
         "agentfabric {} bench: transport={} workload=mixed coordination={} B bulk block={} B \
-         by {} coordination every >= {} us duration={:.2} s/phase warmup={:.2} s/phase (idle, bulk_solo and loaded split in \
-         {ROUNDS} rounds) threads={}",
+         by {} coordination {} duration={:.2} s/phase warmup={:.2} s/phase (idle, bulk_solo and \
+         loaded split in {ROUNDS} rounds) threads={}",
         env!("CARGO_PKG_VERSION"),
         s.transport,
         COORDINATION_SIZE,
         s.size,
         s.bulk_api.name(),
-        s.coord_interval.as_micros(),
+        match s.coord_interval.as_micros() {
+            0 => "back to back".to_owned(),
+            us => format!("every >= {us} us"),
+        },
         s.duration.as_secs_f64(),
         s.warmup.as_secs_f64(),
         s.threads
