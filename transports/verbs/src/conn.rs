@@ -818,6 +818,8 @@ pub(crate) struct Inner {
     signal_every: u64,
     credit_threshold: u32,
     busy_poll: bool,
+    /// Keep polling for this long after `last_progress` before sleeping (zero on the bulk lane).
+    spin: Duration,
     stall_timeout: Duration,
     /// When a completion last arrived (or the first send after an idle period was posted).
     last_progress: std::time::Instant,
@@ -918,7 +920,7 @@ impl Inner {
     /// A lane over `res` (connected, its receives posted), that may send `credits` frames
     /// before the peer returns any; `side` on the latency lane only. Its one-sided operations
     /// are `rma` (the connection's, shared by its lanes); `rma_stop` stops their drains when
-    /// this lane goes.
+    /// this lane goes. It spins for `spin` after a completion before sleeping.
     #[allow(clippy::too_many_arguments)]
     fn new(
         res: Resources,
@@ -927,6 +929,7 @@ impl Inner {
         rma_stop: Vec<tokio::sync::oneshot::Sender<()>>,
         domain: u64,
         credits: u32,
+        spin: Duration,
         cfg: &VerbsConfig,
         remote: &str,
     ) -> io::Result<Inner> {
@@ -947,6 +950,7 @@ impl Inner {
             signal_every: u64::from(cfg.signal_every.clamp(1, send_depth.max(2) / 2)),
             credit_threshold: (cfg.recv_depth / 4).clamp(1, cfg.recv_depth - 1),
             busy_poll: cfg.busy_poll,
+            spin,
             stall_timeout: cfg.stall_timeout,
             last_progress: std::time::Instant::now(),
             queue: VecDeque::new(),
@@ -1346,7 +1350,8 @@ impl Inner {
     /// that completed before arming is missed), or registers `cx` with the channel's fd.
     /// `Ok(true)`: poll the CQ again.
     fn wait_events(&mut self, cx: &mut TaskCx<'_>) -> io::Result<bool> {
-        if self.busy_poll {
+        // Spinning: the task yields to the runtime and polls again (other tasks run between).
+        if self.busy_poll || (!self.spin.is_zero() && self.last_progress.elapsed() < self.spin) {
             cx.waker().wake_by_ref();
             return Ok(false);
         }
@@ -1768,7 +1773,7 @@ pub(crate) async fn establish(
         ),
         kick,
     ));
-    let lane = |res: Resources, side: Option<TcpStream>, credits: u32, stop: Vec<_>| {
+    let lane = |res: Resources, side: Option<TcpStream>, credits: u32, stop: Vec<_>, spin| {
         Inner::new(
             res,
             side,
@@ -1776,6 +1781,7 @@ pub(crate) async fn establish(
             stop,
             domain,
             credits,
+            spin,
             cfg,
             &remote_name,
         )
@@ -1785,15 +1791,18 @@ pub(crate) async fn establish(
         Some(side),
         n.send_credits,
         rma_stop,
+        cfg.spin_before_sleep,
     )?)));
     // The bulk lane fails with the connection's one-sided operations (it shares them), and the
     // latency lane with its frames: either lane's failure is the connection's.
     let bulk = match bulk_lane {
+        // Bulk completions come in streams that a spinning worker would only take CPU from.
         Some((res, n)) => Some(Shared(Arc::new(Mutex::new(lane(
             res,
             None,
             n.send_credits,
             Vec::new(),
+            Duration::ZERO,
         )?)))),
         None => None,
     };

@@ -44,8 +44,10 @@
 //!   signalled completion frees every slot before it (RC completes in order). Received frames
 //!   are copied out of their buffer, which is reposted at once (batched), so the credit comes
 //!   back without waiting for the application. Completions wake tokio through the completion
-//!   channel's fd (`AsyncFd`), armed only when the CQ is found empty; [`VerbsConfig::busy_poll`]
-//!   spins on the CQ instead (lower latency, one core busy).
+//!   channel's fd (`AsyncFd`), armed only when the CQ is found empty, after the coordination
+//!   lane has spun on its CQ for [`VerbsConfig::spin_before_sleep`] since its last completion
+//!   (so a reply to a recent send is taken without a wake-up); [`VerbsConfig::busy_poll`] spins
+//!   on the CQ always (lower latency, one core busy).
 //! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`): bulk channels' data frames
 //!   take a frames QP of their own, set up beside the first (its parameters cross the side
 //!   channel after the first's, and it is probed the same way), with its own receive buffers
@@ -214,6 +216,15 @@ pub struct VerbsConfig {
     pub signal_every: u32,
     /// Spin on the completion queue instead of sleeping on the completion channel. Default off.
     pub busy_poll: bool,
+    /// After a completion on the coordination lane (or a send after an idle spell), keep
+    /// polling its completion queue for this long before sleeping on the completion channel.
+    /// A reply that comes within it is taken without a wake-up through the channel's fd (an
+    /// interrupt, an `epoll` wake-up and a context switch), at the cost of a runtime worker
+    /// spinning that long (the task yields to the runtime between polls). An idle connection
+    /// sleeps as before. The bulk lane never spins; [`VerbsConfig::busy_poll`] spins always.
+    /// Default 50 µs (a few round trips on hardware, as Linux's `net.core.busy_poll` advice);
+    /// `Duration::ZERO` sleeps at once; at most 1 s.
+    pub spin_before_sleep: Duration,
     /// A connection with sends outstanding and no completion for this long has failed (link
     /// down, peer unreachable), whatever the RC retry machinery says. Default 1 s.
     pub stall_timeout: Duration,
@@ -316,6 +327,7 @@ impl Default for VerbsConfig {
             ack_timeout: 14,
             signal_every: 16,
             busy_poll: false,
+            spin_before_sleep: Duration::from_micros(50),
             stall_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
             rma_inflight_bytes: 256 << 10,
@@ -375,6 +387,13 @@ impl VerbsConfig {
             return bad(format!(
                 "VerbsConfig::min_rnr_timer {} is out of range 1..=31 (0 would mean 655 ms stalls)",
                 self.min_rnr_timer
+            ));
+        }
+        if self.spin_before_sleep > Duration::from_secs(1) {
+            return bad(format!(
+                "VerbsConfig::spin_before_sleep {:?} is over 1 s: spinning that long is busy \
+                 polling (set busy_poll instead)",
+                self.spin_before_sleep
             ));
         }
         self.checked_rails()?;

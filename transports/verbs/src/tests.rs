@@ -148,6 +148,13 @@ fn bad_settings_are_refused_with_the_setting_named() {
             },
             "each rail must name a different device",
         ),
+        (
+            VerbsConfig {
+                spin_before_sleep: Duration::from_millis(1500),
+                ..Default::default()
+            },
+            "spin_before_sleep 1.5s is over 1 s",
+        ),
     ] {
         let e = cfg.validate().unwrap_err();
         assert!(e.to_string().contains(what), "{e}");
@@ -306,6 +313,78 @@ async fn frames_of_every_size_both_ways_in_order() {
             .await
             .unwrap_err();
         assert!(matches!(e, RecvError::Eof), "{e}");
+    })
+    .await
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid place for the result.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Waits `wait` in a receive that nothing answers, and returns the share of that time this
+/// thread was on a CPU: on a current-thread runtime, 1 when the receive spins, 0 when it sleeps.
+async fn busy_share_while_receiving(c: &mut Connection, wait: Duration) -> f64 {
+    let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(wait, poll_fn(|cx| c.stream.poll_recv(cx, &mut out))).await;
+    assert!(r.is_err(), "nothing was sent, yet the receive ended: {r:?}");
+    (thread_cpu() - cpu).as_secs_f64() / wall.elapsed().as_secs_f64()
+}
+
+// One thread runs both ends, so its CPU time says whether a waiting receive spins or sleeps.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs an RDMA device: run with soft-roce/lab test"]
+async fn the_coordination_lane_spins_after_a_completion_then_sleeps() {
+    bounded(async {
+        for spin in [Duration::from_millis(300), Duration::ZERO] {
+            let server = VerbsConfig {
+                spin_before_sleep: spin,
+                ..Default::default()
+            };
+            let client = VerbsConfig {
+                spin_before_sleep: spin,
+                ..client_cfg()
+            };
+            let (mut a, mut b) = pair_with(server, client).await.unwrap();
+            // A round trip: the client's last completion is the reply's arrival.
+            a.sink.push(frame(0, 64));
+            flush(&mut a).await.unwrap();
+            check(&recv_n(&mut b, 1).await.unwrap()[0], 0, 64);
+            b.sink.push(frame(1, 64));
+            flush(&mut b).await.unwrap();
+            check(&recv_n(&mut a, 1).await.unwrap()[0], 1, 64);
+            let early = busy_share_while_receiving(&mut a, Duration::from_millis(150)).await;
+            // Nothing polls the connection here, so nothing spins.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let late = busy_share_while_receiving(&mut a, Duration::from_millis(300)).await;
+            println!("spin {spin:?}: busy {early:.2} within it, {late:.2} after it");
+            if spin.is_zero() {
+                assert!(
+                    early < 0.2,
+                    "no spin configured, yet the receive spun: {early:.2}"
+                );
+            } else {
+                assert!(early > 0.5, "the receive slept within the spin: {early:.2}");
+            }
+            assert!(late < 0.2, "the receive spun past its spin: {late:.2}");
+            // Asleep, the receive still wakes for a frame.
+            let wait = tokio::spawn(async move {
+                let got = recv_n(&mut a, 1).await.unwrap();
+                check(&got[0], 2, 64);
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            b.sink.push(frame(2, 64));
+            flush(&mut b).await.unwrap();
+            wait.await.unwrap();
+        }
     })
     .await
 }
