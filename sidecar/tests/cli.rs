@@ -54,6 +54,7 @@ fn check_common(v: &serde_json::Value, workload: &str) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(v["threads"], cores.saturating_sub(1).max(1));
     assert!(v["fabric_stats"].is_object());
+    assert!(v["spin_us"].is_null(), "spin_us is a verbs setting: {v}");
 }
 
 #[test]
@@ -264,6 +265,12 @@ fn options_that_do_not_apply_are_refused() {
             "pingpong",
             &["--busy-poll"][..],
             "--busy-poll applies to the verbs transport only",
+        ),
+        (
+            "mem",
+            "mixed",
+            &["--spin-us", "100"][..],
+            "--spin-us applies to the verbs transport only",
         ),
         (
             "mem",

@@ -140,6 +140,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "warmup_s": round3(s.warmup.as_secs_f64()),
         "threads": s.threads,
         "busy_poll": s.busy_poll,
+        "spin_us": s.spin_us(),
         "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "fabric_mb_s": round2(fabric_mb_s),

@@ -382,6 +382,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "warmup_s": s.warmup.as_secs_f64(),
         "threads": s.threads,
         "busy_poll": s.busy_poll,
+        "spin_us": s.spin_us(),
         "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "idle": idle.to_json(None),

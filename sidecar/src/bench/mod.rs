@@ -184,6 +184,11 @@ pub struct BenchArgs {
     /// of sleeping on the completion channel.
     #[arg(long)]
     pub busy_poll: bool,
+    /// verbs: after a completion, poll the coordination lane's completion queue this many
+    /// microseconds before sleeping on the completion channel (`VerbsConfig::spin_before_sleep`;
+    /// the JSON's `spin_us`) [default: the library's, 50]; 0 sleeps at once.
+    #[arg(long, value_name = "MICROS", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub spin_us: Option<u32>,
     /// mixed: start coordination round trips at most every this many microseconds, as an agent
     /// that thinks between steps sends them [default: 0, back to back]. Back to back, the round
     /// trips keep a runtime worker busy for as long as they run: on a machine of few cores that
@@ -277,6 +282,8 @@ pub struct Settings {
     pub coord_interval: Duration,
     /// verbs: spin on the completion queue.
     pub busy_poll: bool,
+    /// verbs: how long the coordination lane polls after a completion before it sleeps.
+    pub spin: Option<Duration>,
     /// Bulk: pull (read) the blocks instead of pushing (writing) them.
     pub pull: bool,
     /// verbs: each node's device and rails, if given.
@@ -284,6 +291,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The JSON's `spin_us`: the verbs spin before sleeping, in microseconds (null off verbs).
+    pub fn spin_us(&self) -> Option<u128> {
+        self.spin.map(|d| d.as_micros())
+    }
+
     /// Applies the per-workload defaults to the parsed arguments. An option that the chosen
     /// workload or transport does not use is refused, not ignored: the run would not measure
     /// what was asked.
@@ -309,6 +321,9 @@ impl Settings {
         }
         if a.busy_poll && a.transport != TransportKind::Verbs {
             return refuse("--busy-poll", "the verbs transport");
+        }
+        if a.spin_us.is_some() && a.transport != TransportKind::Verbs {
+            return refuse("--spin-us", "the verbs transport");
         }
         if a.perftest.is_some() && a.transport != TransportKind::Verbs {
             return refuse("--perftest", "the verbs transport");
@@ -337,6 +352,12 @@ impl Settings {
                     .map_or(DEFAULT_COORD_INTERVAL_US, u64::from),
             ),
             busy_poll: a.busy_poll,
+            spin: (a.transport == TransportKind::Verbs).then(|| {
+                a.spin_us.map_or(
+                    agentfabric_verbs::VerbsConfig::default().spin_before_sleep,
+                    |us| Duration::from_micros(us.into()),
+                )
+            }),
             pull: a.pull,
             devices: a.devices.clone(),
         })
@@ -637,7 +658,7 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
-            TransportKind::Verbs => verbs::nodes(&config, tag, s.busy_poll, s.devices.as_ref())?,
+            TransportKind::Verbs => verbs::nodes(&config, tag, s, s.devices.as_ref())?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

@@ -81,14 +81,15 @@ impl Devices {
 
 /// (server, client, listen URL) for `FabricPair::new`. Under emulation (Soft-RoCE in a TCG VM)
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
-/// 10 s, as the conformance suite does for verbs. With `busy_poll` both nodes spin on their
-/// completion queues, as perftest does. `devices` chooses each node's device and rails;
+/// 10 s, as the conformance suite does for verbs. With `s.busy_poll` both nodes spin on their
+/// completion queues, as perftest does; `s.spin` is how long they poll after a completion
+/// before sleeping otherwise. `devices` chooses each node's device and rails;
 /// without it both nodes take the transport's default device (the lab's) and the rails of
 /// `AGENTFABRIC_RAILS`, if any.
 pub fn nodes(
     cfg: &Config,
     tag: &str,
-    busy_poll: bool,
+    s: &super::Settings,
     devices: Option<&Devices>,
 ) -> BenchResult<(Node, Node, String)> {
     let url = format!("verbs://{}:0", listen_addr()?);
@@ -106,9 +107,12 @@ pub fn nodes(
     }
     let mk = |name: String, devices: Option<&Vec<String>>| {
         let mut vc = VerbsConfig {
-            busy_poll,
+            busy_poll: s.busy_poll,
             ..VerbsConfig::default()
         };
+        if let Some(spin) = s.spin {
+            vc.spin_before_sleep = spin;
+        }
         if let Some((device, rails)) = devices.and_then(|d| d.split_first()) {
             vc.device = Some(device.clone());
             vc.rails = rails.to_vec();
