@@ -658,7 +658,7 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
-            TransportKind::Verbs => verbs::nodes(&config, tag, s, s.devices.as_ref())?,
+            TransportKind::Verbs => verbs::nodes(&config, tag, s)?,
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

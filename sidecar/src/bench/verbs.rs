@@ -83,15 +83,11 @@ impl Devices {
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
 /// 10 s, as the conformance suite does for verbs. With `s.busy_poll` both nodes spin on their
 /// completion queues, as perftest does; `s.spin` is how long they poll after a completion
-/// before sleeping otherwise. `devices` chooses each node's device and rails;
+/// before sleeping otherwise. `s.devices` chooses each node's device and rails;
 /// without it both nodes take the transport's default device (the lab's) and the rails of
 /// `AGENTFABRIC_RAILS`, if any.
-pub fn nodes(
-    cfg: &Config,
-    tag: &str,
-    s: &super::Settings,
-    devices: Option<&Devices>,
-) -> BenchResult<(Node, Node, String)> {
+pub fn nodes(cfg: &Config, tag: &str, s: &super::Settings) -> BenchResult<(Node, Node, String)> {
+    let devices = s.devices.as_ref();
     let url = format!("verbs://{}:0", listen_addr()?);
     let mut cfg = cfg.clone();
     if cfg.peer_timeout == Config::default().peer_timeout {
