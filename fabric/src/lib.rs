@@ -34,6 +34,7 @@ pub mod frame;
 pub mod mem;
 mod pace;
 pub mod sim;
+pub mod sync;
 mod thread_priority;
 pub mod tools;
 pub mod transport;

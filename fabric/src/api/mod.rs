@@ -5,7 +5,6 @@ mod node;
 mod peer;
 mod rx;
 mod shared;
-pub(crate) mod sync;
 mod tx;
 
 pub use node::{Node, NodeBuilder};

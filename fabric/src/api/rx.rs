@@ -23,7 +23,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
 
-use super::sync::{lock, Contention};
+use crate::sync::{lock, Contention};
 use crate::frame::Frame;
 use crate::transport::{FrameStream, RecvError};
 

@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::rx::{RxHalf, RxWake};
-use super::sync::lock;
+use crate::sync::lock;
 use super::tx::TxHalf;
 use crate::bulk::PendingNotes;
 use crate::class::Class;

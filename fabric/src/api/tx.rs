@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use super::sync::{lock, Contention};
+use crate::sync::{lock, Contention};
 use crate::frame::{Lane, OutFrame};
 use crate::transport::{FrameSink, OneSided};
 

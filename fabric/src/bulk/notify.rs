@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::api::sync::lock;
+use crate::sync::lock;
 use crate::transport::ImmediateHandler;
 
 /// Tokens handed out and not yet used, plus notifications landed and not yet delivered, per

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
-use crate::api::sync::lock;
+use crate::sync::lock;
 use crate::error::{Error, Result};
 use crate::pace::CopyPacer;
 use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};

@@ -1,11 +1,39 @@
-//! Small locking pieces shared by the receiving (`rx.rs`) and sending (`tx.rs`) halves.
+//! Locking helpers for the fabric and its transports.
+//!
+//! The fabric's locks guard plain data (queues, counters, maps) whose every update is complete
+//! before the next line can panic, so a panic elsewhere while one was held leaves nothing half
+//! done: [`lock`] and [`wait`] keep going with the data instead of spreading the panic to every
+//! later caller, as `Mutex::lock().unwrap()` would. The transports use these same helpers, so
+//! the policy lives in one place.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
 
-/// Locks `m`. A panic while it was held leaves plain data behind; keep going with it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, ignoring poisoning (see the module docs for why that is sound here).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits on `cv` with `guard`, ignoring poisoning as [`lock`] does.
+pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits on `cv` with `guard` for at most `timeout`, ignoring poisoning as [`lock`] does; the
+/// flag is `true` when the time ran out.
+pub fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> (MutexGuard<'a, T>, bool) {
+    match cv.wait_timeout(guard, timeout) {
+        Ok((g, t)) => (g, t.timed_out()),
+        Err(e) => {
+            let (g, t) = e.into_inner();
+            (g, t.timed_out())
+        }
+    }
 }
 
 /// A lock whose waiters do not wait: a task that finds it held leaves its work to the holder,
