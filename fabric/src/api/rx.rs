@@ -23,8 +23,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Wake, Waker};
 
-use crate::sync::{lock, Contention};
 use crate::frame::Frame;
+use crate::sync::{lock, Contention};
 use crate::transport::{FrameStream, RecvError};
 
 /// The connection's receiving half.

@@ -15,7 +15,6 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::rx::{RxHalf, RxWake};
-use crate::sync::lock;
 use super::tx::TxHalf;
 use crate::bulk::PendingNotes;
 use crate::class::Class;
@@ -24,6 +23,7 @@ use crate::core::Delivered;
 use crate::core::{Event, Session};
 use crate::error::Error;
 use crate::frame::{Frame, Lane};
+use crate::sync::lock;
 use crate::transport::FrameSink;
 
 /// Bytes pulled from the session before a flush. Small enough that a coordination frame queued

@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::sync::{lock, Contention};
 use crate::frame::{Lane, OutFrame};
+use crate::sync::{lock, Contention};
 use crate::transport::{FrameSink, OneSided};
 
 /// Frames pulled from the session and not yet handed to the sink.

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
-use crate::sync::lock;
 use crate::error::{Error, Result};
 use crate::pace::CopyPacer;
+use crate::sync::lock;
 use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
 
 /// Alignment of region memory: a page, as RDMA registration and DMA prefer.
