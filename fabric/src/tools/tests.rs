@@ -4,8 +4,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
+use super::wire::{decode, encode_call, encode_cancel, FLAG_IDEMPOTENT, KIND_CALL, KIND_CANCEL};
 use super::*;
 use crate::mem::MemNetwork;
+use crate::{Class, Node, Peer};
 
 struct Setup {
     client: ToolClient,
@@ -211,7 +215,7 @@ async fn key_window_is_bounded() {
         let call = Call::new("t", "", Duration::from_secs(2)).key(format!("k{i}"));
         s.client.call_with(call).await.unwrap();
     }
-    assert_eq!(s.server.inner.keys.lock().unwrap().map.len(), 4);
+    assert_eq!(s.server.keys_remembered(), 4);
     // An old key was forgotten (runs again), a recent one was not.
     let old = Call::new("t", "", Duration::from_secs(2)).key("k0");
     let recent = Call::new("t", "", Duration::from_secs(2)).key("k9");
