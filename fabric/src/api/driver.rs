@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use super::shared::{ingest, Feeder, PeerShared, WATCH_TICK};
+use super::peer_state::{ingest, Feeder, PeerShared, WATCH_TICK};
 use crate::error::Error;
 use crate::frame::Frame;
 use crate::transport::{Connection, RecvError};
@@ -190,7 +190,7 @@ impl Future for ConnDriver<'_> {
                 Poll::Ready(Ok(true)) => {
                     if more {
                         progress = true;
-                        work += super::shared::SEND_BATCH;
+                        work += super::peer_state::SEND_BATCH;
                     }
                 }
                 Poll::Ready(Err(e)) => {

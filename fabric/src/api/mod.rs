@@ -3,8 +3,8 @@
 mod driver;
 mod node;
 mod peer;
+mod peer_state;
 mod rx;
-mod shared;
 mod tx;
 
 pub use node::{Node, NodeBuilder};

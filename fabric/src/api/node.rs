@@ -12,7 +12,7 @@ use tokio::task::AbortHandle;
 
 use super::driver::{ConnDriver, ConnEnd};
 use super::peer::Peer;
-use super::shared::{PeerShared, PeerState};
+use super::peer_state::{PeerShared, PeerState};
 use crate::bulk::{serve_transfers, AlignedBuf, Notification, Region, RegionTable};
 use crate::config::Config;
 use crate::core::{Handshake, HelloStatus, PeerParams, Role, Session};

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
+use super::peer_state::{PeerShared, PeerState};
 use super::rx::ReaderSlot;
-use super::shared::{PeerShared, PeerState};
 use crate::class::{Class, Priority};
 use crate::core::{ChannelStats, SessionStats};
 use crate::error::{Error, Result};
 use crate::frame::{MSG_ERROR, MSG_REQUEST, MSG_RESPONSE};
-use crate::pace::{CopyPacer, SLICE_ONE_WORKER};
+use crate::sliced_copy::{CopyPacer, SLICE_ONE_WORKER};
 
 /// A session with another node. Cheap to clone; all clones are the same session.
 ///
@@ -565,7 +565,7 @@ pub struct ChannelSnapshot {
 /// worker, on a runtime with more than one worker: about 100 µs of copying. Measured on `bench
 /// --workload mixed` (1 MiB messages, two cores, two workers): 64 KiB slices cost a quarter of
 /// the bulk rate; 1 MiB leaves such messages unsliced and bounds what a 64 MiB message holds a
-/// worker for. With one worker the join goes 32 KiB at a time (`crate::pace`): the same bench
+/// worker for. With one worker the join goes 32 KiB at a time (`crate::sliced_copy`): the same bench
 /// with its bulk consumer on `recv` gave `ratio_loaded_idle_p99` 1.87–2.01 and bulk 0.71–0.74
 /// of solo, against 3.24–3.40 and 0.88–0.98 with 1 MiB messages joined in one go; a consumer
 /// that wants the bulk rate takes [`Channel::recv_parts`], which joins nothing.
@@ -649,9 +649,11 @@ mod tests {
                 credit: 0,
                 parts: parts.clone(),
             };
-            let (body, saw) =
-                crate::pace::beside_another_task(join_yielding(&m, CopyPacer::new(JOIN_SLICE)))
-                    .await;
+            let (body, saw) = crate::sliced_copy::beside_another_task(join_yielding(
+                &m,
+                CopyPacer::new(JOIN_SLICE),
+            ))
+            .await;
             assert!(body == parts.concat(), "joined bytes differ");
             saw
         });

@@ -14,7 +14,7 @@
 //! a wake it did not act on passes the wake on, so no readiness is ever lost. A reader whose
 //! task keeps a polled `recv` future but stops polling it (busy with something else) is not
 //! waited for long: a second wake before anyone read goes to the driver as well, and the driver
-//! reads the connection whenever its timer fires (every [`super::shared::WATCH_TICK`] while
+//! reads the connection whenever its timer fires (every [`super::peer_state::WATCH_TICK`] while
 //! traffic flows, at least every `keepalive_interval` otherwise).
 //!
 //! Lock order: `PeerShared::rx` before `PeerShared::state`; `RxWake`'s own lock is a leaf, and

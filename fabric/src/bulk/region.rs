@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 use crate::error::{Error, Result};
-use crate::pace::CopyPacer;
+use crate::sliced_copy::CopyPacer;
 use crate::sync::lock;
 use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
 
@@ -349,7 +349,7 @@ impl RegionInner {
         self.check(offset, len)?;
         let mut guard = self.mem.write().await;
         self.check(offset, len)?;
-        // Not sliced beyond one worker: see `crate::pace`.
+        // Not sliced beyond one worker: see `crate::sliced_copy`.
         let mut pacer = CopyPacer::new(usize::MAX);
         let mut at = offset as usize;
         for p in pieces {
@@ -652,7 +652,8 @@ mod tests {
             let table = Arc::new(RegionTable::default());
             let region = table.register(AlignedBuf::new(LEN).expect("memory"));
             let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-            let (stored, saw) = crate::pace::beside_another_task(region.write_at(0, &data)).await;
+            let (stored, saw) =
+                crate::sliced_copy::beside_another_task(region.write_at(0, &data)).await;
             stored.expect("store");
             let mut back = vec![0u8; LEN];
             region.read_at(0, &mut back).await.expect("read");

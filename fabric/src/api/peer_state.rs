@@ -1,5 +1,6 @@
-//! State shared by a peer's application handles and its driver task: the sans-IO session behind
-//! one mutex, plus the wakers that turn the session's events into progress for waiting futures.
+//! The peer's state, shared by its application handles and its driver task: [`PeerState`] (the
+//! sans-IO session, plus the wakers that turn the session's events into progress for waiting
+//! futures) behind one mutex in [`PeerShared`], locked through [`StateGuard`].
 //!
 //! The lock is held only for short, allocation-free work (queue a message, take a message, drain
 //! frames); transport I/O happens outside it: received frames are read before it is taken

@@ -1,6 +1,8 @@
-//! Long copies on a runtime worker (a block into a region, a fragmented message joined for
-//! `recv`), cut into slices with the worker yielded between them, so that a coordination
-//! message that arrives meanwhile is not held up for the whole copy.
+//! Sliced copies: long copies on a runtime worker (a block into a region, a fragmented message
+//! joined for `recv`), cut into slices with the worker yielded between them, so that a
+//! coordination message that arrives meanwhile is not held up for the whole copy. [`CopyPacer`]
+//! paces one such copy; this is about a worker's CPU time, not about pacing what is sent (the
+//! session's congestion window and the transports do that).
 //!
 //! On a runtime with a single worker nothing else runs while a copy runs: a 1 MiB copy held the
 //! worker for about 100 µs. There the slices are small ([`SLICE_ONE_WORKER`]); with more workers,
