@@ -31,6 +31,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod frame;
+pub mod impair;
 pub mod mem;
 pub mod sim;
 mod sliced_copy;

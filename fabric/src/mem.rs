@@ -1,5 +1,6 @@
 //! The in-process transport, with an optionally impaired network: delay, bandwidth, jitter (which reorders),
-//! loss, partitions and forced disconnections. For tests, examples and single-process agents.
+//! loss (an [`Impairment`], also reachable here as [`LinkConfig`]), partitions and forced
+//! disconnections. For tests, examples and single-process agents.
 //!
 //! Nodes that share a [`MemNetwork`] reach each other by name: `mem://NAME`. Frames move as
 //! values (the payload is a refcounted `Bytes`, never copied). With loss or jitter configured the
@@ -21,33 +22,23 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use crate::frame::{Frame, OutFrame};
+use crate::impair::Impairment;
 use crate::transport::{
     BoxFuture, Connection, FrameSink, FrameStream, Listener, RecvError, Transport,
 };
 
-/// Impairments applied to every frame on a [`MemNetwork`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LinkConfig {
-    /// One-way delay added to every frame.
-    pub delay: Duration,
-    /// Extra random delay, uniform in `0..jitter`; frames may overtake each other.
-    pub jitter: Duration,
-    /// Link rate in bytes per second, per direction of each connection (0: unlimited). Frames
-    /// are serialised at this rate, so a queue builds up behind a burst as on a real link.
-    pub bandwidth: u64,
-    /// Probability that a frame is dropped.
-    pub loss: f64,
-}
+pub use crate::impair::Impairment as LinkConfig;
 
-impl LinkConfig {
-    fn reliable(&self) -> bool {
-        self.loss == 0.0 && self.jitter.is_zero()
-    }
+/// Whether frames arrive complete, in order and once on a network impaired by `link`: this
+/// transport honours its delay, jitter, bandwidth and loss, not its reordering or duplication
+/// (see [`crate::impair`]), so only loss and jitter make it unreliable.
+fn reliable(link: &Impairment) -> bool {
+    link.loss == 0.0 && link.jitter.is_zero()
 }
 
 struct NetState {
     listeners: HashMap<String, mpsc::Sender<Connection>>,
-    link: LinkConfig,
+    link: Impairment,
     rng: StdRng,
     live: Vec<Arc<ConnFlags>>,
 }
@@ -74,11 +65,11 @@ impl std::fmt::Debug for MemNetwork {
 impl MemNetwork {
     /// A perfect network: no delay, no loss.
     pub fn new() -> MemNetwork {
-        MemNetwork::with_link(LinkConfig::default(), 1)
+        MemNetwork::with_link(Impairment::default(), 1)
     }
 
     /// A network with impairments, and a seed for its random choices.
-    pub fn with_link(link: LinkConfig, seed: u64) -> MemNetwork {
+    pub fn with_link(link: Impairment, seed: u64) -> MemNetwork {
         MemNetwork {
             state: Arc::new(Mutex::new(NetState {
                 listeners: HashMap::new(),
@@ -220,7 +211,7 @@ impl FrameSink for MemSink {
         let mut st = self.net.lock();
         let link = st.link.clone();
         for frame in self.queue.drain(..) {
-            let dropped_by_partition = partitioned && !link.reliable();
+            let dropped_by_partition = partitioned && !reliable(&link);
             if dropped_by_partition || (link.loss > 0.0 && st.rng.gen_bool(link.loss.min(1.0))) {
                 continue;
             }
@@ -230,10 +221,12 @@ impl FrameSink for MemSink {
                 link.jitter.mul_f64(st.rng.gen::<f64>())
             };
             // Serialisation: a frame leaves once the link has sent the ones before it.
-            let depart = if link.bandwidth == 0 {
+            let depart = if link.bandwidth_bytes_per_sec == 0 {
                 now
             } else {
-                let wire = Duration::from_secs_f64(frame.wire_len() as f64 / link.bandwidth as f64);
+                let wire = Duration::from_secs_f64(
+                    frame.wire_len() as f64 / link.bandwidth_bytes_per_sec as f64,
+                );
                 self.link_free = self.link_free.max(now) + wire;
                 self.link_free
             };
@@ -383,7 +376,7 @@ impl Transport for MemTransport {
     }
 
     fn reliable(&self) -> bool {
-        self.net.lock().link.reliable()
+        reliable(&self.net.lock().link)
     }
 
     fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>> {

@@ -24,6 +24,9 @@
 //! to [`Sim::run_until`] is called at every instant where something happened and may send,
 //! receive, accept channels, partition the link, and so on.
 //!
+//! Each direction of the link behaves as an [`Impairment`] says (also reachable here as
+//! [`LinkConfig`]).
+//!
 //! ```
 //! use std::time::Duration;
 //! use agentfabric::sim::{Sim, SimConfig, LinkConfig};
@@ -49,6 +52,9 @@ use crate::config::Config;
 use crate::core::{Event, PeerParams, Role, Session};
 use crate::error::Error;
 use crate::frame::{Header, OutFrame};
+use crate::impair::Impairment;
+
+pub use crate::impair::Impairment as LinkConfig;
 
 /// One end of the simulated session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,92 +82,6 @@ impl Side {
     }
 }
 
-/// The behaviour of one direction of the simulated link.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LinkConfig {
-    /// Propagation delay added to every frame once it is serialised.
-    pub delay: Duration,
-    /// Extra delay drawn uniformly from `0..=jitter` for each frame independently (so jitter
-    /// also reorders frames sent close together).
-    pub jitter: Duration,
-    /// Bandwidth in bytes per second (header and payload count); 0 means infinite, so frames
-    /// take no time to serialise.
-    pub bandwidth_bytes_per_sec: u64,
-    /// Probability that a frame is lost.
-    pub loss: f64,
-    /// Probability that a frame is held back by an extra delay drawn uniformly from
-    /// `0..=reorder_delay`, so that frames sent after it may overtake it.
-    pub reorder: f64,
-    /// The largest extra delay of a reordered frame.
-    pub reorder_delay: Duration,
-    /// Probability that a frame is delivered twice (the copy has its own delay draw).
-    pub duplicate: f64,
-}
-
-impl Default for LinkConfig {
-    /// A perfect link: no delay, infinite bandwidth, no loss, no reordering.
-    fn default() -> Self {
-        LinkConfig {
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            bandwidth_bytes_per_sec: 0,
-            loss: 0.0,
-            reorder: 0.0,
-            reorder_delay: Duration::ZERO,
-            duplicate: 0.0,
-        }
-    }
-}
-
-impl LinkConfig {
-    /// A loss-free, in-order link with infinite bandwidth and the given one-way delay.
-    pub fn with_delay(delay: Duration) -> LinkConfig {
-        LinkConfig {
-            delay,
-            ..LinkConfig::default()
-        }
-    }
-
-    /// A hostile link: `delay` plus up to `delay` of jitter, `loss` probability of loss, 10 %
-    /// of frames held back by up to four times `delay`, and 1 % duplicated.
-    pub fn lossy(delay: Duration, loss: f64) -> LinkConfig {
-        LinkConfig {
-            delay,
-            jitter: delay,
-            bandwidth_bytes_per_sec: 0,
-            loss,
-            reorder: 0.1,
-            reorder_delay: delay * 4,
-            duplicate: 0.01,
-        }
-    }
-
-    /// This link with the given bandwidth in bytes per second (0: infinite).
-    pub fn bandwidth(mut self, bytes_per_sec: u64) -> LinkConfig {
-        self.bandwidth_bytes_per_sec = bytes_per_sec;
-        self
-    }
-
-    /// Whether this link can lose, reorder or duplicate frames, so that the sessions must be
-    /// created with `reliable = false`.
-    pub fn is_lossy(&self) -> bool {
-        self.loss > 0.0
-            || self.duplicate > 0.0
-            || !self.jitter.is_zero()
-            || (self.reorder > 0.0 && !self.reorder_delay.is_zero())
-    }
-
-    /// Time to serialise `bytes` onto the link.
-    pub fn wire_time(&self, bytes: usize) -> Duration {
-        if self.bandwidth_bytes_per_sec == 0 {
-            return Duration::ZERO;
-        }
-        let bw = u128::from(self.bandwidth_bytes_per_sec);
-        let nanos = (bytes as u128 * 1_000_000_000).div_ceil(bw);
-        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
-    }
-}
-
 /// How the simulator is set up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
@@ -176,9 +96,9 @@ pub struct SimConfig {
     /// a gap as a protocol violation and never retransmits on a timer.
     pub reliable: bool,
     /// The direction from A to B.
-    pub a_to_b: LinkConfig,
+    pub a_to_b: Impairment,
     /// The direction from B to A.
-    pub b_to_a: LinkConfig,
+    pub b_to_a: Impairment,
 }
 
 impl SimConfig {
@@ -189,13 +109,13 @@ impl SimConfig {
             a: Config::default(),
             b: Config::default(),
             reliable: true,
-            a_to_b: LinkConfig::default(),
-            b_to_a: LinkConfig::default(),
+            a_to_b: Impairment::default(),
+            b_to_a: Impairment::default(),
         }
     }
 
     /// Both directions of the link set to `link`; `reliable` becomes `!link.is_lossy()`.
-    pub fn link(mut self, link: LinkConfig) -> SimConfig {
+    pub fn link(mut self, link: Impairment) -> SimConfig {
         self.reliable = !link.is_lossy();
         self.a_to_b = link.clone();
         self.b_to_a = link;
@@ -242,7 +162,7 @@ pub struct LinkStats {
 
 #[derive(Debug)]
 struct Link {
-    cfg: LinkConfig,
+    cfg: Impairment,
     rng: StdRng,
     /// When the transmitter finishes serialising the last frame it took.
     tx_free_at: Instant,
@@ -253,7 +173,7 @@ struct Link {
 }
 
 impl Link {
-    fn new(cfg: LinkConfig, seed: u64, now: Instant) -> Link {
+    fn new(cfg: Impairment, seed: u64, now: Instant) -> Link {
         Link {
             cfg,
             rng: StdRng::seed_from_u64(seed),
@@ -468,7 +388,7 @@ impl Sim {
 
     /// The configuration of the link carrying frames sent by `from`; changes apply to frames
     /// sent afterwards.
-    pub fn link_config_mut(&mut self, from: Side) -> &mut LinkConfig {
+    pub fn link_config_mut(&mut self, from: Side) -> &mut Impairment {
         &mut self.links[from.index()].cfg
     }
 

@@ -38,7 +38,8 @@ async fn lossy_reordering_link_delivers_exactly_once_in_order() {
             delay: Duration::from_millis(1),
             jitter: Duration::from_millis(2),
             loss: 0.05,
-            bandwidth: 50_000_000,
+            bandwidth_bytes_per_sec: 50_000_000,
+            ..LinkConfig::default()
         },
         7,
     );
