@@ -23,6 +23,7 @@ use tokio::time::Sleep;
 
 use crate::frame::{Frame, OutFrame};
 use crate::impair::Impairment;
+use crate::sync::lock;
 use crate::transport::{
     BoxFuture, Connection, FrameSink, FrameStream, Listener, RecvError, Transport,
 };
@@ -81,10 +82,6 @@ impl MemNetwork {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, NetState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A transport on this network, to give to a node.
     pub fn transport(&self) -> MemTransport {
         MemTransport { net: self.clone() }
@@ -100,7 +97,7 @@ impl MemNetwork {
 
     /// Breaks every open connection, as a network failure would; sessions then reconnect.
     pub fn disconnect_all(&self) {
-        let mut st = self.lock();
+        let mut st = lock(&self.state);
         for c in st.live.drain(..) {
             c.broken.store(true, Ordering::SeqCst);
             c.wake();
@@ -109,7 +106,7 @@ impl MemNetwork {
 
     /// Makes `name` unreachable: new connections to it are refused.
     pub fn unlisten(&self, name: &str) {
-        self.lock().listeners.remove(name);
+        lock(&self.state).listeners.remove(name);
     }
 }
 
@@ -127,12 +124,7 @@ struct ConnFlags {
 
 impl ConnFlags {
     fn wake(&self) {
-        for w in self
-            .wakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter_mut()
-        {
+        for w in lock(&self.wakers).iter_mut() {
             if let Some(w) = w.take() {
                 w.wake();
             }
@@ -208,7 +200,7 @@ impl FrameSink for MemSink {
         }
         let partitioned = self.net.partitioned.load(Ordering::SeqCst);
         let now = Instant::now();
-        let mut st = self.net.lock();
+        let mut st = lock(&self.net.state);
         let link = st.link.clone();
         for frame in self.queue.drain(..) {
             let dropped_by_partition = partitioned && !reliable(&link);
@@ -262,7 +254,7 @@ impl FrameStream for MemStream {
             return Poll::Ready(Err(RecvError::Io(broken())));
         }
         {
-            let mut w = self.flags.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = lock(&self.flags.wakers);
             if !w[self.side]
                 .as_ref()
                 .is_some_and(|w| w.will_wake(cx.waker()))
@@ -321,7 +313,7 @@ fn pair(net: &MemNetwork, a: &str, b: &str) -> (Connection, Connection) {
         wakers: Mutex::new([None, None]),
     });
     {
-        let mut st = net.lock();
+        let mut st = lock(&net.state);
         st.live.retain(|c| !c.broken.load(Ordering::SeqCst));
         st.live.push(flags.clone());
     }
@@ -376,14 +368,12 @@ impl Transport for MemTransport {
     }
 
     fn reliable(&self) -> bool {
-        reliable(&self.net.lock().link)
+        reliable(&lock(&self.net.state).link)
     }
 
     fn connect<'a>(&'a self, addr: &'a str) -> BoxFuture<'a, io::Result<Connection>> {
         Box::pin(async move {
-            let tx = self
-                .net
-                .lock()
+            let tx = lock(&self.net.state)
                 .listeners
                 .get(addr)
                 .cloned()
@@ -412,7 +402,7 @@ impl Transport for MemTransport {
                     "empty mem address",
                 ));
             }
-            let mut st = self.net.lock();
+            let mut st = lock(&self.net.state);
             if st.listeners.get(addr).is_some_and(|tx| !tx.is_closed()) {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,

@@ -58,7 +58,7 @@ impl<'a> ConnDriver<'a> {
             shared.rx_wake.mark_unread();
             rx.failed = None;
             rx.frames.clear();
-            let mut st = shared.lock();
+            let mut st = shared.state();
             shared.connect(&mut st, conn.sink);
             st.timer_at = None;
             ingest(&mut st, &mut leftover, Feeder::Driver);
@@ -72,7 +72,7 @@ impl<'a> ConnDriver<'a> {
     }
 
     fn end(&mut self, end: ConnEnd) -> Poll<ConnEnd> {
-        let mut st = self.shared.lock();
+        let mut st = self.shared.state();
         self.shared.disconnect(&mut st);
         Poll::Ready(end)
     }
@@ -113,7 +113,7 @@ impl Future for ConnDriver<'_> {
                 },
                 None => Poll::Pending,
             };
-            let mut st = shared.lock();
+            let mut st = shared.state();
             if let Some(mut rx) = rx {
                 work += ingest(&mut st, &mut rx.frames, Feeder::Driver);
                 if shared.rx_wake.release(rx) {
@@ -161,7 +161,7 @@ impl Future for ConnDriver<'_> {
                 if shared.tx.poll_close(cx).is_pending() {
                     return Poll::Pending;
                 }
-                shared.disconnect(&mut shared.lock());
+                shared.disconnect(&mut shared.state());
                 return Poll::Ready(ConnEnd::SessionDead);
             }
 
@@ -194,7 +194,7 @@ impl Future for ConnDriver<'_> {
                     }
                 }
                 Poll::Ready(Err(e)) => {
-                    let mut st = shared.lock();
+                    let mut st = shared.state();
                     st.dispatch();
                     shared.disconnect(&mut st);
                     return Poll::Ready(ConnEnd::Lost(e.to_string()));

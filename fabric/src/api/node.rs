@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::core::{Handshake, HelloStatus, PeerParams, Role, Session};
 use crate::error::{Error, ProtocolError, Result};
 use crate::frame::Frame;
+use crate::sync::lock;
 use crate::transport::{split_url, Connection, Transport};
 
 /// Sessions accepted and not yet taken by [`Node::accept`].
@@ -146,7 +147,7 @@ impl NodeInner {
     }
 
     fn track(&self, h: AbortHandle) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(h);
     }
@@ -154,22 +155,15 @@ impl NodeInner {
 
 impl Drop for NodeInner {
     fn drop(&mut self) {
-        for t in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for t in lock(&self.tasks).drain(..) {
             t.abort();
         }
-        for (_, e) in self
-            .sessions
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain()
-        {
+        // Taken out of the lock first: killing a session wakes its tasks and writes to its
+        // connection, and no lock of the node was held for that before.
+        let sessions = std::mem::take(&mut *lock(&self.sessions));
+        for (_, e) in sessions {
             if let Some(s) = e.shared.upgrade() {
-                s.lock().kill(Error::Closed);
+                s.state().kill(Error::Closed);
             }
         }
     }
@@ -284,17 +278,13 @@ impl Node {
             session_id,
             PeerState::new(session, url.to_owned()),
         ));
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                session_id,
-                SessionEntry {
-                    shared: Arc::downgrade(&shared),
-                    resume: None,
-                },
-            );
+        lock(&self.inner.sessions).insert(
+            session_id,
+            SessionEntry {
+                shared: Arc::downgrade(&shared),
+                resume: None,
+            },
+        );
         let mode = Mode::Initiator {
             transport: t,
             addr: addr.to_owned(),
@@ -351,11 +341,7 @@ impl Node {
 
     /// Every live session of the node.
     pub fn peers(&self) -> Vec<Peer> {
-        let sessions = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let sessions = lock(&self.inner.sessions);
         sessions
             .values()
             .filter_map(|e| e.shared.upgrade())
@@ -440,10 +426,10 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
     };
     if hello.status == HelloStatus::Resume {
         let resume = {
-            let sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let sessions = lock(&inner.sessions);
             sessions.get(&hello.session_id).and_then(|e| {
                 let shared = e.shared.upgrade()?;
-                let alive = shared.lock().session.dead().is_none();
+                let alive = shared.state().session.dead().is_none();
                 Some((e.resume.clone()?, shared)).filter(|_| alive)
             })
         };
@@ -453,7 +439,7 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
             let _ = poll_fn(|cx| conn.sink.poll_flush(cx)).await;
             return;
         };
-        shared.lock().session.set_handshake_reply(answer.encode());
+        shared.state().session.set_handshake_reply(answer.encode());
         conn.sink.push(answer.encode());
         if poll_fn(|cx| conn.sink.poll_flush(cx)).await.is_ok() {
             let _ = resume.send(conn).await;
@@ -478,17 +464,13 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
         PeerState::new(session, conn.remote.clone()),
     ));
     let (resume_tx, resume_rx) = mpsc::channel(4);
-    inner
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(
-            hello.session_id,
-            SessionEntry {
-                shared: Arc::downgrade(&shared),
-                resume: Some(resume_tx),
-            },
-        );
+    lock(&inner.sessions).insert(
+        hello.session_id,
+        SessionEntry {
+            shared: Arc::downgrade(&shared),
+            resume: Some(resume_tx),
+        },
+    );
     let task = tokio::spawn(run_session(
         node.clone(),
         shared.clone(),
@@ -536,7 +518,7 @@ async fn run_session(
             ConnEnd::Lost(why) => {
                 tracing::debug!(peer = %shared.remote_name, %why, "connection lost; resuming");
                 {
-                    let mut st = shared.lock();
+                    let mut st = shared.state();
                     st.session.connection_lost(Instant::now());
                     st.dispatch();
                 }
@@ -557,7 +539,7 @@ async fn run_session(
         };
         let Some((c, lo)) = next else { break };
         {
-            let mut st = shared.lock();
+            let mut st = shared.state();
             let now = Instant::now();
             st.session.connection_lost(now);
             st.session.connected(now);
@@ -568,11 +550,7 @@ async fn run_session(
         leftover = lo;
     }
     if let Some(inner) = node.upgrade() {
-        inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&shared.session_id);
+        lock(&inner.sessions).remove(&shared.session_id);
     }
 }
 
@@ -584,7 +562,7 @@ async fn until_dead<T>(
     tokio::pin!(fut);
     loop {
         let deadline = {
-            let mut st = shared.lock();
+            let mut st = shared.state();
             st.session.handle_timeout(Instant::now());
             st.dispatch();
             if st.session.dead().is_some() {
@@ -616,7 +594,7 @@ async fn reconnect(
                 return Some((conn, leftover));
             }
             Ok(_) => {
-                shared.lock().kill(Error::PeerRestarted);
+                shared.state().kill(Error::PeerRestarted);
                 return None;
             }
             Err(e) => tracing::debug!(error = %e, "reconnect attempt failed"),

@@ -68,7 +68,7 @@ impl Peer {
     /// [`Peer::accept_channel`]) when the first message arrives.
     pub fn channel(&self, class: Class, priority: u8) -> Result<Channel> {
         let prio = Priority::new(priority).ok_or(Error::InvalidPriority(priority))?;
-        let id = self.shared.lock().session.open_channel(class, prio)?;
+        let id = self.shared.state().session.open_channel(class, prio)?;
         Ok(Channel {
             peer: self.clone(),
             id,
@@ -90,7 +90,7 @@ impl Peer {
 
     async fn accept_with(&self, system: bool) -> Result<Channel> {
         poll_fn(|cx| {
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state();
             let next = if system {
                 st.session.accept_system_channel()
             } else {
@@ -124,7 +124,7 @@ impl Peer {
 
     /// This side's system channel for bulk transfers (a bulk-class channel, opened on first use).
     pub(crate) fn transfer_channel(&self) -> Result<Channel> {
-        let mut st = self.shared.lock();
+        let mut st = self.shared.state();
         let id = match st.transfer_channel {
             Some(id) => id,
             None => {
@@ -145,7 +145,7 @@ impl Peer {
 
     /// Counters and gauges (RTT, window, queue depth, credit stalls, retransmits).
     pub fn stats(&self) -> PeerStats {
-        let st = self.shared.lock();
+        let st = self.shared.state();
         PeerStats {
             name: self.shared.remote_name.clone(),
             address: st.connected_to.clone(),
@@ -157,14 +157,14 @@ impl Peer {
 
     /// The session's error if it is dead, `None` while it lives.
     pub fn error(&self) -> Option<Error> {
-        self.shared.lock().session.dead().cloned()
+        self.shared.state().session.dead().cloned()
     }
 
     /// Closes the session: the peer is told (with `reason`), and every pending operation on both
     /// sides fails ([`Error::Closed`] here, [`Error::ClosedByPeer`] there). Messages still queued
     /// are not sent; use [`Channel::flush`] first to be sure they arrived.
     pub fn close(&self, reason: &str) {
-        let mut st = self.shared.lock();
+        let mut st = self.shared.state();
         st.session.close(reason);
         st.kick();
     }
@@ -173,7 +173,7 @@ impl Peer {
     /// resumes on a new connection with nothing lost or repeated (the side that connected
     /// reconnects). Meant for tests and failure drills.
     pub fn drop_connection(&self) {
-        let mut st = self.shared.lock();
+        let mut st = self.shared.state();
         st.kill_connection = true;
         st.wake_driver();
     }
@@ -277,7 +277,7 @@ impl Channel {
         cx: Option<&mut std::task::Context<'_>>,
         items: &[(&Bytes, u8, u64)],
     ) -> Poll<Result<()>> {
-        let mut st = self.peer.shared.lock();
+        let mut st = self.peer.shared.state();
         let len = items.iter().map(|i| i.0.len()).sum();
         match st.session.poll_capacity_for(self.id, len, items.len()) {
             Err(e) => Poll::Ready(Err(e)),
@@ -409,7 +409,7 @@ impl Channel {
             // unless a message was taken.
             let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
             {
-                let mut st = shared.lock();
+                let mut st = shared.state();
                 if let Some(r) = take(&mut st) {
                     coop.made_progress();
                     return Poll::Ready(r);
@@ -418,7 +418,7 @@ impl Channel {
             }
             reader.register(self.class as u8, cx.waker());
             shared.read_inline(self.id, self.class);
-            let mut st = shared.lock();
+            let mut st = shared.state();
             if let Some(r) = take(&mut st) {
                 coop.made_progress();
                 return Poll::Ready(r);
@@ -432,7 +432,7 @@ impl Channel {
 
     /// The next message if one is ready.
     pub fn try_recv(&self) -> Result<Option<Message>> {
-        let mut st = self.peer.shared.lock();
+        let mut st = self.peer.shared.state();
         if let Some(m) = st.take_unjoined(self.id) {
             drop(st);
             return Ok(Some(message(m)));
@@ -452,7 +452,7 @@ impl Channel {
     /// (received by its node, in order). Fails with the session's error if it dies first.
     pub async fn flush(&self) -> Result<()> {
         poll_fn(|cx| {
-            let mut st = self.peer.shared.lock();
+            let mut st = self.peer.shared.state();
             match st.session.want_flush(self.id) {
                 Ok(true) => Poll::Ready(Ok(())),
                 Ok(false) => {
@@ -478,9 +478,9 @@ impl Channel {
                 Ok(r) => r,
                 Err(_) => Err(Error::DeadlineExceeded),
             };
-        if result.is_ok() && self.peer.shared.lock().session.config().channel_histograms {
+        if result.is_ok() && self.peer.shared.state().session.config().channel_histograms {
             let us = start.elapsed().as_micros() as u64;
-            let mut st = self.peer.shared.lock();
+            let mut st = self.peer.shared.state();
             st.request_rtt
                 .entry(self.id)
                 .or_insert_with(|| {
@@ -504,7 +504,7 @@ impl Channel {
     ) -> Result<Bytes> {
         let (tx, rx) = oneshot::channel();
         let tag = {
-            let mut st = self.peer.shared.lock();
+            let mut st = self.peer.shared.state();
             let tag = st.next_tag;
             st.next_tag += 1;
             st.responses.insert(tag, tx);
@@ -543,7 +543,7 @@ impl Channel {
 
     /// A snapshot of the channel's counters and latency histograms.
     pub fn stats(&self) -> Option<ChannelSnapshot> {
-        let st = self.peer.shared.lock();
+        let st = self.peer.shared.state();
         let stats = st.session.channel_stats(self.id)?;
         Some(ChannelSnapshot {
             stats,
@@ -598,7 +598,7 @@ impl Drop for KeepUnjoined<'_> {
             self.channel
                 .peer
                 .shared
-                .lock()
+                .state()
                 .put_back_unjoined(self.channel.id, msg);
         }
     }
@@ -625,7 +625,7 @@ struct SlotGuard<'a> {
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        self.shared.lock().responses.remove(&self.tag);
+        self.shared.state().responses.remove(&self.tag);
     }
 }
 

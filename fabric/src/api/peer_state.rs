@@ -454,7 +454,7 @@ impl PeerShared {
             let r = stream.poll_recv(&mut cx, &mut rx.frames);
             let mut mine = last;
             if !rx.frames.is_empty() {
-                let mut st = self.lock();
+                let mut st = self.state();
                 taken += ingest(&mut st, &mut rx.frames, Feeder::Reader(ch, class));
                 mine = st.session.readable(ch);
             }
@@ -488,7 +488,7 @@ impl PeerShared {
     }
     /// Locks the state; tasks woken meanwhile are woken, and frames staged meanwhile written,
     /// when the guard is dropped.
-    pub(crate) fn lock(&self) -> StateGuard<'_> {
+    pub(crate) fn state(&self) -> StateGuard<'_> {
         StateGuard {
             guard: Some(lock(&self.state)),
             tx: &self.tx,

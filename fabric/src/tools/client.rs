@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::wire::{encode_call, encode_cancel, FLAG_IDEMPOTENT};
+use crate::sync::lock;
 use crate::{Channel, Class, Error, Peer};
 
 /// Why a tool call failed.
@@ -274,7 +275,7 @@ impl ToolClient {
     /// The delay after which a hedge would go out now, if hedging is possible.
     pub fn hedge_delay(&self) -> Option<Duration> {
         let p = &self.inner.policy;
-        let mut lat = self.inner.lat.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lat = lock(&self.inner.lat);
         if lat.ring.len() < p.min_samples {
             return None;
         }
@@ -289,7 +290,7 @@ impl ToolClient {
     }
 
     fn record(&self, d: Duration) {
-        let mut lat = self.inner.lat.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lat = lock(&self.inner.lat);
         if lat.ring.len() >= self.inner.policy.window.max(1) {
             lat.ring.pop_front();
         }

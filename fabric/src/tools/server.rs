@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::cancel::CancelToken;
 use super::wire::{decode, Envelope, FLAG_IDEMPOTENT, KIND_CANCEL};
+use crate::sync::lock;
 use crate::{Channel, Class, Node, Peer};
 
 /// What a handler receives.
@@ -185,7 +186,7 @@ impl ToolServer {
     /// Idempotency keys remembered now (for the tests of the window's bound).
     #[cfg(test)]
     pub(super) fn keys_remembered(&self) -> usize {
-        self.inner.keys.lock().unwrap().map.len()
+        lock(&self.inner.keys).map.len()
     }
 
     /// Serves every session `node` accepts, until the node closes.
@@ -221,11 +222,7 @@ impl ToolServer {
                 }
             };
             if env.kind == KIND_CANCEL {
-                let token = running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&env.call_id)
-                    .cloned();
+                let token = lock(&running).get(&env.call_id).cloned();
                 if let Some(t) = token {
                     t.cancel();
                 }
@@ -235,10 +232,7 @@ impl ToolServer {
                 continue;
             }
             let token = CancelToken::new();
-            running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(env.call_id, token.clone());
+            lock(&running).insert(env.call_id, token.clone());
             let this = self.clone();
             let ch = ch.clone();
             let running = running.clone();
@@ -246,10 +240,7 @@ impl ToolServer {
             tokio::spawn(async move {
                 let call_id = env.call_id;
                 let answer = this.run_call(env, token, received, caller).await;
-                running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&call_id);
+                lock(&running).remove(&call_id);
                 let _ = match answer {
                     Ok(body) => ch.respond(&msg, body).await,
                     Err(reason) => ch.respond_error(&msg, &reason).await,
@@ -275,7 +266,7 @@ impl ToolServer {
         if let Some(k) = &slot {
             let now = Instant::now();
             let found = {
-                let mut keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+                let mut keys = lock(&self.inner.keys);
                 keys.evict(&self.inner.cfg, now);
                 let found = keys.map.get(k).map(|(s, _)| s.clone());
                 if found.is_none() {
@@ -352,7 +343,7 @@ impl ToolServer {
         stopped: &str,
     ) -> Result<Bytes, String> {
         if let (Some(k), Some((tx, at))) = (slot, publish) {
-            let mut keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
+            let mut keys = lock(&self.inner.keys);
             match &outcome {
                 Some(r) => {
                     keys.map.insert(k, (KeyState::Done(r.clone()), at));
