@@ -134,6 +134,57 @@ impl From<FrameError> for ProtocolError {
     }
 }
 
+/// Why access to a region was refused. Reported on both sides of a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionError {
+    /// No region with this id is registered (never was, or was revoked and forgotten).
+    Unknown {
+        /// Region id.
+        region: u64,
+    },
+    /// The descriptor's key does not match the region's: a forged or stale descriptor.
+    BadKey {
+        /// Region id.
+        region: u64,
+    },
+    /// The region was revoked.
+    Revoked {
+        /// Region id.
+        region: u64,
+    },
+    /// The range does not fit in the region.
+    OutOfBounds {
+        /// Region id.
+        region: u64,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Length of the region.
+        region_len: u64,
+    },
+}
+
+impl std::fmt::Display for RegionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegionError::Unknown { region } => write!(f, "region {region} is not registered"),
+            RegionError::BadKey { region } => write!(f, "wrong key for region {region}"),
+            RegionError::Revoked { region } => write!(f, "region {region} was revoked"),
+            RegionError::OutOfBounds {
+                region,
+                offset,
+                len,
+                region_len,
+            } => write!(
+                f,
+                "range {offset}..{} is outside region {region} of {region_len} bytes",
+                offset.saturating_add(*len)
+            ),
+        }
+    }
+}
+
 /// Errors of the fabric's operations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -192,7 +243,7 @@ pub enum Error {
     /// `respond` was given a message that is not a request.
     NotARequest,
     /// Access to a region was refused (here or at the peer).
-    Region(crate::bulk::RegionError),
+    Region(RegionError),
     /// A transfer failed: the index of the block that failed (the number of blocks for the
     /// notification), and why.
     Transfer {

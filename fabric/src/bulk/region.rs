@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RegionError, Result};
 use crate::sliced_copy::CopyPacer;
 use crate::sync::lock;
 use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
@@ -101,57 +101,6 @@ impl std::fmt::Debug for AlignedBuf {
             .field("len", &self.len)
             .field("keeps_registration", &self.keeps_registration())
             .finish()
-    }
-}
-
-/// Why access to a region was refused. Reported on both sides of a transfer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegionError {
-    /// No region with this id is registered (never was, or was revoked and forgotten).
-    Unknown {
-        /// Region id.
-        region: u64,
-    },
-    /// The descriptor's key does not match the region's: a forged or stale descriptor.
-    BadKey {
-        /// Region id.
-        region: u64,
-    },
-    /// The region was revoked.
-    Revoked {
-        /// Region id.
-        region: u64,
-    },
-    /// The range does not fit in the region.
-    OutOfBounds {
-        /// Region id.
-        region: u64,
-        /// Start of the range.
-        offset: u64,
-        /// Length of the range.
-        len: u64,
-        /// Length of the region.
-        region_len: u64,
-    },
-}
-
-impl std::fmt::Display for RegionError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RegionError::Unknown { region } => write!(f, "region {region} is not registered"),
-            RegionError::BadKey { region } => write!(f, "wrong key for region {region}"),
-            RegionError::Revoked { region } => write!(f, "region {region} was revoked"),
-            RegionError::OutOfBounds {
-                region,
-                offset,
-                len,
-                region_len,
-            } => write!(
-                f,
-                "range {offset}..{} is outside region {region} of {region_len} bytes",
-                offset.saturating_add(*len)
-            ),
-        }
     }
 }
 

@@ -39,9 +39,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::notify::PendingNotes;
-use super::region::{RdmaAccess, Region, RegionDescriptor, RegionError, RegionTable, Registered};
+use super::region::{RdmaAccess, Region, RegionDescriptor, RegionTable, Registered};
 use crate::api::{Channel, Message, Peer};
-use crate::error::{Error, Result};
+use crate::error::{Error, RegionError, Result};
 use crate::frame::MSG_REQUEST;
 use crate::transport::{OneSided, OneSidedKind, OneSidedOp, RailKeys};
 
