@@ -21,6 +21,10 @@
 //! Layers: [`frame`] (wire format) and [`core`] (the sans-IO session state machine) know nothing
 //! of sockets or time; [`transport`] is the small trait transports implement; [`Node`],
 //! [`Peer`] and [`Channel`] are the async API on tokio; [`mem`] is the in-process transport.
+//! [`bulk`] moves blocks between registered regions and [`tools`] makes tool calls, both on
+//! that API. [`sim`] runs two sessions over a virtual link; its link and [`mem`]'s network are
+//! impaired as an [`impair::Impairment`] says. [`sync`] is the one poison-ignoring lock the
+//! fabric and its transports use.
 
 #![warn(missing_docs)]
 

@@ -1,6 +1,11 @@
 //! The protocol core, sans-IO: framing is in [`crate::frame`]; here are the session state
-//! machine, its channels, the scheduler, congestion control and the handshake. Nothing here
-//! touches a socket, a thread or a clock: time is an argument.
+//! machine (`session/`, split by concern), its channels (`channel_state.rs`), the scheduler,
+//! congestion control, the handshake and the channel-id map. Nothing here touches a socket, a
+//! thread or a clock: time is an argument.
+//!
+//! Imports: `crate::frame`, `crate::class`, `crate::config` and `crate::error` only (and the
+//! `bytes` and `hdrhistogram` crates): nothing of the layers above (`api`, `bulk`, `transport`),
+//! no tokio, no sockets, threads or clocks (outside tests).
 
 mod channel_state;
 mod congestion;
