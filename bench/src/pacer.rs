@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::BenchResult;
+use crate::error::BenchResult;
 
 /// When the next coordination round trip may start.
 pub struct Pacer {

@@ -19,8 +19,11 @@ use agentfabric::{AlignedBuf, Config, Node};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use super::report::{fmt_ratio, ratio, round3, Summary, Table};
-use super::{new_histogram, progress, BenchResult, FabricPair, Output, Settings};
+use crate::devices::Devices;
+use crate::error::BenchResult;
+use crate::pair::FabricPair;
+use crate::report::{fmt_ratio, new_histogram, progress, ratio, round3, Output, Summary, Table};
+use crate::settings::Settings;
 
 /// A buffer of `len` bytes with every page written, as memory in use is.
 fn touched(len: usize) -> BenchResult<AlignedBuf> {
@@ -123,7 +126,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "duration_s": round3(s.duration.as_secs_f64()),
         "warmup_s": round3(s.warmup.as_secs_f64()),
         "threads": s.threads,
-        "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
+        "devices": s.devices.as_ref().map(Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "one_sided": seen.one_sided,
         "kept_registration": seen.kept,

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! `ib_send_lat` reports one-way latency; a round trip is taken as twice its figures (as
-//! `notes/bench-json.md` says). Without the file the baseline is `null`, and the output says
+//! `bench/JSON.md` says). Without the file the baseline is `null`, and the output says
 //! so. Where the device is chosen: `--devices`, else `AGENTFABRIC_LAB_DEVICE` (read by the
 //! verbs transport); the GID index: `AGENTFABRIC_LAB_GID_INDEX` if set, for whichever device a
 //! node is on (in the lab both devices' RoCE v2 IPv4 GID is index 1), else the device's GID of
@@ -27,8 +27,9 @@ use agentfabric::{Config, Node};
 use agentfabric_verbs::{VerbsConfig, VerbsTransport};
 use serde_json::Value;
 
-use super::report::Summary;
-use super::BenchResult;
+use crate::error::BenchResult;
+use crate::report::Summary;
+use crate::settings::Settings;
 
 /// The IP address of the RDMA netdev the server node listens on.
 fn listen_addr() -> BenchResult<String> {
@@ -39,46 +40,6 @@ fn listen_addr() -> BenchResult<String> {
     })
 }
 
-/// `--devices SERVER:CLIENT`: the RDMA devices of each node, its own device first and then its
-/// rails (`VerbsConfig::rails`), comma-separated: `rxe0,rxe1:rxe1,rxe0` puts the server on rxe0
-/// with rail rxe1 and the client on rxe1 with rail rxe0. Rails pair up by position, so the lab's
-/// two devices, one at each end of its veth wire, give two paths that each cross the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Devices {
-    /// The server node's device, then its rails.
-    pub server: Vec<String>,
-    /// The client node's device, then its rails.
-    pub client: Vec<String>,
-}
-
-impl Devices {
-    /// Parses `SERVER:CLIENT` (see the type's docs). How many rails, and whether they are
-    /// distinct, the verbs transport checks when the nodes connect.
-    pub fn parse(s: &str) -> Result<Devices, String> {
-        let (server, client) = s.split_once(':').filter(|(_, c)| !c.contains(':')).ok_or_else(|| {
-            format!("{s:?}: expected SERVER:CLIENT, each a device then its rails, e.g. rxe0,rxe1:rxe1,rxe0")
-        })?;
-        let side = |names: &str, which: &str| -> Result<Vec<String>, String> {
-            let list: Vec<String> = names.split(',').map(|n| n.trim().to_owned()).collect();
-            if list.iter().any(|n| n.is_empty()) {
-                return Err(format!(
-                    "{s:?}: the {which}'s list {names:?} has an empty device name"
-                ));
-            }
-            Ok(list)
-        };
-        Ok(Devices {
-            server: side(server, "server")?,
-            client: side(client, "client")?,
-        })
-    }
-
-    /// `{"server": [...], "client": [...]}` for the JSON output.
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({"server": self.server, "client": self.client})
-    }
-}
-
 /// (server, client, listen URL) for `FabricPair::new`. Under emulation (Soft-RoCE in a TCG VM)
 /// rxe can stall for over a second while it retransmits, so a default peer timeout is raised to
 /// 10 s, as the conformance suite does for verbs. With `s.busy_poll` both nodes spin on their
@@ -86,7 +47,7 @@ impl Devices {
 /// before sleeping otherwise. `s.devices` chooses each node's device and rails;
 /// without it both nodes take the transport's default device (the lab's) and the rails of
 /// `AGENTFABRIC_RAILS`, if any.
-pub fn nodes(cfg: &Config, tag: &str, s: &super::Settings) -> BenchResult<(Node, Node, String)> {
+pub fn nodes(cfg: &Config, tag: &str, s: &Settings) -> BenchResult<(Node, Node, String)> {
     let devices = s.devices.as_ref();
     let url = format!("verbs://{}:0", listen_addr()?);
     let mut cfg = cfg.clone();
@@ -177,33 +138,6 @@ impl Perftest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn devices_parse_each_side_and_refuse_bad_lists() {
-        let d = Devices::parse("rxe0,rxe1:rxe1, rxe0").unwrap();
-        assert_eq!(d.server, ["rxe0", "rxe1"]);
-        assert_eq!(d.client, ["rxe1", "rxe0"]);
-        assert_eq!(
-            d.to_json(),
-            serde_json::json!({"server": ["rxe0", "rxe1"], "client": ["rxe1", "rxe0"]})
-        );
-        let one = Devices::parse("mlx5_0:mlx5_1").unwrap();
-        assert_eq!((one.server.len(), one.client.len()), (1, 1));
-        for bad in [
-            "rxe0",
-            "rxe0,:rxe1",
-            ":rxe1",
-            "rxe0:",
-            "rxe0,rxe1:rxe1,,rxe0",
-            "rxe0:rxe1:rxe2",
-        ] {
-            let e = Devices::parse(bad).unwrap_err();
-            assert!(
-                e.contains("SERVER:CLIENT") || e.contains("empty device name"),
-                "{bad}: {e}"
-            );
-        }
-    }
 
     #[test]
     fn perftest_rows_become_round_trips_and_bandwidth() {

@@ -26,8 +26,14 @@ use std::time::{Duration, Instant};
 use agentfabric::Config;
 use serde_json::json;
 
-use super::report::{fmt_ratio, ratio, round2, round3, Table};
-use super::{baseline, progress, BenchResult, FabricPair, Output, Settings, TransportKind};
+use crate::args::TransportKind;
+use crate::baseline;
+use crate::devices::Devices;
+use crate::error::BenchResult;
+use crate::pair::FabricPair;
+use crate::report::{fmt_ratio, progress, ratio, round2, round3, Output, Table};
+use crate::settings::Settings;
+use crate::verbs::Perftest;
 
 /// Bytes moved by one batch, and so the size of the regions it moves them between (rounded down
 /// to whole blocks, at least one). `mixed --bulk-api transfer` cycles through regions of this
@@ -117,7 +123,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let (base_name, base_mb_s, hot_mb_s) = match s.transport {
         TransportKind::Verbs => {
-            let p = super::verbs::Perftest::load(s.perftest.as_ref())?;
+            let p = Perftest::load(s.perftest.as_ref())?;
             let name = if s.pull { "ib_read_bw" } else { "ib_write_bw" };
             (name, p.and_then(|p| p.bw_mb_s(s.pull, s.size)), None)
         }
@@ -141,7 +147,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "threads": s.threads,
         "busy_poll": s.busy_poll,
         "spin_us": s.spin_us(),
-        "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
+        "devices": s.devices.as_ref().map(Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "fabric_mb_s": round2(fabric_mb_s),
         "baseline": {"name": base_name, "mb_s": base_mb_s.map(round2)},

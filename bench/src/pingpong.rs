@@ -4,7 +4,7 @@
 //! server's task receives and sends the same bytes back on the same channel. The baseline (raw
 //! TCP for `tcp`, raw quinn for `quic`, a tokio mpsc pair for `mem`) does the same with the same
 //! size. For `verbs` the baseline is perftest's `ib_send_lat` from the same lab boot, as round
-//! trips ([`super::verbs`]); the fabric is then measured alone.
+//! trips ([`crate::verbs`]); the fabric is then measured alone.
 //!
 //! Both are warmed up for `warmup`, then measured in alternating slices of about half a second
 //! (fabric first, then baseline, then baseline first...) until each has been measured for
@@ -17,13 +17,17 @@ use agentfabric::Config;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use super::baseline::BaselinePinger;
-use super::pacer::Pacer;
-use super::report::{fmt_ratio, ratio, Summary, Table};
-use super::{
-    fabric_stats_json, new_histogram, progress, BenchResult, FabricPair, Output, Pinger, Settings,
-    TransportKind,
-};
+use crate::args::TransportKind;
+use crate::baseline::BaselinePinger;
+use crate::devices::Devices;
+use crate::error::BenchResult;
+use crate::pacer::Pacer;
+use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pinger::Pinger;
+use crate::quic::RawQuinn;
+use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
+use crate::settings::Settings;
+use crate::verbs::Perftest;
 
 /// Longest measured slice before switching to the other side.
 const SLICE: Duration = Duration::from_millis(500);
@@ -45,9 +49,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
             (Some(Pinger::Baseline(b)), name)
         }
         TransportKind::Quic => (
-            Some(Pinger::Quinn(Box::new(
-                super::quic::RawQuinn::new(s.size).await?,
-            ))),
+            Some(Pinger::Quinn(Box::new(RawQuinn::new(s.size).await?))),
             "raw-quinn",
         ),
         TransportKind::Verbs => (None, "ib_send_lat"),
@@ -102,8 +104,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let fabric_sum = Summary::from_histogram(&hf);
     let base_sum = match base {
         Some(_) => Some(Summary::from_histogram(&hb)),
-        None => super::verbs::Perftest::load(s.perftest.as_ref())?
-            .and_then(|p| p.send_lat_round_trip(s.size)),
+        None => Perftest::load(s.perftest.as_ref())?.and_then(|p| p.send_lat_round_trip(s.size)),
     };
     if base_sum.is_none() {
         progress(&format!(
@@ -129,7 +130,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "threads": s.threads,
         "busy_poll": s.busy_poll,
         "spin_us": s.spin_us(),
-        "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
+        "devices": s.devices.as_ref().map(Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "fabric": fabric_sum.to_json(None),
         "baseline": base_sum.map(|b| b.to_json(Some(base_name))),

@@ -1,12 +1,34 @@
-//! Latency summaries from HDR histograms, and the readable table.
+//! What a run reports: progress on standard error, latency summaries from HDR histograms, the
+//! readable table, and the JSON object (its format: `bench/JSON.md`).
 //!
 //! Samples are recorded in nanoseconds (3 significant digits) and reported in microseconds as
 //! floats rounded to 2 decimals, so sub-microsecond differences stay visible.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+/// What a workload produces: the JSON object and the readable table.
+pub struct Output {
+    /// The JSON object (`bench/JSON.md`).
+    pub json: serde_json::Value,
+    /// The same, as a table for people.
+    pub table: String,
+}
+
+/// Prints a progress line on standard error.
+pub fn progress(msg: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[agentfabric bench +{t:.2}s] {msg}");
+}
+
+/// A histogram of round-trip times in nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("static histogram bounds are valid")
+}
 
 /// `{"count", "p50_us", "p99_us", "p999_us", "max_us"}` of one measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -131,7 +153,7 @@ mod tests {
 
     #[test]
     fn summary_reports_microseconds_with_sub_microsecond_precision() {
-        let mut h = crate::bench::new_histogram();
+        let mut h = new_histogram();
         for ns in [1_250u64, 1_250, 1_250, 1_500, 2_000] {
             h.record(ns).unwrap();
         }

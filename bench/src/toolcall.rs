@@ -16,8 +16,11 @@ use agentfabric::tools::{Call, HedgePolicy, ToolClient, ToolServer};
 use agentfabric::{Bytes, Class, Config, Node};
 use serde_json::json;
 
-use super::report::{fmt_ratio, ratio, round2, Summary, Table};
-use super::{new_histogram, progress, BenchResult, Output, Settings, TransportKind};
+use crate::args::TransportKind;
+use crate::error::BenchResult;
+use crate::quic;
+use crate::report::{fmt_ratio, new_histogram, progress, ratio, round2, Output, Summary, Table};
+use crate::settings::Settings;
 
 /// Fraction of executions delayed.
 pub const SLOW_FRACTION: f64 = 0.05;
@@ -36,7 +39,7 @@ fn splitmix(x: u64) -> u64 {
 async fn nodes(kind: TransportKind) -> BenchResult<(Node, Node, String)> {
     let cfg = Config::default();
     Ok(match kind {
-        TransportKind::Quic => super::quic::nodes(&cfg, "toolcall")?,
+        TransportKind::Quic => quic::nodes(&cfg, "toolcall")?,
         TransportKind::Tcp => {
             let mk = |n: &str| {
                 Node::builder(n)

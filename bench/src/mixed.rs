@@ -26,7 +26,7 @@
 //! one run and 4.4 GB/s in the next); slices taken side by side see the same drift.
 //!
 //! The coordination round trips of every phase run back to back, or with
-//! `--coord-interval-us N` start at most every N µs ([`super::pacer`]); only the round trip
+//! `--coord-interval-us N` start at most every N µs ([`crate::pacer`]); only the round trip
 //! itself is timed.
 //!
 //! Phases 1 to 3 use one pair of nodes, so its session counters in `fabric_stats` are
@@ -43,14 +43,20 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use super::bulk::BATCH_BYTES;
-use super::pacer::Pacer;
-use super::report::{fmt_ratio, ratio, round2, round3, Summary, Table};
-use super::{
-    baseline, fabric_stats_json, new_histogram, progress, BenchResult, BulkApi, FabricPair, Pinger,
-    Rate, Settings, TransportKind,
+use crate::args::{BulkApi, TransportKind, Workload};
+use crate::baseline;
+use crate::bulk::BATCH_BYTES;
+use crate::devices::Devices;
+use crate::error::BenchResult;
+use crate::pacer::Pacer;
+use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pinger::Pinger;
+use crate::rate::Rate;
+use crate::report::{
+    fmt_ratio, new_histogram, progress, ratio, round2, round3, Output, Summary, Table,
 };
-use super::{Output, Workload};
+use crate::settings::Settings;
+use crate::verbs::Perftest;
 
 /// Size of the coordination messages.
 pub const COORDINATION_SIZE: usize = 64;
@@ -351,8 +357,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         }
         TransportKind::Verbs => (
             "ib_write_bw",
-            super::verbs::Perftest::load(s.perftest.as_ref())?
-                .and_then(|p| p.bw_mb_s(false, s.size)),
+            Perftest::load(s.perftest.as_ref())?.and_then(|p| p.bw_mb_s(false, s.size)),
         ),
         TransportKind::Quic => unreachable!("mixed over quic is refused in bench::run"),
     };
@@ -383,7 +388,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         "threads": s.threads,
         "busy_poll": s.busy_poll,
         "spin_us": s.spin_us(),
-        "devices": s.devices.as_ref().map(super::verbs::Devices::to_json),
+        "devices": s.devices.as_ref().map(Devices::to_json),
         "version": env!("CARGO_PKG_VERSION"),
         "idle": idle.to_json(None),
         "loaded": loaded.to_json(None),

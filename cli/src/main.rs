@@ -3,7 +3,9 @@
 //! Subcommands:
 //! - `info`: the transports this build can use here, and the RDMA devices the verbs transport sees;
 //! - `bench`: measures the fabric against a raw baseline in the same process and prints latency
-//!   summaries (a table, or one JSON object with `--json`; see `notes/bench-json.md`).
+//!   summaries (a table, or one JSON object with `--json`; see `bench/JSON.md`); the harness and
+//!   workloads are the `agentfabric-bench` crate (`bench/`);
+//! - `certs`: writes development certificates for the QUIC transport.
 //!
 //! Everything here uses the public API of the agentfabric crates only.
 //! Standard output carries results only; progress and logs go to standard error.
@@ -12,7 +14,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod bench;
 mod certs;
 mod info;
 
@@ -36,7 +37,7 @@ enum Command {
     /// Show the transports this build can use here and the RDMA devices (ports, state, MTU, GIDs).
     Info,
     /// Measure the fabric against a raw baseline (same process, same run).
-    Bench(bench::BenchArgs),
+    Bench(agentfabric_bench::BenchArgs),
     /// Write certificates for the QUIC transport (`certs dev DIR [NODE...]`).
     Certs(certs::CertsArgs),
 }
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Info => info::main(),
-        Command::Bench(args) => bench::main(args),
+        Command::Bench(args) => agentfabric_bench::main(args),
         Command::Certs(args) => certs::main(args),
     }
 }

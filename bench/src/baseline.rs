@@ -22,7 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{BenchResult, Rate};
+use crate::error::BenchResult;
+use crate::rate::Rate;
 
 /// Bytes per read of the streaming baseline's receiver.
 const STREAM_READ: usize = 256 << 10;

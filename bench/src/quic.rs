@@ -10,7 +10,7 @@
 use agentfabric::{Config, Node};
 use agentfabric_quic::{quinn, DevCa, QuicConfig, QuicTransport};
 
-use super::BenchResult;
+use crate::error::BenchResult;
 
 fn dev_ca() -> BenchResult<&'static DevCa> {
     static CA: std::sync::OnceLock<DevCa> = std::sync::OnceLock::new();
@@ -35,7 +35,7 @@ pub fn node(name: String, cfg: &Config) -> BenchResult<Node> {
         .build()?)
 }
 
-/// (server, client, listen URL) for [`FabricPair::new`](super::FabricPair::new).
+/// (server, client, listen URL) for [`FabricPair::new`](crate::pair::FabricPair::new).
 pub fn nodes(cfg: &Config, tag: &str) -> BenchResult<(Node, Node, String)> {
     Ok((
         node(format!("bench-{tag}-server"), cfg)?,
