@@ -12,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use agentfabric::frame::{cut_frames, Frame, OrderKey, OutFrame};
+use agentfabric::sync::lock;
 use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
@@ -335,10 +336,6 @@ impl std::task::Wake for StreamWake {
             w.wake_by_ref();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type AcceptFuture = Pin<Box<dyn Future<Output = Result<RecvStream, ConnectionError>> + Send>>;

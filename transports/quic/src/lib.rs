@@ -71,6 +71,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentfabric::sync::lock;
 use agentfabric::transport::{BoxFuture, Connection, Listener, Transport};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -308,7 +309,7 @@ impl QuicTransport {
     }
 
     fn client_endpoint(&self, v6: bool) -> io::Result<quinn::Endpoint> {
-        let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut eps = lock(&self.endpoints);
         let slot = &mut eps[usize::from(v6)];
         if let Some(ep) = slot {
             return Ok(ep.clone());

@@ -31,10 +31,11 @@ use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use agentfabric::frame::{Frame, OutFrame, HEADER_LEN};
+use agentfabric::sync::{lock, wait};
 use agentfabric::transport::{FrameSink, RecvError, ThreadPriority};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -61,10 +62,6 @@ const WRITE_MAX: usize = 128 << 10;
 
 /// Stack of each lane thread: they keep their buffers on the heap.
 const THREAD_STACK: usize = 256 << 10;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn wake(w: Option<Waker>) {
     if let Some(w) = w {
@@ -358,7 +355,7 @@ fn write_loop(socket: Arc<TcpStream>, shared: &WriterShared) {
                     break;
                 }
                 st.idle = true;
-                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&shared.work, st);
                 st.idle = false;
             }
             // One batch at a time, so that what waits here is still counted as queued.
@@ -525,7 +522,7 @@ fn read_loop(mut stream: TcpFrameStream<Blocking>, shared: &ReaderShared) {
         let mut st = lock(&shared.state);
         while st.bytes >= READ_QUEUE_LIMIT && !st.gone {
             st.full = true;
-            st = shared.room.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = wait(&shared.room, st);
         }
         if st.gone {
             return;

@@ -18,11 +18,11 @@ use std::fmt;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use agentfabric::sync::{lock, wait, wait_timeout};
 use agentfabric::transport::{MemoryDomain, MemoryRegistration};
 
-use crate::lane_thread::lock;
 use crate::preamble::random_u64;
 
 /// How long deregistration lets accesses in progress finish before it shuts down their
@@ -220,13 +220,14 @@ impl Drop for TcpRegistration {
         lock(&self.regs).remove(&self.key);
         let mut st = lock(&self.entry.state);
         st.revoked = true;
-        if !st.users.is_empty() {
-            st = self
-                .entry
-                .idle
-                .wait_timeout_while(st, DEREGISTER_GRACE, |st| !st.users.is_empty())
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        // One grace period in all, however often the wait is woken before the users are gone.
+        let deadline = Instant::now() + DEREGISTER_GRACE;
+        while !st.users.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = wait_timeout(&self.entry.idle, st, left).0;
         }
         if !st.users.is_empty() {
             tracing::warn!(
@@ -237,7 +238,7 @@ impl Drop for TcpRegistration {
                 let _ = socket.shutdown(Shutdown::Both);
             }
             while !st.users.is_empty() {
-                st = self.entry.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&self.entry.idle, st);
             }
         }
     }

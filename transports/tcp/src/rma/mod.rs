@@ -47,11 +47,12 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
+use agentfabric::sync::lock;
 use agentfabric::transport::{
     ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
 };
 
-use crate::lane_thread::{lock, spawn};
+use crate::lane_thread::spawn;
 use crate::memory::{Refusal, TcpDomain};
 use crate::ThreadPriority;
 

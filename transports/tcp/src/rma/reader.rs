@@ -3,13 +3,13 @@
 
 use std::io;
 
+use agentfabric::sync::lock;
 use agentfabric::transport::OneSidedKind;
 
 use super::wire::{
     recv_exact, Header, FLAG_IMM, HEADER_LEN, OP_ACK, OP_READ, OP_READ_DATA, OP_WRITE,
 };
 use super::{Response, RmaLane};
-use crate::lane_thread::lock;
 use crate::memory::Refusal;
 
 pub(super) fn read_loop(lane: &RmaLane) {

@@ -3,13 +3,13 @@
 
 use std::io;
 
+use agentfabric::sync::{lock, wait};
 use agentfabric::transport::{OneSidedKind, OneSidedOp};
 
 use super::wire::{
     send_message, Header, FLAG_IMM, FLAG_LAST, OP_ACK, OP_READ, OP_READ_DATA, OP_REFUSE, OP_WRITE,
 };
 use super::{Response, RmaLane, MAX_OUTSTANDING, PIECE};
-use crate::lane_thread::lock;
 use crate::memory::Refusal;
 
 enum Job {
@@ -41,7 +41,7 @@ pub(super) fn write_loop(lane: &RmaLane) {
                         break Job::Request(seq, op);
                     }
                 }
-                st = lane.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&lane.work, st);
             }
         };
         let result = match job {
