@@ -41,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::sink::TcpFrameSink;
 use crate::stream::TcpFrameStream;
+use crate::threads::spawn;
 
 /// Most bytes of received frames the reader thread queues before it stops reading.
 pub(crate) const READ_QUEUE_LIMIT: usize = 4 << 20;
@@ -59,9 +60,6 @@ const TAKE_LIMIT: usize = 256 << 10;
 /// 128 KiB (bulk 3.4 GB/s, as with 256 KiB). The gain is small and lies in the spread of the
 /// runs, not in the loaded p99 itself (57–64 µs with 128 KiB against 58–63 µs with 256 KiB).
 const WRITE_MAX: usize = 128 << 10;
-
-/// Stack of each lane thread: they keep their buffers on the heap.
-const THREAD_STACK: usize = 256 << 10;
 
 fn wake(w: Option<Waker>) {
     if let Some(w) = w {
@@ -156,21 +154,6 @@ fn run_blocking<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> T {
         Poll::Ready(v) => v,
         Poll::Pending => unreachable!("blocking I/O returned Pending"),
     }
-}
-
-pub(crate) fn spawn(
-    name: &str,
-    priority: ThreadPriority,
-    f: impl FnOnce() + Send + 'static,
-) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .stack_size(THREAD_STACK)
-        .spawn(move || {
-            priority.apply();
-            f()
-        })
-        .map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ mod preamble;
 mod rma;
 mod sink;
 mod stream;
+mod threads;
 
 #[cfg(test)]
 mod rma_tests;

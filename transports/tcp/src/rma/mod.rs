@@ -52,8 +52,8 @@ use agentfabric::transport::{
     ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
 };
 
-use crate::lane_thread::spawn;
 use crate::memory::{Refusal, TcpDomain};
+use crate::threads::spawn;
 use crate::ThreadPriority;
 
 mod halves;
