@@ -7,11 +7,12 @@ use std::ffi::CStr;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
+use agentfabric::sync::lock;
 use agentfabric::transport::{
     Connection, ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedOp, RecvError,
 };
@@ -564,7 +565,6 @@ pub(crate) fn wc_imm(wc: &ibv_wc) -> Option<u32> {
         .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data }))
 }
 
-/// The connection's state, locked (a panic elsewhere does not poison it for the others).
 /// Links `wrs` into one list for a single `ibv_post_send` (each points at the next; the last
 /// keeps its null `next`). The pointers are valid while `wrs` is neither moved nor grown.
 pub(crate) fn chain_send_wrs(wrs: &mut [ibv_send_wr]) {
@@ -572,10 +572,6 @@ pub(crate) fn chain_send_wrs(wrs: &mut [ibv_send_wr]) {
         let next: *mut ibv_send_wr = &mut wrs[k];
         wrs[k - 1].next = next;
     }
-}
-
-fn lock_inner(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Immediates kept for a handler not installed yet (see [`OneSided::on_immediate`]).
@@ -600,7 +596,7 @@ async fn drain_rma(
             let (Some(conn), Some(ops)) = (conn.upgrade(), ops.upgrade()) else {
                 return;
             };
-            let drained = ops.lock().drain(k);
+            let drained = lock(&ops.state).drain(k);
             match drained {
                 Ok(()) => post_queued(&conn, &ops),
                 Err((kind, msg)) => fail_conn(&conn, kind, msg),
@@ -640,7 +636,7 @@ async fn drain_rma(
 /// Fails the connection with `kind` and `msg`, and wakes both halves (the frame path learns
 /// of it when it next runs).
 fn fail_conn(conn: &Mutex<Inner>, kind: io::ErrorKind, msg: String) {
-    let mut st = lock_inner(conn);
+    let mut st = lock(conn);
     st.fail(kind, msg);
     st.wake_both();
 }
@@ -693,7 +689,7 @@ pub(crate) fn send_post_thread(
         };
         loop {
             let planned = {
-                let mut st = lock_inner(&lane);
+                let mut st = lock(&lane);
                 let planned = st.plan_batch();
                 if planned.is_none() && st.error.is_some() {
                     // Planning failed the lane (an oversize frame): the halves learn of it now.
@@ -709,7 +705,7 @@ pub(crate) fn send_post_thread(
             // SAFETY: `lane` is held; this thread is the lane's only poster once it runs (its
             // `poster` is set), so batches are submitted one at a time, in order.
             let rc = unsafe { batch.submit() };
-            let mut st = lock_inner(&lane);
+            let mut st = lock(&lane);
             let posted = st.finish(batch, rc);
             // The sink waits for its queue to empty (or the error), the stream perhaps for
             // credits returned.
@@ -869,7 +865,7 @@ impl Drop for Inner {
             io::ErrorKind::ConnectionAborted,
             "the connection was closed".into(),
         );
-        let mut rma = self.rma.lock();
+        let mut rma = lock(&self.rma.state);
         for k in 0..rma.rails.len() {
             // Failed already: nothing is posted, and the drain's verdict changes nothing.
             let _ = rma.drain(k);
@@ -989,7 +985,7 @@ impl Inner {
         }
         // The one-sided QPs go to the error state too, so their posted pieces complete soon,
         // as flushed (a failure), whatever broke the connection; operations not posted fail.
-        self.rma.lock().fail((kind, msg));
+        lock(&self.rma.state).fail((kind, msg));
     }
 
     /// Wakes both halves' tasks.
@@ -1417,7 +1413,7 @@ impl Inner {
         let quiet = self.last_progress.elapsed();
         let outstanding = self.posted - self.completed;
         // Taken before `fail`, which locks the one-sided state again.
-        let rma_stalled = self.rma.lock().stalled(self.stall_timeout);
+        let rma_stalled = lock(&self.rma.state).stalled(self.stall_timeout);
         if outstanding > 0 && quiet > self.stall_timeout {
             let remote = self.remote.clone();
             self.fail(
@@ -1453,10 +1449,6 @@ impl Inner {
 pub(crate) struct Shared(Arc<Mutex<Inner>>);
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        lock_inner(&self.0)
-    }
-
     /// The lane, held weakly (by its posting thread).
     pub(crate) fn downgrade(&self) -> Weak<Mutex<Inner>> {
         Arc::downgrade(&self.0)
@@ -1464,20 +1456,20 @@ impl Shared {
 
     /// Queues a frame.
     pub(crate) fn push(&self, frame: OutFrame) {
-        let mut st = self.lock();
+        let mut st = lock(&self.0);
         st.queued += frame.wire_len();
         st.queue.push_back(frame);
     }
 
     /// Bytes queued and not yet posted.
     pub(crate) fn queued(&self) -> usize {
-        self.lock().queued
+        lock(&self.0).queued
     }
 
     /// Posts what is queued (and, when `close`, FIN after it): `Ready(Ok(()))` once everything
     /// is posted (and, when closing, has completed).
     pub(crate) fn poll_write(&self, cx: &mut TaskCx<'_>, close: bool) -> Poll<io::Result<()>> {
-        let mut st = self.lock();
+        let mut st = lock(&self.0);
         if close {
             st.closing = true;
         } else if st.closing && !st.queue.is_empty() {
@@ -1526,7 +1518,7 @@ impl Shared {
         cx: &mut TaskCx<'_>,
         out: &mut Vec<Frame>,
     ) -> Poll<Result<(), RecvError>> {
-        let mut st = self.lock();
+        let mut st = lock(&self.0);
         loop {
             if !st.ready.is_empty() {
                 out.extend(st.ready.drain(..));
@@ -1578,7 +1570,7 @@ impl Shared {
 
     /// The connection's one-sided operations (on the latency lane's state).
     pub(crate) fn one_sided(&self) -> Arc<dyn OneSided> {
-        let st = self.lock();
+        let st = lock(&self.0);
         Arc::new(VerbsOneSided {
             conn: Arc::downgrade(&self.0),
             ops: Arc::downgrade(&st.rma),
@@ -1589,14 +1581,14 @@ impl Shared {
     /// Whether the lane's side channel has closed (registering `cx` to hear of it); `false` on
     /// a lane without one.
     pub(crate) fn side_closed(&self, cx: &mut TaskCx<'_>) -> bool {
-        let mut st = self.lock();
+        let mut st = lock(&self.0);
         st.poll_side(cx);
         st.side_closed
     }
 
     /// Has `kick` wake the lane's posting thread to post its sends from now on.
     pub(crate) fn set_poster(&self, kick: std::sync::mpsc::SyncSender<()>) {
-        self.lock().poster = Some(kick);
+        lock(&self.0).poster = Some(kick);
     }
 
     /// Fails the lane (and so the connection's one-sided operations) with `kind` and `msg`.
@@ -1626,7 +1618,7 @@ impl OneSided for VerbsOneSided {
             )));
             return;
         };
-        let failed = lock_inner(&conn).io_error();
+        let failed = lock(&conn).io_error();
         if let Some(e) = failed {
             done(Err(e));
             return;
@@ -1638,13 +1630,13 @@ impl OneSided for VerbsOneSided {
         }
         // A failure between the check above and here fails what is queued (`Rma::fail`), so
         // the operation is not lost either way.
-        ops.lock().submit(op, done);
+        lock(&ops.state).submit(op, done);
         post_queued(&conn, &ops);
     }
 
     fn on_immediate(&self, handler: ImmediateHandler) {
         if let Some(ops) = self.ops.upgrade() {
-            ops.lock().imms.install(handler);
+            lock(&ops.state).imms.install(handler);
         }
     }
 }
@@ -1881,7 +1873,7 @@ pub(crate) fn spawn_poster(
 /// comes in. `side` is the lane that holds the side channel, when another: its closing ends
 /// the wait too.
 async fn probe(lane: &Shared, side: Option<&Shared>) -> io::Result<()> {
-    lane.lock().post_probe();
+    lock(&lane.0).post_probe();
     poll_fn(|cx| {
         if side.is_some_and(|s| s.side_closed(cx)) {
             return Poll::Ready(Err(io::Error::new(
@@ -1889,7 +1881,7 @@ async fn probe(lane: &Shared, side: Option<&Shared>) -> io::Result<()> {
                 "the peer closed the side channel before the bulk lane's RDMA path check",
             )));
         }
-        let mut st = lane.lock();
+        let mut st = lock(&lane.0);
         loop {
             let drained = st.drain();
             if let Some(e) = st.io_error() {

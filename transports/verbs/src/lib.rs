@@ -152,6 +152,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use agentfabric::frame::HEADER_LEN;
+use agentfabric::sync::lock;
 /// The posting thread's priority ([`RmaPosting::Thread`]): the fabric's type, re-exported here
 /// where the verbs settings name it.
 pub use agentfabric::transport::ThreadPriority;
@@ -505,7 +506,7 @@ impl VerbsTransport {
     /// The open device called `name` (opened now if no connection holds it); `setting` names
     /// where the name came from, for the error when there is no such device.
     fn device(&self, name: &str, setting: &str) -> io::Result<Arc<Context>> {
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = lock(&OPEN);
         let open = open.get_or_insert_with(HashMap::new);
         if let Some(d) = open.get(name).and_then(Weak::upgrade) {
             return Ok(d);

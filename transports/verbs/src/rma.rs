@@ -20,9 +20,10 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentfabric::sync::lock;
 use agentfabric::transport::{Immediates, OneSidedDone, OneSidedKind, OneSidedOp, MAX_RAILS};
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
@@ -893,7 +894,9 @@ impl Batch {
 /// system call, and a coordination frame must not wait for that (measured in the lab: the
 /// posting `write`s of `mixed --bulk-api transfer` took 6 ms at p90, 11 ms at p99).
 pub(crate) struct RmaShared {
-    state: Mutex<Rma>,
+    /// Locked with [`agentfabric::sync::lock`] (a panic elsewhere does not poison it for the
+    /// others).
+    pub(crate) state: Mutex<Rma>,
     /// Serialises posting, so that batches reach the QPs in the order they were planned (their
     /// work-request ids count up, and RC completes them in posted order). Taken before
     /// `state`, never while holding it.
@@ -913,14 +916,9 @@ impl RmaShared {
         }
     }
 
-    /// The state, locked (a panic elsewhere does not poison it for the others).
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Rma> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Whether operations wait to be posted.
     pub(crate) fn queued(&self) -> bool {
-        !self.lock().queue.is_empty()
+        !lock(&self.state).queue.is_empty()
     }
 
     /// Has the posting thread post what is queued: `true` when it was woken (or already had
@@ -940,13 +938,13 @@ impl RmaShared {
     /// fails the connection; the pieces not posted are settled as failed). The caller keeps
     /// the connection alive meanwhile, so its QPs are.
     pub(crate) fn post(&self) -> io::Result<()> {
-        let mut batch = self.posting.lock().unwrap_or_else(|e| e.into_inner());
-        self.lock().plan(&mut batch);
+        let mut batch = lock(&self.posting);
+        lock(&self.state).plan(&mut batch);
         for r in 0..batch.rails.len() {
             let Err((posted, rc)) = batch.post_rail(r) else {
                 continue;
             };
-            let mut st = self.lock();
+            let mut st = lock(&self.state);
             let k = batch.rails[r].rail;
             let e = rc_err(
                 rc,
@@ -967,7 +965,7 @@ impl RmaShared {
         if batch.rails.iter().any(|b| b.was_idle) {
             // The stall clock of a rail idle when these were planned starts now that they are
             // posted: a posting thread kept off the CPU is not a silent link.
-            let mut st = self.lock();
+            let mut st = lock(&self.state);
             let now = Instant::now();
             for b in batch.rails.iter().filter(|b| b.was_idle) {
                 st.rails[b.rail].progress = now;

@@ -15,6 +15,7 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use agentfabric::sync::lock;
 use rdma_sys::*;
 
 use crate::conn::{connect_one, os_err, rc_err, to_init, PathSpec};
@@ -153,7 +154,7 @@ impl Binder {
     /// `mr` must be a live MR of the binder's PD, registered with `IBV_ACCESS_MW_BIND` and
     /// `IBV_ACCESS_LOCAL_WRITE`, and outlive the window.
     pub(crate) unsafe fn bind(&self, dev: &Context, mr: *mut ibv_mr) -> io::Result<Window> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         if let Some(why) = &state.broken {
             return Err(io::Error::other(format!(
                 "memory windows on {} are out of use: {why}",
