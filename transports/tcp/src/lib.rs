@@ -172,6 +172,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt;
 
 mod lane_thread;
+mod lanes;
 mod listener;
 mod memory;
 mod preamble;
@@ -186,12 +187,11 @@ mod rma_tests;
 mod tests;
 
 use lane_thread::{ThreadSink, ThreadStream};
+use lanes::{LanedSink, LanedStream};
 use listener::TcpFrameListener;
 use memory::TcpDomain;
 use preamble::Preamble;
 use rma::RmaLane;
-use sink::LanedSink;
-use stream::LanedStream;
 
 /// Scheduling priority of the bulk lane's threads ([`BulkLaneIo::Threads`]; the default is
 /// `Nice(10)`). The fabric's own type, re-exported here where tcp's settings name it.
