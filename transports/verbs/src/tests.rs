@@ -1,6 +1,6 @@
 //! Tests. Those that need an RDMA device are `#[ignore]`d with the reason, so they never pass
-//! silently on a machine without one; `soft-roce/tests.d/10-verbs-transport` runs them in the lab with
-//! `--ignored`.
+//! silently on a machine without one; `soft-roce/tests.d/10-verbs-transport` runs them in the
+//! lab with `--ignored`.
 
 use std::future::poll_fn;
 use std::io;
