@@ -13,9 +13,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::config::TcpConfig;
+use crate::connection::into_connection;
 use crate::memory::TcpDomain;
 use crate::preamble::{Preamble, PreambleError, LANES, PREAMBLE_LEN};
-use crate::{into_connection, TcpConfig};
 
 /// How many ids of recently paired connections are remembered, to refuse a late extra lane.
 const RECENT_IDS: usize = 1024;

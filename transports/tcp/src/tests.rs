@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::lanes::LaneSink;
+use crate::lanes::{LaneSink, LanedSink, LanedStream};
 use crate::listener::TcpFrameListener;
 use crate::preamble::{Preamble, PreambleError};
 use crate::sink::{TcpFrameSink, COALESCE_MAX};

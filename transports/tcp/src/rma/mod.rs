@@ -50,11 +50,11 @@ use std::task::{Context, Poll, Waker};
 use agentfabric::sync::lock;
 use agentfabric::transport::{
     ImmediateHandler, Immediates, OneSided, OneSidedDone, OneSidedKind, OneSidedOp, RecvError,
+    ThreadPriority,
 };
 
 use crate::memory::{Refusal, TcpDomain};
 use crate::threads::spawn;
-use crate::ThreadPriority;
 
 mod halves;
 mod reader;
