@@ -1,5 +1,5 @@
 //! The transport's settings: [`VerbsConfig`], where one-sided work and bulk-lane sends are
-//! posted from ([`RmaPosting`]), the one-sided limits ([`RMA_PIECE`], [`READ_DEPTH`]), and the
+//! posted from ([`Posting`]), the one-sided limits ([`RMA_PIECE`], [`READ_DEPTH`]), and the
 //! checks the settings pass before any device is touched ([`VerbsConfig::validate`]), with the
 //! environment variables that fill in what is left unset.
 
@@ -85,23 +85,23 @@ pub struct VerbsConfig {
     /// (comma-separated) when empty.
     pub rails: Vec<String>,
     /// Where one-sided operations' pieces (and the bulk lane's sends) are posted from. Default
-    /// [`RmaPosting::Auto`]: a thread of the connection's own at nice 10 on a software device,
+    /// [`Posting::Auto`]: a thread of the connection's own at nice 10 on a software device,
     /// the submitting or completing task on hardware.
-    pub rma_posting: RmaPosting,
+    pub posting: Posting,
     /// Give bulk channels' frames a queue pair of their own (a second one per connection, with
     /// its own receive buffers: twice the registered memory of one), so that coordination never
     /// waits behind bulk data in a send queue. Used when both ends set it. Where the bulk lane's
-    /// sends are posted from follows [`VerbsConfig::rma_posting`]. Default on.
+    /// sends are posted from follows [`VerbsConfig::posting`]. Default on.
     pub bulk_lane: bool,
 }
 
 /// Where a connection posts its one-sided operations' pieces, and its bulk lane's sends
-/// ([`VerbsConfig::rma_posting`], [`VerbsConfig::bulk_lane`]): each gets a thread of its own
+/// ([`VerbsConfig::posting`], [`VerbsConfig::bulk_lane`]): each gets a thread of its own
 /// when a thread is chosen.
 ///
 /// Posting one-sided work never holds the lock the connection's frames need, whichever is
 /// chosen; the bulk lane's sends are posted under the bulk lane's own lock by
-/// [`RmaPosting::Caller`], outside it by a thread. On hardware
+/// [`Posting::Caller`], outside it by a thread. On hardware
 /// `ibv_post_send` writes a doorbell and returns. On a software device (Soft-RoCE `rxe`,
 /// `siw`) it runs the protocol in the posting system call: segmenting, checksums, the copies,
 /// and often the receiving side's work too. In the lab those calls took 6 ms at p90 and 11 ms
@@ -109,9 +109,9 @@ pub struct VerbsConfig {
 /// holds up every coordination frame the worker would have handled meanwhile; on a thread of
 /// its own at a lower priority the kernel's scheduler runs coordination first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RmaPosting {
-    /// [`RmaPosting::Thread`]`(`[`ThreadPriority::Nice`]`(10))` when the connection's device is
-    /// a software one (known by its vendor id), [`RmaPosting::Caller`] otherwise.
+pub enum Posting {
+    /// [`Posting::Thread`]`(`[`ThreadPriority::Nice`]`(10))` when the connection's device is
+    /// a software one (known by its vendor id), [`Posting::Caller`] otherwise.
     #[default]
     Auto,
     /// The task that submits an operation, or that takes the completions which made room,
@@ -122,14 +122,14 @@ pub enum RmaPosting {
     Thread(ThreadPriority),
 }
 
-impl RmaPosting {
+impl Posting {
     /// The posting thread's priority for a connection on a device that is `software` or not;
     /// `None`: no thread.
     pub(crate) fn thread(self, software: bool) -> Option<ThreadPriority> {
         match self {
-            RmaPosting::Auto => software.then_some(ThreadPriority::Nice(10)),
-            RmaPosting::Caller => None,
-            RmaPosting::Thread(p) => Some(p),
+            Posting::Auto => software.then_some(ThreadPriority::Nice(10)),
+            Posting::Caller => None,
+            Posting::Thread(p) => Some(p),
         }
     }
 }
@@ -165,7 +165,7 @@ impl Default for VerbsConfig {
             rma_inflight_bytes: 256 << 10,
             memory_windows: true,
             rails: Vec::new(),
-            rma_posting: RmaPosting::Auto,
+            posting: Posting::Auto,
             bulk_lane: true,
         }
     }
@@ -195,10 +195,10 @@ impl VerbsConfig {
                 self.rma_inflight_bytes
             ));
         }
-        if let RmaPosting::Thread(ThreadPriority::Nice(n)) = self.rma_posting {
+        if let Posting::Thread(ThreadPriority::Nice(n)) = self.posting {
             if !(-20..=19).contains(&n) {
                 return bad(format!(
-                    "VerbsConfig::rma_posting Thread(Nice({n})) is out of range (-20..=19)"
+                    "VerbsConfig::posting Thread(Nice({n})) is out of range (-20..=19)"
                 ));
             }
         }

@@ -652,7 +652,7 @@ fn post_queued(conn: &Mutex<Inner>, ops: &RmaShared) {
     }
 }
 
-/// The connection's posting thread ([`crate::RmaPosting`]): posts what is queued each time it
+/// The connection's posting thread ([`crate::Posting`]): posts what is queued each time it
 /// is woken, at `priority`, until the connection is gone (its wake-up sender drops with it).
 fn post_thread(
     conn: Weak<Mutex<Inner>>,
@@ -1746,7 +1746,7 @@ pub(crate) async fn establish(
         .unzip();
     let rail_cqs: Vec<Arc<RmaCq>> = rma_rails.iter().map(|r| r.cq.clone()).collect();
     let software = res.dev.software;
-    let poster = cfg.rma_posting.thread(software);
+    let poster = cfg.posting.thread(software);
     let (kick, kicks) = match poster {
         // One pending wake-up is enough: the thread posts all that fits when it runs.
         Some(_) => {
@@ -1863,7 +1863,7 @@ pub(crate) fn spawn_poster(
                 e.kind(),
                 format!(
                     "verbs connection to {remote_name}: cannot start its posting thread {name} \
-                     ({e}); VerbsConfig::rma_posting = RmaPosting::Caller needs none"
+                     ({e}); VerbsConfig::posting = Posting::Caller needs none"
                 ),
             )
         })

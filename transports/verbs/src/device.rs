@@ -181,7 +181,7 @@ pub(crate) struct Context {
     pub(crate) reads_out: u8,
     /// A software device (Soft-RoCE `rxe`, `siw`), by its vendor id: its `ibv_post_send` runs
     /// the protocol, copies included, inside the posting system call (see
-    /// [`crate::RmaPosting::Auto`]).
+    /// [`crate::Posting::Auto`]).
     pub(crate) software: bool,
     /// The device has type 1 memory windows (`IBV_DEVICE_MEM_WINDOW`).
     mem_windows: bool,

@@ -7,7 +7,7 @@
 //! 2.6 ms each), and the posting itself runs the protocol inside `ibv_post_send`. With a lane
 //! of its own, bulk data queues only behind bulk data: coordination frames never wait behind
 //! it in a send queue, and a bulk lane on a software device is posted from a thread of its own
-//! at a lower priority ([`crate::RmaPosting`]), off the runtime's workers.
+//! at a lower priority ([`crate::Posting`]), off the runtime's workers.
 //!
 //! The bulk lane is a second frames QP like the first (its own CQ, completion channel, receive
 //! buffers and credits), set up over the same side channel after the first, and proved by a

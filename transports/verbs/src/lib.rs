@@ -55,7 +55,7 @@
 //!   bulk frame posted before it (in the lab: a loaded coordination p50 of 5.9 ms against
 //!   0.53–0.57 ms with the lane, `bench/RESULTS.md`). On a software device the bulk lane's
 //!   sends are planned under its lock and posted outside it by a thread of its own
-//!   ([`RmaPosting`]). Either lane's failure is the connection's; the stream ends when both
+//!   ([`Posting`]). Either lane's failure is the connection's; the stream ends when both
 //!   lanes have ended; closing closes both.
 //! - **One-sided operations** ([`FrameSink::one_sided`](agentfabric::transport::FrameSink)):
 //!   the fabric's transfers between registered regions move by RDMA WRITE and READ. Regions
@@ -76,7 +76,7 @@
 //!   with its last piece. The pieces are planned under a lock of their own and posted outside
 //!   it, never under the lock the frames need: on a software device `ibv_post_send` runs the
 //!   protocol in the posting system call, for milliseconds under emulation. There a thread of
-//!   the connection's own at nice 10 posts them ([`RmaPosting`]), so that work never holds a
+//!   the connection's own at nice 10 posts them ([`Posting`]), so that work never holds a
 //!   runtime worker either (in the lab the loaded coordination p50 under one-sided bulk went
 //!   from 9.3–9.6 ms to 0.49–0.50 ms, the p99 from 30–34 ms to 1–2 ms). What keeps an operation's
 //!   memory alive rides in its completion, which runs (or is dropped) only once the device is
@@ -124,7 +124,7 @@
 //! up three QPs (latency frames, bulk frames, one-sided operations; two without the bulk
 //! lane), each with its CQ and completion channel, and a task that drains the one-sided CQ
 //! (and one more QP, CQ and task per rail); on a software device, two threads that post
-//! one-sided work and bulk frames ([`RmaPosting::Auto`]), asleep while there is none. In
+//! one-sided work and bulk frames ([`Posting::Auto`]), asleep while there is none. In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
@@ -152,7 +152,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use agentfabric::frame::HEADER_LEN;
 use agentfabric::sync::lock;
-/// The posting thread's priority ([`RmaPosting::Thread`]): the fabric's type, re-exported here
+/// The posting thread's priority ([`Posting::Thread`]): the fabric's type, re-exported here
 /// where the verbs settings name it.
 pub use agentfabric::transport::ThreadPriority;
 use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Transport};
@@ -167,8 +167,13 @@ pub mod params;
 mod rma;
 mod window;
 
-pub use config::{RmaPosting, VerbsConfig, READ_DEPTH, RMA_PIECE};
+pub use config::{Posting, VerbsConfig, READ_DEPTH, RMA_PIECE};
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
+
+/// The old name of [`Posting`]: it governs the bulk lane's sends too, not only one-sided
+/// ("RMA") work.
+#[deprecated(note = "renamed to Posting")]
+pub type RmaPosting = Posting;
 
 use conn::Role;
 use device::Context;

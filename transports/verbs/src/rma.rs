@@ -887,7 +887,7 @@ impl Batch {
 }
 
 /// A connection's one-sided operations, shared by whoever submits them, the rails' draining
-/// tasks and, where [`crate::RmaPosting`] asks for one, the connection's posting thread.
+/// tasks and, where [`crate::Posting`] asks for one, the connection's posting thread.
 ///
 /// Apart from the frames' state, and posted outside any lock the frames need: on a software
 /// device (Soft-RoCE) `ibv_post_send` runs the whole protocol, copies included, in the posting
