@@ -14,13 +14,13 @@ use crate::config::{BulkLaneIo, TcpConfig, SCHEME};
 use crate::lane_thread::{ThreadSink, ThreadStream};
 use crate::lanes::{LanedSink, LanedStream};
 use crate::memory::TcpDomain;
-use crate::rma::{self, RmaLane};
+use crate::one_sided::{self, OneSidedLane};
 
 /// Makes a fabric connection of its frame lanes' streams (`lanes[i]` carries lane `i`) and, when
 /// there is one, its one-sided lane's.
 pub(crate) fn into_connection(
     lanes: [tokio::net::TcpStream; Lane::COUNT],
-    rma: Option<tokio::net::TcpStream>,
+    one_sided_lane: Option<tokio::net::TcpStream>,
     config: &TcpConfig,
     domain: &Arc<TcpDomain>,
 ) -> io::Result<Connection> {
@@ -29,7 +29,7 @@ pub(crate) fn into_connection(
         Err(_) => format!("{SCHEME}://(unknown)"),
     };
     if let Some(size) = config.bulk_send_buffer_size {
-        for s in std::iter::once(&lanes[Lane::Bulk as usize]).chain(&rma) {
+        for s in std::iter::once(&lanes[Lane::Bulk as usize]).chain(&one_sided_lane) {
             if let Err(e) = SockRef::from(s).set_send_buffer_size(size) {
                 tracing::warn!(%remote, error = %e, "cannot set SO_SNDBUF of a bulk lane");
             }
@@ -63,15 +63,15 @@ pub(crate) fn into_connection(
             )
         }
     };
-    let (sink, stream) = match rma {
+    let (sink, stream) = match one_sided_lane {
         None => (sink, stream),
-        Some(rma) => {
+        Some(socket) => {
             let priority = match config.bulk_lane_io {
                 BulkLaneIo::Threads(p) => p,
                 BulkLaneIo::Runtime => ThreadPriority::Nice(10),
             };
-            let lane = RmaLane::start(rma.into_std()?, domain.clone(), priority)?;
-            rma::attach(sink, stream, lane)
+            let lane = OneSidedLane::start(socket.into_std()?, domain.clone(), priority)?;
+            one_sided::attach(sink, stream, lane)
         }
     };
     Ok(Connection {

@@ -98,7 +98,7 @@
 //! Deregistration waits for the accesses in progress, and cuts a stalled one short by shutting
 //! its connection down, so memory is never touched after its registration is dropped. Keys are
 //! random 32-bit values: as with RDMA, anyone connected who holds (or guesses) a key can reach
-//! that registration while it lives. The wire format and the rest are in the `rma` module's
+//! that registration while it lives. The wire format and the rest are in the `one_sided` module's
 //! source.
 //!
 //! A connection made by [`TcpTransport::wrap_streams`] has no one-sided lane: its transfers move
@@ -173,14 +173,14 @@ mod lane_thread;
 mod lanes;
 mod listener;
 mod memory;
+mod one_sided;
 mod preamble;
-mod rma;
 mod sink;
 mod stream;
 mod threads;
 
 #[cfg(test)]
-mod rma_tests;
+mod one_sided_tests;
 #[cfg(test)]
 mod tests;
 
@@ -280,26 +280,29 @@ impl TcpTransport {
                 ))
             }
         };
-        let [latency, bulk, rma] = lanes;
-        into_connection([latency, bulk], Some(rma), &self.config, &self.domain)
+        let [latency, bulk, one_sided] = lanes;
+        into_connection([latency, bulk], Some(one_sided), &self.config, &self.domain)
     }
 
     /// Opens the lanes to `sa` (concurrently) and writes their preambles.
     async fn connect_lanes(&self, sa: SocketAddr) -> io::Result<[tokio::net::TcpStream; LANES]> {
         let id = preamble::random_u64();
-        let (mut latency, mut bulk, mut rma) = tokio::try_join!(
+        let (mut latency, mut bulk, mut one_sided) = tokio::try_join!(
             self.connect_one(sa),
             self.connect_one(sa),
             self.connect_one(sa)
         )?;
-        for (lane, stream) in [&mut latency, &mut bulk, &mut rma].into_iter().enumerate() {
+        for (lane, stream) in [&mut latency, &mut bulk, &mut one_sided]
+            .into_iter()
+            .enumerate()
+        {
             let p = Preamble {
                 lane: lane as u8,
                 id,
             };
             stream.write_all(&p.encode()).await?;
         }
-        Ok([latency, bulk, rma])
+        Ok([latency, bulk, one_sided])
     }
 
     async fn connect_one(&self, sa: SocketAddr) -> io::Result<tokio::net::TcpStream> {

@@ -176,8 +176,13 @@ impl TcpFrameListener {
             self.order.remove(&half.seq);
             self.remember(p.id);
             let lanes = half.lanes.map(|l| l.expect("every lane arrived"));
-            let [latency, bulk, rma] = lanes;
-            return match into_connection([latency, bulk], Some(rma), &self.config, &self.domain) {
+            let [latency, bulk, one_sided] = lanes;
+            return match into_connection(
+                [latency, bulk],
+                Some(one_sided),
+                &self.config,
+                &self.domain,
+            ) {
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     tracing::warn!(local = %self.local, %peer, error = %e,

@@ -9,7 +9,7 @@ use agentfabric::transport::{OneSidedKind, OneSidedOp};
 use super::wire::{
     send_message, Header, FLAG_IMM, FLAG_LAST, OP_ACK, OP_READ, OP_READ_DATA, OP_REFUSE, OP_WRITE,
 };
-use super::{Response, RmaLane, MAX_OUTSTANDING, PIECE};
+use super::{OneSidedLane, Response, MAX_OUTSTANDING, PIECE};
 use crate::memory::Refusal;
 
 enum Job {
@@ -17,7 +17,7 @@ enum Job {
     Request(u64, OneSidedOp),
 }
 
-pub(super) fn write_loop(lane: &RmaLane) {
+pub(super) fn write_loop(lane: &OneSidedLane) {
     loop {
         let job = {
             let mut st = lock(&lane.state);
@@ -55,7 +55,7 @@ pub(super) fn write_loop(lane: &RmaLane) {
     }
 }
 
-fn send_request(lane: &RmaLane, seq: u64, op: OneSidedOp) -> io::Result<()> {
+fn send_request(lane: &OneSidedLane, seq: u64, op: OneSidedOp) -> io::Result<()> {
     let mut h = Header {
         seq,
         key: op.remote_key,
@@ -129,7 +129,7 @@ fn send_request(lane: &RmaLane, seq: u64, op: OneSidedOp) -> io::Result<()> {
     result
 }
 
-fn send_response(lane: &RmaLane, r: Response) -> io::Result<()> {
+fn send_response(lane: &OneSidedLane, r: Response) -> io::Result<()> {
     let (header, lease) = match r {
         Response::Ack(seq) => (
             Header {

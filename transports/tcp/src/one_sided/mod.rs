@@ -146,8 +146,8 @@ struct LaneState {
 }
 
 /// A connection's one-sided lane (see the module docs).
-pub(crate) struct RmaLane {
-    me: Weak<RmaLane>,
+pub(crate) struct OneSidedLane {
+    me: Weak<OneSidedLane>,
     socket: Arc<TcpStream>,
     domain: Arc<TcpDomain>,
     priority: ThreadPriority,
@@ -157,15 +157,15 @@ pub(crate) struct RmaLane {
     imm: Mutex<Immediates>,
 }
 
-impl RmaLane {
+impl OneSidedLane {
     /// Runs the lane on `socket` (switched to blocking mode) with the reader thread started.
     pub(crate) fn start(
         socket: TcpStream,
         domain: Arc<TcpDomain>,
         priority: ThreadPriority,
-    ) -> io::Result<Arc<RmaLane>> {
+    ) -> io::Result<Arc<OneSidedLane>> {
         socket.set_nonblocking(false)?;
-        let lane = Arc::new_cyclic(|me| RmaLane {
+        let lane = Arc::new_cyclic(|me| OneSidedLane {
             me: me.clone(),
             socket: Arc::new(socket),
             domain,
@@ -175,6 +175,7 @@ impl RmaLane {
             imm: Mutex::new(Immediates::new(EARLY_IMMEDIATES)),
         });
         let reader = lane.clone();
+        // "rma" rather than "one-sided" in the thread names: Linux keeps 15 bytes of a name.
         spawn("af-tcp-rma-rx", priority, move || {
             reader::read_loop(&reader)
         })?;
@@ -336,7 +337,7 @@ impl RmaLane {
     }
 }
 
-impl OneSided for RmaLane {
+impl OneSided for OneSidedLane {
     fn domain(&self) -> u64 {
         self.domain.id()
     }

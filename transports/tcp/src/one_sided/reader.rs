@@ -9,10 +9,10 @@ use agentfabric::transport::OneSidedKind;
 use super::wire::{
     recv_exact, Header, FLAG_IMM, HEADER_LEN, OP_ACK, OP_READ, OP_READ_DATA, OP_WRITE,
 };
-use super::{Response, RmaLane};
+use super::{OneSidedLane, Response};
 use crate::memory::Refusal;
 
-pub(super) fn read_loop(lane: &RmaLane) {
+pub(super) fn read_loop(lane: &OneSidedLane) {
     let mut reader = Reader {
         lane,
         scratch: Vec::new(),
@@ -51,7 +51,7 @@ pub(super) fn read_loop(lane: &RmaLane) {
 }
 
 struct Reader<'a> {
-    lane: &'a RmaLane,
+    lane: &'a OneSidedLane,
     /// Where the bytes of a refused write go.
     scratch: Vec<u8>,
     /// The last write refused: its later pieces are refused too.

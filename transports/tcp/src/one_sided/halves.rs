@@ -7,10 +7,10 @@ use std::task::{Context, Poll};
 use agentfabric::frame::Frame;
 use agentfabric::transport::{FrameSink, FrameStream, OneSidedSink, RecvError};
 
-use super::RmaLane;
+use super::OneSidedLane;
 
 /// Ends the lane when the last half of the connection is dropped.
-struct Owner(Arc<RmaLane>);
+struct Owner(Arc<OneSidedLane>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
@@ -23,12 +23,12 @@ impl Drop for Owner {
 pub(crate) fn attach(
     sink: Box<dyn FrameSink>,
     stream: Box<dyn FrameStream>,
-    lane: Arc<RmaLane>,
+    lane: Arc<OneSidedLane>,
 ) -> (Box<dyn FrameSink>, Box<dyn FrameStream>) {
     let owner = Arc::new(Owner(lane.clone()));
     (
         Box::new(OneSidedSink::new(sink, lane.clone(), Some(owner.clone()))),
-        Box::new(RmaStream {
+        Box::new(OneSidedStream {
             inner: stream,
             lane,
             _owner: owner,
@@ -36,13 +36,13 @@ pub(crate) fn attach(
     )
 }
 
-struct RmaStream {
+struct OneSidedStream {
     inner: Box<dyn FrameStream>,
-    lane: Arc<RmaLane>,
+    lane: Arc<OneSidedLane>,
     _owner: Arc<Owner>,
 }
 
-impl FrameStream for RmaStream {
+impl FrameStream for OneSidedStream {
     fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,

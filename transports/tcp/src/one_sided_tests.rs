@@ -14,8 +14,8 @@ use agentfabric::transport::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::one_sided::{Header, MAX_OUTSTANDING, PIECE};
 use crate::preamble::Preamble;
-use crate::rma::{Header, MAX_OUTSTANDING, PIECE};
 use crate::TcpTransport;
 
 const LIMIT: Duration = Duration::from_secs(30);
