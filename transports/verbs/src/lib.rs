@@ -164,6 +164,7 @@ mod device;
 mod lanes;
 mod memory;
 pub mod params;
+mod qp;
 mod rma;
 mod window;
 

@@ -28,12 +28,12 @@ use agentfabric::transport::{Immediates, OneSidedDone, OneSidedKind, OneSidedOp,
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
 
-use crate::conn::{
+use crate::device::Context;
+use crate::params::{LinkLayer, RailParams};
+use crate::qp::{
     chain_send_wrs, channel_fd, connect_one, explain_status, os_err, poll_cq, rc_err, rc_qp_attr,
     to_init, wc_imm, ChannelFd, PathSpec,
 };
-use crate::device::Context;
-use crate::params::{LinkLayer, RailParams};
 use crate::RMA_PIECE;
 
 /// Receives posted on a one-sided QP: how many of the peer's writes with immediate can land

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use agentfabric::sync::lock;
 use rdma_sys::*;
 
-use crate::conn::{connect_one, os_err, rc_err, to_init, PathSpec};
 use crate::device::Context;
 use crate::params::LinkLayer;
+use crate::qp::{connect_one, os_err, rc_err, to_init, PathSpec};
 
 /// How long a bind may take before the binder is given up: binds complete in microseconds, so
 /// a longer wait means the device or its driver is stuck.
