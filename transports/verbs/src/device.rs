@@ -299,15 +299,25 @@ impl Context {
                     tracing::debug!(device = %self.name, "the device has no memory windows");
                     return None;
                 }
-                Binder::new(self)
-                    .map_err(|e| {
-                        tracing::info!(
-                            device = %self.name,
-                            error = %e,
-                            "cannot bind memory windows: revoked regions are deregistered"
-                        )
-                    })
-                    .ok()
+                // The first ACTIVE port and its first RoCE v2 IPv4-mapped GID.
+                let made = self.first_active_port().and_then(|port| {
+                    let gid_index = self.pick_gid(port, None)?;
+                    let gid = self.query_gid(port, gid_index)?;
+                    let attr = self.query_port(port)?;
+                    // SAFETY: the context and PD are open while `self` lives, and the binder
+                    // goes before them (see `Drop`).
+                    unsafe {
+                        Binder::new(self.ctx, self.pd, &self.name, port, gid_index, gid, &attr)
+                    }
+                });
+                made.map_err(|e| {
+                    tracing::info!(
+                        device = %self.name,
+                        error = %e,
+                        "cannot bind memory windows: revoked regions are deregistered"
+                    )
+                })
+                .ok()
             })
             .as_ref()
     }

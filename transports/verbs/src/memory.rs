@@ -95,7 +95,7 @@ unsafe fn register_windowed(
     };
     // SAFETY: the MR is live, in the binder's PD, with the access a window needs; the
     // registration drops the window before the MR.
-    reg.window = Some(unsafe { binder.bind(dev, mr)? });
+    reg.window = Some(unsafe { binder.bind(mr)? });
     Ok(reg)
 }
 
@@ -277,7 +277,7 @@ impl DeviceRegistration {
         })?;
         // SAFETY: the MR is live, windowed (bind access), in the binder's PD; the window is
         // dropped before the MR (Drop).
-        self.window = Some(unsafe { binder.bind(&self.dev, self.mr)? });
+        self.window = Some(unsafe { binder.bind(self.mr)? });
         Ok(())
     }
 }
