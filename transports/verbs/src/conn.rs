@@ -21,12 +21,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::device::Context;
+use crate::device::LocalPort;
+use crate::one_sided::{create_rma_qp, probe_rails, Rail, RailQp, Rma, RmaCq, RmaShared};
 use crate::params::{self, imm, negotiate, GidType, LinkLayer, Negotiated, QpParams, PARAMS_LEN};
 use crate::qp::{
     chain_send_wrs, channel_fd, connect_one, explain_status, os_err, poll_cq, rc_err, rc_qp_attr,
     take_cq_event, to_init, wc_imm, ChannelFd, PathSpec,
 };
-use crate::rma::{create_rma_qp, probe_rails, LocalPort, Rail, RailQp, Rma, RmaCq, RmaShared};
 use crate::ThreadPriority;
 use crate::VerbsConfig;
 use agentfabric::transport::MAX_RAILS;

@@ -208,6 +208,14 @@ impl Drop for Context {
     }
 }
 
+/// A device this end uses, with the port and GID index its QPs use: a connection's own, or a
+/// rail's.
+pub(crate) struct LocalPort {
+    pub(crate) dev: Arc<Context>,
+    pub(crate) port: u8,
+    pub(crate) gid_index: u8,
+}
+
 impl Context {
     /// Opens the device called `name`; `setting` names where the name came from, for the error
     /// when there is no such device.

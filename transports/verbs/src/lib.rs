@@ -14,7 +14,7 @@
 //!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs`, `rma.rs` and
+//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs`, `one_sided.rs` and
 //!   `memory.rs`, behind types whose drop order frees nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
@@ -98,7 +98,7 @@
 //!   descriptor carries each rail's remote key), and pieces go to the rail with the fewest bytes
 //!   in flight among those both regions span. A write with immediate data still tells the peer
 //!   that every byte before it landed: its last piece waits until the other rails have nothing
-//!   in flight, and goes on the main device's QP. See `rma.rs`. (That a rail's RC
+//!   in flight, and goes on the main device's QP. See `one_sided.rs`. (That a rail's RC
 //!   acknowledgement means its bytes are visible at the peer before the main device's
 //!   immediate is handed over there is assumed, as multi-rail libraries assume it; it holds for
 //!   devices that place data before acknowledging it, as rxe and current RNICs do.)
@@ -163,9 +163,9 @@ mod conn;
 mod device;
 mod lanes;
 mod memory;
+mod one_sided;
 pub mod params;
 mod qp;
-mod rma;
 mod window;
 
 pub use config::{Posting, VerbsConfig, READ_DEPTH, RMA_PIECE};
@@ -177,7 +177,7 @@ pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
 pub type RmaPosting = Posting;
 
 use conn::Role;
-use device::Context;
+use device::{Context, LocalPort};
 
 /// URL scheme of this transport: `verbs://ip:port`.
 pub const SCHEME: &str = "verbs";
@@ -265,7 +265,7 @@ impl VerbsTransport {
 
     /// The rails' devices, each with its port and GID index, refusing the connection's own
     /// device `main` among them.
-    fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<rma::LocalPort>> {
+    fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<LocalPort>> {
         self.config
             .checked_rails()?
             .iter()
@@ -282,7 +282,7 @@ impl VerbsTransport {
                 }
                 let port = dev.first_active_port()?;
                 let gid_index = dev.pick_gid(port, None)?;
-                Ok(rma::LocalPort {
+                Ok(LocalPort {
                     dev,
                     port,
                     gid_index,
@@ -322,7 +322,7 @@ impl VerbsTransport {
         conn::establish(
             side,
             Role::Initiator,
-            rma::LocalPort {
+            LocalPort {
                 dev,
                 port,
                 gid_index: gid,
@@ -439,7 +439,7 @@ impl Listener for VerbsListener {
                             let ip = side.local_addr()?.ip();
                             let (dev, port, gid) = t.choose(ip)?;
                             let rails = t.rails(&dev)?;
-                            let main = rma::LocalPort { dev, port, gid_index: gid };
+                            let main = LocalPort { dev, port, gid_index: gid };
                             conn::establish(side, Role::Acceptor, main, rails, &t.config,
                                 format!("{SCHEME}://{peer}")).await
                         });

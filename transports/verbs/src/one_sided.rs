@@ -28,7 +28,7 @@ use agentfabric::transport::{Immediates, OneSidedDone, OneSidedKind, OneSidedOp,
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
 
-use crate::device::Context;
+use crate::device::{Context, LocalPort};
 use crate::params::{LinkLayer, RailParams};
 use crate::qp::{
     chain_send_wrs, channel_fd, connect_one, explain_status, os_err, poll_cq, rc_err, rc_qp_attr,
@@ -153,14 +153,6 @@ pub(crate) fn post_empty_recvs(qp: *mut ibv_qp, n: u32) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A device this end uses, with the port and GID index its QPs use: a connection's own, or a
-/// rail's.
-pub(crate) struct LocalPort {
-    pub(crate) dev: Arc<Context>,
-    pub(crate) port: u8,
-    pub(crate) gid_index: u8,
 }
 
 /// A rail's one-sided QP, owned: destroyed on drop.
