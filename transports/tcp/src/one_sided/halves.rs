@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use agentfabric::frame::Frame;
 use agentfabric::transport::{FrameSink, FrameStream, OneSidedSink, RecvError};
 
-use super::OneSidedLane;
+use super::lane::OneSidedLane;
 
 /// Ends the lane when the last half of the connection is dropped.
 struct Owner(Arc<OneSidedLane>);

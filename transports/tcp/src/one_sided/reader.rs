@@ -6,10 +6,11 @@ use std::io;
 use agentfabric::sync::lock;
 use agentfabric::transport::OneSidedKind;
 
+use super::lane::{OneSidedLane, Response, MAX_OUTSTANDING};
 use super::wire::{
     recv_exact, Header, FLAG_IMM, HEADER_LEN, OP_ACK, OP_READ, OP_READ_DATA, OP_WRITE,
 };
-use super::{OneSidedLane, Response};
+use super::writer;
 use crate::memory::Refusal;
 
 pub(super) fn read_loop(lane: &OneSidedLane) {
@@ -59,10 +60,32 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// Queues an answer to the peer.
+    fn respond(&self, r: Response) -> io::Result<()> {
+        let lane = self.lane;
+        let mut st = lock(&lane.state);
+        if st.ended.is_some() {
+            return Ok(());
+        }
+        if st.responses.len() >= MAX_OUTSTANDING {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the peer has more than {MAX_OUTSTANDING} one-sided operations outstanding"
+                ),
+            ));
+        }
+        st.responses.push_back(r);
+        writer::ensure_started(lane, &mut st)?;
+        drop(st);
+        lane.work.notify_one();
+        Ok(())
+    }
+
     fn on_message(&mut self, h: Header) -> io::Result<()> {
         match h.op {
             OP_WRITE => self.on_write(h),
-            OP_READ => self.lane.respond(Response::Serve {
+            OP_READ => self.respond(Response::Serve {
                 seq: h.seq,
                 addr: h.addr,
                 key: h.key,
@@ -97,7 +120,7 @@ impl Reader<'_> {
                     if h.flags & FLAG_IMM != 0 {
                         lane.deliver_immediate(h.imm);
                     }
-                    lane.respond(Response::Ack(h.seq))?;
+                    self.respond(Response::Ack(h.seq))?;
                 }
                 Ok(())
             }
@@ -114,7 +137,7 @@ impl Reader<'_> {
                 }?;
                 if let Some(why) = why {
                     self.refused = Some(h.seq);
-                    lane.respond(Response::Refuse(h.seq, why))?;
+                    self.respond(Response::Refuse(h.seq, why))?;
                 }
                 Ok(())
             }

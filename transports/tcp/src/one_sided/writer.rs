@@ -6,18 +6,36 @@ use std::io;
 use agentfabric::sync::{lock, wait};
 use agentfabric::transport::{OneSidedKind, OneSidedOp};
 
+use super::lane::{LaneState, OneSidedLane, Response, MAX_OUTSTANDING};
 use super::wire::{
     send_message, Header, FLAG_IMM, FLAG_LAST, OP_ACK, OP_READ, OP_READ_DATA, OP_REFUSE, OP_WRITE,
+    PIECE,
 };
-use super::{OneSidedLane, Response, MAX_OUTSTANDING, PIECE};
 use crate::memory::Refusal;
+use crate::threads::spawn;
 
 enum Job {
     Respond(Response),
     Request(u64, OneSidedOp),
 }
 
-pub(super) fn write_loop(lane: &OneSidedLane) {
+/// Starts the writer thread if it is not running. Called under the state's lock.
+pub(super) fn ensure_started(lane: &OneSidedLane, st: &mut LaneState) -> io::Result<()> {
+    if st.writer_started {
+        return Ok(());
+    }
+    let shared = lane.me.upgrade().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the tcp one-sided lane is gone",
+        )
+    })?;
+    spawn("af-tcp-rma-tx", lane.priority, move || write_loop(&shared))?;
+    st.writer_started = true;
+    Ok(())
+}
+
+fn write_loop(lane: &OneSidedLane) {
     loop {
         let job = {
             let mut st = lock(&lane.state);
