@@ -167,6 +167,17 @@ use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Tran
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 
+// The modules below this root, each using only those after it in this list, so that no two
+// import each other:
+//
+//   listener      accepts sockets, pairs lanes  -> connection, config, memory, preamble
+//   connection    a Connection of lane sockets  -> lanes, lane_thread, one_sided, config, memory
+//   lanes         the lane dispatchers          -> lane_thread, sink, stream
+//   lane_thread   the bulk lane's threads       -> sink, stream, threads
+//   one_sided/    the one-sided lane            -> memory, threads
+//   memory        registered memory, leases     -> preamble (random ids)
+//   sink, stream  one socket's framers
+//   config, preamble, threads
 mod config;
 mod connection;
 mod lane_thread;
