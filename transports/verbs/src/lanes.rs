@@ -26,8 +26,9 @@ use agentfabric::transport::{Connection, FrameSink, FrameStream, OneSided, RecvE
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conn::{send_post_thread, spawn_poster, Resources, Shared};
+use crate::conn::{send_post_thread, spawn_poster, Shared};
 use crate::params::{self, negotiate, Negotiated, QpParams, PARAMS_LEN};
+use crate::resources::Resources;
 use crate::{ThreadPriority, VerbsConfig};
 
 /// Name of a bulk lane's posting thread.

@@ -166,6 +166,7 @@ mod memory;
 mod one_sided;
 pub mod params;
 mod qp;
+mod resources;
 mod window;
 
 pub use config::{Posting, VerbsConfig, READ_DEPTH, RMA_PIECE};
