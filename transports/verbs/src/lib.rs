@@ -161,6 +161,7 @@ use tokio::net::TcpStream;
 mod config;
 mod conn;
 mod device;
+mod establish;
 mod lanes;
 mod memory;
 mod one_sided;
@@ -177,8 +178,8 @@ pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
 #[deprecated(note = "renamed to Posting")]
 pub type RmaPosting = Posting;
 
-use conn::Role;
 use device::{Context, LocalPort};
+use establish::Role;
 
 /// URL scheme of this transport: `verbs://ip:port`.
 pub const SCHEME: &str = "verbs";
@@ -320,7 +321,7 @@ impl VerbsTransport {
         let local_ip = side.local_addr()?.ip();
         let (dev, port, gid) = self.choose(local_ip)?;
         let rails = self.rails(&dev)?;
-        conn::establish(
+        establish::establish(
             side,
             Role::Initiator,
             LocalPort {
@@ -441,7 +442,7 @@ impl Listener for VerbsListener {
                             let (dev, port, gid) = t.choose(ip)?;
                             let rails = t.rails(&dev)?;
                             let main = LocalPort { dev, port, gid_index: gid };
-                            conn::establish(side, Role::Acceptor, main, rails, &t.config,
+                            establish::establish(side, Role::Acceptor, main, rails, &t.config,
                                 format!("{SCHEME}://{peer}")).await
                         });
                     }
