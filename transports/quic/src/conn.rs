@@ -17,6 +17,8 @@ use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
 
+use crate::config::SCHEME;
+
 /// Frames with a payload up to this size are copied with their header into one buffer (one
 /// allocation, one chunk for quinn); larger payloads are handed over as they are.
 const COALESCE_MAX: usize = 1024;
@@ -68,7 +70,7 @@ pub(crate) async fn into_connection(
     conn: quinn::Connection,
     linger: Duration,
 ) -> io::Result<Connection> {
-    let remote = format!("{}://{}", crate::SCHEME, conn.remote_address());
+    let remote = format!("{}://{}", SCHEME, conn.remote_address());
     let control = conn.open_uni().await.map_err(|e| connection_error(&e))?;
     let _ = control.set_priority(PRIO_CONTROL);
     // One shared stream per urgency for flows beyond the peer's stream limit.
