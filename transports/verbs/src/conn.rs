@@ -1,6 +1,7 @@
 //! One RC connection's data path (SEND with immediate credits, pre-posted receive buffers,
-//! selective signalling, batched posting, completion channel through tokio's `AsyncFd`), and
-//! its posting threads. Its verbs objects are in `resources.rs`, its set-up in `establish.rs`.
+//! selective signalling, batched posting, completion channel through tokio's `AsyncFd`). Its
+//! verbs objects are in `resources.rs`, its set-up in `establish.rs`, the threads that post for
+//! it in `posting.rs`.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -11,9 +12,7 @@ use std::time::Duration;
 
 use agentfabric::frame::{Frame, FrameError, OutFrame, HEADER_LEN};
 use agentfabric::sync::lock;
-use agentfabric::transport::{
-    ImmediateHandler, OneSided, OneSidedDone, OneSidedOp, RecvError, ThreadPriority,
-};
+use agentfabric::transport::{ImmediateHandler, OneSided, OneSidedDone, OneSidedOp, RecvError};
 use bytes::Bytes;
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
@@ -85,7 +84,7 @@ pub(crate) async fn drain_rma(
 
 /// Fails the connection with `kind` and `msg`, and wakes both halves (the frame path learns
 /// of it when it next runs).
-fn fail_conn(conn: &Mutex<Inner>, kind: io::ErrorKind, msg: String) {
+pub(crate) fn fail_conn(conn: &Mutex<Inner>, kind: io::ErrorKind, msg: String) {
     let mut st = lock(conn);
     st.fail(kind, msg);
     st.wake_both();
@@ -99,71 +98,6 @@ fn post_queued(conn: &Mutex<Inner>, ops: &RmaShared) {
     }
     if let Err(e) = ops.post() {
         fail_conn(conn, e.kind(), e.to_string());
-    }
-}
-
-/// The connection's posting thread ([`crate::Posting`]): posts what is queued each time it
-/// is woken, at `priority`, until the connection is gone (its wake-up sender drops with it).
-pub(crate) fn post_thread(
-    conn: Weak<Mutex<Inner>>,
-    ops: Weak<RmaShared>,
-    kicks: std::sync::mpsc::Receiver<()>,
-    priority: ThreadPriority,
-) {
-    priority.apply();
-    while kicks.recv().is_ok() {
-        // Held through the post: the QPs live until it returns. If the connection was
-        // dropped meanwhile, it is torn down here when these go.
-        let (Some(conn), Some(ops)) = (conn.upgrade(), ops.upgrade()) else {
-            return;
-        };
-        if let Err(e) = ops.post() {
-            fail_conn(&conn, e.kind(), e.to_string());
-        }
-    }
-}
-
-/// A lane's posting thread ([`crate::lanes`]): plans under the lane's lock and posts outside
-/// it, each time it is woken, at `priority`, until the lane is gone (its wake-up sender drops
-/// with it).
-pub(crate) fn send_post_thread(
-    lane: Weak<Mutex<Inner>>,
-    kicks: std::sync::mpsc::Receiver<()>,
-    priority: ThreadPriority,
-) {
-    priority.apply();
-    while kicks.recv().is_ok() {
-        // Held through the post: the QP and send slots live until it returns.
-        let Some(lane) = lane.upgrade() else {
-            return;
-        };
-        loop {
-            let planned = {
-                let mut st = lock(&lane);
-                let planned = st.plan_batch();
-                if planned.is_none() && st.error.is_some() {
-                    // Planning failed the lane (an oversize frame): the halves learn of it now.
-                    st.wake_both();
-                }
-                planned
-            };
-            let Some(mut batch) = planned else {
-                break;
-            };
-            // Outside the lock: on a software device this call runs the protocol for every
-            // byte posted, for milliseconds, while the lane's stream half takes its receives.
-            // SAFETY: `lane` is held; this thread is the lane's only poster once it runs (its
-            // `poster` is set), so batches are submitted one at a time, in order.
-            let rc = unsafe { batch.submit() };
-            let mut st = lock(&lane);
-            let posted = st.finish(batch, rc);
-            // The sink waits for its queue to empty (or the error), the stream perhaps for
-            // credits returned.
-            st.wake_both();
-            if !posted {
-                break;
-            }
-        }
     }
 }
 
@@ -400,13 +334,18 @@ impl Inner {
     }
 
     /// Wakes both halves' tasks.
-    fn wake_both(&mut self) {
+    pub(crate) fn wake_both(&mut self) {
         for w in [self.stream_waker.take(), self.sink_waker.take()]
             .into_iter()
             .flatten()
         {
             w.wake();
         }
+    }
+
+    /// Whether the lane has failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.error.is_some()
     }
 
     fn io_error(&self) -> Option<io::Error> {
@@ -1052,27 +991,6 @@ impl OneSided for VerbsOneSided {
             lock(&ops.state).imms.install(handler);
         }
     }
-}
-
-/// Starts a posting thread named `name` for the connection to `remote_name`.
-pub(crate) fn spawn_poster(
-    name: &str,
-    remote_name: &str,
-    f: impl FnOnce() + Send + 'static,
-) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(drop)
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "verbs connection to {remote_name}: cannot start its posting thread {name} \
-                     ({e}); VerbsConfig::posting = Posting::Caller needs none"
-                ),
-            )
-        })
 }
 
 /// Proves one lane's RDMA path: its probe message goes out and completes, and the peer's

@@ -15,10 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::VerbsConfig;
-use crate::conn::{drain_rma, post_thread, probe, spawn_poster, Inner, Shared};
+use crate::conn::{drain_rma, probe, Inner, Shared};
 use crate::device::{Context, LocalPort};
 use crate::one_sided::{probe_rails, Rail, RailQp, Rma, RmaCq, RmaShared};
 use crate::params::{self, negotiate, Negotiated, QpParams, PARAMS_LEN};
+use crate::posting::{post_thread, spawn_poster, start_posting, ONE_SIDED_POSTER};
 use crate::qp::PathSpec;
 use crate::resources::Resources;
 
@@ -193,7 +194,7 @@ pub(crate) async fn establish(
     let ops = Arc::downgrade(&rma);
     if let (Some(priority), Some(kicks)) = (poster, kicks) {
         let (conn, ops) = (shared.downgrade(), ops.clone());
-        spawn_poster("af-verbs-post", &remote_name, move || {
+        spawn_poster(ONE_SIDED_POSTER, &remote_name, move || {
             post_thread(conn, ops, kicks, priority)
         })?;
     }
@@ -225,7 +226,7 @@ pub(crate) async fn establish(
         }
     }
     if let Some(bulk) = &bulk {
-        crate::lanes::start_posting(bulk, poster, &remote_name)?;
+        start_posting(bulk, poster, &remote_name)?;
     }
     tracing::debug!(remote = %remote_name, local_qpn = local.qpn, remote_qpn = remote.qpn,
         path_mtu = params::mtu_bytes(n.path_mtu), credits = n.send_credits,

@@ -20,34 +20,9 @@ use std::io;
 use std::task::{Context, Poll};
 
 use agentfabric::frame::{Frame, Lane, OutFrame};
-use agentfabric::transport::{
-    Connection, FrameSink, FrameStream, OneSided, RecvError, ThreadPriority,
-};
+use agentfabric::transport::{Connection, FrameSink, FrameStream, OneSided, RecvError};
 
-use crate::conn::{send_post_thread, spawn_poster, Shared};
-
-/// Name of a bulk lane's posting thread.
-pub(crate) const BULK_POSTER: &str = "af-verbs-bulk";
-
-/// Has the bulk lane's sends posted by a thread of its own at `priority` from now on (`None`:
-/// by whoever plans them).
-pub(crate) fn start_posting(
-    bulk: &Shared,
-    priority: Option<ThreadPriority>,
-    remote_name: &str,
-) -> io::Result<()> {
-    let Some(priority) = priority else {
-        return Ok(());
-    };
-    // One pending wake-up is enough: the thread posts all that fits when it runs.
-    let (kick, kicks) = std::sync::mpsc::sync_channel(1);
-    let lane = bulk.downgrade();
-    spawn_poster(BULK_POSTER, remote_name, move || {
-        send_post_thread(lane, kicks, priority)
-    })?;
-    bulk.set_poster(kick);
-    Ok(())
-}
+use crate::conn::Shared;
 
 /// The connection over its lanes.
 pub(crate) fn connection(latency: Shared, bulk: Option<Shared>, remote: String) -> Connection {

@@ -166,6 +166,7 @@ mod lanes;
 mod memory;
 mod one_sided;
 pub mod params;
+mod posting;
 mod qp;
 mod resources;
 mod window;
