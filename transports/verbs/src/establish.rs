@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::VerbsConfig;
-use crate::conn::{drain_rma, probe, Inner, Shared};
+use crate::datapath::{drain_rma, probe, Inner, Shared};
 use crate::device::{Context, LocalPort};
 use crate::one_sided::{probe_rails, Rail, RailQp, Rma, RmaCq, RmaShared};
 use crate::params::{self, negotiate, Negotiated, QpParams, PARAMS_LEN};

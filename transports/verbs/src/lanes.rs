@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use agentfabric::frame::{Frame, Lane, OutFrame};
 use agentfabric::transport::{Connection, FrameSink, FrameStream, OneSided, RecvError};
 
-use crate::conn::Shared;
+use crate::datapath::Shared;
 
 /// The connection over its lanes.
 pub(crate) fn connection(latency: Shared, bulk: Option<Shared>, remote: String) -> Connection {

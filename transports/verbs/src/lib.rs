@@ -159,7 +159,7 @@ use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Tran
 use tokio::net::TcpStream;
 
 mod config;
-mod conn;
+mod datapath;
 mod device;
 mod establish;
 mod lanes;

@@ -49,7 +49,7 @@ const RAIL_PROBE_WR: u64 = u64::MAX - 1;
 
 /// A one-sided QP's completion queue and channel. Apart from the frames' so that one-sided
 /// completions (one per piece, thousands a second under bulk) never wake the task that reads
-/// frames: a task of their own (`conn::drain_rma`) takes them. Dropped after the QP that
+/// frames: a task of their own (`datapath::drain_rma`) takes them. Dropped after the QP that
 /// completes on it.
 pub(crate) struct RmaCq {
     // Declared first: deregistered before `channel` closes the fd.

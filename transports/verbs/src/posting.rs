@@ -10,7 +10,7 @@ use std::sync::{Mutex, Weak};
 use agentfabric::sync::lock;
 use agentfabric::transport::ThreadPriority;
 
-use crate::conn::{fail_conn, Inner, Shared};
+use crate::datapath::{fail_conn, Inner, Shared};
 use crate::one_sided::RmaShared;
 
 /// Name of a connection's one-sided posting thread.
@@ -60,8 +60,9 @@ pub(crate) fn spawn_poster(
         })
 }
 
-/// The connection's one-sided posting thread ([`crate::config::Posting`]): posts what is queued each time it
-/// is woken, at `priority`, until the connection is gone (its wake-up sender drops with it).
+/// The connection's one-sided posting thread ([`crate::config::Posting`]): posts what is
+/// queued each time it is woken, at `priority`, until the connection is gone (its wake-up
+/// sender drops with it).
 pub(crate) fn post_thread(
     conn: Weak<Mutex<Inner>>,
     ops: Weak<RmaShared>,

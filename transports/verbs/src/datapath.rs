@@ -1,7 +1,14 @@
-//! One RC connection's data path (SEND with immediate credits, pre-posted receive buffers,
-//! selective signalling, batched posting, completion channel through tokio's `AsyncFd`). Its
-//! verbs objects are in `resources.rs`, its set-up in `establish.rs`, the threads that post for
-//! it in `posting.rs`.
+//! A connection's data path, per lane: the state the connection's two halves share ([`Shared`]
+//! over [`Inner`]); frames queued and posted as SEND with immediate credits, batched in one
+//! chain, inline or copied into registered send slots, selectively signalled ([`SendBatch`]);
+//! the CQ polled (frames copied out of their receive buffers, which are reposted at once); the
+//! completion channel waited on through tokio's `AsyncFd` (after a spin, when asked); the stall
+//! and side-channel checks; the probe that proves a lane's path at set-up. Also the
+//! connection's one-sided handle ([`FrameSink::one_sided`]) and the tasks that drain the
+//! one-sided CQs. Its verbs objects are in `resources.rs`, its set-up in `establish.rs`, the
+//! threads that post for it in `posting.rs`.
+//!
+//! [`FrameSink::one_sided`]: agentfabric::transport::FrameSink::one_sided
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
