@@ -126,7 +126,7 @@ enum Carry {
 
 /// Sends planned and built under the connection's lock, and booked (their send slots and
 /// queue entries are theirs): what [`SendBatch::submit`] posts, with or without the lock (a
-/// bulk lane's posting thread posts without it, see [`crate::lanes`]).
+/// bulk lane's posting thread posts without it, see `lanes.rs`).
 pub(crate) struct SendBatch {
     qp: *mut ibv_qp,
     wrs: Vec<ibv_send_wr>,
@@ -187,7 +187,7 @@ pub(crate) struct Inner {
     side: Option<TcpStream>,
     res: Resources,
     /// Wakes the thread that posts this lane's sends (a bulk lane on a software device, see
-    /// [`crate::lanes`]); `None`: whoever plans them posts them, under the lock.
+    /// `lanes.rs`); `None`: whoever plans them posts them, under the lock.
     poster: Option<std::sync::mpsc::SyncSender<()>>,
     /// One-sided operations on the rails. After `res`: rail 0's QP (in `res`) is destroyed
     /// before the rails' CQs and the operations' completions go (whoever else holds this holds
@@ -798,7 +798,7 @@ impl Inner {
     }
 }
 
-/// One lane's state; both halves of the connection hold it (see [`crate::lanes`]).
+/// One lane's state; both halves of the connection hold it (see `lanes.rs`).
 #[derive(Clone)]
 pub(crate) struct Shared(Arc<Mutex<Inner>>);
 
@@ -956,8 +956,10 @@ impl Shared {
     }
 }
 
-/// The connection's one-sided operations ([`FrameSink::one_sided`]). Holds the connection
-/// weakly: a transfer waiting on its operations does not keep a failed connection alive.
+/// The connection's one-sided operations
+/// ([`FrameSink::one_sided`](agentfabric::transport::FrameSink::one_sided)). Holds the
+/// connection weakly: a transfer waiting on its operations does not keep a failed connection
+/// alive.
 struct VerbsOneSided {
     conn: Weak<Mutex<Inner>>,
     ops: Weak<RmaShared>,

@@ -176,12 +176,12 @@ pub(crate) struct Context {
     pub(crate) max_qp_wr: u32,
     /// RDMA READs a QP of this device accepts in flight as the target (`max_qp_rd_atom`), and
     /// issues in flight as the initiator (`max_qp_init_rd_atom`), capped at
-    /// [`crate::READ_DEPTH`]; at least 1.
+    /// [`crate::config::READ_DEPTH`]; at least 1.
     pub(crate) reads_in: u8,
     pub(crate) reads_out: u8,
     /// A software device (Soft-RoCE `rxe`, `siw`), by its vendor id: its `ibv_post_send` runs
     /// the protocol, copies included, inside the posting system call (see
-    /// [`crate::Posting::Auto`]).
+    /// [`crate::config::Posting::Auto`]).
     pub(crate) software: bool,
     /// The device has type 1 memory windows (`IBV_DEVICE_MEM_WINDOW`).
     mem_windows: bool,
@@ -279,7 +279,7 @@ impl Context {
         };
         let reads = |n: i32| {
             if queried {
-                n.clamp(1, i32::from(crate::READ_DEPTH)) as u8
+                n.clamp(1, i32::from(crate::config::READ_DEPTH)) as u8
             } else {
                 1
             }

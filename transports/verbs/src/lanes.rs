@@ -1,5 +1,7 @@
 //! Lanes: a connection's frames take one RC queue pair per [`Lane`] when both ends agree (the
-//! default, [`crate::VerbsConfig::bulk_lane`]).
+//! default, [`crate::config::VerbsConfig::bulk_lane`]). This file holds the connection's two
+//! halves over its lanes ([`connection`]): each frame goes to its lane's QP, and frames come
+//! from both.
 //!
 //! A QP sends its work requests in order, so on one QP a coordination frame waits for every
 //! bulk frame posted before it: up to `send_depth` of them, 2 MiB with the defaults. On a
@@ -7,11 +9,11 @@
 //! 2.6 ms each), and the posting itself runs the protocol inside `ibv_post_send`. With a lane
 //! of its own, bulk data queues only behind bulk data: coordination frames never wait behind
 //! it in a send queue, and a bulk lane on a software device is posted from a thread of its own
-//! at a lower priority ([`crate::Posting`]), off the runtime's workers.
+//! at a lower priority ([`crate::config::Posting`], `posting.rs`), off the runtime's workers.
 //!
 //! The bulk lane is a second frames QP like the first (its own CQ, completion channel, receive
-//! buffers and credits), set up over the same side channel after the first, and proved by a
-//! probe message each way like it. The connection is one: either lane's failure fails it, the
+//! buffers and credits), set up over the same side channel after the first (`establish.rs`),
+//! and proved by a probe message each way like it. The connection is one: either lane's failure fails it, the
 //! stream ends only when both lanes have ended cleanly, and closing closes both. Frames of one
 //! channel always take the same lane, so per-channel order holds; the session tolerates any
 //! interleaving between lanes.

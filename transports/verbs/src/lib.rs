@@ -14,8 +14,10 @@
 //!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs`, `one_sided.rs` and
-//!   `memory.rs`, behind types whose drop order frees nothing the device may still touch.
+//!   cost no extra call. The unsafe code is confined to the files that make verbs calls
+//!   (`qp.rs`, `window.rs`, `device.rs`, `memory.rs`, `one_sided.rs`, `resources.rs`,
+//!   `datapath.rs`, `posting.rs`; see [Layout](#layout)), behind types whose drop order frees
+//!   nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
 //!   not let us check the two ends' settings against each other, and needs its own event
@@ -48,10 +50,10 @@
 //!   lane has spun on its CQ for [`VerbsConfig::spin_before_sleep`] since its last completion
 //!   (so a reply to a recent send is taken without a wake-up); [`VerbsConfig::busy_poll`] spins
 //!   on the CQ always (lower latency, one core busy).
-//! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`): bulk channels' data frames
-//!   take a frames QP of their own, set up beside the first (its parameters cross the side
-//!   channel after the first's, and it is probed the same way), with its own receive buffers
-//!   and credits. A QP sends in order, so on one QP a coordination frame waited behind every
+//! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`, set up in `establish.rs`): bulk
+//!   channels' data frames take a frames QP of their own, set up beside the first (its
+//!   parameters cross the side channel after the first's, and it is probed the same way), with
+//!   its own receive buffers and credits. A QP sends in order, so on one QP a coordination frame waited behind every
 //!   bulk frame posted before it (in the lab: a loaded coordination p50 of 5.9 ms against
 //!   0.53–0.57 ms with the lane, `bench/RESULTS.md`). On a software device the bulk lane's
 //!   sends are planned under its lock and posted outside it by a thread of its own
@@ -142,6 +144,26 @@
 //! lab sets them), then the device whose RoCE v2 GID carries the side channel's local IP
 //! address (as rdma_cm would pick it), then the first ACTIVE port of the first device and its
 //! first RoCE v2 IPv4-mapped GID.
+//!
+//! # Layout
+//!
+//! Set-up apart from the data path, and each file uses only files listed before it (no import
+//! circle):
+//!
+//! - `params.rs`: the QP parameters the two ends exchange, their encoding and negotiation.
+//! - `config.rs`: [`VerbsConfig`], [`Posting`], their validation and environment lookups.
+//! - `qp.rs`: queue-pair primitives: QP state transitions along a path, the completion
+//!   channel's fd, CQ polling, WR chains, the errors of verbs calls and failed completions.
+//! - `window.rs`: memory windows, and the QP each device binds them on.
+//! - `device.rs`: listing and opening devices, choosing a port and GID.
+//! - `memory.rs`: the transport's memory domain and its registrations.
+//! - `one_sided.rs`: one-sided operations and the QPs (rails) they go on.
+//! - `resources.rs`: a lane's verbs objects (QP, CQ, channel, registered buffers).
+//! - `datapath.rs`: a lane's data path, the connection's one-sided handle and CQ drains.
+//! - `posting.rs`: the threads that post one-sided work and bulk-lane sends ([`Posting`]).
+//! - `lanes.rs`: the connection's sending and receiving halves over its lanes.
+//! - `establish.rs`: connection set-up over the TCP side channel, up to the probes.
+//! - `lib.rs`: the transport, its listener, and the choice of device.
 
 #![warn(missing_docs)]
 

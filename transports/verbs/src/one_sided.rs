@@ -1,6 +1,6 @@
 //! A connection's one-sided operations (RDMA WRITE and READ between registered regions) and the
 //! queue pairs they go on: the connection's own one-sided QP (rail 0) and one QP on each extra
-//! device, the rails of [`VerbsConfig::rails`](crate::VerbsConfig::rails).
+//! device, the rails of [`VerbsConfig::rails`](crate::config::VerbsConfig::rails).
 //!
 //! Operations are cut in pieces of at most [`RMA_PIECE`] bytes; each piece goes to the usable
 //! rail with the fewest bytes in flight, within [`VerbsConfig::rma_inflight_bytes`] per rail
@@ -15,7 +15,7 @@
 //! byte posted before it, on any rail, has landed when the peer's device hands the immediate
 //! over (rail 0 itself completes in order).
 //!
-//! [`VerbsConfig::rma_inflight_bytes`]: crate::VerbsConfig::rma_inflight_bytes
+//! [`VerbsConfig::rma_inflight_bytes`]: crate::config::VerbsConfig::rma_inflight_bytes
 
 use std::collections::VecDeque;
 use std::io;
@@ -28,13 +28,13 @@ use agentfabric::transport::{Immediates, OneSidedDone, OneSidedKind, OneSidedOp,
 use rdma_sys::*;
 use tokio::io::unix::AsyncFd;
 
+use crate::config::RMA_PIECE;
 use crate::device::{Context, LocalPort};
 use crate::params::{LinkLayer, RailParams};
 use crate::qp::{
     chain_send_wrs, channel_fd, connect_one, explain_status, os_err, poll_cq, rc_err, rc_qp_attr,
     to_init, wc_imm, ChannelFd, PathSpec,
 };
-use crate::RMA_PIECE;
 
 /// Receives posted on a one-sided QP: how many of the peer's writes with immediate can land
 /// before this end takes their completions (each is reposted as it is taken; beyond this the
@@ -402,7 +402,7 @@ pub(crate) struct Rma {
     /// Every operation not finished yet, by id from `base`.
     ops: VecDeque<OpState>,
     base: u64,
-    /// Bytes in flight per rail ([`VerbsConfig::rma_inflight_bytes`](crate::VerbsConfig)).
+    /// Bytes in flight per rail ([`VerbsConfig::rma_inflight_bytes`](crate::config::VerbsConfig)).
     budget: u32,
     send_depth: u32,
     remote: String,
@@ -879,7 +879,7 @@ impl Batch {
 }
 
 /// A connection's one-sided operations, shared by whoever submits them, the rails' draining
-/// tasks and, where [`crate::Posting`] asks for one, the connection's posting thread.
+/// tasks and, where [`crate::config::Posting`] asks for one, the connection's posting thread.
 ///
 /// Apart from the frames' state, and posted outside any lock the frames need: on a software
 /// device (Soft-RoCE) `ibv_post_send` runs the whole protocol, copies included, in the posting

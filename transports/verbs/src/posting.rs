@@ -82,7 +82,7 @@ pub(crate) fn post_thread(
     }
 }
 
-/// A lane's posting thread ([`crate::lanes`]): plans under the lane's lock and posts outside
+/// A lane's posting thread (`lanes.rs`): plans under the lane's lock and posts outside
 /// it, each time it is woken, at `priority`, until the lane is gone (its wake-up sender drops
 /// with it).
 pub(crate) fn send_post_thread(

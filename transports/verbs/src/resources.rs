@@ -28,7 +28,7 @@ pub(crate) struct Resources {
     qp: *mut ibv_qp,
     /// The second QP: one-sided operations only. Its receive queue holds [`RMA_RECVS`] empty
     /// receives, each consumed by a peer's RDMA WRITE with immediate (plain WRITE and READ
-    /// consume none). Null on a bulk lane's resources (see [`crate::lanes`]).
+    /// consume none). Null on a bulk lane's resources (see `lanes.rs`).
     ///
     /// [`RMA_RECVS`]: crate::one_sided::RMA_RECVS
     rma_qp: *mut ibv_qp,
@@ -177,7 +177,7 @@ impl Resources {
     }
 
     /// A frames-only QP's resources beside these (same device, port and GID index), with
-    /// every receive buffer posted: a bulk lane's (see [`crate::lanes`]).
+    /// every receive buffer posted: a bulk lane's (see `lanes.rs`).
     pub(crate) fn sibling(&self, cfg: &VerbsConfig) -> io::Result<Resources> {
         let mut r = Resources::new(self.dev.clone(), self.port, self.gid_index, cfg, None)?;
         r.post_all_recvs(cfg)?;
