@@ -1,6 +1,6 @@
 //! TLS 1.3 configuration (rustls with the `ring` provider) made of certificates, a key and an
 //! ALPN name, and reading those from PEM files. It knows nothing of the transport's settings
-//! ([`crate::QuicConfig`] hands it their TLS part), so the settings can use it.
+//! (`config.rs` hands it their TLS part), so the settings can use it.
 
 use std::io;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// The TLS part of the transport's settings (see [`crate::QuicConfig`] for each field).
+/// The TLS part of the transport's settings (see `QuicConfig` for each field).
 pub(crate) struct TlsParts<'a> {
     pub(crate) ca_cert: &'a [CertificateDer<'static>],
     pub(crate) cert_chain: &'a [CertificateDer<'static>],

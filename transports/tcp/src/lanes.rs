@@ -4,7 +4,7 @@
 //!
 //! Each lane is one socket's framer ([`TcpFrameSink`], [`TcpFrameStream`]) driven from the
 //! async runtime, or the same framer driven by a thread of the lane's own ([`ThreadSink`],
-//! [`ThreadStream`], for the bulk lane with [`crate::BulkLaneIo::Threads`]).
+//! [`ThreadStream`], for the bulk lane with [`crate::config::BulkLaneIo::Threads`]).
 
 use std::io;
 use std::task::{Context, Poll};
@@ -21,7 +21,7 @@ use crate::stream::TcpFrameStream;
 // Sending
 
 /// One lane's sending half: written from the async runtime, or by a thread of its own
-/// ([`crate::BulkLaneIo`]).
+/// ([`crate::config::BulkLaneIo`]).
 pub(crate) enum LaneSink<W> {
     /// Written by whichever task flushes the connection.
     Runtime(TcpFrameSink<W>),
@@ -114,7 +114,7 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for LanedSink<W> {
 // Receiving
 
 /// One lane's receiving half: read from the async runtime, or by a thread of its own
-/// ([`crate::BulkLaneIo`]).
+/// ([`crate::config::BulkLaneIo`]).
 pub(crate) enum LaneStream<R> {
     /// Read by whichever task polls the connection.
     Runtime(TcpFrameStream<R>),
@@ -136,8 +136,8 @@ impl<R: AsyncRead + Unpin> LaneStream<R> {
 }
 
 /// The receiving half of a fabric connection: one [`LaneStream`] per lane, a [`TcpFrameStream`]
-/// read from the runtime or (the bulk lane, [`crate::BulkLaneIo::Threads`]) a [`ThreadStream`]
-/// whose thread reads it.
+/// read from the runtime or (the bulk lane, [`crate::config::BulkLaneIo::Threads`]) a
+/// [`ThreadStream`] whose thread reads it.
 ///
 /// Every call steps both lanes in turn, latency lane first, at most one read per lane read from
 /// the runtime per turn (a threaded lane's step only takes the frames its thread queued), so

@@ -1,12 +1,12 @@
-//! The transport's memory domain: memory registered for one-sided operations over TCP
-//! ([`crate::one_sided`]), and the leases through which the lane threads reach it.
+//! The transport's memory domain: memory registered for one-sided operations over TCP (the
+//! `one_sided` module), and the leases through which the lane threads reach it.
 //!
 //! On TCP no device reads or writes memory by itself: the one-sided lane's threads do, with
 //! `send` straight from a registration and `recv` straight into one. What an RDMA device checks
 //! in hardware is checked here before every access: the key names a live registration, and the
-//! range lies inside it. A [`Lease`] is held for the duration of each access (one piece of at most
-//! [`crate::one_sided`]'s piece size), and deregistration waits for the leases to end, so the memory is
-//! never touched after its registration is dropped.
+//! range lies inside it. A [`Lease`] is held for the duration of each access (one piece of at
+//! most the one-sided lane's piece size), and deregistration waits for the leases to end, so the
+//! memory is never touched after its registration is dropped.
 //!
 //! A lease can wait on a peer: a thread receiving a write's bytes blocks in `recv` until they
 //! come. Deregistration does not wait for a stalled peer: after [`DEREGISTER_GRACE`] it shuts
@@ -85,7 +85,7 @@ struct EntryState {
 /// Registrations by key.
 type Registry = Arc<Mutex<HashMap<u32, Arc<Entry>>>>;
 
-/// The memory registered with one [`crate::TcpTransport`] (shared by its clones).
+/// The memory registered with one `TcpTransport` (shared by its clones).
 pub(crate) struct TcpDomain {
     id: u64,
     regs: Registry,

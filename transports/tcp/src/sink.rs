@@ -1,7 +1,7 @@
 //! One socket's sending framer: a queue of frames written with vectored writes (small writes
 //! joined into one buffer), with exact partial-write accounting. It knows nothing of lanes: the
-//! dispatcher ([`crate::lanes`]) gives each lane one, written from the runtime or by the lane's
-//! thread ([`crate::lane_thread`]).
+//! dispatcher (`lanes.rs`) gives each lane one, written from the runtime or by the lane's thread
+//! (`lane_thread.rs`), both above this file.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};

@@ -1,6 +1,6 @@
 //! One socket's receiving framer: one read buffer cut into zero-copy frames. It knows nothing of
-//! lanes: the dispatcher ([`crate::lanes`]) gives each lane one, read from the runtime or by the
-//! lane's thread ([`crate::lane_thread`]).
+//! lanes: the dispatcher (`lanes.rs`) gives each lane one, read from the runtime or by the lane's
+//! thread (`lane_thread.rs`), both above this file.
 
 use std::cmp;
 use std::io;

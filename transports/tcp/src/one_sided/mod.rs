@@ -25,10 +25,10 @@
 //! | 5 refuse | none | operation `seq` was refused; `len` holds the reason ([`Refusal`](crate::memory::Refusal)) |
 //!
 //! Operations are cut into pieces of at most [`PIECE`](wire::PIECE) bytes, so each access to
-//! registered memory is short (deregistration waits for it: [`crate::memory`]). Each direction's messages
-//! are written by one writer thread and read by one reader thread per connection, in blocking
-//! mode at the bulk lane's priority, as the bulk lane's threads (see [`crate::BulkLaneIo`]); the
-//! writer starts with the first message to send.
+//! registered memory is short (deregistration waits for it: [`crate::memory`]). Each direction's
+//! messages are written by one writer thread and read by one reader thread per connection, in
+//! blocking mode at the bulk lane's priority, as the bulk lane's threads (see
+//! [`crate::config::BulkLaneIo`]); the writer starts with the first message to send.
 //!
 //! **What it guarantees, as an RDMA queue pair.** A write completes (its `done` runs) once the
 //! target acknowledged its last piece, so its bytes are in the target's memory. The target
