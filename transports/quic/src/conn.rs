@@ -12,9 +12,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use agentfabric::frame::{cut_frames, Frame, OrderKey, OutFrame};
+use agentfabric::sync::lock;
 use agentfabric::transport::{Connection, FrameSink, FrameStream, RecvError};
 use bytes::{Bytes, BytesMut};
 use quinn::{ConnectionError, ReadError, RecvStream, SendStream, VarInt, WriteError};
+
+use crate::config::SCHEME;
 
 /// Frames with a payload up to this size are copied with their header into one buffer (one
 /// allocation, one chunk for quinn); larger payloads are handed over as they are.
@@ -67,7 +70,7 @@ pub(crate) async fn into_connection(
     conn: quinn::Connection,
     linger: Duration,
 ) -> io::Result<Connection> {
-    let remote = format!("{}://{}", crate::SCHEME, conn.remote_address());
+    let remote = format!("{}://{}", SCHEME, conn.remote_address());
     let control = conn.open_uni().await.map_err(|e| connection_error(&e))?;
     let _ = control.set_priority(PRIO_CONTROL);
     // One shared stream per urgency for flows beyond the peer's stream limit.
@@ -335,10 +338,6 @@ impl std::task::Wake for StreamWake {
             w.wake_by_ref();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type AcceptFuture = Pin<Box<dyn Future<Output = Result<RecvStream, ConnectionError>> + Send>>;

@@ -31,15 +31,17 @@ use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use agentfabric::frame::{Frame, OutFrame, HEADER_LEN};
+use agentfabric::sync::{lock, wait};
 use agentfabric::transport::{FrameSink, RecvError, ThreadPriority};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::sink::TcpFrameSink;
 use crate::stream::TcpFrameStream;
+use crate::threads::spawn;
 
 /// Most bytes of received frames the reader thread queues before it stops reading.
 pub(crate) const READ_QUEUE_LIMIT: usize = 4 << 20;
@@ -58,13 +60,6 @@ const TAKE_LIMIT: usize = 256 << 10;
 /// 128 KiB (bulk 3.4 GB/s, as with 256 KiB). The gain is small and lies in the spread of the
 /// runs, not in the loaded p99 itself (57–64 µs with 128 KiB against 58–63 µs with 256 KiB).
 const WRITE_MAX: usize = 128 << 10;
-
-/// Stack of each lane thread: they keep their buffers on the heap.
-const THREAD_STACK: usize = 256 << 10;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn wake(w: Option<Waker>) {
     if let Some(w) = w {
@@ -159,21 +154,6 @@ fn run_blocking<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> T {
         Poll::Ready(v) => v,
         Poll::Pending => unreachable!("blocking I/O returned Pending"),
     }
-}
-
-pub(crate) fn spawn(
-    name: &str,
-    priority: ThreadPriority,
-    f: impl FnOnce() + Send + 'static,
-) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .stack_size(THREAD_STACK)
-        .spawn(move || {
-            priority.apply();
-            f()
-        })
-        .map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,7 +338,7 @@ fn write_loop(socket: Arc<TcpStream>, shared: &WriterShared) {
                     break;
                 }
                 st.idle = true;
-                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&shared.work, st);
                 st.idle = false;
             }
             // One batch at a time, so that what waits here is still counted as queued.
@@ -525,7 +505,7 @@ fn read_loop(mut stream: TcpFrameStream<Blocking>, shared: &ReaderShared) {
         let mut st = lock(&shared.state);
         while st.bytes >= READ_QUEUE_LIMIT && !st.gone {
             st.full = true;
-            st = shared.room.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = wait(&shared.room, st);
         }
         if st.gone {
             return;

@@ -15,7 +15,7 @@
 //!
 //! So each fabric [`Connection`] is three TCP connections:
 //!
-//! | lane | carries | [`Lane`] |
+//! | lane | carries | [`Lane`](agentfabric::frame::Lane) |
 //! |---|---|---|
 //! | 0 | everything but bulk data: coordination and tool-call data, acks, keepalives, handshake | `Latency` |
 //! | 1 | data frames of bulk channels | `Bulk` |
@@ -81,7 +81,7 @@
 //!
 //! The transport has a memory domain ([`Transport::memory_domain`]): a node registers its
 //! regions with it, and transfers between regions move on the connection's third lane as
-//! one-sided writes and reads ([`FrameSink::one_sided`]), as they move by RDMA WRITE and READ on
+//! one-sided writes and reads ([`FrameSink::one_sided`](agentfabric::transport::FrameSink::one_sided)), as they move by RDMA WRITE and READ on
 //! the verbs transport, with the same checks and the same failure semantics. No device reads the
 //! memory here: the lane's two threads (a writer, started with the first operation, and a
 //! reader, at the bulk lane's priority) `send` straight from the registered memory and `recv`
@@ -98,7 +98,7 @@
 //! Deregistration waits for the accesses in progress, and cuts a stalled one short by shutting
 //! its connection down, so memory is never touched after its registration is dropped. Keys are
 //! random 32-bit values: as with RDMA, anyone connected who holds (or guesses) a key can reach
-//! that registration while it lives. The wire format and the rest are in the `rma` module's
+//! that registration while it lives. The wire format and the rest are in the `one_sided` module's
 //! source.
 //!
 //! A connection made by [`TcpTransport::wrap_streams`] has no one-sided lane: its transfers move
@@ -162,147 +162,50 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use agentfabric::frame::Lane;
-use agentfabric::transport::{
-    BoxFuture, Connection, FrameSink, FrameStream, Listener, MemoryDomain, Transport,
-};
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Transport};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 
+// The modules below this root, each using only those after it in this list, so that no two
+// import each other:
+//
+//   listener      accepts sockets, pairs lanes  -> connection, config, memory, preamble
+//   connection    a Connection of lane sockets  -> lanes, lane_thread, one_sided, config, memory
+//   lanes         the lane dispatchers          -> lane_thread, sink, stream
+//   lane_thread   the bulk lane's threads       -> sink, stream, threads
+//   one_sided/    the one-sided lane            -> memory, threads
+//   memory        registered memory, leases     -> preamble (random ids)
+//   sink, stream  one socket's framers
+//   config, preamble, threads
+mod config;
+mod connection;
 mod lane_thread;
+mod lanes;
 mod listener;
 mod memory;
+mod one_sided;
 mod preamble;
-mod rma;
 mod sink;
 mod stream;
+mod threads;
 
 #[cfg(test)]
-mod rma_tests;
+mod one_sided_tests;
 #[cfg(test)]
 mod tests;
 
-use lane_thread::{ThreadSink, ThreadStream};
+use connection::into_connection;
 use listener::TcpFrameListener;
 use memory::TcpDomain;
 use preamble::Preamble;
-use rma::RmaLane;
-use sink::LanedSink;
-use stream::LanedStream;
 
 /// Scheduling priority of the bulk lane's threads ([`BulkLaneIo::Threads`]; the default is
 /// `Nice(10)`). The fabric's own type, re-exported here where tcp's settings name it.
 pub use agentfabric::transport::ThreadPriority;
+pub use config::{BulkLaneIo, TcpConfig, MIN_READ_BUFFER_SIZE, SCHEME};
 pub use preamble::{LANES, PREAMBLE_LEN, PREAMBLE_MAGIC, PREAMBLE_VERSION};
 pub use sink::MAX_IOVECS;
-
-/// URL scheme of this transport: `tcp://host:port`.
-pub const SCHEME: &str = "tcp";
-
-/// Smallest read buffer used, whatever [`TcpConfig::read_buffer_size`] says.
-pub const MIN_READ_BUFFER_SIZE: usize = 4 * 1024;
-
-/// Settings of the TCP transport. [`Default`] gives the settings the benchmarks use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpConfig {
-    /// Sets `TCP_NODELAY` (disables Nagle's algorithm). Default `true`: the fabric batches frames
-    /// itself, and Nagle would only delay small coordination messages.
-    pub nodelay: bool,
-    /// `SO_SNDBUF` in bytes of both lanes, or `None` (the default) to keep the kernel's
-    /// auto-tuned size.
-    pub send_buffer_size: Option<usize>,
-    /// `SO_RCVBUF` in bytes of both lanes, or `None` (the default) to keep the kernel's
-    /// auto-tuned size. Set before `connect`/`listen` so the TCP window scale is negotiated
-    /// accordingly.
-    pub recv_buffer_size: Option<usize>,
-    /// Bytes read from the socket per read call, at most; the receive buffer grows beyond it only
-    /// to hold one whole large frame. Default 256 KiB; values below [`MIN_READ_BUFFER_SIZE`] are
-    /// raised to it.
-    pub read_buffer_size: usize,
-    /// Longest time [`Transport::connect`] spends resolving the name and establishing the
-    /// connection (both lanes, preambles written) before failing with
-    /// [`io::ErrorKind::TimedOut`]. A listener gives an incoming socket as long to send its lane
-    /// preamble, and a connection as long for its second lane to follow its first. Default 3 s.
-    pub connect_timeout: Duration,
-    /// Backlog of pending connections of a listening socket. Default 1024 (the kernel may cap it,
-    /// e.g. at `net.core.somaxconn`).
-    pub listen_backlog: u32,
-    /// Most incoming connections a listener keeps half-open (some lanes arrived, not all); the
-    /// oldest is closed when one more arrives. Also the most sockets waiting for their lane
-    /// preamble at once (further ones are closed at once). Default 1024; 0 counts as 1.
-    pub max_half_open: usize,
-    /// `SO_SNDBUF` of the bulk lane only, in bytes, overriding [`TcpConfig::send_buffer_size`]
-    /// there; `None` keeps that setting.
-    pub bulk_send_buffer_size: Option<usize>,
-    /// Where the bulk lane's system calls run. Default
-    /// [`BulkLaneIo::Threads`]`(`[`ThreadPriority::Nice`]`(10))`: see [`BulkLaneIo`].
-    pub bulk_lane_io: BulkLaneIo,
-}
-
-/// Where the bulk lane's reads and writes run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BulkLaneIo {
-    /// On the async runtime's workers, like the latency lane's: no thread of its own, and a
-    /// worker busy copying bulk bytes delays the coordination messages queued behind it.
-    Runtime,
-    /// On two threads per connection (one per direction; the writer starts with the first bulk
-    /// frame) at the given priority, so that the kernel, not the runtime's queue order, decides
-    /// who gets the CPU when bulk saturates it: see [crate docs](crate#bulk-lane-threads).
-    Threads(ThreadPriority),
-}
-
-impl Default for BulkLaneIo {
-    fn default() -> Self {
-        BulkLaneIo::Threads(ThreadPriority::Nice(10))
-    }
-}
-
-impl Default for TcpConfig {
-    fn default() -> Self {
-        TcpConfig {
-            nodelay: true,
-            send_buffer_size: None,
-            recv_buffer_size: None,
-            read_buffer_size: 256 * 1024,
-            connect_timeout: Duration::from_secs(3),
-            listen_backlog: 1024,
-            max_half_open: 1024,
-            bulk_send_buffer_size: None,
-            bulk_lane_io: BulkLaneIo::default(),
-        }
-    }
-}
-
-impl TcpConfig {
-    fn read_size(&self) -> usize {
-        self.read_buffer_size.max(MIN_READ_BUFFER_SIZE)
-    }
-
-    /// Applies the socket options that must precede `connect`/`listen`.
-    fn apply_before_connect(&self, socket: &Socket) -> io::Result<()> {
-        if let Some(size) = self.send_buffer_size {
-            socket.set_send_buffer_size(size)?;
-        }
-        if let Some(size) = self.recv_buffer_size {
-            socket.set_recv_buffer_size(size)?;
-        }
-        socket.set_nodelay(self.nodelay)
-    }
-
-    /// Applies the per-connection options to an established (accepted or wrapped) stream.
-    fn apply_to_stream(&self, stream: &tokio::net::TcpStream) -> io::Result<()> {
-        let socket = SockRef::from(stream);
-        if let Some(size) = self.send_buffer_size {
-            socket.set_send_buffer_size(size)?;
-        }
-        if let Some(size) = self.recv_buffer_size {
-            socket.set_recv_buffer_size(size)?;
-        }
-        socket.set_nodelay(self.nodelay)
-    }
-}
 
 /// The TCP transport: scheme `tcp`, reliable, three TCP connections (lanes) per
 /// [`Connection`], and a memory domain for one-sided operations (see the
@@ -388,26 +291,29 @@ impl TcpTransport {
                 ))
             }
         };
-        let [latency, bulk, rma] = lanes;
-        into_connection([latency, bulk], Some(rma), &self.config, &self.domain)
+        let [latency, bulk, one_sided] = lanes;
+        into_connection([latency, bulk], Some(one_sided), &self.config, &self.domain)
     }
 
     /// Opens the lanes to `sa` (concurrently) and writes their preambles.
     async fn connect_lanes(&self, sa: SocketAddr) -> io::Result<[tokio::net::TcpStream; LANES]> {
         let id = preamble::random_u64();
-        let (mut latency, mut bulk, mut rma) = tokio::try_join!(
+        let (mut latency, mut bulk, mut one_sided) = tokio::try_join!(
             self.connect_one(sa),
             self.connect_one(sa),
             self.connect_one(sa)
         )?;
-        for (lane, stream) in [&mut latency, &mut bulk, &mut rma].into_iter().enumerate() {
+        for (lane, stream) in [&mut latency, &mut bulk, &mut one_sided]
+            .into_iter()
+            .enumerate()
+        {
             let p = Preamble {
                 lane: lane as u8,
                 id,
             };
             stream.write_all(&p.encode()).await?;
         }
-        Ok([latency, bulk, rma])
+        Ok([latency, bulk, one_sided])
     }
 
     async fn connect_one(&self, sa: SocketAddr) -> io::Result<tokio::net::TcpStream> {
@@ -484,71 +390,6 @@ impl Transport for TcpTransport {
     fn memory_domain(&self) -> Option<Arc<dyn MemoryDomain>> {
         Some(self.domain.clone())
     }
-}
-
-/// Makes a fabric connection of its frame lanes' streams (`lanes[i]` carries lane `i`) and, when
-/// there is one, its one-sided lane's.
-fn into_connection(
-    lanes: [tokio::net::TcpStream; Lane::COUNT],
-    rma: Option<tokio::net::TcpStream>,
-    config: &TcpConfig,
-    domain: &Arc<TcpDomain>,
-) -> io::Result<Connection> {
-    let remote = match lanes[Lane::Latency as usize].peer_addr() {
-        Ok(addr) => format!("{SCHEME}://{addr}"),
-        Err(_) => format!("{SCHEME}://(unknown)"),
-    };
-    if let Some(size) = config.bulk_send_buffer_size {
-        for s in std::iter::once(&lanes[Lane::Bulk as usize]).chain(&rma) {
-            if let Err(e) = SockRef::from(s).set_send_buffer_size(size) {
-                tracing::warn!(%remote, error = %e, "cannot set SO_SNDBUF of a bulk lane");
-            }
-        }
-    }
-    let [latency, bulk] = lanes;
-    let (latency_rx, latency_tx) = latency.into_split();
-    let (sink, stream): (Box<dyn FrameSink>, Box<dyn FrameStream>) = match config.bulk_lane_io {
-        BulkLaneIo::Runtime => {
-            let (bulk_rx, bulk_tx) = bulk.into_split();
-            (
-                Box::new(LanedSink::new([latency_tx, bulk_tx])),
-                Box::new(LanedStream::new([latency_rx, bulk_rx], config.read_size())),
-            )
-        }
-        BulkLaneIo::Threads(priority) => {
-            let bulk = bulk.into_std()?;
-            // Once, for both threads, which share the socket: they block in their system
-            // calls, and tokio no longer polls it.
-            bulk.set_nonblocking(false)?;
-            let bulk = Arc::new(bulk);
-            let bulk_tx = ThreadSink::new(bulk.clone(), priority);
-            let bulk_rx = ThreadStream::start(bulk, config.read_size(), priority)?;
-            (
-                Box::new(LanedSink::with_bulk_thread(latency_tx, bulk_tx)),
-                Box::new(LanedStream::with_bulk_thread(
-                    latency_rx,
-                    bulk_rx,
-                    config.read_size(),
-                )),
-            )
-        }
-    };
-    let (sink, stream) = match rma {
-        None => (sink, stream),
-        Some(rma) => {
-            let priority = match config.bulk_lane_io {
-                BulkLaneIo::Threads(p) => p,
-                BulkLaneIo::Runtime => ThreadPriority::Nice(10),
-            };
-            let lane = RmaLane::start(rma.into_std()?, domain.clone(), priority)?;
-            rma::attach(sink, stream, lane)
-        }
-    };
-    Ok(Connection {
-        sink,
-        stream,
-        remote,
-    })
 }
 
 /// A validated `host:port` address, not yet resolved.

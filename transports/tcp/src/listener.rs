@@ -13,9 +13,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::config::TcpConfig;
+use crate::connection::into_connection;
 use crate::memory::TcpDomain;
 use crate::preamble::{Preamble, PreambleError, LANES, PREAMBLE_LEN};
-use crate::{into_connection, TcpConfig};
 
 /// How many ids of recently paired connections are remembered, to refuse a late extra lane.
 const RECENT_IDS: usize = 1024;
@@ -175,8 +176,13 @@ impl TcpFrameListener {
             self.order.remove(&half.seq);
             self.remember(p.id);
             let lanes = half.lanes.map(|l| l.expect("every lane arrived"));
-            let [latency, bulk, rma] = lanes;
-            return match into_connection([latency, bulk], Some(rma), &self.config, &self.domain) {
+            let [latency, bulk, one_sided] = lanes;
+            return match into_connection(
+                [latency, bulk],
+                Some(one_sided),
+                &self.config,
+                &self.domain,
+            ) {
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     tracing::warn!(local = %self.local, %peer, error = %e,

@@ -1,12 +1,12 @@
-//! The transport's memory domain: memory registered for one-sided operations over TCP
-//! ([`crate::rma`]), and the leases through which the lane threads reach it.
+//! The transport's memory domain: memory registered for one-sided operations over TCP (the
+//! `one_sided` module), and the leases through which the lane threads reach it.
 //!
 //! On TCP no device reads or writes memory by itself: the one-sided lane's threads do, with
 //! `send` straight from a registration and `recv` straight into one. What an RDMA device checks
 //! in hardware is checked here before every access: the key names a live registration, and the
-//! range lies inside it. A [`Lease`] is held for the duration of each access (one piece of at most
-//! [`crate::rma`]'s piece size), and deregistration waits for the leases to end, so the memory is
-//! never touched after its registration is dropped.
+//! range lies inside it. A [`Lease`] is held for the duration of each access (one piece of at
+//! most the one-sided lane's piece size), and deregistration waits for the leases to end, so the
+//! memory is never touched after its registration is dropped.
 //!
 //! A lease can wait on a peer: a thread receiving a write's bytes blocks in `recv` until they
 //! come. Deregistration does not wait for a stalled peer: after [`DEREGISTER_GRACE`] it shuts
@@ -18,11 +18,11 @@ use std::fmt;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use agentfabric::sync::{lock, wait, wait_timeout};
 use agentfabric::transport::{MemoryDomain, MemoryRegistration};
 
-use crate::lane_thread::lock;
 use crate::preamble::random_u64;
 
 /// How long deregistration lets accesses in progress finish before it shuts down their
@@ -85,7 +85,7 @@ struct EntryState {
 /// Registrations by key.
 type Registry = Arc<Mutex<HashMap<u32, Arc<Entry>>>>;
 
-/// The memory registered with one [`crate::TcpTransport`] (shared by its clones).
+/// The memory registered with one `TcpTransport` (shared by its clones).
 pub(crate) struct TcpDomain {
     id: u64,
     regs: Registry,
@@ -220,13 +220,14 @@ impl Drop for TcpRegistration {
         lock(&self.regs).remove(&self.key);
         let mut st = lock(&self.entry.state);
         st.revoked = true;
-        if !st.users.is_empty() {
-            st = self
-                .entry
-                .idle
-                .wait_timeout_while(st, DEREGISTER_GRACE, |st| !st.users.is_empty())
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        // One grace period in all, however often the wait is woken before the users are gone.
+        let deadline = Instant::now() + DEREGISTER_GRACE;
+        while !st.users.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = wait_timeout(&self.entry.idle, st, left).0;
         }
         if !st.users.is_empty() {
             tracing::warn!(
@@ -237,7 +238,7 @@ impl Drop for TcpRegistration {
                 let _ = socket.shutdown(Shutdown::Both);
             }
             while !st.users.is_empty() {
-                st = self.entry.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = wait(&self.entry.idle, st);
             }
         }
     }

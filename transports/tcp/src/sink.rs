@@ -1,16 +1,16 @@
-//! Sending half: per lane, a queue of frames written with vectored writes (small writes joined
-//! into one buffer).
+//! One socket's sending framer: a queue of frames written with vectored writes (small writes
+//! joined into one buffer), with exact partial-write accounting. It knows nothing of lanes: the
+//! dispatcher (`lanes.rs`) gives each lane one, written from the runtime or by the lane's thread
+//! (`lane_thread.rs`), both above this file.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use agentfabric::frame::{Lane, OutFrame, HEADER_LEN};
+use agentfabric::frame::{OutFrame, HEADER_LEN};
 use agentfabric::transport::FrameSink;
 use tokio::io::AsyncWrite;
-
-use crate::lane_thread::ThreadSink;
 
 /// Most slices handed to one vectored write (two per frame: header, then payload when it is not
 /// empty). 64 slices cover 32 frames per system call and cost 1 KiB of stack; Linux accepts up
@@ -178,95 +178,5 @@ impl<W: AsyncWrite + Unpin + Send> FrameSink for TcpFrameSink<W> {
             self.closed = true;
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-/// One lane's sending half: written from the async runtime, or by a thread of its own
-/// ([`crate::BulkLaneIo`]).
-pub(crate) enum LaneSink<W> {
-    /// Written by whichever task flushes the connection.
-    Runtime(TcpFrameSink<W>),
-    /// Written by the lane's own thread.
-    Thread(ThreadSink),
-}
-
-impl<W: AsyncWrite + Unpin + Send> LaneSink<W> {
-    fn get(&mut self) -> &mut dyn FrameSink {
-        match self {
-            LaneSink::Runtime(s) => s,
-            LaneSink::Thread(s) => s,
-        }
-    }
-
-    fn queued(&self) -> usize {
-        match self {
-            LaneSink::Runtime(s) => s.queued,
-            LaneSink::Thread(s) => s.queued_bytes(),
-        }
-    }
-}
-
-/// The sending half of a fabric connection: one sink per lane, each with its own queue and
-/// partial-write state, so bulk bytes waiting for lane 1's socket never hold back a frame of
-/// lane 0.
-pub(crate) struct LanedSink<W> {
-    pub(crate) lanes: [LaneSink<W>; Lane::COUNT],
-}
-
-impl<W> LanedSink<W> {
-    /// `writers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1), both written
-    /// from the runtime.
-    pub(crate) fn new(writers: [W; Lane::COUNT]) -> Self {
-        LanedSink {
-            lanes: writers.map(|w| LaneSink::Runtime(TcpFrameSink::new(w))),
-        }
-    }
-
-    /// The latency lane written from the runtime, the bulk lane by its own thread.
-    pub(crate) fn with_bulk_thread(latency: W, bulk: ThreadSink) -> Self {
-        LanedSink {
-            lanes: [
-                LaneSink::Runtime(TcpFrameSink::new(latency)),
-                LaneSink::Thread(bulk),
-            ],
-        }
-    }
-}
-
-/// Combines the results of the lanes: the first error wins; ready when every lane is.
-fn both(a: Poll<io::Result<()>>, b: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
-    match (a, b) {
-        (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-        _ => Poll::Pending,
-    }
-}
-
-impl<W: AsyncWrite + Unpin + Send> FrameSink for LanedSink<W> {
-    fn push(&mut self, frame: OutFrame) {
-        let lane = frame.lane() as usize;
-        self.lanes[lane].get().push(frame);
-    }
-
-    fn queued_bytes(&self) -> usize {
-        self.lanes.iter().map(LaneSink::queued).sum()
-    }
-
-    fn queued_bytes_in(&self, lane: Lane) -> usize {
-        self.lanes[lane as usize].queued()
-    }
-
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Both lanes are polled every time (latency first), so each registers its waker when
-        // its socket is full, and a blocked bulk lane never stops the latency lane's writes.
-        let [latency, bulk] = &mut self.lanes;
-        let a = latency.get().poll_flush(cx);
-        both(a, bulk.get().poll_flush(cx))
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let [latency, bulk] = &mut self.lanes;
-        let a = latency.get().poll_close(cx);
-        both(a, bulk.get().poll_close(cx))
     }
 }

@@ -1,16 +1,16 @@
-//! Receiving half: per lane, one read buffer cut into zero-copy frames.
+//! One socket's receiving framer: one read buffer cut into zero-copy frames. It knows nothing of
+//! lanes: the dispatcher (`lanes.rs`) gives each lane one, read from the runtime or by the lane's
+//! thread (`lane_thread.rs`), both above this file.
 
 use std::cmp;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use agentfabric::frame::{self, Frame, FrameError, Lane, HEADER_LEN};
+use agentfabric::frame::{self, Frame, FrameError, HEADER_LEN};
 use agentfabric::transport::{FrameStream, RecvError};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, ReadBuf};
-
-use crate::lane_thread::ThreadStream;
 
 /// The receiving half of one TCP connection, i.e. of one lane (generic over the reader for
 /// tests).
@@ -135,118 +135,6 @@ impl<R: AsyncRead + Unpin + Send> FrameStream for TcpFrameStream<R> {
             ready!(self.poll_step(cx, out))?;
             if out.len() > before {
                 return Poll::Ready(Ok(()));
-            }
-        }
-    }
-}
-
-/// One lane's receiving half: read from the async runtime, or by a thread of its own
-/// ([`crate::BulkLaneIo`]).
-pub(crate) enum LaneStream<R> {
-    /// Read by whichever task polls the connection.
-    Runtime(TcpFrameStream<R>),
-    /// Read by the lane's own thread.
-    Thread(ThreadStream),
-}
-
-impl<R: AsyncRead + Unpin> LaneStream<R> {
-    fn poll_step(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut Vec<Frame>,
-    ) -> Poll<Result<(), RecvError>> {
-        match self {
-            LaneStream::Runtime(s) => s.poll_step(cx, out),
-            LaneStream::Thread(s) => s.poll_step(cx, out),
-        }
-    }
-}
-
-/// The receiving half of a fabric connection: one [`LaneStream`] per lane, a [`TcpFrameStream`]
-/// read from the runtime or (the bulk lane, [`crate::BulkLaneIo::Threads`]) a [`ThreadStream`]
-/// whose thread reads it.
-///
-/// Every call steps both lanes in turn, latency lane first, at most one read per lane read from
-/// the runtime per turn (a threaded lane's step only takes the frames its thread queued), so
-/// frames of lane 0 are never held back by a large bulk frame being read on lane 1, and appear
-/// first in `out`.
-pub(crate) struct LanedStream<R> {
-    pub(crate) lanes: [LaneStream<R>; Lane::COUNT],
-    /// Lanes that reached a clean end of stream (no partial frame left).
-    ended: [bool; Lane::COUNT],
-    /// An error met after frames of this call were already added to `out`: reported next.
-    error: Option<RecvError>,
-}
-
-impl<R> LanedStream<R> {
-    /// `readers[i]` carries lane `i` ([`Lane::Latency`] = 0, [`Lane::Bulk`] = 1).
-    pub(crate) fn new(readers: [R; Lane::COUNT], read_size: usize) -> Self {
-        LanedStream::of(readers.map(|r| LaneStream::Runtime(TcpFrameStream::new(r, read_size))))
-    }
-
-    /// The latency lane read from the runtime, the bulk lane by its own thread.
-    pub(crate) fn with_bulk_thread(latency: R, bulk: ThreadStream, read_size: usize) -> Self {
-        LanedStream::of([
-            LaneStream::Runtime(TcpFrameStream::new(latency, read_size)),
-            LaneStream::Thread(bulk),
-        ])
-    }
-
-    fn of(lanes: [LaneStream<R>; Lane::COUNT]) -> Self {
-        LanedStream {
-            lanes,
-            ended: [false; Lane::COUNT],
-            error: None,
-        }
-    }
-}
-
-impl<R: AsyncRead + Unpin + Send> FrameStream for LanedStream<R> {
-    fn poll_recv(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut Vec<Frame>,
-    ) -> Poll<Result<(), RecvError>> {
-        if let Some(e) = self.error.take() {
-            return Poll::Ready(Err(e));
-        }
-        let before = out.len();
-        loop {
-            if self.ended.iter().all(|&e| e) {
-                // Both directions closed cleanly, with no partial frame on either.
-                if out.len() > before {
-                    return Poll::Ready(Ok(()));
-                }
-                return Poll::Ready(Err(RecvError::Eof));
-            }
-            let mut progress = false;
-            for (lane, ended) in self.lanes.iter_mut().zip(self.ended.iter_mut()) {
-                if *ended {
-                    continue;
-                }
-                match lane.poll_step(cx, out) {
-                    Poll::Pending => {}
-                    Poll::Ready(Ok(())) => progress = true,
-                    // A clean end of one lane: the peer is closing. Its other lane may still
-                    // hold frames sent before the close; they are delivered, and the
-                    // connection ends when that lane ends too.
-                    Poll::Ready(Err(RecvError::Eof)) => *ended = true,
-                    // Anything else (I/O error, a lane closed mid-frame, a malformed frame)
-                    // breaks the whole connection at once.
-                    Poll::Ready(Err(e)) => {
-                        if out.len() > before {
-                            self.error = Some(e);
-                            return Poll::Ready(Ok(()));
-                        }
-                        return Poll::Ready(Err(e));
-                    }
-                }
-            }
-            if out.len() > before {
-                return Poll::Ready(Ok(()));
-            }
-            if !progress && !self.ended.iter().all(|&e| e) {
-                return Poll::Pending;
             }
         }
     }

@@ -17,9 +17,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::lanes::{LaneSink, LanedSink, LanedStream};
 use crate::listener::TcpFrameListener;
 use crate::preamble::{Preamble, PreambleError};
-use crate::sink::{LaneSink, TcpFrameSink, COALESCE_MAX};
+use crate::sink::{TcpFrameSink, COALESCE_MAX};
 use crate::stream::TcpFrameStream;
 
 use super::*;

@@ -176,12 +176,12 @@ pub(crate) struct Context {
     pub(crate) max_qp_wr: u32,
     /// RDMA READs a QP of this device accepts in flight as the target (`max_qp_rd_atom`), and
     /// issues in flight as the initiator (`max_qp_init_rd_atom`), capped at
-    /// [`crate::READ_DEPTH`]; at least 1.
+    /// [`crate::config::READ_DEPTH`]; at least 1.
     pub(crate) reads_in: u8,
     pub(crate) reads_out: u8,
     /// A software device (Soft-RoCE `rxe`, `siw`), by its vendor id: its `ibv_post_send` runs
     /// the protocol, copies included, inside the posting system call (see
-    /// [`crate::RmaPosting::Auto`]).
+    /// [`crate::config::Posting::Auto`]).
     pub(crate) software: bool,
     /// The device has type 1 memory windows (`IBV_DEVICE_MEM_WINDOW`).
     mem_windows: bool,
@@ -206,6 +206,14 @@ impl Drop for Context {
             ibv_close_device(self.ctx);
         }
     }
+}
+
+/// A device this end uses, with the port and GID index its QPs use: a connection's own, or a
+/// rail's.
+pub(crate) struct LocalPort {
+    pub(crate) dev: Arc<Context>,
+    pub(crate) port: u8,
+    pub(crate) gid_index: u8,
 }
 
 impl Context {
@@ -271,7 +279,7 @@ impl Context {
         };
         let reads = |n: i32| {
             if queried {
-                n.clamp(1, i32::from(crate::READ_DEPTH)) as u8
+                n.clamp(1, i32::from(crate::config::READ_DEPTH)) as u8
             } else {
                 1
             }
@@ -299,15 +307,25 @@ impl Context {
                     tracing::debug!(device = %self.name, "the device has no memory windows");
                     return None;
                 }
-                Binder::new(self)
-                    .map_err(|e| {
-                        tracing::info!(
-                            device = %self.name,
-                            error = %e,
-                            "cannot bind memory windows: revoked regions are deregistered"
-                        )
-                    })
-                    .ok()
+                // The first ACTIVE port and its first RoCE v2 IPv4-mapped GID.
+                let made = self.first_active_port().and_then(|port| {
+                    let gid_index = self.pick_gid(port, None)?;
+                    let gid = self.query_gid(port, gid_index)?;
+                    let attr = self.query_port(port)?;
+                    // SAFETY: the context and PD are open while `self` lives, and the binder
+                    // goes before them (see `Drop`).
+                    unsafe {
+                        Binder::new(self.ctx, self.pd, &self.name, port, gid_index, gid, &attr)
+                    }
+                });
+                made.map_err(|e| {
+                    tracing::info!(
+                        device = %self.name,
+                        error = %e,
+                        "cannot bind memory windows: revoked regions are deregistered"
+                    )
+                })
+                .ok()
             })
             .as_ref()
     }

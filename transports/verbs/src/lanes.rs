@@ -1,5 +1,7 @@
 //! Lanes: a connection's frames take one RC queue pair per [`Lane`] when both ends agree (the
-//! default, [`crate::VerbsConfig::bulk_lane`]).
+//! default, [`crate::config::VerbsConfig::bulk_lane`]). This file holds the connection's two
+//! halves over its lanes ([`connection`]): each frame goes to its lane's QP, and frames come
+//! from both.
 //!
 //! A QP sends its work requests in order, so on one QP a coordination frame waits for every
 //! bulk frame posted before it: up to `send_depth` of them, 2 MiB with the defaults. On a
@@ -7,168 +9,22 @@
 //! 2.6 ms each), and the posting itself runs the protocol inside `ibv_post_send`. With a lane
 //! of its own, bulk data queues only behind bulk data: coordination frames never wait behind
 //! it in a send queue, and a bulk lane on a software device is posted from a thread of its own
-//! at a lower priority ([`crate::RmaPosting`]), off the runtime's workers.
+//! at a lower priority ([`crate::config::Posting`], `posting.rs`), off the runtime's workers.
 //!
 //! The bulk lane is a second frames QP like the first (its own CQ, completion channel, receive
-//! buffers and credits), set up over the same side channel after the first, and proved by a
-//! probe message each way like it. The connection is one: either lane's failure fails it, the
+//! buffers and credits), set up over the same side channel after the first (`establish.rs`),
+//! and proved by a probe message each way like it. The connection is one: either lane's failure fails it, the
 //! stream ends only when both lanes have ended cleanly, and closing closes both. Frames of one
 //! channel always take the same lane, so per-channel order holds; the session tolerates any
 //! interleaving between lanes.
 
-use std::future::Future;
 use std::io;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use agentfabric::frame::{Frame, Lane, OutFrame};
 use agentfabric::transport::{Connection, FrameSink, FrameStream, OneSided, RecvError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::conn::{send_post_thread, spawn_poster, Resources, Shared};
-use crate::params::{self, negotiate, Negotiated, QpParams, PARAMS_LEN};
-use crate::{ThreadPriority, VerbsConfig};
-
-/// Name of a bulk lane's posting thread.
-pub(crate) const BULK_POSTER: &str = "af-verbs-bulk";
-
-/// Runs `f`, a step of the bulk lane's set-up, within `limit`; its errors say which step.
-async fn bounded<T>(
-    limit: Duration,
-    remote_name: &str,
-    what: &str,
-    f: impl Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            format!(
-                "verbs connection to {remote_name}: the peer closed the side channel during \
-                 set-up ({what}): {e}"
-            ),
-        )),
-        Ok(Err(e)) => Err(io::Error::new(
-            e.kind(),
-            format!("verbs connection to {remote_name}: {what}: {e}"),
-        )),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("verbs connection to {remote_name}: no {what} within {limit:?}"),
-        )),
-    }
-}
-
-/// Sets up the bulk lane when both ends want one: `sibling` is this end's bulk lane QP
-/// ([`Resources::sibling`]) when it wants one. An end that wanted one and could not make it
-/// (out of locked memory, say) goes on without, and so does the connection: bulk frames then
-/// share the latency lane's QP.
-pub(crate) async fn set_up(
-    side: &mut TcpStream,
-    sibling: Option<io::Result<Resources>>,
-    cfg: &VerbsConfig,
-    remote_name: &str,
-) -> io::Result<Option<(Resources, Negotiated)>> {
-    let sibling = match sibling {
-        Some(Ok(res)) => Some(res),
-        Some(Err(e)) => {
-            tracing::warn!(remote = %remote_name, error = %e,
-                "cannot set up a bulk lane: bulk frames share the latency lane's queue pair");
-            None
-        }
-        None => None,
-    };
-    let want = sibling.is_some();
-    let both = agree(side, want, cfg.connect_timeout, remote_name).await?;
-    match sibling {
-        Some(res) if both => connect(side, res, cfg, remote_name).await.map(Some),
-        _ => Ok(None),
-    }
-}
-
-/// Tells the peer whether this end wants a bulk lane and learns whether it does: `true` when
-/// both do.
-async fn agree(
-    side: &mut TcpStream,
-    want: bool,
-    limit: Duration,
-    remote_name: &str,
-) -> io::Result<bool> {
-    bounded(limit, remote_name, "bulk lane agreement", async {
-        side.write_all(&[u8::from(want)]).await?;
-        let mut theirs = [0u8; 1];
-        side.read_exact(&mut theirs).await?;
-        match theirs[0] {
-            0 | 1 => Ok(want && theirs[0] == 1),
-            b => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the peer answered {b} (0 or 1 expected)"),
-            )),
-        }
-    })
-    .await
-}
-
-/// Connects the bulk lane's QP, `res` (made with [`Resources::sibling`]), to the peer's: the
-/// parameters of each end's bulk lane QP cross the side channel and are checked like the first
-/// QP's.
-async fn connect(
-    side: &mut TcpStream,
-    mut res: Resources,
-    cfg: &VerbsConfig,
-    remote_name: &str,
-) -> io::Result<(Resources, Negotiated)> {
-    let local = res.local_params(cfg)?;
-    let remote = bounded(
-        cfg.connect_timeout,
-        remote_name,
-        "bulk lane parameter exchange",
-        async {
-            // Both ends write first: the messages are small enough for any socket buffer.
-            side.write_all(&local.encode()).await?;
-            let mut buf = [0u8; PARAMS_LEN];
-            side.read_exact(&mut buf).await?;
-            Ok(buf)
-        },
-    )
-    .await?;
-    let bad = |m: params::Mismatch| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("verbs connection to {remote_name}, bulk lane: {m}"),
-        )
-    };
-    let remote = QpParams::decode(&remote).map_err(bad)?;
-    let n = negotiate(&local, &remote).map_err(bad)?;
-    res.connect_qp(&local, &remote, &n).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("verbs connection to {remote_name}, bulk lane: {e}"),
-        )
-    })?;
-    Ok((res, n))
-}
-
-/// Has the bulk lane's sends posted by a thread of its own at `priority` from now on (`None`:
-/// by whoever plans them).
-pub(crate) fn start_posting(
-    bulk: &Shared,
-    priority: Option<ThreadPriority>,
-    remote_name: &str,
-) -> io::Result<()> {
-    let Some(priority) = priority else {
-        return Ok(());
-    };
-    // One pending wake-up is enough: the thread posts all that fits when it runs.
-    let (kick, kicks) = std::sync::mpsc::sync_channel(1);
-    let lane = bulk.downgrade();
-    spawn_poster(BULK_POSTER, remote_name, move || {
-        send_post_thread(lane, kicks, priority)
-    })?;
-    bulk.set_poster(kick);
-    Ok(())
-}
+use crate::datapath::Shared;
 
 /// The connection over its lanes.
 pub(crate) fn connection(latency: Shared, bulk: Option<Shared>, remote: String) -> Connection {

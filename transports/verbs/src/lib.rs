@@ -14,8 +14,10 @@
 //!   RDMA WRITE and READ between registered regions. `ibverbs` 0.9 hides
 //!   the completion channel, immediate data and WR chains; `rdma-sys` exposes all of rdma-core,
 //!   and its Rust re-implementations of the inline verbs (`ibv_post_send`, `ibv_poll_cq`, ...)
-//!   cost no extra call. The unsafe code is confined to `conn.rs`, `device.rs`, `rma.rs` and
-//!   `memory.rs`, behind types whose drop order frees nothing the device may still touch.
+//!   cost no extra call. The unsafe code is confined to the files that make verbs calls
+//!   (`qp.rs`, `window.rs`, `device.rs`, `memory.rs`, `one_sided.rs`, `resources.rs`,
+//!   `datapath.rs`, `posting.rs`; see [Layout](#layout)), behind types whose drop order frees
+//!   nothing the device may still touch.
 //! - **Out-of-band TCP set-up, not rdma_cm.** rdma_cm sets the QP attributes itself (and leaves
 //!   the RNR timer at 0, a 655 ms stall per receiver-not-ready: a common RoCE complaint), does
 //!   not let us check the two ends' settings against each other, and needs its own event
@@ -48,14 +50,14 @@
 //!   lane has spun on its CQ for [`VerbsConfig::spin_before_sleep`] since its last completion
 //!   (so a reply to a recent send is taken without a wake-up); [`VerbsConfig::busy_poll`] spins
 //!   on the CQ always (lower latency, one core busy).
-//! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`): bulk channels' data frames
-//!   take a frames QP of their own, set up beside the first (its parameters cross the side
-//!   channel after the first's, and it is probed the same way), with its own receive buffers
-//!   and credits. A QP sends in order, so on one QP a coordination frame waited behind every
+//! - **Two lanes** ([`VerbsConfig::bulk_lane`], see `lanes.rs`, set up in `establish.rs`): bulk
+//!   channels' data frames take a frames QP of their own, set up beside the first (its
+//!   parameters cross the side channel after the first's, and it is probed the same way), with
+//!   its own receive buffers and credits. A QP sends in order, so on one QP a coordination frame waited behind every
 //!   bulk frame posted before it (in the lab: a loaded coordination p50 of 5.9 ms against
 //!   0.53–0.57 ms with the lane, `bench/RESULTS.md`). On a software device the bulk lane's
 //!   sends are planned under its lock and posted outside it by a thread of its own
-//!   ([`RmaPosting`]). Either lane's failure is the connection's; the stream ends when both
+//!   ([`Posting`]). Either lane's failure is the connection's; the stream ends when both
 //!   lanes have ended; closing closes both.
 //! - **One-sided operations** ([`FrameSink::one_sided`](agentfabric::transport::FrameSink)):
 //!   the fabric's transfers between registered regions move by RDMA WRITE and READ. Regions
@@ -76,7 +78,7 @@
 //!   with its last piece. The pieces are planned under a lock of their own and posted outside
 //!   it, never under the lock the frames need: on a software device `ibv_post_send` runs the
 //!   protocol in the posting system call, for milliseconds under emulation. There a thread of
-//!   the connection's own at nice 10 posts them ([`RmaPosting`]), so that work never holds a
+//!   the connection's own at nice 10 posts them ([`Posting`]), so that work never holds a
 //!   runtime worker either (in the lab the loaded coordination p50 under one-sided bulk went
 //!   from 9.3–9.6 ms to 0.49–0.50 ms, the p99 from 30–34 ms to 1–2 ms). What keeps an operation's
 //!   memory alive rides in its completion, which runs (or is dropped) only once the device is
@@ -98,7 +100,7 @@
 //!   descriptor carries each rail's remote key), and pieces go to the rail with the fewest bytes
 //!   in flight among those both regions span. A write with immediate data still tells the peer
 //!   that every byte before it landed: its last piece waits until the other rails have nothing
-//!   in flight, and goes on the main device's QP. See `rma.rs`. (That a rail's RC
+//!   in flight, and goes on the main device's QP. See `one_sided.rs`. (That a rail's RC
 //!   acknowledgement means its bytes are visible at the peer before the main device's
 //!   immediate is handed over there is assumed, as multi-rail libraries assume it; it holds for
 //!   devices that place data before acknowledging it, as rxe and current RNICs do.)
@@ -124,7 +126,7 @@
 //! up three QPs (latency frames, bulk frames, one-sided operations; two without the bulk
 //! lane), each with its CQ and completion channel, and a task that drains the one-sided CQ
 //! (and one more QP, CQ and task per rail); on a software device, two threads that post
-//! one-sided work and bulk frames ([`RmaPosting::Auto`]), asleep while there is none. In
+//! one-sided work and bulk frames ([`Posting::Auto`]), asleep while there is none. In
 //! the Soft-RoCE lab under software emulation (debug build) a connection takes 0.17–0.45 s to
 //! set up (resources ~50 ms, parameter exchange ~50 ms, QP to RTS ~5–45 ms, path probe ~50 ms);
 //! on hardware it is a few milliseconds.
@@ -142,6 +144,26 @@
 //! lab sets them), then the device whose RoCE v2 GID carries the side channel's local IP
 //! address (as rdma_cm would pick it), then the first ACTIVE port of the first device and its
 //! first RoCE v2 IPv4-mapped GID.
+//!
+//! # Layout
+//!
+//! Set-up apart from the data path, and each file uses only files listed before it (no import
+//! circle):
+//!
+//! - `params.rs`: the QP parameters the two ends exchange, their encoding and negotiation.
+//! - `config.rs`: [`VerbsConfig`], [`Posting`], their validation and environment lookups.
+//! - `qp.rs`: queue-pair primitives: QP state transitions along a path, the completion
+//!   channel's fd, CQ polling, WR chains, the errors of verbs calls and failed completions.
+//! - `window.rs`: memory windows, and the QP each device binds them on.
+//! - `device.rs`: listing and opening devices, choosing a port and GID.
+//! - `memory.rs`: the transport's memory domain and its registrations.
+//! - `one_sided.rs`: one-sided operations and the QPs (rails) they go on.
+//! - `resources.rs`: a lane's verbs objects (QP, CQ, channel, registered buffers).
+//! - `datapath.rs`: a lane's data path, the connection's one-sided handle and CQ drains.
+//! - `posting.rs`: the threads that post one-sided work and bulk-lane sends ([`Posting`]).
+//! - `lanes.rs`: the connection's sending and receiving halves over its lanes.
+//! - `establish.rs`: connection set-up over the TCP side channel, up to the probes.
+//! - `lib.rs`: the transport, its listener, and the choice of device.
 
 #![warn(missing_docs)]
 
@@ -149,27 +171,38 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use agentfabric::frame::HEADER_LEN;
-/// The posting thread's priority ([`RmaPosting::Thread`]): the fabric's type, re-exported here
+use agentfabric::sync::lock;
+/// The posting thread's priority ([`Posting::Thread`]): the fabric's type, re-exported here
 /// where the verbs settings name it.
 pub use agentfabric::transport::ThreadPriority;
 use agentfabric::transport::{BoxFuture, Connection, Listener, MemoryDomain, Transport};
 use tokio::net::TcpStream;
 
-mod conn;
+mod config;
+mod datapath;
 mod device;
+mod establish;
 mod lanes;
 mod memory;
+mod one_sided;
 pub mod params;
-mod rma;
+mod posting;
+mod qp;
+mod resources;
 mod window;
 
+pub use config::{Posting, VerbsConfig, READ_DEPTH, RMA_PIECE};
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
 
-use conn::Role;
-use device::Context;
+/// The old name of [`Posting`]: it governs the bulk lane's sends too, not only one-sided
+/// ("RMA") work.
+#[deprecated(note = "renamed to Posting")]
+pub type RmaPosting = Posting;
+
+use device::{Context, LocalPort};
+use establish::Role;
 
 /// URL scheme of this transport: `verbs://ip:port`.
 pub const SCHEME: &str = "verbs";
@@ -178,295 +211,6 @@ pub const SCHEME: &str = "verbs";
 const MAIN_DEVICE_SETTING: &str = "AGENTFABRIC_LAB_DEVICE / VerbsConfig::device";
 /// Where the rails are named, for errors.
 const RAILS_SETTING: &str = "VerbsConfig::rails (or AGENTFABRIC_RAILS)";
-
-/// Settings of the verbs transport. [`Default`] reads the lab's environment for the device and
-/// GID index and otherwise gives the settings the benchmarks use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerbsConfig {
-    /// RDMA device name (e.g. `rxe0`); `None`: `AGENTFABRIC_LAB_DEVICE`, else the device whose
-    /// GID matches the side channel's local address, else the first with an ACTIVE port.
-    pub device: Option<String>,
-    /// Port number; `None`: the first ACTIVE port.
-    pub port: Option<u8>,
-    /// GID index; `None`: `AGENTFABRIC_LAB_GID_INDEX`, else the RoCE v2 IPv4-mapped GID of the
-    /// side channel's local address, else the first RoCE v2 IPv4-mapped GID.
-    pub gid_index: Option<u8>,
-    /// Bytes per receive buffer: the largest frame (header + payload). Must be equal on both
-    /// ends. Default 64 KiB.
-    pub recv_buffer_size: usize,
-    /// Receive buffers posted per connection: the credits the peer may use. Default 32.
-    pub recv_depth: u32,
-    /// Send queue depth (and registered send slots). Default 32.
-    pub send_depth: u32,
-    /// Largest frame sent inline (asked of the QP; the device may grant less). Default 256.
-    pub max_inline: u32,
-    /// Path MTU this end insists on (256..4096), or `None` (default) to use the smaller of the
-    /// two ports' active MTUs.
-    pub mtu: Option<u32>,
-    /// Minimum RNR NAK timer code advertised (1..=31). Default 12 (0.64 ms). Never 0 (655 ms).
-    pub min_rnr_timer: u8,
-    /// Transport retry count (0..=7). Default 7.
-    pub retry_count: u8,
-    /// RNR retry count (0..=7, 7 = infinite). Default 7. (Credits prevent RNR anyway.)
-    pub rnr_retry: u8,
-    /// Local ACK timeout code: 4.096 µs × 2^code. Default 14 (67 ms): with 7 retries a lost
-    /// link fails the QP in about half a second.
-    pub ack_timeout: u8,
-    /// Signal one send in this many (and the last of each batch). Default 16.
-    pub signal_every: u32,
-    /// Spin on the completion queue instead of sleeping on the completion channel. Default off.
-    pub busy_poll: bool,
-    /// After a completion on the coordination lane (or a send after an idle spell), keep
-    /// polling its completion queue for this long before sleeping on the completion channel.
-    /// A reply that comes within it is taken without a wake-up through the channel's fd (an
-    /// interrupt, an `epoll` wake-up and a context switch), at the cost of a runtime worker
-    /// spinning that long (the task yields to the runtime between polls). An idle connection
-    /// sleeps as before. The bulk lane never spins; [`VerbsConfig::busy_poll`] spins always.
-    /// Default 50 µs (a few round trips on hardware, as Linux's `net.core.busy_poll` advice);
-    /// `Duration::ZERO` sleeps at once; at most 1 s.
-    pub spin_before_sleep: Duration,
-    /// A connection with sends outstanding and no completion for this long has failed (link
-    /// down, peer unreachable), whatever the RC retry machinery says. Default 1 s.
-    pub stall_timeout: Duration,
-    /// Bound on the TCP side-channel connect, the parameter exchange and the RDMA path check,
-    /// each. Default 3 s.
-    pub connect_timeout: Duration,
-    /// Bytes of one-sided operations (RDMA WRITE/READ of transfers) in flight per connection.
-    /// They go out in pieces of at most [`RMA_PIECE`], so a coordination frame queues behind at
-    /// most this much bulk in the device and on the wire; enough to keep a link busy (a 100 Gb/s
-    /// link with a 5 µs round trip holds 62 KB). Default 256 KiB.
-    pub rma_inflight_bytes: u32,
-    /// Give registered regions their remote key through memory windows, where the device has
-    /// them: revoking a region then withdraws its key but keeps the memory registered, so the
-    /// buffer [`Region::reclaim`](agentfabric::Region::reclaim) hands back registers again
-    /// without pinning its pages again. Off, or on a device without windows, a region's
-    /// registration carries the key itself and revoking deregisters it. Default on.
-    pub memory_windows: bool,
-    /// Extra RDMA devices ("rails", e.g. `["rxe1"]`) that one-sided operations spread over,
-    /// beside the connection's own device: each connection sets up one more one-sided QP per
-    /// rail (on the rail's first ACTIVE port and its first RoCE v2 IPv4-mapped GID), regions are
-    /// registered on every rail too, and the pieces of each operation go to the rail with the
-    /// fewest bytes in flight. Rails pair up by position with the peer's (rail *k* here with
-    /// rail *k* there, as many as both ends have), so list them in the same order on both
-    /// ends, each on a network that reaches the peer's rail of the same position. At most
-    /// [`agentfabric::transport::MAX_RAILS`]. Default none. Env: `AGENTFABRIC_RAILS`
-    /// (comma-separated) when empty.
-    pub rails: Vec<String>,
-    /// Where one-sided operations' pieces (and the bulk lane's sends) are posted from. Default
-    /// [`RmaPosting::Auto`]: a thread of the connection's own at nice 10 on a software device,
-    /// the submitting or completing task on hardware.
-    pub rma_posting: RmaPosting,
-    /// Give bulk channels' frames a queue pair of their own (a second one per connection, with
-    /// its own receive buffers: twice the registered memory of one), so that coordination never
-    /// waits behind bulk data in a send queue. Used when both ends set it. Where the bulk lane's
-    /// sends are posted from follows [`VerbsConfig::rma_posting`]. Default on.
-    pub bulk_lane: bool,
-}
-
-/// Where a connection posts its one-sided operations' pieces, and its bulk lane's sends
-/// ([`VerbsConfig::rma_posting`], [`VerbsConfig::bulk_lane`]): each gets a thread of its own
-/// when a thread is chosen.
-///
-/// Posting one-sided work never holds the lock the connection's frames need, whichever is
-/// chosen; the bulk lane's sends are posted under the bulk lane's own lock by
-/// [`RmaPosting::Caller`], outside it by a thread. On hardware
-/// `ibv_post_send` writes a doorbell and returns. On a software device (Soft-RoCE `rxe`,
-/// `siw`) it runs the protocol in the posting system call: segmenting, checksums, the copies,
-/// and often the receiving side's work too. In the lab those calls took 6 ms at p90 and 11 ms
-/// at p99 under `mixed --bulk-api transfer` (256 KiB in flight). On a runtime worker that
-/// holds up every coordination frame the worker would have handled meanwhile; on a thread of
-/// its own at a lower priority the kernel's scheduler runs coordination first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RmaPosting {
-    /// [`RmaPosting::Thread`]`(`[`ThreadPriority::Nice`]`(10))` when the connection's device is
-    /// a software one (known by its vendor id), [`RmaPosting::Caller`] otherwise.
-    #[default]
-    Auto,
-    /// The task that submits an operation, or that takes the completions which made room,
-    /// posts. No thread; the lowest latency to the device where posting is cheap.
-    Caller,
-    /// A thread per connection, at this priority, posts; submitting and completing only wake
-    /// it.
-    Thread(ThreadPriority),
-}
-
-impl RmaPosting {
-    /// The posting thread's priority for a connection on a device that is `software` or not;
-    /// `None`: no thread.
-    pub(crate) fn thread(self, software: bool) -> Option<ThreadPriority> {
-        match self {
-            RmaPosting::Auto => software.then_some(ThreadPriority::Nice(10)),
-            RmaPosting::Caller => None,
-            RmaPosting::Thread(p) => Some(p),
-        }
-    }
-}
-
-/// Largest piece a one-sided operation is posted in (see [`VerbsConfig::rma_inflight_bytes`]).
-pub const RMA_PIECE: u32 = 64 << 10;
-
-/// Most RDMA READs a connection keeps in flight (fewer where either device takes fewer: the
-/// ends exchange their limits). Enough to cover [`VerbsConfig::rma_inflight_bytes`]'s default
-/// in pieces of [`RMA_PIECE`] several times over; devices commonly take 16.
-pub const READ_DEPTH: u8 = 16;
-
-impl Default for VerbsConfig {
-    fn default() -> Self {
-        VerbsConfig {
-            device: None,
-            port: None,
-            gid_index: None,
-            recv_buffer_size: 64 * 1024,
-            recv_depth: 32,
-            send_depth: 32,
-            max_inline: 256,
-            mtu: None,
-            min_rnr_timer: 12,
-            retry_count: 7,
-            rnr_retry: 7,
-            ack_timeout: 14,
-            signal_every: 16,
-            busy_poll: false,
-            spin_before_sleep: Duration::from_micros(50),
-            stall_timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(3),
-            rma_inflight_bytes: 256 << 10,
-            memory_windows: true,
-            rails: Vec::new(),
-            rma_posting: RmaPosting::Auto,
-            bulk_lane: true,
-        }
-    }
-}
-
-impl VerbsConfig {
-    /// Checks the settings on their own (before any device is touched).
-    pub fn validate(&self) -> io::Result<()> {
-        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
-        if self.recv_buffer_size < HEADER_LEN + 1 || self.recv_buffer_size > (1 << 30) {
-            return bad(format!(
-                "VerbsConfig::recv_buffer_size {} is out of range ({}..=1 GiB)",
-                self.recv_buffer_size,
-                HEADER_LEN + 1
-            ));
-        }
-        if !(2..=params::imm::CREDITS).contains(&self.recv_depth) {
-            return bad(format!(
-                "VerbsConfig::recv_depth {} is out of range (2..=65535)",
-                self.recv_depth
-            ));
-        }
-        if !(RMA_PIECE..=1 << 30).contains(&self.rma_inflight_bytes) {
-            return bad(format!(
-                "VerbsConfig::rma_inflight_bytes {} is out of range (one piece, {RMA_PIECE} \
-                 bytes, to 1 GiB)",
-                self.rma_inflight_bytes
-            ));
-        }
-        if let RmaPosting::Thread(ThreadPriority::Nice(n)) = self.rma_posting {
-            if !(-20..=19).contains(&n) {
-                return bad(format!(
-                    "VerbsConfig::rma_posting Thread(Nice({n})) is out of range (-20..=19)"
-                ));
-            }
-        }
-        if !(2..=1 << 15).contains(&self.send_depth) {
-            return bad(format!(
-                "VerbsConfig::send_depth {} is out of range (2..=32768)",
-                self.send_depth
-            ));
-        }
-        if let Some(m) = self.mtu {
-            if params::mtu_code(m).is_none() {
-                return bad(format!(
-                    "VerbsConfig::mtu {m} is not an RDMA MTU (256, 512, 1024, 2048 or 4096)"
-                ));
-            }
-        }
-        if self.min_rnr_timer == 0 || self.min_rnr_timer > 31 {
-            return bad(format!(
-                "VerbsConfig::min_rnr_timer {} is out of range 1..=31 (0 would mean 655 ms stalls)",
-                self.min_rnr_timer
-            ));
-        }
-        if self.spin_before_sleep > Duration::from_secs(1) {
-            return bad(format!(
-                "VerbsConfig::spin_before_sleep {:?} is over 1 s: spinning that long is busy \
-                 polling (set busy_poll instead)",
-                self.spin_before_sleep
-            ));
-        }
-        self.checked_rails()?;
-        if self.retry_count > 7 || self.rnr_retry > 7 || self.ack_timeout > 31 {
-            return bad(
-                "VerbsConfig::retry_count and rnr_retry must be 0..=7, ack_timeout 0..=31".into(),
-            );
-        }
-        Ok(())
-    }
-
-    fn env_device(&self) -> Option<String> {
-        self.device.clone().or_else(|| {
-            std::env::var("AGENTFABRIC_LAB_DEVICE")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-    }
-
-    /// [`VerbsConfig::rails`] (else `AGENTFABRIC_RAILS`), checked: at most
-    /// [`agentfabric::transport::MAX_RAILS`], each a different device.
-    fn checked_rails(&self) -> io::Result<Vec<String>> {
-        let rails = self.env_rails();
-        let bad = |m: String| Err(io::Error::new(io::ErrorKind::InvalidInput, m));
-        if rails.len() > agentfabric::transport::MAX_RAILS {
-            return bad(format!(
-                "VerbsConfig::rails (or AGENTFABRIC_RAILS) names {} devices; at most {} are \
-                 supported",
-                rails.len(),
-                agentfabric::transport::MAX_RAILS
-            ));
-        }
-        for (i, r) in rails.iter().enumerate() {
-            if rails[..i].contains(r) {
-                return bad(format!(
-                    "VerbsConfig::rails (or AGENTFABRIC_RAILS) {rails:?}: each rail must name a \
-                     different device"
-                ));
-            }
-        }
-        Ok(rails)
-    }
-
-    /// [`VerbsConfig::rails`], else `AGENTFABRIC_RAILS`.
-    fn env_rails(&self) -> Vec<String> {
-        if !self.rails.is_empty() {
-            return self.rails.clone();
-        }
-        std::env::var("AGENTFABRIC_RAILS")
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn env_gid_index(&self) -> io::Result<Option<u8>> {
-        if let Some(g) = self.gid_index {
-            return Ok(Some(g));
-        }
-        match std::env::var("AGENTFABRIC_LAB_GID_INDEX") {
-            Ok(s) if !s.trim().is_empty() => s.trim().parse().map(Some).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("AGENTFABRIC_LAB_GID_INDEX={s:?} is not a GID index (0..=255)"),
-                )
-            }),
-            _ => Ok(None),
-        }
-    }
-}
 
 /// The verbs transport: scheme `verbs`, reliable, one RC QP per [`Connection`].
 #[derive(Default, Clone)]
@@ -505,7 +249,7 @@ impl VerbsTransport {
     /// The open device called `name` (opened now if no connection holds it); `setting` names
     /// where the name came from, for the error when there is no such device.
     fn device(&self, name: &str, setting: &str) -> io::Result<Arc<Context>> {
-        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = lock(&OPEN);
         let open = open.get_or_insert_with(HashMap::new);
         if let Some(d) = open.get(name).and_then(Weak::upgrade) {
             return Ok(d);
@@ -546,7 +290,7 @@ impl VerbsTransport {
 
     /// The rails' devices, each with its port and GID index, refusing the connection's own
     /// device `main` among them.
-    fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<rma::LocalPort>> {
+    fn rails(&self, main: &Arc<Context>) -> io::Result<Vec<LocalPort>> {
         self.config
             .checked_rails()?
             .iter()
@@ -563,7 +307,7 @@ impl VerbsTransport {
                 }
                 let port = dev.first_active_port()?;
                 let gid_index = dev.pick_gid(port, None)?;
-                Ok(rma::LocalPort {
+                Ok(LocalPort {
                     dev,
                     port,
                     gid_index,
@@ -600,10 +344,10 @@ impl VerbsTransport {
         let local_ip = side.local_addr()?.ip();
         let (dev, port, gid) = self.choose(local_ip)?;
         let rails = self.rails(&dev)?;
-        conn::establish(
+        establish::establish(
             side,
             Role::Initiator,
-            rma::LocalPort {
+            LocalPort {
                 dev,
                 port,
                 gid_index: gid,
@@ -720,8 +464,8 @@ impl Listener for VerbsListener {
                             let ip = side.local_addr()?.ip();
                             let (dev, port, gid) = t.choose(ip)?;
                             let rails = t.rails(&dev)?;
-                            let main = rma::LocalPort { dev, port, gid_index: gid };
-                            conn::establish(side, Role::Acceptor, main, rails, &t.config,
+                            let main = LocalPort { dev, port, gid_index: gid };
+                            establish::establish(side, Role::Acceptor, main, rails, &t.config,
                                 format!("{SCHEME}://{peer}")).await
                         });
                     }

@@ -9,7 +9,7 @@
 //! buffer registers again for the price of a new window. Otherwise the MR itself carries the
 //! remote key, and revoking deregisters it.
 //!
-//! [`VerbsConfig::memory_windows`]: crate::VerbsConfig::memory_windows
+//! [`VerbsConfig::memory_windows`]: crate::config::VerbsConfig::memory_windows
 
 use std::io;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::window::Window;
 /// The protection domains of the transport's device and of its rails
 /// ([`VerbsConfig::rails`]). Connections on the same devices reach what is registered here.
 ///
-/// [`VerbsConfig::rails`]: crate::VerbsConfig::rails
+/// [`VerbsConfig::rails`]: crate::config::VerbsConfig::rails
 pub(crate) struct VerbsDomain {
     pub(crate) dev: Arc<Context>,
     /// The extra devices one-sided operations spread over, in rail order.
@@ -95,7 +95,7 @@ unsafe fn register_windowed(
     };
     // SAFETY: the MR is live, in the binder's PD, with the access a window needs; the
     // registration drops the window before the MR.
-    reg.window = Some(unsafe { binder.bind(dev, mr)? });
+    reg.window = Some(unsafe { binder.bind(mr)? });
     Ok(reg)
 }
 
@@ -277,7 +277,7 @@ impl DeviceRegistration {
         })?;
         // SAFETY: the MR is live, windowed (bind access), in the binder's PD; the window is
         // dropped before the MR (Drop).
-        self.window = Some(unsafe { binder.bind(&self.dev, self.mr)? });
+        self.window = Some(unsafe { binder.bind(self.mr)? });
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Tests. Those that need an RDMA device are `#[ignore]`d with the reason, so they never pass
-//! silently on a machine without one; `soft-roce/tests.d/10-verbs` runs them in the lab with
-//! `--ignored`.
+//! silently on a machine without one; `soft-roce/tests.d/10-verbs-transport` runs them in the
+//! lab with `--ignored`.
 
 use std::future::poll_fn;
 use std::io;
@@ -76,17 +76,24 @@ fn default_config_is_valid_and_sets_frame_size() {
 #[test]
 fn one_sided_posting_gets_a_thread_on_software_devices_only_unless_told() {
     use ThreadPriority::*;
-    assert_eq!(RmaPosting::default(), RmaPosting::Auto);
-    assert_eq!(RmaPosting::Auto.thread(true), Some(Nice(10)));
-    assert_eq!(RmaPosting::Auto.thread(false), None);
-    assert_eq!(RmaPosting::Caller.thread(true), None);
-    assert_eq!(RmaPosting::Thread(Idle).thread(false), Some(Idle));
-    assert_eq!(RmaPosting::Thread(Nice(-20)).thread(true), Some(Nice(-20)));
+    assert_eq!(Posting::default(), Posting::Auto);
+    assert_eq!(Posting::Auto.thread(true), Some(Nice(10)));
+    assert_eq!(Posting::Auto.thread(false), None);
+    assert_eq!(Posting::Caller.thread(true), None);
+    assert_eq!(Posting::Thread(Idle).thread(false), Some(Idle));
+    assert_eq!(Posting::Thread(Nice(-20)).thread(true), Some(Nice(-20)));
     let ok = VerbsConfig {
-        rma_posting: RmaPosting::Thread(Nice(19)),
+        posting: Posting::Thread(Nice(19)),
         ..Default::default()
     };
     ok.validate().unwrap();
+}
+
+#[test]
+#[allow(deprecated)]
+fn the_old_name_of_posting_still_names_it() {
+    let old: RmaPosting = RmaPosting::Caller;
+    assert_eq!(old, Posting::Caller);
 }
 
 #[test]
@@ -94,10 +101,10 @@ fn bad_settings_are_refused_with_the_setting_named() {
     for (cfg, what) in [
         (
             VerbsConfig {
-                rma_posting: RmaPosting::Thread(ThreadPriority::Nice(20)),
+                posting: Posting::Thread(ThreadPriority::Nice(20)),
                 ..Default::default()
             },
-            "rma_posting Thread(Nice(20))",
+            "posting Thread(Nice(20))",
         ),
         (
             VerbsConfig {
@@ -799,13 +806,13 @@ async fn software_devices_post_one_sided_work_on_a_thread_that_ends_with_the_con
             0,
             "a posting thread outlived its test"
         );
-        for (posting, threads) in [(RmaPosting::Auto, 2), (RmaPosting::Caller, 0)] {
+        for (posting, threads) in [(Posting::Auto, 2), (Posting::Caller, 0)] {
             let server = VerbsConfig {
-                rma_posting: posting,
+                posting,
                 ..Default::default()
             };
             let client = VerbsConfig {
-                rma_posting: posting,
+                posting,
                 ..client_cfg()
             };
             let (s, c) = (

@@ -15,11 +15,11 @@ use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use agentfabric::sync::lock;
 use rdma_sys::*;
 
-use crate::conn::{connect_one, os_err, rc_err, to_init, PathSpec};
-use crate::device::Context;
-use crate::params::LinkLayer;
+use crate::params::{Gid, LinkLayer};
+use crate::qp::{connect_one, os_err, rc_err, to_init, PathSpec};
 
 /// How long a bind may take before the binder is given up: binds complete in microseconds, so
 /// a longer wait means the device or its driver is stuck.
@@ -69,8 +69,15 @@ impl Drop for Window {
 
 /// The QP and CQ a device binds memory windows on: an RC QP connected to itself (a bind needs a
 /// QP in RTS), its CQ polled by the binding thread. One bind at a time.
+///
+/// It holds its device's PD and name rather than the device, so that this file needs nothing
+/// of `device.rs` (the device makes its binder at the first use and keeps it).
 pub(crate) struct Binder {
     state: Mutex<BinderState>,
+    /// The device's protection domain: windows are allocated in it.
+    pd: *mut ibv_pd,
+    /// The device's name, for errors.
+    name: String,
 }
 
 struct BinderState {
@@ -81,24 +88,33 @@ struct BinderState {
     broken: Option<String>,
 }
 
-// SAFETY: QP and CQ handles are usable from any thread; all use is under the mutex.
+// SAFETY: QP, CQ and PD handles are usable from any thread; all use of the QP and CQ is under
+// the mutex.
 unsafe impl Send for Binder {}
 // SAFETY: as above.
 unsafe impl Sync for Binder {}
 
 impl Binder {
-    /// The binder of `dev`: creates its QP and CQ and connects the QP to itself on the first
-    /// ACTIVE port. Must be dropped before `dev`'s PD is deallocated.
-    pub(crate) fn new(dev: &Context) -> io::Result<Binder> {
-        let name = &dev.name;
-        let port = dev.first_active_port()?;
-        let gid_index = dev.pick_gid(port, None)?;
-        let gid = dev.query_gid(port, gid_index)?;
-        let attr = dev.query_port(port)?;
-        // SAFETY: the context and PD are open; each handle is checked and owned by `state`
-        // (destroyed by its Drop, also on the error paths below).
+    /// The binder of the device `name` (context `ctx`, protection domain `pd`): creates its QP
+    /// and CQ and connects the QP to itself on `port` (an ACTIVE one, whose attributes are
+    /// `attr`), through GID `gid` at `gid_index`.
+    ///
+    /// # Safety
+    ///
+    /// `ctx` and `pd` are open, and the binder is dropped before `pd` is deallocated.
+    pub(crate) unsafe fn new(
+        ctx: *mut ibv_context,
+        pd: *mut ibv_pd,
+        name: &str,
+        port: u8,
+        gid_index: u8,
+        gid: Gid,
+        attr: &ibv_port_attr,
+    ) -> io::Result<Binder> {
+        // SAFETY: the context and PD are open (the caller's contract); each handle is checked
+        // and owned by `state` (destroyed by its Drop, also on the error paths below).
         unsafe {
-            let cq = ibv_create_cq(dev.ctx, 4, std::ptr::null_mut(), std::ptr::null_mut(), 0);
+            let cq = ibv_create_cq(ctx, 4, std::ptr::null_mut(), std::ptr::null_mut(), 0);
             if cq.is_null() {
                 return Err(os_err(format!("cannot create the binding CQ on {name}")));
             }
@@ -115,7 +131,7 @@ impl Binder {
             init.cap.max_recv_wr = 1;
             init.cap.max_send_sge = 1;
             init.cap.max_recv_sge = 1;
-            state.qp = ibv_create_qp(dev.pd, &mut init);
+            state.qp = ibv_create_qp(pd, &mut init);
             if state.qp.is_null() {
                 return Err(os_err(format!("cannot create the binding QP on {name}")));
             }
@@ -141,6 +157,8 @@ impl Binder {
                 .map_err(|e| io::Error::new(e.kind(), format!("the binding QP on {name}: {e}")))?;
             Ok(Binder {
                 state: Mutex::new(state),
+                pd,
+                name: name.to_owned(),
             })
         }
     }
@@ -152,21 +170,21 @@ impl Binder {
     ///
     /// `mr` must be a live MR of the binder's PD, registered with `IBV_ACCESS_MW_BIND` and
     /// `IBV_ACCESS_LOCAL_WRITE`, and outlive the window.
-    pub(crate) unsafe fn bind(&self, dev: &Context, mr: *mut ibv_mr) -> io::Result<Window> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) unsafe fn bind(&self, mr: *mut ibv_mr) -> io::Result<Window> {
+        let mut state = lock(&self.state);
         if let Some(why) = &state.broken {
             return Err(io::Error::other(format!(
                 "memory windows on {} are out of use: {why}",
-                dev.name
+                self.name
             )));
         }
-        // SAFETY: the PD is open; the result is checked.
-        let mw = match unsafe { ibv_alloc_mw(dev.pd, ibv_mw_type::IBV_MW_TYPE_1) } {
+        // SAFETY: the PD is open (it outlives the binder); the result is checked.
+        let mw = match unsafe { ibv_alloc_mw(self.pd, ibv_mw_type::IBV_MW_TYPE_1) } {
             Some(mw) if !mw.is_null() => mw,
             _ => {
                 return Err(os_err(format!(
                     "cannot allocate a memory window on {}",
-                    dev.name
+                    self.name
                 )))
             }
         };
@@ -190,7 +208,7 @@ impl Binder {
         if rc != 0 {
             return Err(rc_err(
                 rc,
-                format!("cannot bind a memory window on {}", dev.name),
+                format!("cannot bind a memory window on {}", self.name),
             ));
         }
         let deadline = Instant::now() + BIND_TIMEOUT;

@@ -1,0 +1,130 @@
+//! agentfabric-bench: the fabric measured against a raw baseline in the same process and run;
+//! the `agentfabric bench` subcommand is [`main`].
+//!
+//! Both nodes live in this process and talk over loopback TCP (`tcp://127.0.0.1:0`), loopback
+//! QUIC, an in-process [`MemNetwork`](agentfabric::mem::MemNetwork), or one RDMA device (verbs, in the Soft-RoCE lab; the
+//! baseline is perftest from the same boot, see [`verbs`]). Workloads:
+//! - [`pingpong`]: coordination round trips of `--size` bytes, against raw TCP (or a pair of tokio
+//!   mpsc channels for `mem`), interleaved in slices so both see the same machine noise;
+//! - [`mixed`]: 64-byte coordination round trips while bulk traffic to the same peer is kept
+//!   saturated (messages on a bulk channel, or region writes with `--bulk-api transfer`), with
+//!   priorities on and off (FIFO), plus bulk throughput alone;
+//! - [`bulk`]: batched region writes against raw streaming of the same block size;
+//! - [`register`]: registering a reclaimed buffer again against registering a fresh one;
+//! - [`toolcall`]: tool calls with an injected slow tail, without and with hedging.
+//!
+//! Every sample after the warm-up goes into an HDR histogram in nanoseconds ([`report`]).
+//!
+//! Files: [`args`] (the command line) and [`settings`] (its defaults and refusals); one module
+//! per workload; the harness they share: [`pair`] (two nodes and a session), [`pinger`] (one
+//! round trip at a time), [`pacer`], [`rate`], the baselines ([`baseline`], [`quic`], [`verbs`]
+//! with [`devices`]); and [`report`] (progress, summaries, table; the JSON is `bench/JSON.md`).
+//! The benchmarks use the public API of the agentfabric crates only.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub mod args;
+pub mod baseline;
+pub mod bulk;
+pub mod devices;
+pub mod error;
+pub mod mixed;
+pub mod pacer;
+pub mod pair;
+pub mod pinger;
+pub mod pingpong;
+pub mod quic;
+pub mod rate;
+pub mod register;
+pub mod report;
+pub mod settings;
+pub mod toolcall;
+pub mod verbs;
+
+pub use args::{BenchArgs, BulkApi, TransportKind, Workload};
+pub use error::{BenchError, BenchResult};
+pub use report::Output;
+pub use settings::Settings;
+
+use report::progress;
+
+/// Runs `agentfabric bench` and returns the process exit code.
+pub fn main(args: BenchArgs) -> ExitCode {
+    let settings = match Settings::from_args(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .thread_name("bench-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let s = settings.clone();
+    let result = rt.block_on(async move {
+        // Run on a worker thread, like the nodes' own tasks, not on the main thread.
+        match tokio::spawn(run(s)).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("benchmark task failed: {e}").into()),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    progress("done");
+    match result {
+        Ok(out) => {
+            if args.json {
+                match serde_json::to_string_pretty(&out.json) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: cannot encode the result: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", out.table);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(s: Settings) -> BenchResult<Output> {
+    progress(&format!(
+        "bench: transport={} workload={} size={} B duration={:.2} s warmup={:.2} s threads={}",
+        s.transport,
+        s.workload.name(),
+        s.size,
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.threads
+    ));
+    match s.workload {
+        Workload::Mixed | Workload::Bulk if s.transport == TransportKind::Quic => Err(format!(
+            "workload {} does not run over quic yet (pingpong and toolcall do)",
+            s.workload.name()
+        )
+        .into()),
+        Workload::Toolcall if s.transport == TransportKind::Verbs => Err(
+            "workload toolcall runs over quic, tcp and mem (tool calls leave the cluster)".into(),
+        ),
+        Workload::Toolcall => toolcall::run(&s).await,
+        Workload::Pingpong => pingpong::run(&s).await,
+        Workload::Mixed => mixed::run(&s).await,
+        Workload::Bulk => bulk::run(&s).await,
+        Workload::Register => register::run(&s).await,
+    }
+}
