@@ -80,6 +80,8 @@ pub enum Workload {
     Toolcall,
     /// Registering a region from a reclaimed buffer against from a fresh one (`--size` bytes).
     Register,
+    /// Coordination round trips against round trips of one raw transport frame (no session).
+    Frames,
 }
 
 impl Workload {
@@ -91,6 +93,7 @@ impl Workload {
             Workload::Bulk => "bulk",
             Workload::Toolcall => "toolcall",
             Workload::Register => "register",
+            Workload::Frames => "frames",
         }
     }
 }
@@ -125,9 +128,9 @@ pub struct BenchArgs {
     /// Workload to run.
     #[arg(long, value_enum)]
     pub workload: Workload,
-    /// Message size in bytes: the round-trip payload for pingpong (default 64), the bulk message
-    /// (or block, with `--bulk-api transfer`) size for mixed (default 1048576; coordination
-    /// messages stay 64 B), the region size for register (default 67108864).
+    /// Message size in bytes: the round-trip payload for pingpong and frames (default 64), the
+    /// bulk message (or block, with `--bulk-api transfer`) size for mixed (default 1048576;
+    /// coordination messages stay 64 B), the region size for register (default 67108864).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     pub size: Option<usize>,
     /// Measured seconds per measurement, after the warm-up (default 3; 2 per phase for mixed,

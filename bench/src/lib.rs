@@ -11,7 +11,9 @@
 //!   priorities on and off (FIFO), plus bulk throughput alone;
 //! - [`bulk`]: batched region writes against raw streaming of the same block size;
 //! - [`register`]: registering a reclaimed buffer again against registering a fresh one;
-//! - [`toolcall`]: tool calls with an injected slow tail, without and with hedging.
+//! - [`toolcall`]: tool calls with an injected slow tail, without and with hedging;
+//! - [`frames`]: coordination round trips against round trips of one raw transport frame (no
+//!   session) over the same transport, interleaved in slices: what the session layer costs.
 //!
 //! Every sample after the warm-up goes into an HDR histogram in nanoseconds ([`report`]).
 //!
@@ -29,6 +31,7 @@ pub mod baseline;
 pub mod bulk;
 pub mod devices;
 pub mod error;
+pub mod frames;
 pub mod mixed;
 pub mod pacer;
 pub mod pair;
@@ -126,5 +129,6 @@ async fn run(s: Settings) -> BenchResult<Output> {
         Workload::Mixed => mixed::run(&s).await,
         Workload::Bulk => bulk::run(&s).await,
         Workload::Register => register::run(&s).await,
+        Workload::Frames => frames::run(&s).await,
     }
 }

@@ -16,8 +16,8 @@ pub struct Settings {
     pub transport: TransportKind,
     /// Workload.
     pub workload: Workload,
-    /// Pingpong: payload bytes. Mixed: bulk message or block bytes (per `bulk_api`). Bulk: block
-    /// bytes. Toolcall: argument bytes.
+    /// Pingpong and frames: payload bytes. Mixed: bulk message or block bytes (per
+    /// `bulk_api`). Bulk: block bytes. Toolcall: argument bytes.
     pub size: usize,
     /// Measured time of each measurement.
     pub duration: Duration,
@@ -89,6 +89,7 @@ impl Settings {
             Workload::Bulk => (a.block_bytes.unwrap_or(1 << 20), Duration::from_secs(3)),
             Workload::Toolcall => (64, Duration::from_secs(3)),
             Workload::Register => (64 << 20, Duration::from_secs(3)),
+            Workload::Frames => (64, Duration::from_secs(3)),
         };
         Ok(Settings {
             transport: a.transport,

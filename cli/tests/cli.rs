@@ -45,7 +45,11 @@ fn check_summary(v: &serde_json::Value, what: &str) {
 }
 
 fn check_common(v: &serde_json::Value, workload: &str) {
-    assert_eq!(v["transport"], "mem");
+    check_common_on(v, "mem", workload);
+}
+
+fn check_common_on(v: &serde_json::Value, transport: &str, workload: &str) {
+    assert_eq!(v["transport"], transport);
     assert_eq!(v["workload"], workload);
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["size_bytes"].as_u64().unwrap() > 0);
@@ -79,6 +83,100 @@ fn pingpong_mem_prints_one_json_object() {
     for key in ["ratio_p50", "ratio_p99", "ratio_p999"] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {v}");
     }
+}
+
+/// `frames` over `transport`: raw transport frame round trips (no session) beside the fabric's
+/// coordination round trips, both measured, the ratios fabric / frames.
+fn frames_json(transport: &str) -> serde_json::Value {
+    let v = bench_json(&[
+        "bench",
+        "--transport",
+        transport,
+        "--workload",
+        "frames",
+        "--size",
+        "256",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0.1",
+        "--json",
+    ]);
+    check_common_on(&v, transport, "frames");
+    assert_eq!(v["size_bytes"], 256);
+    assert_eq!(v["busy_poll"], false);
+    assert!(v["devices"].is_null(), "{v}");
+    check_summary(&v["fabric"], "fabric");
+    check_summary(&v["frames"], "frames");
+    assert!(
+        v.get("baseline").is_none(),
+        "frames has no baseline key: {v}"
+    );
+    for key in ["ratio_p50", "ratio_p99", "ratio_p999"] {
+        let r = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is not a number in {v}"));
+        assert!(r.is_finite() && r > 0.0, "{key} in {v}");
+    }
+    // The session's own frames went over the transport while the fabric was measured.
+    assert!(
+        v["fabric_stats"]["frames_sent"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    v
+}
+
+#[test]
+fn frames_mem_prints_one_json_object() {
+    frames_json("mem");
+}
+
+#[test]
+fn frames_tcp_prints_one_json_object() {
+    frames_json("tcp");
+}
+
+/// The table names the raw row by its transport and gives the ratios on the fabric's row.
+#[test]
+fn frames_mem_prints_a_table() {
+    let out = agentfabric(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "frames",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("workload=frames size=64 B"), "{table}");
+    assert!(table.contains("fabric/frames: p50 "), "{table}");
+    assert!(table.contains("\nmem frames "), "{table}");
+}
+
+/// A size the transport cannot carry in one frame is refused with the transport's limit.
+#[test]
+fn frames_refuses_a_size_beyond_one_frame() {
+    let out = agentfabric(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "frames",
+        "--size",
+        "1048577",
+        "--duration",
+        "0.2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at most 1048576 B in one"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 fn mixed_mem(bulk_api: &str, extra: &[&str]) -> serde_json::Value {
@@ -237,22 +335,27 @@ fn unknown_transport_exits_2_naming_the_available_ones() {
 /// Outside the lab, verbs fails with a message that says what is missing (no panic, no JSON).
 #[test]
 fn verbs_without_the_lab_says_what_is_missing() {
-    let out = Command::new(env!("CARGO_BIN_EXE_agentfabric"))
-        .args([
-            "bench",
-            "--transport",
-            "verbs",
-            "--workload",
-            "pingpong",
-            "--json",
-        ])
-        .env_remove("AGENTFABRIC_LAB_ADDR_A")
-        .output()
-        .expect("run agentfabric");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("AGENTFABRIC_LAB_ADDR_A"), "{stderr}");
+    for workload in ["pingpong", "frames"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentfabric"))
+            .args([
+                "bench",
+                "--transport",
+                "verbs",
+                "--workload",
+                workload,
+                "--json",
+            ])
+            .env_remove("AGENTFABRIC_LAB_ADDR_A")
+            .output()
+            .expect("run agentfabric");
+        assert_eq!(out.status.code(), Some(1), "{workload}");
+        assert!(out.stdout.is_empty(), "{workload}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("AGENTFABRIC_LAB_ADDR_A"),
+            "{workload}: {stderr}"
+        );
+    }
 }
 
 /// An option the chosen workload or transport does not use is refused, not ignored (the run
