@@ -27,7 +27,6 @@ use agentfabric::sync::lock;
 use agentfabric::transport::{split_url, Connection, Listener, Transport};
 use agentfabric::{Bytes, Class, Config};
 use agentfabric_quic::QuicTransport;
-use agentfabric_verbs::{VerbsConfig, VerbsTransport};
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -36,9 +35,9 @@ use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pair::{fabric_stats_json, FabricPair};
 use crate::pinger::Pinger;
-use crate::quic;
 use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
 use crate::settings::Settings;
+use crate::{quic, verbs};
 
 /// Longest measured slice before switching to the other side.
 const SLICE: Duration = Duration::from_millis(500);
@@ -165,34 +164,6 @@ fn address_of(url: &str) -> BenchResult<&str> {
         .ok_or_else(|| format!("{url:?} is not a scheme://address URL").into())
 }
 
-/// The IP address of the RDMA netdev the raw verbs server listens on (as
-/// [`crate::verbs::nodes`] reads it for the nodes).
-fn verbs_listen_addr() -> BenchResult<String> {
-    std::env::var("AGENTFABRIC_LAB_ADDR_A").map_err(|_| {
-        "the verbs bench needs AGENTFABRIC_LAB_ADDR_A: the IP address of the RDMA device's \
-         netdev (soft-roce/lab sets it; e.g. 10.77.0.1)"
-            .into()
-    })
-}
-
-/// A verbs transport configured as [`crate::verbs::nodes`] configures a node's: `--busy-poll`,
-/// `--spin-us`, and the device and rails `devices` lists (the transport's default device
-/// otherwise).
-fn verbs_transport(s: &Settings, devices: Option<&Vec<String>>) -> VerbsTransport {
-    let mut vc = VerbsConfig {
-        busy_poll: s.busy_poll,
-        ..VerbsConfig::default()
-    };
-    if let Some(spin) = s.spin {
-        vc.spin_before_sleep = spin;
-    }
-    if let Some((device, rails)) = devices.and_then(|d| d.split_first()) {
-        vc.device = Some(device.clone());
-        vc.rails = rails.to_vec();
-    }
-    VerbsTransport::with_config(vc)
-}
-
 /// The two transports of the raw connection and the URL the server listens on.
 struct Transports {
     server: Box<dyn Transport>,
@@ -235,9 +206,9 @@ fn transports(s: &Settings) -> BenchResult<Transports> {
         TransportKind::Verbs => {
             let devices = s.devices.as_ref();
             Transports::new(
-                verbs_transport(s, devices.map(|d| &d.server)),
-                verbs_transport(s, devices.map(|d| &d.client)),
-                format!("verbs://{}:0", verbs_listen_addr()?),
+                verbs::transport(s, devices.map(|d| &d.server)),
+                verbs::transport(s, devices.map(|d| &d.client)),
+                format!("verbs://{}:0", verbs::listen_addr()?),
             )
         }
     })

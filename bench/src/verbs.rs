@@ -32,7 +32,7 @@ use crate::report::Summary;
 use crate::settings::Settings;
 
 /// The IP address of the RDMA netdev the server node listens on.
-fn listen_addr() -> BenchResult<String> {
+pub fn listen_addr() -> BenchResult<String> {
     std::env::var("AGENTFABRIC_LAB_ADDR_A").map_err(|_| {
         "the verbs bench needs AGENTFABRIC_LAB_ADDR_A: the IP address of the RDMA device's \
          netdev (soft-roce/lab sets it; e.g. 10.77.0.1)"
@@ -63,19 +63,8 @@ pub fn nodes(cfg: &Config, tag: &str, s: &Settings) -> BenchResult<(Node, Node, 
         );
     }
     let mk = |name: String, devices: Option<&Vec<String>>| {
-        let mut vc = VerbsConfig {
-            busy_poll: s.busy_poll,
-            ..VerbsConfig::default()
-        };
-        if let Some(spin) = s.spin {
-            vc.spin_before_sleep = spin;
-        }
-        if let Some((device, rails)) = devices.and_then(|d| d.split_first()) {
-            vc.device = Some(device.clone());
-            vc.rails = rails.to_vec();
-        }
         Node::builder(name)
-            .transport(VerbsTransport::with_config(vc))
+            .transport(transport(s, devices))
             .config(cfg.clone())
             .build()
     };
@@ -84,6 +73,23 @@ pub fn nodes(cfg: &Config, tag: &str, s: &Settings) -> BenchResult<(Node, Node, 
         mk(format!("bench-{tag}-client"), devices.map(|d| &d.client))?,
         url,
     ))
+}
+
+/// A verbs transport as the run's settings ask: `--busy-poll`, `--spin-us`, and the device and
+/// rails `devices` lists (the transport's default device otherwise).
+pub fn transport(s: &Settings, devices: Option<&Vec<String>>) -> VerbsTransport {
+    let mut vc = VerbsConfig {
+        busy_poll: s.busy_poll,
+        ..VerbsConfig::default()
+    };
+    if let Some(spin) = s.spin {
+        vc.spin_before_sleep = spin;
+    }
+    if let Some((device, rails)) = devices.and_then(|d| d.split_first()) {
+        vc.device = Some(device.clone());
+        vc.rails = rails.to_vec();
+    }
+    VerbsTransport::with_config(vc)
 }
 
 /// perftest's figures from the same lab boot (see the module docs).
