@@ -19,8 +19,9 @@
 //!
 //! Files: [`args`] (the command line) and [`settings`] (its defaults and refusals); one module
 //! per workload; the harness they share: [`pair`] (two nodes and a session), [`pinger`] (one
-//! round trip at a time), [`pacer`], [`rate`], the baselines ([`baseline`], [`quic`], [`verbs`]
-//! with [`devices`]); and [`report`] (progress, summaries, table; the JSON is `bench/JSON.md`).
+//! round trip at a time), [`pacer`], [`rate`], the baselines ([`baseline`], [`quic`],
+//! [`raw_frames`], [`verbs`] with [`devices`]); and [`report`] (progress, summaries, table; the
+//! JSON is `bench/JSON.md`).
 //! The benchmarks use the public API of the agentfabric crates only.
 
 use std::process::ExitCode;
@@ -39,6 +40,7 @@ pub mod pinger;
 pub mod pingpong;
 pub mod quic;
 pub mod rate;
+pub mod raw_frames;
 pub mod register;
 pub mod report;
 pub mod settings;

@@ -9,6 +9,7 @@ use crate::baseline::BaselinePinger;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
 use crate::quic::RawQuinn;
+use crate::raw_frames::RawFrames;
 
 /// Something that performs one round trip at a time.
 pub enum Pinger {
@@ -18,6 +19,9 @@ pub enum Pinger {
     Baseline(BaselinePinger),
     /// Raw quinn echo over one pair of streams (the QUIC baseline; boxed, it is large).
     Quinn(Box<RawQuinn>),
+    /// One frame echoed over a raw transport connection, no session (the frames workload's
+    /// baseline; boxed, it is large).
+    Frames(Box<RawFrames>),
 }
 
 impl Pinger {
@@ -27,6 +31,7 @@ impl Pinger {
             Pinger::Fabric(p) => p.round_trip().await,
             Pinger::Baseline(p) => p.round_trip().await,
             Pinger::Quinn(p) => p.round_trip().await,
+            Pinger::Frames(p) => p.round_trip().await,
         }
     }
 
@@ -34,7 +39,7 @@ impl Pinger {
     pub fn as_fabric(&self) -> Option<&FabricPinger> {
         match self {
             Pinger::Fabric(p) => Some(p),
-            Pinger::Baseline(_) | Pinger::Quinn(_) => None,
+            Pinger::Baseline(_) | Pinger::Quinn(_) | Pinger::Frames(_) => None,
         }
     }
 
