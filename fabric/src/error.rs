@@ -214,7 +214,8 @@ pub enum Error {
     ClosedByPeer(String),
     /// The peer violated the protocol; the session was closed.
     Protocol(ProtocolError),
-    /// The transport failed.
+    /// The transport failed, or an I/O error reached the fabric's `Result` through `?` (a
+    /// transport's set-up: certificates, sockets).
     Transport {
         /// The I/O error kind.
         kind: std::io::ErrorKind,
@@ -254,6 +255,9 @@ pub enum Error {
     },
     /// The operation was cancelled.
     Cancelled,
+    /// A tool call's server answered that the tool failed (a `tools::ToolError` taken through
+    /// `?`; its deadline, cancellation and session errors are the variants above).
+    Tool(ToolFailure),
 }
 
 impl Error {
@@ -311,6 +315,7 @@ impl std::fmt::Display for Error {
                 write!(f, "transfer failed at block {block}: {cause}")
             }
             Error::Cancelled => f.write_str("cancelled"),
+            Error::Tool(e) => write!(f, "{e}"),
         }
     }
 }
@@ -326,6 +331,34 @@ impl From<ProtocolError> for Error {
 impl From<FrameError> for Error {
     fn from(e: FrameError) -> Self {
         Error::Protocol(ProtocolError::Frame(e))
+    }
+}
+
+/// An I/O error as [`Error::Transport`], with its kind and message.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::transport(&e)
+    }
+}
+
+/// How a tool failed, as its server answered ([`Error::Tool`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolFailure {
+    /// The tool ran and failed; the reason is the handler's.
+    Failed(String),
+    /// The server has no tool of that name.
+    UnknownTool(String),
+    /// The server refused the call (malformed request, overloaded…).
+    Refused(String),
+}
+
+impl std::fmt::Display for ToolFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ToolFailure::Failed(r) => write!(f, "tool failed: {r}"),
+            ToolFailure::UnknownTool(t) => write!(f, "unknown tool {t:?}"),
+            ToolFailure::Refused(r) => write!(f, "tool call refused: {r}"),
+        }
     }
 }
 

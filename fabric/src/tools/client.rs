@@ -54,6 +54,7 @@ impl std::error::Error for ToolError {}
 impl From<Error> for ToolError {
     fn from(e: Error) -> Self {
         match e {
+            Error::Tool(f) => f.into(),
             Error::DeadlineExceeded => ToolError::DeadlineExceeded,
             Error::Cancelled => ToolError::Cancelled,
             Error::Remote(reason) => parse_remote(&reason),

@@ -60,21 +60,31 @@
 //! - `cancel.rs`: [`CancelToken`];
 //! - `server.rs`: [`ToolServer`] (handlers, the idempotency window, cancellation and deadlines);
 //! - `client.rs`: [`ToolClient`] (deadlines, retries, hedging, cancel on drop) and
-//!   [`ToolError`], the error its calls return.
+//!   [`ToolError`], the error its calls return;
+//! - `convert.rs`: `From` between [`ToolError`] and the crate's [`Error`](crate::Error) (and
+//!   from `std::io::Error`), so `?` works across them: a tool call's error in a function that
+//!   returns [`crate::Result`] becomes the fabric's error, its tool failure an
+//!   [`Error::Tool`](crate::Error::Tool).
 //!
-//! Imports: `server.rs` uses `wire.rs` and `cancel.rs`, `client.rs` uses `wire.rs`; `wire.rs`
-//! and `cancel.rs` use no other file of the module, and this file only re-exports. Outside the
-//! module, only the public API of the crate ([`Node`](crate::Node), [`Peer`](crate::Peer),
-//! [`Channel`](crate::Channel)) and tokio.
+//! Imports: `server.rs` uses `wire.rs` and `cancel.rs`, `client.rs` uses `wire.rs`,
+//! `convert.rs` uses `client.rs`; `wire.rs` and `cancel.rs` use no other file of the module,
+//! and this file only re-exports (and names [`Result`]). Outside the module, only the public
+//! API of the crate ([`Node`](crate::Node), [`Peer`](crate::Peer), [`Channel`](crate::Channel),
+//! [`Error`](crate::Error)) and tokio.
 
 mod cancel;
 mod client;
+mod convert;
 mod server;
 mod wire;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::error::ToolFailure;
 pub use cancel::CancelToken;
 pub use client::{Call, ClientStats, HedgePolicy, PendingCall, ToolClient, ToolError};
 pub use server::{ServerConfig, ServerStats, ToolRequest, ToolResult, ToolServer};
+
+/// Result with a tool call's [`ToolError`].
+pub type Result<T, E = ToolError> = std::result::Result<T, E>;

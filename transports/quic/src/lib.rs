@@ -90,6 +90,50 @@ pub use quinn;
 pub use rcgen;
 pub use tls::{load_certs, load_key};
 
+/// Result with the error this crate's functions return: [`io::Error`], the error of the fabric's
+/// `Transport` trait, as for every transport; set-up ([`QuicConfig::from_pem_files`],
+/// [`QuicTransport::new`], [`write_dev_certs`], [`DevCa`]) returns it too. `?` converts it into
+/// [`agentfabric::Error`] (`Error::Transport`, with its kind and message), as it converts a
+/// tool call's [`ToolError`](agentfabric::tools::ToolError), so one program returns
+/// [`agentfabric::Result`] through set-up, sessions and tool calls:
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use agentfabric::tools::{ToolClient, ToolServer};
+/// use agentfabric::Node;
+/// use agentfabric_quic::{DevCa, QuicTransport};
+///
+/// #[tokio::main]
+/// async fn main() -> agentfabric::Result<()> {
+///     // QUIC set-up: std::io::Error.
+///     let ca = DevCa::new("example CA")?;
+///     let server_tls = QuicTransport::new(ca.node_config("tools")?)?;
+///     let agent_tls = QuicTransport::new(ca.node_config("agent")?)?;
+///
+///     // Nodes and sessions: agentfabric::Error.
+///     let server = Node::builder("tools").transport(server_tls).build()?;
+///     let addr = server.listen("quic://127.0.0.1:0").await?;
+///     let agent = Node::builder("agent").transport(agent_tls).build()?;
+///     let peer = agent.connect(&addr).await?;
+///
+///     // Tool calls: agentfabric::tools::ToolError.
+///     let mut tools = ToolServer::new();
+///     tools.register("echo", |req| async move { Ok(req.args) });
+///     tokio::spawn(tools.serve(server.clone()));
+///     let client = ToolClient::new(&peer)?;
+///     let out = client.call("echo", "hello", Duration::from_secs(2)).await?;
+///     assert_eq!(&out[..], b"hello");
+///
+///     // What `?` would return for a tool the server does not have.
+///     let missing = client.call("nope", "", Duration::from_secs(2)).await;
+///     let e = agentfabric::Error::from(missing.unwrap_err());
+///     assert_eq!(e.to_string(), "unknown tool \"nope\"");
+///     Ok(())
+/// }
+/// ```
+pub type Result<T, E = io::Error> = std::result::Result<T, E>;
+
 /// The QUIC transport: scheme `quic`, reliable, one QUIC connection per [`Connection`], one
 /// stream per channel.
 pub struct QuicTransport {

@@ -207,6 +207,12 @@ pub use config::{BulkLaneIo, TcpConfig, MIN_READ_BUFFER_SIZE, SCHEME};
 pub use preamble::{LANES, PREAMBLE_LEN, PREAMBLE_MAGIC, PREAMBLE_VERSION};
 pub use sink::MAX_IOVECS;
 
+/// Result with the error this crate's functions return: [`io::Error`], the error of the fabric's
+/// `Transport` trait, as for every transport. `?` converts it into [`agentfabric::Error`]
+/// (`Error::Transport`, with its kind and message) in a function that returns
+/// [`agentfabric::Result`].
+pub type Result<T, E = io::Error> = std::result::Result<T, E>;
+
 /// The TCP transport: scheme `tcp`, reliable, three TCP connections (lanes) per
 /// [`Connection`], and a memory domain for one-sided operations (see the
 /// [crate docs](crate#one-sided-operations)). Clones share the memory domain.

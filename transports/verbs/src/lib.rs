@@ -196,6 +196,12 @@ mod window;
 pub use config::{Posting, VerbsConfig, READ_DEPTH, RMA_PIECE};
 pub use device::{devices, DeviceInfo, GidInfo, PortInfo};
 
+/// Result with the error this crate's functions return: [`io::Error`], the error of the fabric's
+/// `Transport` trait, as for every transport. `?` converts it into [`agentfabric::Error`]
+/// (`Error::Transport`, with its kind and message) in a function that returns
+/// [`agentfabric::Result`].
+pub type Result<T, E = io::Error> = std::result::Result<T, E>;
+
 /// The old name of [`Posting`]: it governs the bulk lane's sends too, not only one-sided
 /// ("RMA") work.
 #[deprecated(note = "renamed to Posting")]
