@@ -456,3 +456,65 @@ fn info_lists_the_transports_and_says_whether_verbs_is_usable() {
         "{text}"
     );
 }
+
+/// `certs dev` on a directory it wrote before issues from the CA there (the nodes of both runs
+/// trust each other; `agentfabric-quic`'s tests connect them), and refuses to replace a node's
+/// files without `--force`, or to work with half a CA.
+#[test]
+fn certs_dev_keeps_the_ca_and_replaces_a_node_only_with_force() {
+    let dir = std::env::temp_dir().join(format!("af-cli-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+
+    let out = agentfabric(&["certs", "dev", d, "alpha"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("new development CA"), "{stderr}");
+    let (ca_pem, ca_key, alpha) = (read("ca.pem"), read("ca.key"), read("alpha.pem"));
+
+    // A second run: the same CA, a new node.
+    let out = agentfabric(&["certs", "dev", d, "beta"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("kept the existing CA"), "{stderr}");
+    assert_eq!(read("ca.pem"), ca_pem);
+    assert_eq!(read("ca.key"), ca_key);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("beta.pem") && stdout.contains("beta.key"),
+        "{stdout}"
+    );
+
+    // An existing node: refused, naming the file and the flag; nothing changes.
+    let out = agentfabric(&["certs", "dev", d, "gamma", "alpha"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}", dir.join("alpha.pem").display()))
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(read("alpha.pem"), alpha);
+    assert!(!dir.join("gamma.pem").exists());
+
+    // With --force: a new certificate for alpha, still from the same CA.
+    let out = agentfabric(&["certs", "dev", "--force", d, "alpha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(read("alpha.pem"), alpha);
+    assert_eq!(read("ca.pem"), ca_pem);
+
+    // Half a CA is an error that names the missing half.
+    std::fs::remove_file(dir.join("ca.key")).unwrap();
+    let out = agentfabric(&["certs", "dev", d, "gamma"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ca.key is missing"), "{stderr}");
+    assert!(!dir.join("gamma.pem").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

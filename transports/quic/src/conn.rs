@@ -530,32 +530,48 @@ fn recv_error(e: &ConnectionError) -> RecvError {
     }
 }
 
-/// Readable name of a TLS alert, with a hint about its usual cause when the peer sent it about
-/// us (`from_peer`).
-fn alert_text(alert: u8, from_peer: bool) -> String {
-    let d = rustls::AlertDescription::from(alert);
+/// The hint for a certificate signed by another CA than the trusted one, from the side that
+/// verified it. rustls says `UnknownIssuer` (alert "unknown ca") when no trusted CA has the
+/// certificate's issuer name, and `BadSignature` (alert "decrypt error") when one has that name
+/// but did not sign it: two CAs of the same name, as every development CA had before they were
+/// given names of their own.
+const OTHER_CA_HERE: &str = "the peer's certificate is signed by a different CA than the one \
+     this node trusts (issue every node's certificate from one CA and give every node \
+     that CA's ca.pem; `agentfabric certs dev` on the directory that holds ca.pem and ca.key \
+     issues more certificates from it)";
+/// The same, from the side whose certificate was refused.
+const OTHER_CA_THERE: &str = "this node's certificate is signed by a different CA than the one \
+     the peer trusts (issue every node's certificate from one CA and give every node \
+     that CA's ca.pem; `agentfabric certs dev` on the directory that holds ca.pem and ca.key \
+     issues more certificates from it)";
+
+/// Readable name of a TLS alert, and after it a hint about its usual cause (`": …"`, or empty):
+/// when the peer sent it about us (`from_peer`), or when we refused the peer's certificate for
+/// `reason` (rustls's words).
+fn alert_text(alert: u8, from_peer: bool, reason: &str) -> (String, String) {
+    use rustls::AlertDescription as A;
+    let d = A::from(alert);
     let hint = if !from_peer {
-        ""
+        let other_ca = ["UnknownIssuer", "BadSignature"]
+            .iter()
+            .any(|r| reason.contains(r));
+        if other_ca {
+            OTHER_CA_HERE
+        } else {
+            ""
+        }
     } else {
         match d {
-            rustls::AlertDescription::CertificateRequired => {
-                ": the peer requires a client certificate and we presented none"
+            A::CertificateRequired => {
+                "the peer requires a client certificate and we presented none"
             }
-            rustls::AlertDescription::UnknownCA => {
-                ": our certificate is not signed by a CA the peer trusts"
+            A::UnknownCA | A::DecryptError => OTHER_CA_THERE,
+            A::CertificateExpired => "our certificate is expired (or not yet valid)",
+            A::BadCertificate => "the peer could not verify our certificate",
+            A::NoApplicationProtocol => {
+                "no ALPN protocol in common (the peer speaks another fabric protocol version)"
             }
-            rustls::AlertDescription::CertificateExpired => {
-                ": our certificate is expired (or not yet valid)"
-            }
-            rustls::AlertDescription::BadCertificate => {
-                ": the peer could not verify our certificate"
-            }
-            rustls::AlertDescription::NoApplicationProtocol => {
-                ": no ALPN protocol in common (the peer speaks another fabric protocol version)"
-            }
-            rustls::AlertDescription::CertificateUnknown => {
-                ": the peer did not accept our certificate"
-            }
+            A::CertificateUnknown => "the peer did not accept our certificate",
             _ => "",
         }
     };
@@ -570,7 +586,12 @@ fn alert_text(alert: u8, from_peer: bool) -> String {
         prev_lower = c.is_lowercase();
         words.push(c.to_ascii_lowercase());
     }
-    format!("TLS alert {alert} ({words}){hint}")
+    let hint = if hint.is_empty() {
+        String::new()
+    } else {
+        format!(": {hint}")
+    };
+    (format!("TLS alert {alert} ({words})"), hint)
 }
 
 /// A QUIC connection error in words: for TLS failures, rustls's reason (when we refused the
@@ -580,11 +601,8 @@ pub fn describe_connection_error(e: &ConnectionError) -> String {
         ConnectionError::TransportError(t) => {
             let code = u64::from(t.code);
             if (0x100..0x200).contains(&code) {
-                format!(
-                    "TLS handshake failed: {} ({})",
-                    t.reason,
-                    alert_text((code - 0x100) as u8, false)
-                )
+                let (alert, hint) = alert_text((code - 0x100) as u8, false, &t.reason);
+                format!("TLS handshake failed: {} ({alert}){hint}", t.reason)
             } else {
                 format!("QUIC protocol error: {t}")
             }
@@ -598,10 +616,8 @@ pub fn describe_connection_error(e: &ConnectionError) -> String {
                 format!(" [{reason}]")
             };
             if (0x100..0x200).contains(&code) {
-                format!(
-                    "the peer refused the TLS handshake: {}{reason}",
-                    alert_text((code - 0x100) as u8, true)
-                )
+                let (alert, hint) = alert_text((code - 0x100) as u8, true, "");
+                format!("the peer refused the TLS handshake: {alert}{hint}{reason}")
             } else {
                 format!("aborted by the peer's QUIC stack: {c}")
             }

@@ -1,27 +1,33 @@
-//! Development certificates (rcgen): a CA made in memory ([`DevCa`]) that issues node
-//! certificates, and [`write_dev_certs`] for `agentfabric certs dev`. Production uses the
-//! operator's CA.
+//! Development certificates (rcgen): a CA made in memory or read back from its files ([`DevCa`])
+//! that issues node certificates, and [`write_dev_certs`] for `agentfabric certs dev`.
+//! Production uses the operator's CA.
 
-use std::io;
+use std::fmt;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::QuicConfig;
-use crate::tls::invalid;
+use crate::tls::{invalid, load_certs};
 
 fn rc(e: rcgen::Error) -> io::Error {
     io::Error::other(format!("certificate generation: {e}"))
 }
 
-/// A development certificate authority (self-signed, generated in memory). Production uses the
-/// operator's CA; this one exists so the demo and the tests need no manual step.
+/// A development certificate authority (self-signed). Production uses the operator's CA; this
+/// one exists so the demo and the tests need no manual step.
 pub struct DevCa {
-    cert: rcgen::Certificate,
+    /// What rcgen signs with: the CA's name and key usages (for a CA read from files, a
+    /// certificate made again from its subject name and key, never written anywhere).
+    issuer: rcgen::Certificate,
+    /// The CA certificate peers trust (for a CA read from files, the one in the file).
+    der: CertificateDer<'static>,
+    pem: String,
     key: KeyPair,
 }
 
@@ -37,33 +43,105 @@ pub struct Issued {
     pub key_pem: String,
 }
 
+/// The parameters of a development CA certificate named `dn`.
+fn ca_params(dn: DistinguishedName) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
 impl DevCa {
-    /// A new CA named `name`.
+    /// A new CA named `name` followed by a random suffix (e.g. `agentfabric dev CA 3fa29c01d2e4b7a8`).
+    ///
+    /// No two CAs share a name, so a certificate signed by another development CA is refused
+    /// as one of an unknown issuer (rustls's `UnknownIssuer`). Under one shared name the
+    /// verifier took the other CA's certificate for its issuer and reported only a bad
+    /// signature (`BadSignature`, TLS alert "decrypt error").
     pub fn new(name: &str) -> io::Result<DevCa> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationName, "agentfabric development");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
         let key = KeyPair::generate().map_err(rc)?;
-        let cert = params.self_signed(&key).map_err(rc)?;
-        Ok(DevCa { cert, key })
+        // The suffix: the last bytes of the CA's public key (random with the key).
+        let raw = key.public_key_raw();
+        let suffix: String = raw[raw.len().saturating_sub(8)..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        DevCa::with_key(&format!("{name} {suffix}"), key)
+    }
+
+    /// A new CA named exactly `common_name`, signed with `key`.
+    pub(crate) fn with_key(common_name: &str, key: KeyPair) -> io::Result<DevCa> {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "agentfabric development");
+        let cert = ca_params(dn).self_signed(&key).map_err(rc)?;
+        Ok(DevCa {
+            der: cert.der().clone(),
+            pem: cert.pem(),
+            issuer: cert,
+            key,
+        })
+    }
+
+    /// The CA in `cert` (PEM, e.g. `ca.pem`) and its key in `key` (PKCS#8 PEM, e.g. `ca.key`),
+    /// as [`write_dev_certs`] wrote them, to issue more node certificates that chain to the
+    /// same trust root. Refused with a reason: a file that cannot be read or holds no
+    /// certificate or key, a key that is not the certificate's, or a subject name this module
+    /// cannot reproduce exactly (it handles the names of CAs made here).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> io::Result<DevCa> {
+        let der = load_certs(cert)?.swap_remove(0);
+        let pem = std::fs::read_to_string(cert)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cert.display())))?;
+        let key_pem = std::fs::read_to_string(key)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", key.display())))?;
+        let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| {
+            invalid(format!(
+                "{}: not a private key in PKCS#8 PEM that rcgen can sign with: {e}",
+                key.display()
+            ))
+        })?;
+        let bad_cert = |why: &str| invalid(format!("{}: {why}", cert.display()));
+        let parts = der::certificate(&der)
+            .ok_or_else(|| bad_cert("not an X.509 certificate this module can read"))?;
+        if parts.spki != key_pair.public_key_der().as_slice() {
+            return Err(invalid(format!(
+                "{} is not the key of the certificate in {}",
+                key.display(),
+                cert.display()
+            )));
+        }
+        let dn = der::distinguished_name(parts.subject_content).ok_or_else(|| {
+            bad_cert("its subject name has parts this module cannot issue certificates under")
+        })?;
+        let issuer = ca_params(dn).self_signed(&key_pair).map_err(rc)?;
+        // The issued certificates' issuer name must be the CA's subject name byte for byte.
+        let again = der::certificate(issuer.der()).map(|p| p.subject);
+        if again != Some(parts.subject) {
+            return Err(bad_cert(
+                "its subject name cannot be reproduced exactly (not made by agentfabric certs dev?)",
+            ));
+        }
+        Ok(DevCa {
+            issuer,
+            der,
+            pem,
+            key: key_pair,
+        })
     }
 
     /// The CA certificate (the trust root to put in [`QuicConfig::ca_cert`]).
     pub fn cert(&self) -> CertificateDer<'static> {
-        self.cert.der().clone()
+        self.der.clone()
     }
 
     /// The CA certificate in PEM.
     pub fn cert_pem(&self) -> String {
-        self.cert.pem()
+        self.pem.clone()
     }
 
     /// Issues a node certificate for `name`, valid as both TLS server and client, with the
@@ -100,7 +178,9 @@ impl DevCa {
         ];
         tweak(&mut params);
         let key = KeyPair::generate().map_err(rc)?;
-        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(rc)?;
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(rc)?;
         Ok(Issued {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -123,47 +203,400 @@ pub struct DevCertFiles {
     pub ca_cert: PathBuf,
     /// `DIR/ca.key`: the CA's key (keep it to issue more node certificates).
     pub ca_key: PathBuf,
+    /// Whether the CA is new (`false`: the directory's CA was kept and issued the nodes'
+    /// certificates).
+    pub ca_created: bool,
     /// Per node: (name, `DIR/NAME.pem`, `DIR/NAME.key`).
     pub nodes: Vec<(String, PathBuf, PathBuf)>,
 }
 
-/// Writes a development CA and one certificate per node name to `dir` (created if needed):
-/// `ca.pem`, `ca.key`, and `NAME.pem` / `NAME.key` for each node. Keys are written with mode
-/// 0600. Load them with [`QuicConfig::from_pem_files`].
-pub fn write_dev_certs(dir: &Path, nodes: &[&str]) -> io::Result<DevCertFiles> {
-    std::fs::create_dir_all(dir)?;
-    let ca = DevCa::new("agentfabric development CA")?;
+/// How [`write_dev_certs_with`] treats files that are there already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevCertOptions {
+    /// Replace the certificate and key of a node that has them already (`agentfabric certs
+    /// dev --force`). The CA is kept either way.
+    pub force: bool,
+}
+
+/// Why [`write_dev_certs`] wrote nothing (or, for [`DevCertError::Io`], stopped).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DevCertError {
+    /// A node's certificate or key is there already; replacing it needs
+    /// [`DevCertOptions::force`] (`--force`).
+    NodeExists {
+        /// The node.
+        node: String,
+        /// The file that is there.
+        path: PathBuf,
+    },
+    /// Half a CA: one of `ca.pem` and `ca.key` is there, the other is not.
+    IncompleteCa {
+        /// The file that is there.
+        present: PathBuf,
+        /// The file that is missing.
+        missing: PathBuf,
+    },
+    /// The directory's CA cannot issue certificates (see [`DevCa::from_pem_files`]).
+    BadCa {
+        /// The CA certificate.
+        cert: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A node name that cannot name its files (empty, a path, hidden, or `ca`), or given twice.
+    BadNodeName(String),
+    /// A file could not be read or written.
+    Io {
+        /// The file (or the directory).
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A certificate could not be generated.
+    Generate(io::Error),
+}
+
+impl fmt::Display for DevCertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DevCertError::NodeExists { node, path } => write!(
+                f,
+                "{} exists already (node {node} has a certificate): refusing to replace it \
+                 without --force (DevCertOptions::force)",
+                path.display()
+            ),
+            DevCertError::IncompleteCa { present, missing } => write!(
+                f,
+                "{} is there but {} is missing: the CA needs both, its certificate and its key \
+                 (restore the missing file, or remove both to make a new CA, which invalidates \
+                 every certificate issued by the old one)",
+                present.display(),
+                missing.display()
+            ),
+            DevCertError::BadCa { cert, source } => write!(
+                f,
+                "the CA in {} cannot issue certificates: {source}",
+                cert.display()
+            ),
+            DevCertError::BadNodeName(why) => write!(f, "{why}"),
+            DevCertError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            DevCertError::Generate(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for DevCertError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DevCertError::BadCa { source, .. } | DevCertError::Io { source, .. } => Some(source),
+            DevCertError::Generate(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<DevCertError> for io::Error {
+    fn from(e: DevCertError) -> io::Error {
+        let kind = match &e {
+            DevCertError::NodeExists { .. } => io::ErrorKind::AlreadyExists,
+            DevCertError::IncompleteCa { .. } => io::ErrorKind::NotFound,
+            DevCertError::BadCa { source, .. } | DevCertError::Io { source, .. } => source.kind(),
+            DevCertError::BadNodeName(_) => io::ErrorKind::InvalidInput,
+            DevCertError::Generate(e) => e.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// [`write_dev_certs_with`] without `force`: an existing node's files are refused.
+pub fn write_dev_certs(dir: &Path, nodes: &[&str]) -> Result<DevCertFiles, DevCertError> {
+    write_dev_certs_with(dir, nodes, DevCertOptions::default())
+}
+
+/// Writes a certificate per node name to `dir` (created if needed), `NAME.pem` and `NAME.key`,
+/// issued by the directory's CA (`ca.pem`, `ca.key`), which is made first if the directory has
+/// none. The CA is never replaced: certificates issued by earlier runs keep verifying, and
+/// every node of the directory trusts every other. Nothing is written when a node's files are
+/// there already (unless `options.force`), when only half a CA is there, or when the CA cannot
+/// be read. Keys are written with mode 0600. Load them with [`QuicConfig::from_pem_files`].
+pub fn write_dev_certs_with(
+    dir: &Path,
+    nodes: &[&str],
+    options: DevCertOptions,
+) -> Result<DevCertFiles, DevCertError> {
+    for (i, name) in nodes.iter().enumerate() {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(DevCertError::BadNodeName(format!(
+                "bad node name {name:?} for a file name"
+            )));
+        }
+        if *name == "ca" {
+            return Err(DevCertError::BadNodeName(
+                "node name \"ca\" would replace the CA's files (ca.pem, ca.key)".into(),
+            ));
+        }
+        if nodes[..i].contains(name) {
+            return Err(DevCertError::BadNodeName(format!(
+                "node name {name:?} given twice"
+            )));
+        }
+    }
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DevCertError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let exists = |path: &Path| path.try_exists().map_err(io_err(path));
     let ca_cert = dir.join("ca.pem");
     let ca_key = dir.join("ca.key");
-    std::fs::write(&ca_cert, ca.cert_pem())?;
-    write_private(&ca_key, ca.key.serialize_pem().as_bytes())?;
-    let mut out = Vec::new();
-    for name in nodes {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(invalid(format!("bad node name {name:?} for a file name")));
+    let existing_ca = match (exists(&ca_cert)?, exists(&ca_key)?) {
+        (true, true) => Some(DevCa::from_pem_files(&ca_cert, &ca_key).map_err(|source| {
+            DevCertError::BadCa {
+                cert: ca_cert.clone(),
+                source,
+            }
+        })?),
+        (false, false) => None,
+        (true, false) => {
+            return Err(DevCertError::IncompleteCa {
+                present: ca_cert,
+                missing: ca_key,
+            })
         }
-        let issued = ca.issue(name)?;
-        let cert = dir.join(format!("{name}.pem"));
-        let key = dir.join(format!("{name}.key"));
-        std::fs::write(&cert, issued.cert_pem)?;
-        write_private(&key, issued.key_pem.as_bytes())?;
-        out.push(((*name).to_owned(), cert, key));
+        (false, true) => {
+            return Err(DevCertError::IncompleteCa {
+                present: ca_key,
+                missing: ca_cert,
+            })
+        }
+    };
+    let files: Vec<(String, PathBuf, PathBuf)> = nodes
+        .iter()
+        .map(|name| {
+            (
+                (*name).to_owned(),
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            )
+        })
+        .collect();
+    if !options.force {
+        for (name, cert, key) in &files {
+            for path in [cert, key] {
+                if exists(path)? {
+                    return Err(DevCertError::NodeExists {
+                        node: name.clone(),
+                        path: path.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let ca_created = existing_ca.is_none();
+    let ca = match existing_ca {
+        Some(ca) => ca,
+        None => {
+            let ca = DevCa::new("agentfabric dev CA").map_err(DevCertError::Generate)?;
+            // `create_new`: a CA that appeared meanwhile is not replaced.
+            write_file(&ca_key, ca.key.serialize_pem().as_bytes(), true, false)
+                .map_err(io_err(&ca_key))?;
+            write_file(&ca_cert, ca.cert_pem().as_bytes(), false, false)
+                .map_err(io_err(&ca_cert))?;
+            ca
+        }
+    };
+    for (name, cert, key) in &files {
+        let issued = ca.issue(name).map_err(DevCertError::Generate)?;
+        write_file(cert, issued.cert_pem.as_bytes(), false, options.force).map_err(io_err(cert))?;
+        write_file(key, issued.key_pem.as_bytes(), true, options.force).map_err(io_err(key))?;
     }
     Ok(DevCertFiles {
         ca_cert,
         ca_key,
-        nodes: out,
+        ca_created,
+        nodes: files,
     })
 }
 
-fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
+/// Writes `data` to a new file at `path` (mode 0600 if `private`); with `replace`, an existing
+/// file is truncated instead (and its mode set to 0600 if `private`).
+fn write_file(path: &Path, data: &[u8], private: bool, replace: bool) -> io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true);
+    if replace {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
     #[cfg(unix)]
-    {
+    if private {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(path)?.write_all(data)
+    let mut file = opts.open(path)?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(data)
+}
+
+/// Just enough DER to read a CA certificate back: its subject name and public key.
+mod der {
+    use super::{DistinguishedName, DnType, DnValue};
+
+    /// The parts of a certificate [`super::DevCa::from_pem_files`] needs.
+    pub(super) struct CertParts<'a> {
+        /// The subject Name, tag and length included.
+        pub(super) subject: &'a [u8],
+        /// The subject Name's content (its RDNs).
+        pub(super) subject_content: &'a [u8],
+        /// The SubjectPublicKeyInfo, tag and length included.
+        pub(super) spki: &'a [u8],
+    }
+
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const OID: u8 = 0x06;
+    const VERSION: u8 = 0xa0;
+
+    /// One DER element, and what follows it.
+    struct Element<'a> {
+        tag: u8,
+        content: &'a [u8],
+        /// The element, tag and length included.
+        whole: &'a [u8],
+        rest: &'a [u8],
+    }
+
+    /// The first DER element of `input`.
+    fn next(input: &[u8]) -> Option<Element<'_>> {
+        let (&tag, rest) = input.split_first()?;
+        if tag & 0x1f == 0x1f {
+            return None; // multi-byte tags: none in the fields read here
+        }
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |len, &b| len << 8 | usize::from(b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        let header = input.len() - rest.len();
+        Some(Element {
+            tag,
+            content: &rest[..len],
+            whole: &input[..header + len],
+            rest: &rest[len..],
+        })
+    }
+
+    /// `next`, when the element has tag `want`.
+    fn expect(input: &[u8], want: u8) -> Option<Element<'_>> {
+        next(input).filter(|e| e.tag == want)
+    }
+
+    /// The subject and public key of a DER X.509 certificate.
+    pub(super) fn certificate(der: &[u8]) -> Option<CertParts<'_>> {
+        let cert = expect(der, SEQUENCE)?.content;
+        let tbs = expect(cert, SEQUENCE)?.content;
+        let mut rest = tbs;
+        if let Some(version) = expect(rest, VERSION) {
+            rest = version.rest;
+        }
+        // serialNumber, signature, issuer, validity
+        for _ in 0..4 {
+            rest = next(rest)?.rest;
+        }
+        let subject = expect(rest, SEQUENCE)?;
+        let spki = expect(subject.rest, SEQUENCE)?;
+        Some(CertParts {
+            subject: subject.whole,
+            subject_content: subject.content,
+            spki: spki.whole,
+        })
+    }
+
+    /// An object identifier's arcs.
+    fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
+        let mut arcs = Vec::new();
+        let mut value = 0u64;
+        for (i, &b) in content.iter().enumerate() {
+            value = value.checked_mul(128)? | u64::from(b & 0x7f);
+            if b & 0x80 != 0 {
+                continue;
+            }
+            if arcs.is_empty() {
+                let first = (value / 40).min(2);
+                arcs.push(first);
+                arcs.push(value - first * 40);
+            } else {
+                arcs.push(value);
+            }
+            value = 0;
+            if i + 1 == content.len() {
+                return Some(arcs);
+            }
+        }
+        None
+    }
+
+    /// A Name's RDNs (one attribute each) as rcgen's [`DistinguishedName`]; `None` for what
+    /// rcgen cannot write back (several attributes in one RDN, one type twice, other string
+    /// types than UTF8String, PrintableString and IA5String).
+    pub(super) fn distinguished_name(mut rdns: &[u8]) -> Option<DistinguishedName> {
+        let mut dn = DistinguishedName::new();
+        while !rdns.is_empty() {
+            let set = expect(rdns, SET)?;
+            rdns = set.rest;
+            let attribute = expect(set.content, SEQUENCE)?;
+            if !attribute.rest.is_empty() {
+                return None;
+            }
+            let oid = expect(attribute.content, OID)?;
+            let value = next(oid.rest)?;
+            if !value.rest.is_empty() {
+                return None;
+            }
+            let (tag, value, oid) = (value.tag, value.content, oid.content);
+            let text = std::str::from_utf8(value).ok()?;
+            let value = match tag {
+                0x0c => DnValue::Utf8String(text.to_owned()),
+                0x13 => DnValue::PrintableString(text.try_into().ok()?),
+                0x16 => DnValue::Ia5String(text.try_into().ok()?),
+                _ => return None,
+            };
+            let ty = DnType::from_oid(&oid_arcs(oid)?);
+            if dn.get(&ty).is_some() {
+                return None;
+            }
+            dn.push(ty, value);
+        }
+        Some(dn)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn oids_decode() {
+            // 2.5.4.3 (commonName), 1.2.840.113549.1.1.11
+            assert_eq!(super::oid_arcs(&[0x55, 0x04, 0x03]), Some(vec![2, 5, 4, 3]));
+            assert_eq!(
+                super::oid_arcs(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b]),
+                Some(vec![1, 2, 840, 113549, 1, 1, 11])
+            );
+            assert_eq!(super::oid_arcs(&[0x55, 0x84]), None);
+        }
+    }
 }

@@ -15,7 +15,10 @@
 //!   [`io::Error`] naming the TLS alert (e.g. "the peer refused our certificate: certificate
 //!   required"). [`QuicConfig::require_client_auth`] turns client authentication off.
 //! - Development certificates: [`write_dev_certs`] (used by `agentfabric certs dev DIR`) and
-//!   [`DevCa`] (in memory, for tests).
+//!   [`DevCa`] (in memory, for tests). A directory keeps its CA: writing more node certificates
+//!   to it issues them from the same `ca.pem`/`ca.key`, so the nodes of one directory trust each
+//!   other; each new CA has a name of its own, so a certificate from another development CA is
+//!   reported as signed by an unknown issuer.
 //!
 //! # Mapping frames to streams (no head-of-line blocking between channels)
 //!
@@ -85,7 +88,10 @@ mod tests;
 
 pub use config::{Congestion, QuicConfig, ALPN, SCHEME};
 pub use conn::describe_connection_error;
-pub use dev_certs::{write_dev_certs, DevCa, DevCertFiles, Issued};
+pub use dev_certs::{
+    write_dev_certs, write_dev_certs_with, DevCa, DevCertError, DevCertFiles, DevCertOptions,
+    Issued,
+};
 pub use quinn;
 pub use rcgen;
 pub use tls::{load_certs, load_key};

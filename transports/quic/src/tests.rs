@@ -186,7 +186,9 @@ async fn client_from_another_ca_is_refused() {
     let (res, _) = connect(ca.node_config("server").unwrap(), client).await;
     let text = assert_refused(res, &["unknown ca"]);
     assert!(
-        text.contains("not signed by a CA the peer trusts"),
+        text.contains(
+            "this node's certificate is signed by a different CA than the one the peer trusts"
+        ),
         "{text}"
     );
 }
@@ -200,8 +202,38 @@ async fn server_from_another_ca_is_refused_by_the_client() {
         ca.node_config("client").unwrap(),
     )
     .await;
-    // rustls's own reason, on the side that verified.
-    assert_refused(res, &["UnknownIssuer"]);
+    // rustls's own reason, on the side that verified, and what it usually means.
+    let text = assert_refused(res, &["UnknownIssuer"]);
+    assert!(text.contains(OTHER_CA_HERE), "{text}");
+}
+
+const OTHER_CA_HERE: &str =
+    "the peer's certificate is signed by a different CA than the one this node trusts";
+
+/// Two CAs of one name (as every development CA had): the verifier takes the other CA for the
+/// issuer and finds the signature wrong. Both sides still say it is another CA.
+#[tokio::test]
+async fn a_ca_of_the_same_name_is_reported_as_another_ca() {
+    let key = || rcgen::KeyPair::generate().unwrap();
+    let ca = DevCa::with_key("same name", key()).unwrap();
+    let other = DevCa::with_key("same name", key()).unwrap();
+    // The client refuses the server's certificate.
+    let (res, _) = connect(
+        other.node_config("server").unwrap(),
+        ca.node_config("client").unwrap(),
+    )
+    .await;
+    let text = assert_refused(res, &["BadSignature"]);
+    assert!(text.contains(OTHER_CA_HERE), "{text}");
+    // The server refuses the client's.
+    let issued = other.issue("client").unwrap();
+    let client = QuicConfig::new(vec![ca.cert()], issued.chain, issued.key);
+    let (res, _) = connect(ca.node_config("server").unwrap(), client).await;
+    let text = assert_refused(res, &["decrypt error"]);
+    assert!(
+        text.contains("this node's certificate is signed by a different CA"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -241,10 +273,39 @@ async fn wrong_alpn_is_refused() {
     assert_refused(res, &["no application protocol"]);
 }
 
+/// A fresh directory for one test's certificates (removed by `Drop`).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("af-quic-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The node's configuration from the files `write_dev_certs` wrote to `dir`.
+fn node_files(dir: &std::path::Path, node: &str) -> QuicConfig {
+    QuicConfig::from_pem_files(
+        &dir.join("ca.pem"),
+        &dir.join(format!("{node}.pem")),
+        &dir.join(format!("{node}.key")),
+    )
+    .unwrap()
+}
+
 #[test]
 fn dev_certs_are_written_and_load() {
-    let dir = std::env::temp_dir().join(format!("af-quic-certs-{}", std::process::id()));
+    let tmp = TempDir::new("certs");
+    let dir = tmp.0.clone();
     let files = crate::write_dev_certs(&dir, &["alpha", "beta"]).unwrap();
+    assert!(files.ca_created);
     assert_eq!(files.nodes.len(), 2);
     let (_, cert, key) = &files.nodes[0];
     let cfg = QuicConfig::from_pem_files(&files.ca_cert, cert, key).unwrap();
@@ -255,7 +316,125 @@ fn dev_certs_are_written_and_load() {
         let mode = std::fs::metadata(key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A second run on the same directory keeps its CA and issues from it: a node certificate of
+/// each run, each node trusting the directory's ca.pem, connect with mutual TLS.
+#[tokio::test]
+async fn dev_certs_keep_the_directory_ca_and_nodes_of_both_runs_connect() {
+    let tmp = TempDir::new("certs-twice");
+    let dir = &tmp.0;
+    crate::write_dev_certs(dir, &["alpha"]).unwrap();
+    let ca_pem = std::fs::read(dir.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read(dir.join("ca.key")).unwrap();
+    let second = crate::write_dev_certs(dir, &["beta"]).unwrap();
+    assert!(!second.ca_created);
+    assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca_pem);
+    assert_eq!(std::fs::read(dir.join("ca.key")).unwrap(), ca_key);
+    let (res, _) = connect(node_files(dir, "alpha"), node_files(dir, "beta")).await;
+    res.expect("nodes of two runs on one directory connect");
+    let (res, _) = connect(node_files(dir, "beta"), node_files(dir, "alpha")).await;
+    res.expect("and the other way round");
+}
+
+/// A node certificate from another directory's CA is refused, and each side says it is signed
+/// by another CA (rustls: an unknown issuer, since each CA has a name of its own).
+#[tokio::test]
+async fn dev_certs_of_another_directory_are_refused_as_another_ca() {
+    let (ours, theirs) = (TempDir::new("certs-ours"), TempDir::new("certs-theirs"));
+    crate::write_dev_certs(&ours.0, &["server", "client"]).unwrap();
+    crate::write_dev_certs(&theirs.0, &["server", "client"]).unwrap();
+    // Their server, our client: our client refuses it.
+    let (res, _) = connect(
+        node_files(&theirs.0, "server"),
+        node_files(&ours.0, "client"),
+    )
+    .await;
+    let text = assert_refused(res, &["UnknownIssuer"]);
+    assert!(text.contains(OTHER_CA_HERE), "{text}");
+    // Their client certificate, trusting our CA: our server refuses it.
+    let mut client = node_files(&theirs.0, "client");
+    client.ca_cert = node_files(&ours.0, "client").ca_cert;
+    let (res, _) = connect(node_files(&ours.0, "server"), client).await;
+    let text = assert_refused(res, &["unknown ca"]);
+    assert!(
+        text.contains("this node's certificate is signed by a different CA"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dev_certs_refuse_to_replace_a_node_without_force() {
+    use crate::{DevCertError, DevCertOptions};
+    let tmp = TempDir::new("certs-force");
+    let dir = &tmp.0;
+    crate::write_dev_certs(dir, &["alpha"]).unwrap();
+    let cert = std::fs::read(dir.join("alpha.pem")).unwrap();
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    // Nothing is written, not even the other node's files.
+    let e = crate::write_dev_certs(dir, &["beta", "alpha"]).unwrap_err();
+    match &e {
+        DevCertError::NodeExists { node, path } => {
+            assert_eq!((node.as_str(), path), ("alpha", &dir.join("alpha.pem")));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = e.to_string();
+    assert!(
+        text.contains("alpha.pem") && text.contains("--force"),
+        "{text}"
+    );
+    assert!(!dir.join("beta.pem").exists());
+    assert_eq!(std::fs::read(dir.join("alpha.pem")).unwrap(), cert);
+    // With force: a new certificate, the same CA.
+    let files =
+        crate::write_dev_certs_with(dir, &["alpha"], DevCertOptions { force: true }).unwrap();
+    assert!(!files.ca_created);
+    assert_ne!(std::fs::read(dir.join("alpha.pem")).unwrap(), cert);
+    assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca);
+    // A node named like the CA's files is refused.
+    let e = crate::write_dev_certs(dir, &["ca"]).unwrap_err();
+    assert!(matches!(e, DevCertError::BadNodeName(_)), "{e:?}");
+}
+
+#[test]
+fn dev_certs_refuse_half_a_ca_or_a_key_that_is_not_the_cas() {
+    use crate::DevCertError;
+    let tmp = TempDir::new("certs-half");
+    let dir = &tmp.0;
+    crate::write_dev_certs(dir, &["alpha"]).unwrap();
+    let key = std::fs::read(dir.join("ca.key")).unwrap();
+    std::fs::remove_file(dir.join("ca.key")).unwrap();
+    let e = crate::write_dev_certs(dir, &["beta"]).unwrap_err();
+    match &e {
+        DevCertError::IncompleteCa { present, missing } => {
+            assert_eq!(
+                (present, missing),
+                (&dir.join("ca.pem"), &dir.join("ca.key"))
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(e.to_string().contains("ca.key is missing"), "{e}");
+    assert!(!dir.join("beta.pem").exists());
+    // Another CA's key.
+    let other = TempDir::new("certs-half-other");
+    crate::write_dev_certs(&other.0, &[]).unwrap();
+    std::fs::copy(other.0.join("ca.key"), dir.join("ca.key")).unwrap();
+    let e = crate::write_dev_certs(dir, &["beta"]).unwrap_err();
+    assert!(matches!(e, DevCertError::BadCa { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("is not the key of the certificate"),
+        "{e}"
+    );
+    // Not a key at all.
+    std::fs::write(dir.join("ca.key"), "not a key").unwrap();
+    let e = crate::write_dev_certs(dir, &["beta"]).unwrap_err();
+    assert!(matches!(e, DevCertError::BadCa { .. }), "{e:?}");
+    // The right key again: issued from the kept CA.
+    std::fs::write(dir.join("ca.key"), key).unwrap();
+    crate::write_dev_certs(dir, &["beta"]).unwrap();
+    assert!(dir.join("beta.pem").exists());
 }
 
 /// A client connection and the server's end of it, through a relay that drops `loss` of the
