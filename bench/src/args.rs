@@ -28,8 +28,8 @@ pub enum TransportKind {
     /// Loopback QUIC ([`agentfabric_quic::QuicTransport`], mutual TLS with in-memory dev
     /// certificates); baseline: raw quinn.
     Quic,
-    /// One RDMA device ([`agentfabric_verbs::VerbsTransport`]); baseline: perftest's figures
-    /// from the same lab boot (`--perftest`).
+    /// One RDMA device (`agentfabric_verbs::VerbsTransport`, in builds with the `verbs`
+    /// feature); baseline: perftest's figures from the same lab boot (`--perftest`).
     Verbs,
 }
 
@@ -177,7 +177,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// verbs: perftest's figures from the same lab boot, the baseline (JSON; see
-    /// `sidecar/src/bench/verbs.rs`). Without it the verbs baseline is null.
+    /// `bench/src/perftest.rs`). Without it the verbs baseline is null.
     #[arg(long, value_name = "FILE")]
     pub perftest: Option<std::path::PathBuf>,
     /// verbs: each node's RDMA device and then its rails (extra devices for one-sided

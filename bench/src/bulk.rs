@@ -31,9 +31,9 @@ use crate::baseline;
 use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pair::FabricPair;
+use crate::perftest::Perftest;
 use crate::report::{fmt_ratio, progress, ratio, round2, round3, Output, Table};
 use crate::settings::Settings;
-use crate::verbs::Perftest;
 
 /// Bytes moved by one batch, and so the size of the regions it moves them between (rounded down
 /// to whole blocks, at least one). `mixed --bulk-api transfer` cycles through regions of this

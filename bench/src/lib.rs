@@ -3,7 +3,7 @@
 //!
 //! Both nodes live in this process and talk over loopback TCP (`tcp://127.0.0.1:0`), loopback
 //! QUIC, an in-process [`MemNetwork`](agentfabric::mem::MemNetwork), or one RDMA device (verbs, in the Soft-RoCE lab; the
-//! baseline is perftest from the same boot, see [`verbs`]). Workloads:
+//! baseline is perftest from the same boot, see [`perftest`]). Workloads:
 //! - [`pingpong`]: coordination round trips of `--size` bytes, against raw TCP (or a pair of tokio
 //!   mpsc channels for `mem`), interleaved in slices so both see the same machine noise;
 //! - [`mixed`]: 64-byte coordination round trips while bulk traffic to the same peer is kept
@@ -20,9 +20,13 @@
 //! Files: [`args`] (the command line) and [`settings`] (its defaults and refusals); one module
 //! per workload; the harness they share: [`pair`] (two nodes and a session), [`pinger`] (one
 //! round trip at a time), [`pacer`], [`rate`], the baselines ([`baseline`], [`quic`],
-//! [`raw_frames`], [`verbs`] with [`devices`]); and [`report`] (progress, summaries, table; the
-//! JSON is `bench/JSON.md`).
+//! [`raw_frames`], [`perftest`]); the verbs nodes (`verbs`, with [`devices`]); and [`report`]
+//! (progress, summaries, table; the JSON is `bench/JSON.md`).
 //! The benchmarks use the public API of the agentfabric crates only.
+//!
+//! The verbs transport is the crate's `verbs` feature (on by default): it links rdma-core and
+//! needs its headers and libclang to build. Without it the `verbs` module is left out and
+//! `--transport verbs` is refused with [`VERBS_NOT_BUILT`].
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +40,7 @@ pub mod frames;
 pub mod mixed;
 pub mod pacer;
 pub mod pair;
+pub mod perftest;
 pub mod pinger;
 pub mod pingpong;
 pub mod quic;
@@ -45,6 +50,7 @@ pub mod register;
 pub mod report;
 pub mod settings;
 pub mod toolcall;
+#[cfg(feature = "verbs")]
 pub mod verbs;
 
 pub use args::{BenchArgs, BulkApi, TransportKind, Workload};
@@ -53,6 +59,12 @@ pub use report::Output;
 pub use settings::Settings;
 
 use report::progress;
+
+/// Why `verbs` cannot be used in a build without the `verbs` feature, and how to get it.
+pub const VERBS_NOT_BUILT: &str = "the verbs transport is not in this build: build agentfabric \
+     with the `verbs` feature (the default; e.g. `cargo build --release -p agentfabric-cli`), \
+     which needs the rdma-core headers and libclang (Debian: libibverbs-dev librdmacm-dev \
+     libclang-dev)";
 
 /// Runs `agentfabric bench` and returns the process exit code.
 pub fn main(args: BenchArgs) -> ExitCode {

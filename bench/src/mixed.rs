@@ -50,13 +50,13 @@ use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
 use crate::pair::{fabric_stats_json, FabricPair};
+use crate::perftest::Perftest;
 use crate::pinger::Pinger;
 use crate::rate::Rate;
 use crate::report::{
     fmt_ratio, new_histogram, progress, ratio, round2, round3, Output, Summary, Table,
 };
 use crate::settings::Settings;
-use crate::verbs::Perftest;
 
 /// Size of the coordination messages.
 pub const COORDINATION_SIZE: usize = 64;

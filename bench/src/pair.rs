@@ -13,9 +13,9 @@ use tokio::task::AbortHandle;
 use crate::args::TransportKind;
 use crate::error::BenchResult;
 use crate::pinger::FabricPinger;
+use crate::quic;
 use crate::report;
 use crate::settings::Settings;
-use crate::{quic, verbs};
 
 /// Two nodes of one transport in this process, connected by one session. The server side
 /// echoes every message of a coordination or tool-call channel on the same channel, and drains
@@ -67,7 +67,10 @@ impl FabricPair {
                 )
             }
             TransportKind::Quic => quic::nodes(&config, tag)?,
-            TransportKind::Verbs => verbs::nodes(&config, tag, s)?,
+            #[cfg(feature = "verbs")]
+            TransportKind::Verbs => crate::verbs::nodes(&config, tag, s)?,
+            #[cfg(not(feature = "verbs"))]
+            TransportKind::Verbs => return Err(crate::VERBS_NOT_BUILT.into()),
             TransportKind::Mem => {
                 let net = MemNetwork::new();
                 let mk = |name: String| {

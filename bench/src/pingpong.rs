@@ -4,7 +4,7 @@
 //! server's task receives and sends the same bytes back on the same channel. The baseline (raw
 //! TCP for `tcp`, raw quinn for `quic`, a tokio mpsc pair for `mem`) does the same with the same
 //! size. For `verbs` the baseline is perftest's `ib_send_lat` from the same lab boot, as round
-//! trips ([`crate::verbs`]); the fabric is then measured alone.
+//! trips ([`crate::perftest`]); the fabric is then measured alone.
 //!
 //! Both are warmed up for `warmup`, then measured in alternating slices of about half a second
 //! (fabric first, then baseline, then baseline first...) until each has been measured for
@@ -23,11 +23,11 @@ use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
 use crate::pair::{fabric_stats_json, FabricPair};
+use crate::perftest::Perftest;
 use crate::pinger::Pinger;
 use crate::quic::RawQuinn;
 use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
 use crate::settings::Settings;
-use crate::verbs::Perftest;
 
 /// Longest measured slice before switching to the other side.
 const SLICE: Duration = Duration::from_millis(500);

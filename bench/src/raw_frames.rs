@@ -20,8 +20,8 @@ use agentfabric_quic::QuicTransport;
 
 use crate::args::TransportKind;
 use crate::error::BenchResult;
+use crate::quic;
 use crate::settings::Settings;
-use crate::{quic, verbs};
 
 /// Bound on each step of setting up the raw connection (listen, connect, first round trip).
 /// Generous: under emulation (Soft-RoCE in a TCG VM) rxe can stall for over a second.
@@ -77,7 +77,9 @@ fn transports(s: &Settings) -> BenchResult<Transports> {
             QuicTransport::new(quic::config("bench-frames-raw-client")?)?,
             "quic://127.0.0.1:0",
         ),
+        #[cfg(feature = "verbs")]
         TransportKind::Verbs => {
+            use crate::verbs;
             let devices = s.devices.as_ref();
             Transports::new(
                 verbs::transport(s, devices.map(|d| &d.server)),
@@ -85,6 +87,8 @@ fn transports(s: &Settings) -> BenchResult<Transports> {
                 format!("verbs://{}:0", verbs::listen_addr()?),
             )
         }
+        #[cfg(not(feature = "verbs"))]
+        TransportKind::Verbs => return Err(crate::VERBS_NOT_BUILT.into()),
     })
 }
 

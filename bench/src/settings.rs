@@ -59,6 +59,9 @@ impl Settings {
                 a.transport
             ))
         };
+        if a.transport == TransportKind::Verbs && !cfg!(feature = "verbs") {
+            return Err(crate::VERBS_NOT_BUILT.to_owned());
+        }
         if a.bulk_api.is_some() && a.workload != Workload::Mixed {
             return refuse("--bulk-api", "the mixed workload");
         }
@@ -106,10 +109,8 @@ impl Settings {
             ),
             busy_poll: a.busy_poll,
             spin: (a.transport == TransportKind::Verbs).then(|| {
-                a.spin_us.map_or(
-                    agentfabric_verbs::VerbsConfig::default().spin_before_sleep,
-                    |us| Duration::from_micros(us.into()),
-                )
+                a.spin_us
+                    .map_or_else(default_spin, |us| Duration::from_micros(us.into()))
             }),
             pull: a.pull,
             devices: a.devices.clone(),
@@ -134,4 +135,16 @@ fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get().saturating_sub(1))
         .max(1)
+}
+
+/// The verbs nodes' default spin after a completion (`--spin-us` when not given).
+#[cfg(feature = "verbs")]
+fn default_spin() -> Duration {
+    crate::verbs::default_spin()
+}
+
+/// Without the verbs transport no run takes it (`from_args` refuses it first).
+#[cfg(not(feature = "verbs"))]
+fn default_spin() -> Duration {
+    Duration::ZERO
 }

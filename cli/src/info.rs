@@ -1,5 +1,6 @@
 //! `agentfabric info`: which transports this build can use here, and the RDMA devices, ports,
-//! states, MTUs and GIDs (with their types) the verbs transport would see.
+//! states, MTUs and GIDs (with their types) the verbs transport would see (in a build with the
+//! `verbs` feature; without it, how to get it).
 
 use std::process::ExitCode;
 
@@ -12,6 +13,13 @@ pub fn main() -> ExitCode {
     println!("  mem    in-process (tests, single-process agents)");
     println!("  tcp    two lanes per connection (latency, bulk), TCP_NODELAY");
     println!("  quic   quinn + rustls, mutual TLS, ALPN agentfabric/2");
+    verbs();
+    ExitCode::SUCCESS
+}
+
+/// The verbs line, and the RDMA devices when there are some.
+#[cfg(feature = "verbs")]
+fn verbs() {
     match agentfabric_verbs::devices() {
         Ok(devs) if devs.is_empty() => {
             println!("  verbs  not available: rdma-core found no RDMA device");
@@ -31,5 +39,11 @@ pub fn main() -> ExitCode {
             println!("  verbs  not available: {e}");
         }
     }
-    ExitCode::SUCCESS
+}
+
+/// The verbs line of a build without the verbs transport.
+#[cfg(not(feature = "verbs"))]
+fn verbs() {
+    println!("  verbs  not in this build: build with the `verbs` feature (the default), which");
+    println!("         needs libibverbs-dev librdmacm-dev libclang-dev");
 }

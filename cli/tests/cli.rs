@@ -332,7 +332,8 @@ fn unknown_transport_exits_2_naming_the_available_ones() {
     assert!(stderr.contains("mem, tcp, quic, verbs"), "{stderr}");
 }
 
-/// Outside the lab, verbs fails with a message that says what is missing (no panic, no JSON).
+/// Outside the lab, verbs fails with a message that says what is missing (no panic, no JSON);
+/// in a build without the verbs transport, the message says how to build it in.
 #[test]
 fn verbs_without_the_lab_says_what_is_missing() {
     for workload in ["pingpong", "frames"] {
@@ -351,10 +352,18 @@ fn verbs_without_the_lab_says_what_is_missing() {
         assert_eq!(out.status.code(), Some(1), "{workload}");
         assert!(out.stdout.is_empty(), "{workload}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("AGENTFABRIC_LAB_ADDR_A"),
-            "{workload}: {stderr}"
-        );
+        let missing = if cfg!(feature = "verbs") {
+            "AGENTFABRIC_LAB_ADDR_A"
+        } else {
+            "the verbs transport is not in this build: build agentfabric with the `verbs` feature"
+        };
+        assert!(stderr.contains(missing), "{workload}: {stderr}");
+        if !cfg!(feature = "verbs") {
+            assert!(
+                stderr.contains("libibverbs-dev librdmacm-dev libclang-dev"),
+                "{stderr}"
+            );
+        }
     }
 }
 
@@ -450,11 +459,21 @@ fn info_lists_the_transports_and_says_whether_verbs_is_usable() {
     for t in ["mem", "tcp", "quic", "verbs"] {
         assert!(text.contains(&format!("  {t} ")), "{text}");
     }
-    // Either devices are listed, or it says plainly why verbs cannot be used here.
-    assert!(
-        text.contains("verbs  available") || text.contains("verbs  not available"),
-        "{text}"
-    );
+    if cfg!(feature = "verbs") {
+        // Either devices are listed, or it says plainly why verbs cannot be used here.
+        assert!(
+            text.contains("verbs  available") || text.contains("verbs  not available"),
+            "{text}"
+        );
+    } else {
+        // Not built in: how to get it.
+        assert!(text.contains("verbs  not in this build"), "{text}");
+        assert!(text.contains("`verbs` feature"), "{text}");
+        assert!(
+            text.contains("libibverbs-dev librdmacm-dev libclang-dev"),
+            "{text}"
+        );
+    }
 }
 
 /// `certs dev` on a directory it wrote before issues from the CA there (the nodes of both runs
