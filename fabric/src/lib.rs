@@ -24,7 +24,8 @@
 //! [`bulk`] moves blocks between registered regions and [`tools`] makes tool calls, both on
 //! that API. [`sim`] runs two sessions over a virtual link; its link and [`mem`]'s network are
 //! impaired as an [`impair::Impairment`] says. [`sync`] is the one poison-ignoring lock the
-//! fabric and its transports use.
+//! fabric and its transports use. [`runtime()`] builds the tokio runtime to run it on: one
+//! worker fewer than the cores, so that the transports' bulk threads have one ([`mod@runtime`]).
 
 #![warn(missing_docs)]
 
@@ -37,6 +38,7 @@ pub mod error;
 pub mod frame;
 pub mod impair;
 pub mod mem;
+pub mod runtime;
 pub mod sim;
 mod sliced_copy;
 pub mod sync;
@@ -53,3 +55,4 @@ pub use class::{Class, Priority};
 pub use config::{Config, CongestionConfig, PerClass};
 pub use core::{ChannelStats, SessionStats};
 pub use error::{Error, ProtocolError, Result};
+pub use runtime::runtime;
