@@ -283,3 +283,10 @@ pub async fn assert_blocks_landed(
         }
     }
 }
+
+// The workspace's README.md as the docs of an item that exists only when rustdoc collects doc
+// tests: `cargo test` compiles every ```rust block of the README (and runs those not marked
+// `no_run`), with this crate's dependencies, which include every transport.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
