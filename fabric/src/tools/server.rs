@@ -1,5 +1,6 @@
 //! [`ToolServer`]: a registry of named tools served on tool-call channels, with the
 //! idempotency window (at most one execution per tool and key), cancellation and deadlines.
+//! Serving a whole node beside the application's own channels is `router.rs`'s.
 //!
 //! Imports: `wire.rs` (decoding requests) and `cancel.rs`; the crate's public API.
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::cancel::CancelToken;
 use super::wire::{decode, Envelope, FLAG_IDEMPOTENT, KIND_CANCEL};
@@ -51,6 +53,10 @@ pub struct ServerConfig {
     pub key_window: usize,
     /// Longest a key is remembered. Default 10 minutes.
     pub key_ttl: Duration,
+    /// How many sessions and channels [`ToolServer::serve_beside`] keeps for the application
+    /// (its [`Incoming`](super::Incoming) queue) before it stops accepting more. Default 16;
+    /// 0 counts as 1.
+    pub incoming_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +64,7 @@ impl Default for ServerConfig {
         ServerConfig {
             key_window: 10_000,
             key_ttl: Duration::from_secs(600),
+            incoming_queue: 16,
         }
     }
 }
@@ -116,8 +123,15 @@ struct ServerInner {
 }
 
 /// A registry of named tools, served on tool-call channels. Build it with
-/// [`ToolServer::register`], then serve a node, a peer or a channel; clones share the registry,
-/// the idempotency window and the counters.
+/// [`ToolServer::register`], then serve it:
+///
+/// - beside the application's own channels on one node: [`ToolServer::serve_beside`] (the way
+///   for a subagent that also coordinates);
+/// - on a node that does nothing else: [`ToolServer::serve`] (it takes every session);
+/// - on one session or one channel the application accepted itself:
+///   [`ToolServer::serve_peer`], [`ToolServer::serve_channel`].
+///
+/// Clones share the registry, the idempotency window and the counters.
 #[derive(Clone)]
 pub struct ToolServer {
     inner: Arc<ServerInner>,
@@ -189,15 +203,36 @@ impl ToolServer {
         lock(&self.inner.keys).map.len()
     }
 
-    /// Serves every session `node` accepts, until the node closes.
+    /// The settings.
+    pub(super) fn config(&self) -> &ServerConfig {
+        &self.inner.cfg
+    }
+
+    /// Serves tool calls on every session `node` accepts, until the node closes.
+    ///
+    /// It takes **every** session of the node: the application's own [`Node::accept`] never
+    /// sees one while this runs, and the channels of other classes are dropped unread (see
+    /// [`ToolServer::serve_peer`]). For a node that serves tools *and* has channels of its own
+    /// (a subagent that also coordinates), use [`ToolServer::serve_beside`], which hands those
+    /// channels to the application.
+    ///
+    /// The sessions are served in tasks of their own, which outlive this future: dropping it
+    /// stops accepting new sessions only. [`ToolServer::serve_beside`] stops everything when its
+    /// handle is dropped.
     pub async fn serve(self, node: Node) {
         while let Ok(peer) = node.accept().await {
             tokio::spawn(self.clone().serve_peer(peer));
         }
     }
 
-    /// Serves every tool-call channel the peer opens, until the session dies. Channels of other
-    /// classes are ignored.
+    /// Serves every tool-call channel the peer opens, until the session dies.
+    ///
+    /// Channels of **other classes are dropped unread**: nobody answers a coordination or bulk
+    /// channel the peer opens on this session (its requests get no answer). Use it only on a
+    /// session that carries nothing but tool calls; to serve tools beside the application's own
+    /// channels, use [`ToolServer::serve_beside`] (or accept the channels yourself and give the
+    /// tool-call ones to [`ToolServer::serve_channel`]). It must be the session's only
+    /// [`Peer::accept_channel`] caller.
     pub async fn serve_peer(self, peer: Peer) {
         while let Ok(ch) = peer.accept_channel().await {
             if ch.class() == Class::ToolCall {
@@ -207,10 +242,19 @@ impl ToolServer {
     }
 
     /// Serves calls arriving on `ch` until the session dies.
+    ///
+    /// Each call runs in a task of its own, owned by this future: when the session dies the
+    /// future waits for the calls still running (they finish or meet their deadline, so a keyed
+    /// call's result is remembered for a retry on another session); when the future is dropped
+    /// first, the running calls are dropped with it (as if cancelled: a keyed call is forgotten,
+    /// so a retry runs it again).
     pub async fn serve_channel(self, ch: Channel) {
         let running: Arc<Mutex<HashMap<u64, CancelToken>>> = Arc::default();
         let caller = ch.peer().name().to_owned();
+        let mut calls = JoinSet::new();
         while let Ok(msg) = ch.recv().await {
+            // Forget the calls that have finished (a panicked handler included).
+            while calls.try_join_next().is_some() {}
             let received = Instant::now();
             let env = match decode(&msg.body) {
                 Ok(env) => env,
@@ -237,7 +281,7 @@ impl ToolServer {
             let ch = ch.clone();
             let running = running.clone();
             let caller = caller.clone();
-            tokio::spawn(async move {
+            calls.spawn(async move {
                 let call_id = env.call_id;
                 let answer = this.run_call(env, token, received, caller).await;
                 lock(&running).remove(&call_id);
@@ -247,6 +291,7 @@ impl ToolServer {
                 };
             });
         }
+        while calls.join_next().await.is_some() {}
     }
 
     /// Runs one call (or finds its result by key); returns the answer or an error reason.
@@ -274,7 +319,13 @@ impl ToolServer {
                     keys.map.insert(k.clone(), (KeyState::Running(rx), now));
                     keys.order.push_back((k.clone(), now));
                     keys.evict(&self.inner.cfg, now);
-                    publish = Some((tx, now));
+                    publish = Some(Publisher {
+                        keys: &self.inner.keys,
+                        key: k.clone(),
+                        at: now,
+                        tx,
+                        recorded: false,
+                    });
                 }
                 found
             };
@@ -328,37 +379,58 @@ impl ToolServer {
             _ = tokio::time::sleep_until(deadline.into()) => {
                 self.inner.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
                 cancel.cancel();
-                return self.finish(slot, publish, None, "deadline: the handler did not finish in time");
+                drop(publish);
+                return Err("deadline: the handler did not finish in time".into());
             }
         };
-        self.finish(slot, publish, outcome, "cancelled: by the caller")
-    }
-
-    /// Records the outcome under the key (a stopped handler is forgotten) and shapes the answer.
-    fn finish(
-        &self,
-        slot: Option<(String, Bytes)>,
-        publish: Option<(watch::Sender<Option<ToolResult>>, Instant)>,
-        outcome: Option<ToolResult>,
-        stopped: &str,
-    ) -> Result<Bytes, String> {
-        if let (Some(k), Some((tx, at))) = (slot, publish) {
-            let mut keys = lock(&self.inner.keys);
-            match &outcome {
-                Some(r) => {
-                    keys.map.insert(k, (KeyState::Done(r.clone()), at));
-                    let _ = tx.send(Some(r.clone()));
-                }
-                None => {
-                    keys.map.remove(&k);
-                    // Dropping `tx` tells waiters the first execution stopped.
-                }
-            }
+        if let (Some(p), Some(r)) = (publish, &outcome) {
+            p.record(r);
         }
         match outcome {
             Some(Ok(b)) => Ok(b),
             Some(Err(e)) => Err(format!("failed: {e}")),
-            None => Err(stopped.to_owned()),
+            None => Err("cancelled: by the caller".into()),
         }
+    }
+}
+
+/// The execution of a keyed call that this server started. [`Publisher::record`] remembers its
+/// result under the key (and hands it to the duplicates waiting for it); dropped without a
+/// result (the handler was cancelled or met its deadline, the serving future was dropped, the
+/// handler panicked), it forgets the key, so that a retry runs the call again instead of
+/// finding it running for as long as the key is remembered.
+struct Publisher<'a> {
+    keys: &'a Mutex<KeyWindow>,
+    key: (String, Bytes),
+    /// When the key was inserted: only that entry is ours (a key evicted while its call ran may
+    /// have been inserted again by another call since).
+    at: Instant,
+    tx: watch::Sender<Option<ToolResult>>,
+    recorded: bool,
+}
+
+impl Publisher<'_> {
+    fn record(mut self, result: &ToolResult) {
+        {
+            let mut keys = lock(self.keys);
+            if let Some(entry) = keys.map.get_mut(&self.key).filter(|(_, t)| *t == self.at) {
+                entry.0 = KeyState::Done(result.clone());
+            }
+        }
+        let _ = self.tx.send(Some(result.clone()));
+        self.recorded = true;
+    }
+}
+
+impl Drop for Publisher<'_> {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let mut keys = lock(self.keys);
+        if keys.map.get(&self.key).is_some_and(|(_, t)| *t == self.at) {
+            keys.map.remove(&self.key);
+        }
+        // Dropping `tx` next tells the waiting duplicates that this execution stopped.
     }
 }
