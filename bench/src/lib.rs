@@ -87,6 +87,14 @@ pub fn main(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this agentfabric is a debug build (no optimisations): the fabric runs \
+             several times slower than in a release build while the raw baselines barely change, \
+             so the figures and ratios are not meaningful; build with --release (cargo run \
+             --release -p agentfabric-cli -- bench ...)"
+        );
+    }
     let s = settings.clone();
     let result = rt.block_on(async move {
         // Run on a worker thread, like the nodes' own tasks, not on the main thread.
@@ -96,9 +104,12 @@ pub fn main(args: BenchArgs) -> ExitCode {
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
-    progress("done");
     match result {
-        Ok(out) => {
+        Ok(mut out) => {
+            progress("done");
+            if let Some(obj) = out.json.as_object_mut() {
+                obj.insert("debug_build".into(), cfg!(debug_assertions).into());
+            }
             if args.json {
                 match serde_json::to_string_pretty(&out.json) {
                     Ok(text) => println!("{text}"),

@@ -59,6 +59,15 @@ fn check_common_on(v: &serde_json::Value, transport: &str, workload: &str) {
     assert_eq!(v["threads"], cores.saturating_sub(1).max(1));
     assert!(v["fabric_stats"].is_object());
     assert!(v["spin_us"].is_null(), "spin_us is a verbs setting: {v}");
+    check_debug_build(v);
+}
+
+/// `debug_build` says how the binary was built (the tests run the binary of their own profile),
+/// as the object's last key.
+fn check_debug_build(v: &serde_json::Value) {
+    assert_eq!(v["debug_build"], cfg!(debug_assertions), "{v}");
+    let last = v.as_object().unwrap().keys().next_back().unwrap();
+    assert_eq!(last, "debug_build", "{v}");
 }
 
 #[test]
@@ -152,6 +161,15 @@ fn frames_mem_prints_a_table() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("] done"), "{stderr}");
+    // A debug build (as the tests' own binary, unless they run with --release) says its
+    // figures are not meaningful.
+    assert_eq!(
+        stderr.contains("warning: this agentfabric is a debug build")
+            && stderr.contains("--release"),
+        cfg!(debug_assertions),
+        "{stderr}"
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("workload=frames size=64 B"), "{table}");
     assert!(table.contains("fabric/frames: p50 "), "{table}");
@@ -256,6 +274,7 @@ fn bulk_tcp_reports_both_raw_streams() {
         "--json",
     ]);
     assert_eq!(v["workload"], "bulk");
+    check_debug_build(&v);
     assert!(v["fabric_mb_s"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["baseline"]["name"], "raw-tcp-stream");
     assert!(v["baseline"]["mb_s"].as_f64().unwrap() > 0.0, "{v}");
@@ -358,6 +377,8 @@ fn verbs_without_the_lab_says_what_is_missing() {
             "the verbs transport is not in this build: build agentfabric with the `verbs` feature"
         };
         assert!(stderr.contains(missing), "{workload}: {stderr}");
+        // A failed run does not say it is done.
+        assert!(!stderr.contains("] done"), "{workload}: {stderr}");
         if !cfg!(feature = "verbs") {
             assert!(
                 stderr.contains("libibverbs-dev librdmacm-dev libclang-dev"),
