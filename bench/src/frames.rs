@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::args::Workload;
 use crate::devices::Devices;
 use crate::error::BenchResult;
-use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pair::{fabric_stats_json, fabric_stats_words, FabricPair};
 use crate::pinger::Pinger;
 use crate::raw_frames::{echo_note, RawFrames};
 use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
@@ -135,7 +135,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         &frames_sum,
         "no session",
     );
-    t.line(&format!("fabric_stats: {stats}"));
+    t.line(&format!("session: {}", fabric_stats_words(&stats)));
     Ok(Output {
         json,
         table: t.finish(),

@@ -49,7 +49,7 @@ use crate::bulk::BATCH_BYTES;
 use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
-use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pair::{fabric_stats_json, fabric_stats_words, FabricPair};
 use crate::perftest::Perftest;
 use crate::pinger::Pinger;
 use crate::rate::Rate;
@@ -447,8 +447,14 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         base_name,
         bulk_base.map_or("not given".to_owned(), |b| format!("{b:.1} MB/s"))
     ));
-    t.line(&format!("fabric_stats loaded: {stats_loaded}"));
-    t.line(&format!("fabric_stats fifo: {stats_fifo}"));
+    t.line(&format!(
+        "session, loaded: {}",
+        fabric_stats_words(&stats_loaded)
+    ));
+    t.line(&format!(
+        "session, fifo: {}",
+        fabric_stats_words(&stats_fifo)
+    ));
     Ok(Output {
         json,
         table: t.finish(),

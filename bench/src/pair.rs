@@ -198,3 +198,31 @@ pub fn fabric_stats_json(pair: &FabricPair, coord: &FabricPinger) -> serde_json:
         },
     })
 }
+
+/// The counters of [`fabric_stats_json`] a person reads beside the latencies, in words, for the
+/// table (the JSON keeps them all): round-trip time, congestion window, retransmits, credit
+/// stalls, resumptions, and the coordination channel's queueing before the wire (p99).
+pub fn fabric_stats_words(stats: &serde_json::Value) -> String {
+    if !stats.is_object() {
+        return "no session counters".into();
+    }
+    let us = |v: &serde_json::Value, digits: usize| {
+        v.as_f64()
+            .map_or("-".into(), |x| format!("{x:.digits$} µs"))
+    };
+    let count = |k: &str| stats[k].as_u64().unwrap_or(0);
+    // Whole microseconds, as the fabric records them.
+    let queue_p99 = |side: &str| us(&stats["coordination_queue_delay_us"][side]["p99_us"], 0);
+    format!(
+        "srtt {} (min {}), cwnd {}, {} retransmits, {} credit stalls, {} resumes; \
+         coordination queueing before the wire p99: client {}, server {}",
+        us(&stats["srtt_us"], 1),
+        us(&stats["min_rtt_us"], 1),
+        report::fmt_bytes(count("cwnd")),
+        count("retransmits"),
+        count("credit_stalls"),
+        count("resumes"),
+        queue_p99("client"),
+        queue_p99("server"),
+    )
+}

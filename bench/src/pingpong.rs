@@ -22,7 +22,7 @@ use crate::baseline::BaselinePinger;
 use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
-use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pair::{fabric_stats_json, fabric_stats_words, FabricPair};
 use crate::perftest::Perftest;
 use crate::pinger::Pinger;
 use crate::quic::RawQuinn;
@@ -164,7 +164,7 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         Some(b) => t.row(&format!("baseline {base_name}"), b, ""),
         None => t.line(&format!("baseline {base_name}: not given")),
     }
-    t.line(&format!("fabric_stats: {stats}"));
+    t.line(&format!("session: {}", fabric_stats_words(&stats)));
     Ok(Output {
         json,
         table: t.finish(),

@@ -100,6 +100,17 @@ pub fn ratio(a: f64, b: f64) -> Option<f64> {
     (b > 0.0 && a.is_finite()).then(|| round3(a / b))
 }
 
+/// Formats a byte count for the table: B, KiB or MiB.
+pub fn fmt_bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    match n {
+        n if n >= MIB => format!("{:.1} MiB", n as f64 / MIB as f64),
+        n if n >= KIB => format!("{:.1} KiB", n as f64 / KIB as f64),
+        n => format!("{n} B"),
+    }
+}
+
 /// Formats an optional ratio for the table.
 pub fn fmt_ratio(r: Option<f64>) -> String {
     match r {

@@ -174,6 +174,54 @@ fn frames_mem_prints_a_table() {
     assert!(table.contains("workload=frames size=64 B"), "{table}");
     assert!(table.contains("fabric/frames: p50 "), "{table}");
     assert!(table.contains("\nmem frames "), "{table}");
+    check_session_words(&table, "session: ");
+}
+
+/// The table gives the session's counters a person reads, in words, after `label`; not the
+/// JSON object of all of them.
+fn check_session_words(table: &str, label: &str) {
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in\n{table}"));
+    for words in [
+        "srtt ",
+        " µs (min ",
+        "cwnd ",
+        " retransmits",
+        " credit stalls",
+        " resumes",
+    ] {
+        assert!(line.contains(words), "{words:?} missing: {line}");
+    }
+    assert!(
+        !table.contains("fabric_stats") && !table.contains('{'),
+        "{table}"
+    );
+}
+
+/// mixed's table: the session's counters in words for the loaded and fifo phases.
+#[test]
+fn mixed_mem_prints_a_table() {
+    let out = agentfabric(&[
+        "bench",
+        "--transport",
+        "mem",
+        "--workload",
+        "mixed",
+        "--size",
+        "65536",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("\nloaded (priorities) "), "{table}");
+    check_session_words(&table, "session, loaded: ");
+    check_session_words(&table, "session, fifo: ");
 }
 
 /// A size the transport cannot carry in one frame is refused with the transport's limit.
