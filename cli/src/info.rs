@@ -11,7 +11,7 @@ pub fn main() -> ExitCode {
     println!();
     println!("transports in this build:");
     println!("  mem    in-process (tests, single-process agents)");
-    println!("  tcp    two lanes per connection (latency, bulk), TCP_NODELAY");
+    println!("  tcp    three lanes per connection (latency, bulk, one-sided), TCP_NODELAY");
     println!("  quic   quinn + rustls, mutual TLS, ALPN agentfabric/2");
     verbs();
     ExitCode::SUCCESS

@@ -528,6 +528,11 @@ fn info_lists_the_transports_and_says_whether_verbs_is_usable() {
     for t in ["mem", "tcp", "quic", "verbs"] {
         assert!(text.contains(&format!("  {t} ")), "{text}");
     }
+    // The tcp transport's lanes, all three.
+    assert!(
+        text.contains("  tcp    three lanes per connection (latency, bulk, one-sided)"),
+        "{text}"
+    );
     if cfg!(feature = "verbs") {
         // Either devices are listed, or it says plainly why verbs cannot be used here.
         assert!(
