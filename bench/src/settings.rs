@@ -140,7 +140,7 @@ fn default_threads() -> usize {
 /// The verbs nodes' default spin after a completion (`--spin-us` when not given).
 #[cfg(feature = "verbs")]
 fn default_spin() -> Duration {
-    crate::verbs::default_spin()
+    agentfabric_verbs::VerbsConfig::default().spin_before_sleep
 }
 
 /// Without the verbs transport no run takes it (`from_args` refuses it first).

@@ -77,9 +77,3 @@ pub fn transport(s: &Settings, devices: Option<&Vec<String>>) -> VerbsTransport 
     }
     VerbsTransport::with_config(vc)
 }
-
-/// How long a verbs node polls after a completion before it sleeps, by default (the
-/// transport's default; `--spin-us` sets it).
-pub fn default_spin() -> Duration {
-    VerbsConfig::default().spin_before_sleep
-}
