@@ -22,6 +22,13 @@ pub(crate) fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
+/// rustls's *ring* provider. rustls 0.23.48 deprecated `ring::default_provider` (*ring* has no
+/// post-quantum key exchange) with no replacement within 0.23, so a crate that resolves a newer
+/// 0.23 than this workspace's lock file would see a deprecation warning from this line: allowed
+/// here, on this one call, rather than rebuilding the provider from its parts. Moving to a
+/// provider with post-quantum key exchange (aws-lc-rs) is a choice of its own: it needs a C
+/// toolchain with cmake at build time.
+#[allow(deprecated)]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
