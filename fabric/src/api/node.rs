@@ -129,9 +129,7 @@ struct NodeInner {
 impl NodeInner {
     /// Starts serving the peer's transfers on this node's regions.
     fn serve_transfers(&self, shared: &Arc<PeerShared>) {
-        let peer = Peer {
-            shared: shared.clone(),
-        };
+        let peer = Peer::internal(shared.clone());
         let task = tokio::spawn(serve_transfers(
             peer,
             self.regions.clone(),
@@ -302,7 +300,7 @@ impl Node {
         ));
         self.inner.track(task.abort_handle());
         self.inner.serve_transfers(&shared);
-        Ok(Peer { shared })
+        Ok(Peer::app(shared))
     }
 
     /// Waits for the next session a peer opened with this node (after [`Node::listen`]).
@@ -345,7 +343,7 @@ impl Node {
         sessions
             .values()
             .filter_map(|e| e.shared.upgrade())
-            .map(|shared| Peer { shared })
+            .map(Peer::app)
             .collect()
     }
 }
@@ -482,7 +480,7 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
     inner.serve_transfers(&shared);
     let tx = inner.incoming_tx.clone();
     drop(inner);
-    let _ = tx.send(Peer { shared }).await;
+    let _ = tx.send(Peer::app(shared)).await;
 }
 
 enum Mode {
