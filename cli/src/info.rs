@@ -11,7 +11,10 @@ pub fn main() -> ExitCode {
     println!("transports in this build:");
     println!("  mem    in-process (tests, single-process agents)");
     println!("  tcp    two lanes per connection (latency, bulk), TCP_NODELAY");
-    println!("  quic   quinn + rustls, mutual TLS, ALPN agentfabric/2");
+    println!(
+        "  quic   quinn + rustls, mutual TLS, ALPN {}",
+        agentfabric_quic::ALPN
+    );
     match agentfabric_verbs::devices() {
         Ok(devs) if devs.is_empty() => {
             println!("  verbs  not available: rdma-core found no RDMA device");
