@@ -677,6 +677,158 @@ async fn cancelled_receives_lose_nothing(kind: Kind) {
     assert_eq!(check_body(&m.body), (0, 1));
 }
 
+/// A named channel: the acceptor sees the name its opener gave (a plain channel has none), the
+/// bodies are unchanged, and a bad name is refused locally with the limit in the error.
+async fn named_channel_is_seen_by_the_acceptor(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let name = "tools/search → ünïcode";
+    let named = p
+        .client_peer
+        .channel_named(name, Class::ToolCall, 3)
+        .unwrap();
+    assert_eq!(named.name(), Some(name));
+    let plain = p.client_peer.channel(Class::Coordination, 3).unwrap();
+    assert_eq!(plain.name(), None);
+    named.send(body(1, 0, 40_000)).await.unwrap();
+    named.send(body(1, 1, 10)).await.unwrap();
+    plain.send(body(2, 0, 10)).await.unwrap();
+    for _ in 0..2 {
+        let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        if rx.id() == named.id() {
+            assert_eq!(rx.name(), Some(name));
+            assert_eq!(
+                check_body(&within(LIMIT, rx.recv()).await.unwrap().body),
+                (1, 0)
+            );
+            assert_eq!(
+                check_body(&within(LIMIT, rx.recv()).await.unwrap().body),
+                (1, 1)
+            );
+        } else {
+            assert_eq!(rx.name(), None);
+            assert_eq!(
+                check_body(&within(LIMIT, rx.recv()).await.unwrap().body),
+                (2, 0)
+            );
+        }
+    }
+    for bad in [String::new(), "n".repeat(65)] {
+        match p.client_peer.channel_named(&bad, Class::Coordination, 0) {
+            Err(Error::InvalidChannelName(m)) => assert!(m.contains("64"), "{m}"),
+            other => panic!("{bad:?} gave {other:?}"),
+        }
+    }
+}
+
+/// Refusal bound: a request on a refused channel fails well under its deadline. The old
+/// behaviour was the whole deadline (2 s): 50 ms leaves CI noise room and still catches it.
+const FAST: Duration = Duration::from_millis(50);
+
+/// The server accepts a channel and drops it (or refuses it): the client's pending request
+/// fails with `ChannelRefused` at once instead of at its deadline, later operations on the
+/// channel too, and the session's other channels go on.
+async fn dropped_channel_fails_requests_fast(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    for explicit in [false, true] {
+        let ch = p.client_peer.channel(Class::ToolCall, 3).unwrap();
+        let pending = tokio::spawn({
+            let ch = ch.clone();
+            async move {
+                let r = ch.request("anyone?", Duration::from_secs(2)).await;
+                (r, Instant::now())
+            }
+        });
+        let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+        let req = within(LIMIT, rx.recv()).await.unwrap();
+        assert!(req.request_id.is_some());
+        let reason = if explicit {
+            "not serving this"
+        } else {
+            "the application dropped the channel"
+        };
+        let at = Instant::now();
+        if explicit {
+            rx.refuse(reason).unwrap();
+            assert!(matches!(rx.recv().await, Err(Error::ChannelRefused { .. })));
+        }
+        drop(rx);
+        let (r, failed_at) = within(LIMIT, pending).await.unwrap();
+        assert_eq!(
+            r,
+            Err(Error::ChannelRefused {
+                channel: ch.id(),
+                reason: reason.into()
+            })
+        );
+        let took = failed_at - at;
+        assert!(took < FAST, "the request failed {took:?} after the refusal");
+        // Later operations fail at once too.
+        let started = Instant::now();
+        assert!(matches!(
+            ch.request("again?", Duration::from_secs(2)).await,
+            Err(Error::ChannelRefused { .. })
+        ));
+        assert!(matches!(
+            ch.send("x").await,
+            Err(Error::ChannelRefused { .. })
+        ));
+        assert!(matches!(ch.recv().await, Err(Error::ChannelRefused { .. })));
+        assert!(started.elapsed() < FAST);
+    }
+    // The session and a new channel go on.
+    assert!(p.client_peer.error().is_none());
+    let ch = p.client_peer.channel(Class::ToolCall, 3).unwrap();
+    let server = p.server_peer.clone();
+    let echo = tokio::spawn(async move {
+        let rx = server.accept_channel().await.unwrap();
+        let m = rx.recv().await.unwrap();
+        rx.respond(&m, m.body.clone()).await.unwrap();
+        rx
+    });
+    let r = within(LIMIT, ch.request("echo", Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(&r[..], b"echo");
+    drop(within(LIMIT, echo).await.unwrap());
+}
+
+/// The server's application drops its handle of the session after accepting it: a request
+/// on a new channel fails with `ChannelRefused` at once (a tool call says the node serves
+/// none), not at its deadline.
+async fn dropped_peer_refuses_new_channels(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let agentfabric_tests::Pair {
+        server_peer,
+        client_peer,
+        server,
+        ..
+    } = p;
+    drop(server_peer);
+    let ch = client_peer.channel(Class::ToolCall, 3).unwrap();
+    let started = Instant::now();
+    let r = within(LIMIT, ch.request("anyone?", Duration::from_secs(2))).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&r, Err(Error::ChannelRefused { channel, .. }) if *channel == ch.id()),
+        "{r:?}"
+    );
+    assert!(took < FAST, "the request took {took:?}");
+    let tools = agentfabric::tools::ToolClient::new(&client_peer).unwrap();
+    match tools.call("search", "q", Duration::from_secs(2)).await {
+        Err(agentfabric::tools::ToolError::Refused(m)) => {
+            assert!(m.contains("serves no tool calls"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(client_peer.error().is_none(), "the session lives on");
+    // A handle the application takes again takes channels again.
+    let again = server.peers().pop().expect("the session");
+    let ch = client_peer.channel(Class::Coordination, 3).unwrap();
+    ch.send("hello").await.unwrap();
+    let rx = within(LIMIT, again.accept_channel()).await.unwrap();
+    assert_eq!(&within(LIMIT, rx.recv()).await.unwrap().body[..], b"hello");
+}
+
 macro_rules! conformance {
     ($kind:ident, $attr:meta: $($case:ident),* $(,)?) => {
         $(
@@ -713,6 +865,9 @@ macro_rules! suite {
                 four_gib_frame_closes_session,
                 sequence_from_future_closes_session,
                 frame_before_handshake_is_refused,
+                named_channel_is_seen_by_the_acceptor,
+                dropped_channel_fails_requests_fast,
+                dropped_peer_refuses_new_channels,
             );
         }
     };
