@@ -344,18 +344,35 @@ async fn ten_thousand_channels_and_a_hundred_peers(kind: Kind) {
     echo.abort();
 }
 
-/// A peer that dies (its node is dropped: connections close, nothing answers) is detected within
-/// the configured bound, and pending operations fail with a typed error.
+/// A peer that goes silent (hung or crashed, its connection left open) is detected within the
+/// configured bound, and pending operations fail with a typed error. (A node that is dropped
+/// or closed tells its peers instead: see `node_close_tells_peers`.)
 async fn peer_death_fails_pending_operations(kind: Kind) {
+    use agentfabric::core::{Handshake, HelloStatus, PeerParams};
+    use std::future::poll_fn;
     let cfg = Config {
         peer_timeout: Duration::from_millis(800),
         ..Config::default()
     };
-    let p = pair(kind, cfg).await;
-    let ch = p.client_peer.channel(Class::ToolCall, 3).unwrap();
+    let net = MemNetwork::new();
+    let server = node(kind, "server", cfg.clone(), &net);
+    let addr = server.listen(&listen_url(kind, "server")).await.unwrap();
+    // The peer: a valid handshake, then silence.
+    let t = raw_transport(kind, &net);
+    let mut conn = t.connect(addr.split_once("://").unwrap().1).await.unwrap();
+    let hello = Handshake {
+        session_id: 78,
+        status: HelloStatus::New,
+        name: "silent".into(),
+        params: PeerParams {
+            recv_window: cfg.recv_window,
+        },
+    };
+    conn.sink.push(hello.encode());
+    poll_fn(|cx| conn.sink.poll_flush(cx)).await.unwrap();
+    let peer = within(LIMIT, server.accept()).await.unwrap();
+    let ch = peer.channel(Class::ToolCall, 3).unwrap();
     ch.send("first").await.unwrap();
-    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
-    within(LIMIT, rx.recv()).await.unwrap();
     let pending_recv = tokio::spawn({
         let ch = ch.clone();
         async move { ch.recv().await }
@@ -364,13 +381,7 @@ async fn peer_death_fails_pending_operations(kind: Kind) {
         let ch = ch.clone();
         async move { ch.request("are you there?", Duration::from_secs(60)).await }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let pair_nodes = (p.server, p.server_peer, rx);
-    let died = Instant::now();
-    drop(pair_nodes);
-    if let Some(net) = &p.net {
-        net.unlisten("server");
-    }
+    let silent_since = Instant::now();
     // Both fail (bounded: a hang fails the test), with the peer-dead error.
     let e1 = within(Duration::from_secs(10), pending_recv)
         .await
@@ -380,7 +391,7 @@ async fn peer_death_fails_pending_operations(kind: Kind) {
         .await
         .unwrap()
         .unwrap_err();
-    let detected = died.elapsed();
+    let detected = silent_since.elapsed();
     for e in [&e1, &e2] {
         assert!(matches!(e, Error::PeerDead { .. }), "unexpected error {e}");
     }
@@ -389,6 +400,112 @@ async fn peer_death_fails_pending_operations(kind: Kind) {
         "death detected after {detected:?}"
     );
     assert!(matches!(ch.send("late").await, Err(Error::PeerDead { .. })));
+    drop(conn);
+}
+
+/// How soon a peer must see that a node closed: a round trip, with room for CI noise. The old
+/// behaviour (nothing told) was the peer timeout, about a second.
+const TOLD: Duration = Duration::from_millis(100);
+
+/// Asserts that `ch`'s pending receive (`pending`, started before `since`) and a later send
+/// and flush fail with `ClosedByPeer(reason)` within `TOLD` of `since`.
+async fn assert_told(
+    ch: &agentfabric::Channel,
+    pending: tokio::task::JoinHandle<(agentfabric::Result<agentfabric::Message>, Instant)>,
+    since: Instant,
+    reason: &str,
+) {
+    let want = Error::ClosedByPeer(reason.into());
+    let (r, at) = within(LIMIT, pending).await.unwrap();
+    assert_eq!(r.unwrap_err(), want);
+    let took = at - since;
+    eprintln!("the pending receive failed {took:?} after the close");
+    assert!(took < TOLD, "the pending receive failed after {took:?}");
+    let later = async {
+        ch.send("late").await?;
+        ch.flush().await
+    };
+    assert_eq!(within(LIMIT, later).await.unwrap_err(), want);
+    let took = since.elapsed();
+    assert!(
+        took < TOLD,
+        "the later send and flush failed after {took:?}"
+    );
+}
+
+/// A client channel with a receive pending on it (the server accepted the channel).
+async fn pending_receive(
+    p: &agentfabric_tests::Pair,
+) -> (
+    agentfabric::Channel,
+    agentfabric::Channel,
+    tokio::task::JoinHandle<(agentfabric::Result<agentfabric::Message>, Instant)>,
+) {
+    let ch = p.client_peer.channel(Class::Coordination, 3).unwrap();
+    ch.send("hello").await.unwrap();
+    let rx = within(LIMIT, p.server_peer.accept_channel()).await.unwrap();
+    within(LIMIT, rx.recv()).await.unwrap();
+    let pending = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            let r = ch.recv().await;
+            (r, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    (ch, rx, pending)
+}
+
+/// `Node::close` tells every peer, with its reason, within a round trip; the node's own
+/// sessions fail with `Closed`, and it refuses `connect`, `accept` and `listen`.
+async fn node_close_tells_peers(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let (ch, rx, pending) = pending_receive(&p).await;
+    let accepting = tokio::spawn({
+        let server = p.server.clone();
+        async move { server.accept().await }
+    });
+    let at = Instant::now();
+    within(LIMIT, p.server.close("bye")).await;
+    assert!(
+        at.elapsed() < Duration::from_secs(2),
+        "close waited {:?}",
+        at.elapsed()
+    );
+    assert_told(&ch, pending, at, "bye").await;
+    assert_eq!(within(LIMIT, rx.recv()).await.unwrap_err(), Error::Closed);
+    assert_eq!(p.server_peer.error(), Some(Error::Closed));
+    assert_eq!(
+        within(LIMIT, accepting).await.unwrap().unwrap_err(),
+        Error::Closed
+    );
+    assert_eq!(
+        within(LIMIT, p.server.connect(&p.addr)).await.unwrap_err(),
+        Error::Closed
+    );
+    assert_eq!(
+        within(LIMIT, p.server.listen(&listen_url(kind, "again")))
+            .await
+            .unwrap_err(),
+        Error::Closed
+    );
+    // Closing again changes nothing.
+    within(LIMIT, p.server.close("twice")).await;
+}
+
+/// Dropping the last handle of a node tells its peers as `Node::close` does, without waiting.
+async fn dropping_a_node_tells_peers(kind: Kind) {
+    let p = pair(kind, Config::default()).await;
+    let (ch, _rx, pending) = pending_receive(&p).await;
+    let agentfabric_tests::Pair { server, .. } = p;
+    let at = Instant::now();
+    drop(server);
+    let dropped_in = at.elapsed();
+    assert!(
+        dropped_in < Duration::from_millis(50),
+        "drop took {dropped_in:?}"
+    );
+    assert_told(&ch, pending, at, "the node was dropped").await;
 }
 
 /// Closing a session fails operations on both sides with the matching error.
@@ -761,6 +878,7 @@ async fn dropped_channel_fails_requests_fast(kind: Kind) {
             })
         );
         let took = failed_at - at;
+        eprintln!("the pending request failed {took:?} after the refusal");
         assert!(took < FAST, "the request failed {took:?} after the refusal");
         // Later operations fail at once too.
         let started = Instant::now();
@@ -808,6 +926,7 @@ async fn dropped_peer_refuses_new_channels(kind: Kind) {
     let started = Instant::now();
     let r = within(LIMIT, ch.request("anyone?", Duration::from_secs(2))).await;
     let took = started.elapsed();
+    eprintln!("a request on a new channel was refused in {took:?}");
     assert!(
         matches!(&r, Err(Error::ChannelRefused { channel, .. }) if *channel == ch.id()),
         "{r:?}"
@@ -868,6 +987,8 @@ macro_rules! suite {
                 named_channel_is_seen_by_the_acceptor,
                 dropped_channel_fails_requests_fast,
                 dropped_peer_refuses_new_channels,
+                node_close_tells_peers,
+                dropping_a_node_tells_peers,
             );
         }
     };
