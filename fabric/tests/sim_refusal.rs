@@ -150,7 +150,13 @@ fn a_response_queued_before_the_refusal_arrives_before_it() {
 
 #[test]
 fn what_arrives_on_a_refused_channel_is_acknowledged_and_discarded() {
-    let mut sim = Sim::new(SimConfig::new(3).link(LinkConfig::with_delay(DELAY)));
+    let mut cfg = Config::default();
+    cfg.send_queue_bytes.toolcall = 4 * cfg.recv_window.toolcall as usize;
+    let mut sim = Sim::new(
+        SimConfig::new(3)
+            .config(cfg)
+            .link(LinkConfig::with_delay(DELAY)),
+    );
     let (tool, _) = two_channels(&mut sim);
     let now = sim.now();
     // A message waiting unread on B is dropped with the refusal.
@@ -161,14 +167,34 @@ fn what_arrives_on_a_refused_channel_is_acknowledged_and_discarded() {
     let now = sim.now();
     sim.b_mut().refuse_channel(now, tool, "full").unwrap();
     assert_eq!(sim.b().buffered_bytes(tool), 0);
-    // A keeps sending (a large message too) while the refusal travels.
-    for i in 0..20u8 {
-        sim.a_mut()
-            .send(now, tool, Bytes::from(vec![i; 30_000]), 0, 0)
-            .unwrap();
+    // A keeps sending while the refusal travels, until its send queue is full: more than its
+    // credit, so some is still queued when the refusal arrives.
+    sim.record_frames(true);
+    let mut sent = 0;
+    while sim
+        .a_mut()
+        .send(now, tool, Bytes::from(vec![7; 30_000]), 0, 0)
+        .is_ok()
+    {
+        sent += 30_000;
     }
+    assert!(sent > 2 * Config::default().recv_window.toolcall as usize);
     assert!(sim.run_until(|s| refusal_event(s, Side::A, tool).is_some(), DELAY * 10));
+    assert!(
+        sim.a().stats().queued_bytes == 0,
+        "A dropped what it had queued"
+    );
+    let (refused_at, _) = refusal_event(&sim, Side::A, tool).unwrap();
     sim.run_for(DELAY * 4);
+    // Nothing was sent on the channel after the refusal arrived.
+    let last = sim
+        .delivered_frames()
+        .iter()
+        .filter(|(_, from, h)| *from == Side::A && h.kind == Kind::Data && h.channel == tool)
+        .map(|(at, _, _)| *at)
+        .max()
+        .unwrap();
+    assert!(last <= refused_at + DELAY, "A sent on the refused channel");
     assert!(sim.b_mut().recv(tool).is_none(), "B reads nothing of it");
     assert_eq!(sim.b().buffered_bytes(tool), 0, "B holds nothing of it");
     assert_eq!(

@@ -676,7 +676,9 @@ impl Session {
     pub fn buffered_bytes(&self, ch: u32) -> usize {
         self.channels.get(&ch).map_or(0, |c| {
             c.delivered.iter().map(Delivered::len).sum::<usize>()
-                + c.partial.as_ref().map_or(0, |p| p.len)
+                + c.partial
+                    .as_ref()
+                    .map_or(0, |p| p.chunks.iter().map(Bytes::len).sum())
                 + c.reorder.values().map(|f| f.payload.len()).sum::<usize>()
         })
     }
