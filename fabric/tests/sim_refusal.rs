@@ -184,6 +184,11 @@ fn what_arrives_on_a_refused_channel_is_acknowledged_and_discarded() {
         sim.a().stats().queued_bytes == 0,
         "A dropped what it had queued"
     );
+    // So a flush cannot say it all arrived.
+    assert!(matches!(
+        sim.a_mut().want_flush(tool),
+        Err(Error::ChannelRefused { .. })
+    ));
     let (refused_at, _) = refusal_event(&sim, Side::A, tool).unwrap();
     sim.run_for(DELAY * 4);
     // Nothing was sent on the channel after the refusal arrived.

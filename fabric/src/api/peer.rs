@@ -606,7 +606,9 @@ impl Channel {
     }
 
     /// Waits until every message queued so far on this channel has been acknowledged by the peer
-    /// (received by its node, in order). Fails with the session's error if it dies first.
+    /// (received by its node, in order). Fails with the session's error if it dies first, and
+    /// with [`Error::ChannelRefused`] if the peer refused the channel before taking them all
+    /// (what it had not taken was dropped).
     pub async fn flush(&self) -> Result<()> {
         poll_fn(|cx| {
             let mut st = self.peer.shared.state();

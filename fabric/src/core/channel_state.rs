@@ -167,6 +167,8 @@ pub(crate) struct Chan {
     /// The peer refused the channel (this side opened it), with this reason: nothing more is
     /// sent, and receives fail once the messages before the refusal are read.
     pub(crate) refused_by_peer: Option<String>,
+    /// The refusal dropped messages (or chunks) the peer never took: a flush fails.
+    pub(crate) refusal_dropped: bool,
 }
 
 impl Chan {
@@ -202,6 +204,7 @@ impl Chan {
             announced: false,
             refused_here: None,
             refused_by_peer: None,
+            refusal_dropped: false,
         }
     }
 

@@ -488,16 +488,16 @@ impl Session {
 
     /// Asks for an [`Event::Flushed`] once everything queued on `ch` has been acknowledged.
     /// Returns `true` if that is already the case (no event follows then). Fails with
-    /// [`Error::ChannelRefused`] when the channel was refused with something still
-    /// unacknowledged (it never will be).
+    /// [`Error::ChannelRefused`] once the peer refused the channel with messages of this side
+    /// not taken (queued or unacknowledged: they were dropped).
     pub fn want_flush(&mut self, ch: u32) -> Result<bool, Error> {
         self.check_open()?;
         let c = self
             .channels
             .get_mut(&ch)
             .ok_or(Error::UnknownChannel(ch))?;
-        if c.is_flushed() {
-            // (Also after a refusal: what was sent before it was acknowledged.)
+        if c.is_flushed() && !c.refusal_dropped {
+            // (Also after a refusal that dropped nothing: everything arrived before it.)
             return Ok(true);
         }
         if let Some(reason) = c.refusal() {

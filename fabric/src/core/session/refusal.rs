@@ -125,6 +125,7 @@ impl Session {
         let Some(c) = self.channels.get_mut(&id) else {
             return;
         };
+        c.refusal_dropped = !c.queue.is_empty() || !c.unacked.is_empty();
         let dropped: usize = c.queue.drain(..).map(|m| m.body.len()).sum();
         self.queued_bytes -= (dropped as u64).min(self.queued_bytes);
         c.queued_bytes = 0;
