@@ -946,6 +946,20 @@ async fn dropped_peer_refuses_new_channels(kind: Kind) {
     ch.send("hello").await.unwrap();
     let rx = within(LIMIT, again.accept_channel()).await.unwrap();
     assert_eq!(&within(LIMIT, rx.recv()).await.unwrap().body[..], b"hello");
+    // Refusing the session's channels explicitly, while holding it.
+    again.refuse_channels("serving nothing");
+    let ch = client_peer.channel(Class::ToolCall, 3).unwrap();
+    let started = Instant::now();
+    let r = within(LIMIT, ch.request("anyone?", Duration::from_secs(2))).await;
+    assert_eq!(
+        r,
+        Err(Error::ChannelRefused {
+            channel: ch.id(),
+            reason: "serving nothing".into()
+        })
+    );
+    assert!(started.elapsed() < FAST);
+    drop(rx);
 }
 
 macro_rules! conformance {
