@@ -403,13 +403,29 @@ async fn peer_death_fails_pending_operations(kind: Kind) {
     drop(conn);
 }
 
-/// How soon a peer must see that a node closed: a round trip, with room for CI noise. The old
-/// behaviour (nothing told) was the peer timeout, about a second.
-const TOLD: Duration = Duration::from_millis(100);
+/// What a frame may add on top of a round trip where the path loses packets: through the
+/// lossy relay (1 % loss) QUIC resends a lost packet after its probe timeout (the round trip
+/// plus its 25 ms ack delay, doubled on a second loss), so there a refusal or a Close arrives
+/// 30 to 100 ms late about once in fifty runs (measured). Elsewhere nothing is lost.
+fn loss_recovery(kind: Kind) -> Duration {
+    if kind == Kind::QuicLossy {
+        Duration::from_millis(400)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// How soon a peer must see that a node closed: a round trip, with room for CI noise (and loss
+/// recovery on a lossy path). The old behaviour (nothing told) was the peer timeout: 1 s, or
+/// the 5 s the quic pairs run with.
+fn told(kind: Kind) -> Duration {
+    Duration::from_millis(100) + loss_recovery(kind)
+}
 
 /// Asserts that `ch`'s pending receive (`pending`, started before `since`) and a later send
-/// and flush fail with `ClosedByPeer(reason)` within `TOLD` of `since`.
+/// and flush fail with `ClosedByPeer(reason)` within `told(kind)` of `since`.
 async fn assert_told(
+    kind: Kind,
     ch: &agentfabric::Channel,
     pending: tokio::task::JoinHandle<(agentfabric::Result<agentfabric::Message>, Instant)>,
     since: Instant,
@@ -419,8 +435,11 @@ async fn assert_told(
     let (r, at) = within(LIMIT, pending).await.unwrap();
     assert_eq!(r.unwrap_err(), want);
     let took = at - since;
-    eprintln!("the pending receive failed {took:?} after the close");
-    assert!(took < TOLD, "the pending receive failed after {took:?}");
+    eprintln!("{kind:?}: the pending receive failed {took:?} after the close");
+    assert!(
+        took < told(kind),
+        "the pending receive failed after {took:?}"
+    );
     let later = async {
         ch.send("late").await?;
         ch.flush().await
@@ -428,7 +447,7 @@ async fn assert_told(
     assert_eq!(within(LIMIT, later).await.unwrap_err(), want);
     let took = since.elapsed();
     assert!(
-        took < TOLD,
+        took < told(kind),
         "the later send and flush failed after {took:?}"
     );
 }
@@ -472,7 +491,7 @@ async fn node_close_tells_peers(kind: Kind) {
         "close waited {:?}",
         at.elapsed()
     );
-    assert_told(&ch, pending, at, "bye").await;
+    assert_told(kind, &ch, pending, at, "bye").await;
     assert_eq!(within(LIMIT, rx.recv()).await.unwrap_err(), Error::Closed);
     assert_eq!(p.server_peer.error(), Some(Error::Closed));
     assert_eq!(
@@ -505,7 +524,7 @@ async fn dropping_a_node_tells_peers(kind: Kind) {
         dropped_in < Duration::from_millis(50),
         "drop took {dropped_in:?}"
     );
-    assert_told(&ch, pending, at, "the node was dropped").await;
+    assert_told(kind, &ch, pending, at, "the node was dropped").await;
 }
 
 /// Closing a session fails operations on both sides with the matching error.
@@ -838,8 +857,11 @@ async fn named_channel_is_seen_by_the_acceptor(kind: Kind) {
 }
 
 /// Refusal bound: a request on a refused channel fails well under its deadline. The old
-/// behaviour was the whole deadline (2 s): 50 ms leaves CI noise room and still catches it.
-const FAST: Duration = Duration::from_millis(50);
+/// behaviour was the whole deadline (2 s): 50 ms leaves CI noise room and still catches it
+/// (plus loss recovery on the lossy path, still far below the deadline).
+fn fast(kind: Kind) -> Duration {
+    Duration::from_millis(50) + loss_recovery(kind)
+}
 
 /// The server accepts a channel and drops it (or refuses it): the client's pending request
 /// fails with `ChannelRefused` at once instead of at its deadline, later operations on the
@@ -878,8 +900,11 @@ async fn dropped_channel_fails_requests_fast(kind: Kind) {
             })
         );
         let took = failed_at - at;
-        eprintln!("the pending request failed {took:?} after the refusal");
-        assert!(took < FAST, "the request failed {took:?} after the refusal");
+        eprintln!("{kind:?}: the pending request failed {took:?} after the refusal");
+        assert!(
+            took < fast(kind),
+            "the request failed {took:?} after the refusal"
+        );
         // Later operations fail at once too.
         let started = Instant::now();
         assert!(matches!(
@@ -891,7 +916,7 @@ async fn dropped_channel_fails_requests_fast(kind: Kind) {
             Err(Error::ChannelRefused { .. })
         ));
         assert!(matches!(ch.recv().await, Err(Error::ChannelRefused { .. })));
-        assert!(started.elapsed() < FAST);
+        assert!(started.elapsed() < fast(kind));
     }
     // The session and a new channel go on.
     assert!(p.client_peer.error().is_none());
@@ -926,12 +951,12 @@ async fn dropped_peer_refuses_new_channels(kind: Kind) {
     let started = Instant::now();
     let r = within(LIMIT, ch.request("anyone?", Duration::from_secs(2))).await;
     let took = started.elapsed();
-    eprintln!("a request on a new channel was refused in {took:?}");
+    eprintln!("{kind:?}: a request on a new channel was refused in {took:?}");
     assert!(
         matches!(&r, Err(Error::ChannelRefused { channel, .. }) if *channel == ch.id()),
         "{r:?}"
     );
-    assert!(took < FAST, "the request took {took:?}");
+    assert!(took < fast(kind), "the request took {took:?}");
     let tools = agentfabric::tools::ToolClient::new(&client_peer).unwrap();
     match tools.call("search", "q", Duration::from_secs(2)).await {
         Err(agentfabric::tools::ToolError::Refused(m)) => {
@@ -958,7 +983,7 @@ async fn dropped_peer_refuses_new_channels(kind: Kind) {
             reason: "serving nothing".into()
         })
     );
-    assert!(started.elapsed() < FAST);
+    assert!(started.elapsed() < fast(kind));
     drop(rx);
 }
 
