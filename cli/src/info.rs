@@ -12,7 +12,10 @@ pub fn main() -> ExitCode {
     println!("transports in this build:");
     println!("  mem    in-process (tests, single-process agents)");
     println!("  tcp    three lanes per connection (latency, bulk, one-sided), TCP_NODELAY");
-    println!("  quic   quinn + rustls, mutual TLS, ALPN agentfabric/2");
+    println!(
+        "  quic   quinn + rustls, mutual TLS, ALPN {}",
+        agentfabric_quic::ALPN
+    );
     verbs();
     ExitCode::SUCCESS
 }

@@ -78,6 +78,20 @@ pub enum ProtocolError {
     },
     /// The handshake was malformed.
     BadHandshake(String),
+    /// A channel name (`MSG_NAMED`) that is truncated, empty, longer than
+    /// [`MAX_CHANNEL_NAME`](crate::frame::MAX_CHANNEL_NAME) bytes or not UTF-8, or a name on a
+    /// chunk other than the first of the channel's first message.
+    BadChannelName {
+        /// Channel id.
+        channel: u32,
+    },
+    /// A refusal (`MSG_REFUSE`) from the side that opened the channel, with other message flags,
+    /// with a reason longer than [`MAX_REFUSAL_REASON`](crate::frame::MAX_REFUSAL_REASON) bytes
+    /// or not UTF-8, or a message after the refusal.
+    BadRefusal {
+        /// Channel id.
+        channel: u32,
+    },
 }
 
 impl std::fmt::Display for ProtocolError {
@@ -124,6 +138,12 @@ impl std::fmt::Display for ProtocolError {
                 write!(f, "peer opened more than {max} channels")
             }
             ProtocolError::BadHandshake(m) => write!(f, "bad handshake: {m}"),
+            ProtocolError::BadChannelName { channel } => {
+                write!(f, "channel {channel}: malformed or misplaced channel name")
+            }
+            ProtocolError::BadRefusal { channel } => {
+                write!(f, "channel {channel}: malformed or misplaced refusal")
+            }
         }
     }
 }
@@ -255,6 +275,21 @@ pub enum Error {
     },
     /// The operation was cancelled.
     Cancelled,
+    /// A channel name that cannot be used: empty, or longer than
+    /// [`MAX_CHANNEL_NAME`](crate::frame::MAX_CHANNEL_NAME) bytes (64). The text says which.
+    InvalidChannelName(String),
+    /// The channel was refused. By the peer: its application dropped every handle of the
+    /// channel, never took it (it dropped every handle of the session, or refused the session's
+    /// channels), or refused it with `Channel::refuse`; every pending and later operation on the
+    /// channel then fails with this, within about a round trip, while the session and its other
+    /// channels go on. Or by this side (`Channel::refuse`): later operations on the channel's
+    /// other handles fail with it.
+    ChannelRefused {
+        /// The channel id.
+        channel: u32,
+        /// The peer's reason.
+        reason: String,
+    },
     /// A tool call's server answered that the tool failed (a `tools::ToolError` taken through
     /// `?`; its deadline, cancellation and session errors are the variants above).
     Tool(ToolFailure),
@@ -315,6 +350,10 @@ impl std::fmt::Display for Error {
                 write!(f, "transfer failed at block {block}: {cause}")
             }
             Error::Cancelled => f.write_str("cancelled"),
+            Error::InvalidChannelName(m) => write!(f, "invalid channel name: {m}"),
+            Error::ChannelRefused { channel, reason } => {
+                write!(f, "channel {channel} refused: {reason}")
+            }
             Error::Tool(e) => write!(f, "{e}"),
         }
     }

@@ -22,8 +22,9 @@ use crate::class::{Class, Priority};
 pub const HEADER_LEN: usize = 64;
 /// The two magic bytes that open every frame ("AF").
 pub const MAGIC: [u8; 2] = *b"AF";
-/// Wire protocol version spoken by this build.
-pub const VERSION: u8 = 2;
+/// Wire protocol version spoken by this build (3: named channels and channel refusal, the
+/// message flags [`MSG_NAMED`] and [`MSG_REFUSE`]).
+pub const VERSION: u8 = 3;
 /// Hard upper bound on one frame's payload. Messages larger than this are fragmented; a header
 /// that claims more is rejected before any memory is reserved for it.
 pub const MAX_FRAME_PAYLOAD: usize = 1 << 20;
@@ -83,7 +84,65 @@ pub const MSG_REQUEST: u8 = 1 << 0;
 pub const MSG_RESPONSE: u8 = 1 << 1;
 /// Message flag: the response reports a failure of the handler; the body is a UTF-8 reason.
 pub const MSG_ERROR: u8 = 1 << 2;
-const KNOWN_MSG_FLAGS: u8 = (1 << 3) - 1;
+/// Message flag: the channel has a name, carried in front of the payload of the first chunk of
+/// the channel's first message (offset 0) as `[u8 len][len bytes of UTF-8]`, 1 to
+/// [`MAX_CHANNEL_NAME`] bytes (see [`name_prefix`] and [`split_name`]). The receiver strips it
+/// before the message is assembled; the prefix counts in the chunk's length, offsets and
+/// credit. Set on that chunk only.
+pub const MSG_NAMED: u8 = 1 << 3;
+/// Message flag: the side that accepted the channel refuses it (its application dropped the
+/// channel, never took it, or refused it). The message's body is the UTF-8 reason, at most
+/// [`MAX_REFUSAL_REASON`] bytes; it is the last message of that direction of the channel. Only
+/// the side that did not open the channel sends it.
+pub const MSG_REFUSE: u8 = 1 << 4;
+const KNOWN_MSG_FLAGS: u8 = (1 << 5) - 1;
+
+/// Longest channel name, in bytes of UTF-8.
+pub const MAX_CHANNEL_NAME: usize = 64;
+/// Longest reason carried by a [`MSG_REFUSE`] message, in bytes (a longer one is cut at a
+/// character boundary by the sender).
+pub const MAX_REFUSAL_REASON: usize = 256;
+
+/// Why a channel name cannot be used: empty, longer than [`MAX_CHANNEL_NAME`] bytes.
+pub fn check_channel_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME {
+        return Err(format!(
+            "a channel name is 1 to {MAX_CHANNEL_NAME} bytes of UTF-8; this one is {} bytes",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The prefix a named channel's first chunk starts with: `[u8 len][name]`. `name` must pass
+/// [`check_channel_name`].
+pub fn name_prefix(name: &str) -> Bytes {
+    let mut v = Vec::with_capacity(1 + name.len());
+    v.push(name.len().min(MAX_CHANNEL_NAME) as u8);
+    v.extend_from_slice(&name.as_bytes()[..name.len().min(MAX_CHANNEL_NAME)]);
+    Bytes::from(v)
+}
+
+/// Splits the payload of a chunk flagged [`MSG_NAMED`] into the channel's name and the rest of
+/// the payload (zero-copy). Total: `None` when the prefix is truncated, empty, longer than
+/// [`MAX_CHANNEL_NAME`] or not UTF-8.
+pub fn split_name(payload: &Bytes) -> Option<(String, Bytes)> {
+    let len = usize::from(*payload.first()?);
+    if len == 0 || len > MAX_CHANNEL_NAME || payload.len() < 1 + len {
+        return None;
+    }
+    let name = std::str::from_utf8(&payload[1..1 + len]).ok()?.to_owned();
+    Some((name, payload.slice(1 + len..)))
+}
+
+/// `reason` cut to at most [`MAX_REFUSAL_REASON`] bytes, at a character boundary.
+pub fn refusal_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REFUSAL_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
 
 /// The fixed-layout header as it is on the wire.
 #[derive(
@@ -577,7 +636,48 @@ mod tests {
         assert!(matches!(Header::decode(&bad), Err(FrameError::BadClass(_))));
     }
 
+    #[test]
+    fn names_round_trip_and_bad_ones_are_refused() {
+        for name in ["a", "tools/search", &"é".repeat(MAX_CHANNEL_NAME / 2)] {
+            check_channel_name(name).unwrap();
+            let mut wire = name_prefix(name).to_vec();
+            wire.extend_from_slice(b"body");
+            let (got, rest) = split_name(&Bytes::from(wire)).unwrap();
+            assert_eq!((got.as_str(), &rest[..]), (name, &b"body"[..]));
+        }
+        let long = "x".repeat(MAX_CHANNEL_NAME + 1);
+        assert!(check_channel_name("").unwrap_err().contains("64"));
+        assert!(check_channel_name(&long).unwrap_err().contains("64"));
+        for bad in [
+            &[][..],
+            &[0][..],
+            &[3, b'a'][..],
+            &[2, 0xff, 0xfe][..],
+            &[65; 70][..],
+        ] {
+            assert_eq!(split_name(&Bytes::copy_from_slice(bad)), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary() {
+        let r = "é".repeat(MAX_REFUSAL_REASON);
+        let cut = refusal_reason(&r);
+        assert!(cut.len() <= MAX_REFUSAL_REASON && cut.len() >= MAX_REFUSAL_REASON - 1);
+        assert!(r.starts_with(cut));
+        assert_eq!(refusal_reason("short"), "short");
+    }
+
     proptest! {
+        // Reading a name prefix is total.
+        #[test]
+        fn split_name_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Some((name, rest)) = split_name(&Bytes::from(bytes.clone())) {
+                prop_assert!(check_channel_name(&name).is_ok());
+                prop_assert_eq!(1 + name.len() + rest.len(), bytes.len());
+            }
+        }
+
         // Decoding is total: arbitrary bytes give a frame or an error, never a panic.
         #[test]
         fn decode_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

@@ -55,4 +55,5 @@ pub use class::{Class, Priority};
 pub use config::{Config, CongestionConfig, PerClass};
 pub use core::{ChannelStats, SessionStats};
 pub use error::{Error, ProtocolError, Result};
+pub use frame::MAX_CHANNEL_NAME;
 pub use runtime::runtime;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use agentfabric::core::{Event, PeerParams, Role, Session};
 use agentfabric::frame::{
-    Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, FLAG_RETRANSMIT, MSG_REQUEST,
+    Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, FLAG_RETRANSMIT, MAX_CHANNEL_NAME,
+    MAX_REFUSAL_REASON, MSG_NAMED, MSG_REFUSE, MSG_REQUEST,
 };
 use agentfabric::sim::{LinkConfig, Side, Sim, SimConfig};
 use agentfabric::{Bytes, Class, Config, Error, Priority, ProtocolError};
@@ -336,6 +337,193 @@ fn handshake_frame_inside_a_session() {
     );
 }
 
+fn with_payload(mut f: Frame, msg_flags: u8, payload: Vec<u8>) -> Frame {
+    f.header.msg_flags = msg_flags;
+    f.header.len = payload.len() as u32;
+    f.payload = Bytes::from(payload);
+    f
+}
+
+/// A first chunk on channel 0 (opened by the peer) flagged `MSG_NAMED` with `payload`.
+fn named(payload: Vec<u8>) -> Frame {
+    with_payload(
+        data(0, Class::Coordination, 0, 0, FL, 0),
+        MSG_NAMED,
+        payload,
+    )
+}
+
+#[test]
+fn channel_name_longer_than_the_limit() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    let mut p = vec![(MAX_CHANNEL_NAME + 1) as u8];
+    p.extend(std::iter::repeat_n(b'n', MAX_CHANNEL_NAME + 1));
+    p.extend_from_slice(b"body");
+    expect_violation(
+        &mut s,
+        now,
+        named(p),
+        ProtocolError::BadChannelName { channel: 0 },
+    );
+}
+
+#[test]
+fn channel_name_not_utf8() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    expect_violation(
+        &mut s,
+        now,
+        named(vec![2, 0xff, 0xfe, b'x']),
+        ProtocolError::BadChannelName { channel: 0 },
+    );
+}
+
+#[test]
+fn channel_name_truncated_or_empty() {
+    for p in [vec![10, b'a', b'b'], vec![], vec![0, b'x']] {
+        let (mut s, now) = acceptor(Config::default(), true);
+        expect_violation(
+            &mut s,
+            now,
+            named(p),
+            ProtocolError::BadChannelName { channel: 0 },
+        );
+    }
+}
+
+#[test]
+fn channel_name_on_a_chunk_other_than_the_first() {
+    // On the second message of the channel.
+    let (mut s, now) = acceptor(Config::default(), true);
+    accept(&mut s, now, data(0, Class::Coordination, 0, 0, FL, 5));
+    expect_violation(
+        &mut s,
+        now,
+        with_payload(
+            data(0, Class::Coordination, 1, 5, FL, 0),
+            MSG_NAMED,
+            vec![1, b'a'],
+        ),
+        ProtocolError::BadChannelName { channel: 0 },
+    );
+    // On a continuation of the first message.
+    let (mut s, now) = acceptor(Config::default(), true);
+    accept(
+        &mut s,
+        now,
+        with_payload(
+            data(0, Class::Coordination, 0, 0, FLAG_FIRST, 0),
+            MSG_NAMED,
+            vec![1, b'a', 1, 2, 3],
+        ),
+    );
+    expect_violation(
+        &mut s,
+        now,
+        with_payload(
+            data(0, Class::Coordination, 1, 5, FLAG_LAST, 0),
+            MSG_NAMED,
+            vec![1, b'a'],
+        ),
+        ProtocolError::BadChannelName { channel: 0 },
+    );
+}
+
+#[test]
+fn channel_name_from_the_side_that_did_not_open_the_channel() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    let ch = s
+        .open_channel(Class::Coordination, Priority::DEFAULT)
+        .unwrap();
+    expect_violation(
+        &mut s,
+        now,
+        with_payload(
+            data(ch, Class::Coordination, 0, 0, FL, 0),
+            MSG_NAMED,
+            vec![1, b'a'],
+        ),
+        ProtocolError::BadChannelName { channel: ch },
+    );
+}
+
+/// A refusal (or what claims to be one) on a channel this side (the acceptor) opened.
+fn refusal_on(ch: u32, seq: u64, offset: u64, msg_flags: u8, reason: Vec<u8>) -> Frame {
+    with_payload(
+        data(ch, Class::ToolCall, seq, offset, FL, 0),
+        msg_flags,
+        reason,
+    )
+}
+
+fn own_channel(s: &mut Session) -> u32 {
+    s.open_channel(Class::ToolCall, Priority::DEFAULT).unwrap()
+}
+
+#[test]
+fn refusal_from_the_side_that_opened_the_channel() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    // Channel 0 is the peer's own: it cannot refuse it.
+    expect_violation(
+        &mut s,
+        now,
+        with_payload(
+            data(0, Class::ToolCall, 0, 0, FL, 0),
+            MSG_REFUSE,
+            b"no".to_vec(),
+        ),
+        ProtocolError::BadRefusal { channel: 0 },
+    );
+}
+
+#[test]
+fn refusal_with_other_message_flags() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    let ch = own_channel(&mut s);
+    expect_violation(
+        &mut s,
+        now,
+        refusal_on(ch, 0, 0, MSG_REFUSE | MSG_REQUEST, b"no".to_vec()),
+        ProtocolError::BadRefusal { channel: ch },
+    );
+}
+
+#[test]
+fn refusal_reason_not_utf8_or_too_long() {
+    for reason in [vec![0xc3, 0x28], vec![b'r'; MAX_REFUSAL_REASON + 1]] {
+        let (mut s, now) = acceptor(Config::default(), true);
+        let ch = own_channel(&mut s);
+        expect_violation(
+            &mut s,
+            now,
+            refusal_on(ch, 0, 0, MSG_REFUSE, reason),
+            ProtocolError::BadRefusal { channel: ch },
+        );
+    }
+}
+
+#[test]
+fn message_after_a_refusal() {
+    let (mut s, now) = acceptor(Config::default(), true);
+    let ch = own_channel(&mut s);
+    accept(
+        &mut s,
+        now,
+        refusal_on(ch, 0, 0, MSG_REFUSE, b"no".to_vec()),
+    );
+    let events: Vec<Event> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&Event::ChannelRefused {
+        channel: ch,
+        reason: "no".into()
+    }));
+    expect_violation(
+        &mut s,
+        now,
+        refusal_on(ch, 1, 2, 0, b"more".to_vec()),
+        ProtocolError::BadRefusal { channel: ch },
+    );
+}
+
 #[test]
 fn violation_mid_traffic_kills_one_side_and_the_peer_notices() {
     let mut sim =
@@ -415,10 +603,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![0u64..70_000, any::<u64>()],
         0u16..64,
         0usize..20_000,
-        any::<u32>(),
+        (any::<u32>(), prop_oneof![Just(0u8), 0u8..32]),
     )
         .prop_map(
-            |(kind, ch, class, (seq, ack, credit), offset, flags, len, ts)| {
+            |(kind, ch, class, (seq, ack, credit), offset, flags, len, (ts, msg_flags))| {
                 let mut h = Header::new(kind);
                 h.channel = ch;
                 h.class = Class::ALL[class];
@@ -434,9 +622,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 h.len = len as u32;
                 h.ts = ts;
                 h.ts_echo = ts.rotate_left(7);
+                // Message flags, names and refusals included: a named chunk's payload starts
+                // with a length byte that may or may not fit.
+                h.msg_flags = msg_flags;
+                let mut payload = vec![1; len];
+                if let Some(b) = payload.first_mut() {
+                    *b = (ts % 80) as u8;
+                }
                 Frame {
                     header: h,
-                    payload: Bytes::from(vec![1; len]),
+                    payload: Bytes::from(payload),
                 }
             },
         )

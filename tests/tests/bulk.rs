@@ -172,7 +172,8 @@ async fn revoked_and_forged_regions_are_refused(kind: Kind) {
     assert_unknown_region(&e);
 }
 
-/// A peer killed mid-transfer fails the transfer with a typed error; nothing hangs.
+/// A peer whose node goes away mid-transfer (dropped: it tells its peers) fails the transfer
+/// with a typed error; nothing hangs.
 async fn peer_killed_mid_transfer_fails_it(kind: Kind) {
     let cfg = Config {
         peer_timeout: Duration::from_millis(800),
@@ -200,7 +201,10 @@ async fn peer_killed_mid_transfer_fails_it(kind: Kind) {
     let r = within(Duration::from_secs(10), t).await.unwrap();
     match r {
         Err(Error::Transfer { cause, .. }) => assert!(
-            matches!(*cause, Error::PeerDead { .. } | Error::Cancelled),
+            matches!(
+                *cause,
+                Error::ClosedByPeer(_) | Error::PeerDead { .. } | Error::Cancelled
+            ),
             "unexpected cause {cause}"
         ),
         Ok(r) => panic!("the transfer cannot have finished: {r:?}"),

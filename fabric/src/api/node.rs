@@ -7,8 +7,8 @@ use std::io;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use super::driver::{ConnDriver, ConnEnd};
 use super::peer::Peer;
@@ -36,6 +36,13 @@ fn session_config(cfg: &Config, t: &dyn Transport) -> Config {
     cfg.chunk_size.bulk = cfg.chunk_size.bulk.min(max);
     cfg
 }
+
+/// How long [`Node::close`] waits for its sessions' drivers to hand their Close frames to the
+/// transports (and dropping a node lets them try) before it stops them.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The reason peers get when a node is dropped without [`Node::close`].
+const DROPPED: &str = "the node was dropped";
 
 /// How often a Hello is repeated on a transport that may lose it.
 const HELLO_REPEAT: Duration = Duration::from_millis(50);
@@ -99,6 +106,8 @@ impl NodeBuilder {
                 incoming_tx: tx,
                 incoming_rx: tokio::sync::Mutex::new(rx),
                 tasks: Mutex::new(Vec::new()),
+                session_tasks: Mutex::new(Vec::new()),
+                closed: watch::Sender::new(false),
                 regions: Arc::new(RegionTable::new(memory_domain)),
                 notify_tx,
                 notify_rx: tokio::sync::Mutex::new(notify_rx),
@@ -120,7 +129,13 @@ struct NodeInner {
     sessions: Mutex<HashMap<u64, SessionEntry>>,
     incoming_tx: mpsc::Sender<Peer>,
     incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Peer>>,
+    /// Listeners, handshakes and transfer services: stopped at once when the node closes.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// One task per session (its connections' drivers): when the node closes they send the
+    /// session's Close frame and end by themselves.
+    session_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when the node closes ([`Node::close`], or the last handle dropped).
+    closed: watch::Sender<bool>,
     regions: Arc<RegionTable>,
     notify_tx: mpsc::Sender<Notification>,
     notify_rx: tokio::sync::Mutex<mpsc::Receiver<Notification>>,
@@ -129,9 +144,7 @@ struct NodeInner {
 impl NodeInner {
     /// Starts serving the peer's transfers on this node's regions.
     fn serve_transfers(&self, shared: &Arc<PeerShared>) {
-        let peer = Peer {
-            shared: shared.clone(),
-        };
+        let peer = Peer::internal(shared.clone());
         let task = tokio::spawn(serve_transfers(
             peer,
             self.regions.clone(),
@@ -151,26 +164,106 @@ impl NodeInner {
         tasks.retain(|t| !t.is_finished());
         tasks.push(h);
     }
+
+    /// Keeps a session's task, for closing.
+    fn track_session(&self, h: JoinHandle<()>) {
+        let mut tasks = lock(&self.session_tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Registers a new session, unless the node is closed (checked under the sessions' lock,
+    /// so a session is either registered before [`NodeInner::shut`] looks, and closed by it,
+    /// or refused).
+    fn register(&self, id: u64, entry: SessionEntry) -> Result<()> {
+        let mut sessions = lock(&self.sessions);
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        sessions.insert(id, entry);
+        Ok(())
+    }
+
+    /// Closes the node: no new session (listeners, handshakes and transfer services stop),
+    /// and a Close frame with `reason` queued on every session, which its driver sends before
+    /// it ends. Returns the sessions and their tasks, for [`close_sessions`]. Blocks on
+    /// nothing.
+    fn shut(&self, reason: &str) -> Closing {
+        self.closed.send_replace(true);
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        // Taken out of the lock first: closing a session wakes its tasks and writes to its
+        // connection, and no lock of the node was held for that before.
+        let sessions: Vec<Arc<PeerShared>> = lock(&self.sessions)
+            .values()
+            .filter_map(|e| e.shared.upgrade())
+            .collect();
+        for s in &sessions {
+            let mut st = s.state();
+            st.session.close(reason);
+            st.kick();
+        }
+        Closing {
+            sessions: sessions.iter().map(Arc::downgrade).collect(),
+            tasks: std::mem::take(&mut *lock(&self.session_tasks)),
+        }
+    }
+}
+
+/// The sessions of a node being closed, and their tasks.
+struct Closing {
+    sessions: Vec<Weak<PeerShared>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Waits, at most [`CLOSE_GRACE`], for the sessions' tasks to end (each ends once its Close
+/// frame is handed to the transport, or at once when its session has no connection); then
+/// stops those still running and fails what is still pending on their sessions with
+/// [`Error::Closed`].
+async fn close_sessions(closing: Closing) {
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    for mut t in closing.tasks {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            t.abort();
+        }
+    }
+    for s in closing.sessions.iter().filter_map(Weak::upgrade) {
+        s.state().kill(Error::Closed);
+    }
 }
 
 impl Drop for NodeInner {
     fn drop(&mut self) {
-        for t in lock(&self.tasks).drain(..) {
-            t.abort();
-        }
-        // Taken out of the lock first: killing a session wakes its tasks and writes to its
-        // connection, and no lock of the node was held for that before.
-        let sessions = std::mem::take(&mut *lock(&self.sessions));
-        for (_, e) in sessions {
-            if let Some(s) = e.shared.upgrade() {
-                s.state().kill(Error::Closed);
+        // As `Node::close`, without waiting: the session tasks send their Close frames by
+        // themselves; a task of the runtime stops those still running after the grace period.
+        let closing = self.shut(DROPPED);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(close_sessions(closing));
+            }
+            Err(_) => {
+                for t in &closing.tasks {
+                    t.abort();
+                }
+                for s in closing.sessions.iter().filter_map(Weak::upgrade) {
+                    s.state().kill(Error::Closed);
+                }
             }
         }
     }
 }
 
-/// A named endpoint of the fabric. Cheap to clone; when the last clone is dropped, its tasks stop,
-/// its connections close and every session fails with [`Error::Closed`] on this side.
+/// A named endpoint of the fabric. Cheap to clone.
+///
+/// [`Node::close`] ends it and tells its peers; dropping the last clone does the same without
+/// waiting: every session sends the peer a Close frame (the peer's pending and later
+/// operations fail with [`Error::ClosedByPeer`] within about a round trip, instead of at its
+/// peer timeout), fails with [`Error::Closed`] on this side, and the node's tasks stop.
 ///
 /// # The runtime
 ///
@@ -244,9 +337,30 @@ impl Node {
         Ok((t.clone(), addr))
     }
 
+    /// Closes the node: every session sends its peer a Close frame carrying `reason` (the
+    /// peer's pending and later operations fail with [`Error::ClosedByPeer`] with it, within
+    /// about a round trip), then ends; here they fail with [`Error::Closed`]. The listeners
+    /// stop, and later [`Node::connect`], [`Node::accept`] and [`Node::listen`] fail with
+    /// [`Error::Closed`] (a pending `accept` too).
+    ///
+    /// Returns once every session's driver has handed its Close frame to the transport, or
+    /// after one second at most (a transport that takes no more bytes, such as a peer that
+    /// stopped reading, does not hold it longer: such sessions are ended without it). Messages
+    /// still queued are not sent: use [`Channel::flush`](crate::Channel::flush) first. Closing
+    /// again does nothing more; dropping the last handle of the node closes it the same way
+    /// without waiting.
+    pub async fn close(&self, reason: &str) {
+        let closing = self.inner.shut(reason);
+        close_sessions(closing).await;
+    }
+
     /// Listens on `url` (e.g. `tcp://127.0.0.1:0`, `mem://name`) and accepts sessions in the
     /// background; take them with [`Node::accept`]. Returns the address peers should use.
+    /// Fails with [`Error::Closed`] once the node is closed.
     pub async fn listen(&self, url: &str) -> Result<String> {
+        if self.inner.is_closed() {
+            return Err(Error::Closed);
+        }
         let (t, addr) = self.transport_for(url)?;
         let mut listener = t.listen(addr).await.map_err(|e| Error::transport(&e))?;
         let local = listener.local_addr();
@@ -271,12 +385,21 @@ impl Node {
             }
         });
         self.inner.track(task.abort_handle());
+        if self.inner.is_closed() {
+            // Closed while the listener was being set up.
+            task.abort();
+            return Err(Error::Closed);
+        }
         Ok(local)
     }
 
     /// Connects to the node at `url` and opens a session. Fails with a transport error when the
-    /// peer cannot be reached, or [`Error::Protocol`] when the handshake is refused or malformed.
+    /// peer cannot be reached, [`Error::Protocol`] when the handshake is refused or malformed,
+    /// or [`Error::Closed`] once this node is closed.
     pub async fn connect(&self, url: &str) -> Result<Peer> {
+        if self.inner.is_closed() {
+            return Err(Error::Closed);
+        }
         let (t, addr) = self.transport_for(url)?;
         let session_id = rand::random::<u64>() | 1;
         let timeout = self.inner.config.connect_timeout;
@@ -307,13 +430,15 @@ impl Node {
             session_id,
             PeerState::new(session, url.to_owned()),
         ));
-        lock(&self.inner.sessions).insert(
-            session_id,
-            SessionEntry {
-                shared: Arc::downgrade(&shared),
-                resume: None,
-            },
-        );
+        let entry = SessionEntry {
+            shared: Arc::downgrade(&shared),
+            resume: None,
+        };
+        if let Err(e) = self.inner.register(session_id, entry) {
+            // Closed during the handshake: the peer is told, as the node's other peers were.
+            close_unregistered(&shared, conn).await;
+            return Err(e);
+        }
         let mode = Mode::Initiator {
             transport: t,
             addr: addr.to_owned(),
@@ -329,20 +454,29 @@ impl Node {
             leftover,
             mode,
         ));
-        self.inner.track(task.abort_handle());
+        self.inner.track_session(task);
         self.inner.serve_transfers(&shared);
-        Ok(Peer { shared })
+        Ok(Peer::app(shared))
     }
 
     /// Waits for the next session a peer opened with this node (after [`Node::listen`]).
+    /// Fails with [`Error::Closed`] once the node is closed.
     pub async fn accept(&self) -> Result<Peer> {
-        self.inner
-            .incoming_rx
-            .lock()
-            .await
-            .recv()
-            .await
-            .ok_or(Error::Closed)
+        let mut closed = self.inner.closed.subscribe();
+        let accept = async {
+            self.inner
+                .incoming_rx
+                .lock()
+                .await
+                .recv()
+                .await
+                .ok_or(Error::Closed)
+        };
+        tokio::select! {
+            biased;
+            _ = closed.wait_for(|c| *c) => Err(Error::Closed),
+            r = accept => r,
+        }
     }
 
     /// Registers `len` bytes of zeroed, page-aligned memory with the node, for peers to read and
@@ -374,7 +508,7 @@ impl Node {
         sessions
             .values()
             .filter_map(|e| e.shared.upgrade())
-            .map(|shared| Peer { shared })
+            .map(Peer::app)
             .collect()
     }
 }
@@ -493,13 +627,16 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
         PeerState::new(session, conn.remote.clone()),
     ));
     let (resume_tx, resume_rx) = mpsc::channel(4);
-    lock(&inner.sessions).insert(
-        hello.session_id,
-        SessionEntry {
-            shared: Arc::downgrade(&shared),
-            resume: Some(resume_tx),
-        },
-    );
+    let entry = SessionEntry {
+        shared: Arc::downgrade(&shared),
+        resume: Some(resume_tx),
+    };
+    if inner.register(hello.session_id, entry).is_err() {
+        // The node closed during the handshake: the peer is told, as its other peers were.
+        drop(inner);
+        close_unregistered(&shared, conn).await;
+        return;
+    }
     let task = tokio::spawn(run_session(
         node.clone(),
         shared.clone(),
@@ -507,11 +644,25 @@ async fn accept_connection(node: Weak<NodeInner>, t: Arc<dyn Transport>, mut con
         leftover,
         Mode::Acceptor { resume: resume_rx },
     ));
-    inner.track(task.abort_handle());
+    inner.track_session(task);
     inner.serve_transfers(&shared);
     let tx = inner.incoming_tx.clone();
     drop(inner);
-    let _ = tx.send(Peer { shared }).await;
+    let _ = tx.send(Peer::app(shared)).await;
+}
+
+/// Closes a session the node refused to register (it closed during the handshake) on its
+/// first connection, which no driver runs: its Close frame is written there directly.
+async fn close_unregistered(shared: &PeerShared, mut conn: Connection) {
+    let frames: Vec<_> = {
+        let mut st = shared.state();
+        st.session.close("the node was closed");
+        std::iter::from_fn(|| st.session.poll_transmit(Instant::now())).collect()
+    };
+    for f in frames {
+        conn.sink.push(f);
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| conn.sink.poll_close(cx))).await;
 }
 
 enum Mode {

@@ -22,11 +22,42 @@ use crate::sliced_copy::{CopyPacer, SLICE_ONE_WORKER};
 ///
 /// The session survives transport reconnections: ordered channels resume with nothing lost and
 /// nothing repeated. It dies when nothing is heard from the peer for `Config::peer_timeout`
-/// (default 1 s), when either side closes it, or on a protocol violation; every pending and later
-/// operation then fails with that cause.
-#[derive(Clone)]
+/// (default 1 s), when either side closes it (or the peer's node closes: [`Node::close`]), or on
+/// a protocol violation; every pending and later operation then fails with that cause.
+///
+/// Dropping every `Peer` handle of a session (and every [`Channel`] of it, which hold one) does
+/// not end the session, but nobody can take the channels the peer opens any more: from then on
+/// they are refused as they arrive, and the peer's operations on them fail at once with
+/// [`Error::ChannelRefused`] instead of waiting for their deadlines. A handle the application
+/// gets again ([`Node::peers`]) takes new channels again.
+///
+/// [`Node::close`]: crate::Node::close
+/// [`Node::peers`]: crate::Node::peers
 pub struct Peer {
     pub(crate) shared: Arc<PeerShared>,
+    /// Whether this is an application handle (counted by the session; see `PeerShared`), not
+    /// one of the node's own tasks'.
+    app: bool,
+}
+
+impl Clone for Peer {
+    fn clone(&self) -> Self {
+        if self.app {
+            self.shared.app_handle_added();
+        }
+        Peer {
+            shared: self.shared.clone(),
+            app: self.app,
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if self.app {
+            self.shared.app_handle_dropped();
+        }
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -54,6 +85,17 @@ pub struct PeerStats {
 }
 
 impl Peer {
+    /// An application handle of the session (it counts: see [`Peer`]'s drop semantics).
+    pub(crate) fn app(shared: Arc<PeerShared>) -> Peer {
+        shared.app_handle_added();
+        Peer { shared, app: true }
+    }
+
+    /// A handle for the node's own tasks (it does not count as the application's).
+    pub(crate) fn internal(shared: Arc<PeerShared>) -> Peer {
+        Peer { shared, app: false }
+    }
+
     /// The peer's node name.
     pub fn name(&self) -> &str {
         &self.shared.remote_name
@@ -69,17 +111,50 @@ impl Peer {
     pub fn channel(&self, class: Class, priority: u8) -> Result<Channel> {
         let prio = Priority::new(priority).ok_or(Error::InvalidPriority(priority))?;
         let id = self.shared.state().session.open_channel(class, prio)?;
-        Ok(Channel {
-            peer: self.clone(),
-            id,
-            class,
-            priority: prio,
-        })
+        Ok(Channel::new(self.clone(), id, class, prio, None))
     }
 
-    /// Waits for the next channel the peer opened. Fails with the session's error once it dies.
+    /// As [`Peer::channel`], with a name: free-form UTF-8 of 1 to
+    /// [`MAX_CHANNEL_NAME`](crate::frame::MAX_CHANNEL_NAME) (64) bytes, which the peer sees in
+    /// [`Channel::name`] when it accepts the channel (it travels with the first message). An
+    /// empty or longer name fails with [`Error::InvalidChannelName`], which says the limit.
+    pub fn channel_named(&self, name: &str, class: Class, priority: u8) -> Result<Channel> {
+        let prio = Priority::new(priority).ok_or(Error::InvalidPriority(priority))?;
+        let id = self
+            .shared
+            .state()
+            .session
+            .open_named_channel(class, prio, name)?;
+        Ok(Channel::new(
+            self.clone(),
+            id,
+            class,
+            prio,
+            Some(name.into()),
+        ))
+    }
+
+    /// Waits for the next channel the peer opened (with its name, if it has one: see
+    /// [`Channel::name`]). Fails with the session's error once it dies.
+    ///
+    /// The channel returned is this side's to serve: when every handle of it is dropped (or
+    /// [`Channel::refuse`] is called), the peer is told, and its pending and later operations
+    /// on the channel fail at once with [`Error::ChannelRefused`] rather than at their
+    /// deadlines. A channel not taken yet is refused the same way once the application holds
+    /// no handle of the session (see [`Peer`]) or calls [`Peer::refuse_channels`].
     pub async fn accept_channel(&self) -> Result<Channel> {
         self.accept_with(false).await
+    }
+
+    /// Refuses every channel the peer opens from now on, and those not taken yet with
+    /// [`Peer::accept_channel`], with `reason` (cut to
+    /// [`MAX_REFUSAL_REASON`](crate::frame::MAX_REFUSAL_REASON) bytes): for a side that uses
+    /// the session for its own channels and serves none, so that the peer's operations on the
+    /// channels it opens fail at once with [`Error::ChannelRefused`] instead of waiting for
+    /// their deadlines. [`Peer::accept_channel`] then only ends with the session.
+    pub fn refuse_channels(&self, reason: &str) {
+        self.shared.state().refuse_channels = Some(crate::frame::refusal_reason(reason).to_owned());
+        self.shared.update_refusing();
     }
 
     /// Waits for the next system channel the peer opened (served by the node, not the
@@ -101,12 +176,17 @@ impl Peer {
                     .session
                     .channel_class(id)
                     .expect("accepted channel exists");
-                return Poll::Ready(Ok(Channel {
-                    peer: self.clone(),
-                    id,
-                    class,
-                    priority,
-                }));
+                let name = st.session.channel_name(id).map(Arc::from);
+                drop(st);
+                let mut ch = Channel::new(self.clone(), id, class, priority, name);
+                if !system {
+                    // The application's to serve: refused when its last handle is dropped.
+                    ch.accepted = Some(Arc::new(RefuseOnDrop {
+                        shared: self.shared.clone(),
+                        id,
+                    }));
+                }
+                return Poll::Ready(Ok(ch));
             }
             if let Some(e) = st.session.dead() {
                 return Poll::Ready(Err(e.clone()));
@@ -135,12 +215,14 @@ impl Peer {
                 id
             }
         };
-        Ok(Channel {
-            peer: self.clone(),
+        drop(st);
+        Ok(Channel::new(
+            self.clone(),
             id,
-            class: Class::Bulk,
-            priority: Priority::DEFAULT,
-        })
+            Class::Bulk,
+            Priority::DEFAULT,
+            None,
+        ))
     }
 
     /// Counters and gauges (RTT, window, queue depth, credit stalls, retransmits).
@@ -219,25 +301,58 @@ impl MessageParts {
     }
 }
 
-/// An ordered, reliable stream of messages with a class and a priority, inside a peer session.
-/// Cheap to clone; clones share the channel.
+/// An ordered, reliable stream of messages with a class and a priority (and, if its opener gave
+/// one, a name), inside a peer session. Cheap to clone; clones share the channel.
 ///
 /// Guarantees: messages sent on a channel are delivered to the peer's channel in the order sent,
 /// exactly once, while the session lives (across reconnections). Channels are independent: a
 /// slow reader on one never blocks another. Every queue is bounded: [`Channel::send`] waits when
 /// the send queue is full, [`Channel::try_send`] fails with [`Error::WouldBlock`].
+///
+/// Dropping: a channel this side accepted ([`Peer::accept_channel`]) is refused when its last
+/// handle here is dropped: messages queued here before (responses included) still go, then
+/// the peer's pending and later operations on the channel fail with [`Error::ChannelRefused`]
+/// within about a round trip, and what it still sends is acknowledged and discarded. Dropping
+/// the handles of a channel this side opened changes nothing on the wire.
 #[derive(Clone)]
 pub struct Channel {
     peer: Peer,
     id: u32,
     class: Class,
     priority: Priority,
+    name: Option<Arc<str>>,
+    /// For a channel the application accepted: refuses it when the last handle is dropped.
+    accepted: Option<Arc<RefuseOnDrop>>,
+}
+
+/// Why a channel is refused when the application drops it.
+const DROPPED: &str = "the application dropped the channel";
+
+/// Refuses an accepted channel when the last handle of it is dropped (see [`Channel`]).
+struct RefuseOnDrop {
+    shared: Arc<PeerShared>,
+    id: u32,
+}
+
+impl Drop for RefuseOnDrop {
+    fn drop(&mut self) {
+        let mut st = self.shared.state();
+        if st
+            .session
+            .refuse_channel(Instant::now(), self.id, DROPPED)
+            .is_ok()
+        {
+            st.dispatch();
+            st.kick();
+        }
+    }
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
             .field("id", &self.id)
+            .field("name", &self.name)
             .field("class", &self.class)
             .field("priority", &self.priority)
             .finish()
@@ -245,6 +360,46 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
+    fn new(
+        peer: Peer,
+        id: u32,
+        class: Class,
+        priority: Priority,
+        name: Option<Arc<str>>,
+    ) -> Channel {
+        Channel {
+            peer,
+            id,
+            class,
+            priority,
+            name,
+            accepted: None,
+        }
+    }
+
+    /// The channel's name: the one given to [`Peer::channel_named`], on both sides (the side
+    /// that accepted the channel sees the name its opener gave); `None` for a channel opened
+    /// with [`Peer::channel`].
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Refuses this channel, which the peer opened: the peer's pending and later operations on
+    /// it fail with [`Error::ChannelRefused`] carrying `reason` (cut to
+    /// [`MAX_REFUSAL_REASON`](crate::frame::MAX_REFUSAL_REASON) bytes) within about a round
+    /// trip, after the messages queued here before the refusal (responses included) have
+    /// arrived. Unread messages here are discarded, later operations on this channel's handles
+    /// fail with [`Error::ChannelRefused`] too, and the session and its other channels go on.
+    /// Dropping every handle of an accepted channel does the same. Refusing again does
+    /// nothing; a channel this side opened cannot be refused ([`Error::Config`]), and a dead
+    /// session's error is returned as is.
+    pub fn refuse(&self, reason: &str) -> Result<()> {
+        let mut st = self.peer.shared.state();
+        st.session.refuse_channel(Instant::now(), self.id, reason)?;
+        st.dispatch();
+        st.kick();
+        Ok(())
+    }
     /// The memory domain the current connection's one-sided operations reach, if it has them.
     pub(crate) fn connection_domain(&self) -> Option<u64> {
         self.peer.shared.tx.one_sided().map(|o| o.domain())
@@ -313,8 +468,9 @@ impl Channel {
     ///
     /// Returns once the message is queued (not when it arrived: use [`Channel::flush`] for that).
     /// A queued message is delivered unless the session dies, in which case every operation on
-    /// the session fails with the cause. Fails at once with [`Error::MessageTooLarge`] above
-    /// `Config::max_message`.
+    /// the session fails with the cause, or the peer refuses the channel (then this and every
+    /// later operation on the channel fails with [`Error::ChannelRefused`]). Fails at once with
+    /// [`Error::MessageTooLarge`] above `Config::max_message`.
     pub async fn send(&self, body: impl Into<Bytes>) -> Result<()> {
         self.send_with(body.into(), 0, 0).await
     }
@@ -329,7 +485,8 @@ impl Channel {
     }
 
     /// Waits for the next message, in order. Fails with the session's error once it is dead and
-    /// nothing is left to read.
+    /// nothing is left to read, and with [`Error::ChannelRefused`] once the channel was refused
+    /// and the messages that came before the refusal were read.
     ///
     /// While it waits, the task reads the peer's connection itself (the transport wakes it
     /// directly, with no driver task in between), so a message reaches it without a task
@@ -400,7 +557,7 @@ impl Channel {
                 }
                 return Some(Ok(m));
             }
-            st.session.dead().map(|e| Err(e.clone()))
+            st.session.channel_error(self.id).map(Err)
         };
         // While it waits, this task reads the connection itself (see `rx.rs`).
         let mut reader = ReaderSlot::new(&shared.rx_wake);
@@ -442,14 +599,16 @@ impl Channel {
             drop(st);
             return Ok(Some(message(m)));
         }
-        match st.session.dead() {
-            Some(e) => Err(e.clone()),
+        match st.session.channel_error(self.id) {
+            Some(e) => Err(e),
             None => Ok(None),
         }
     }
 
     /// Waits until every message queued so far on this channel has been acknowledged by the peer
-    /// (received by its node, in order). Fails with the session's error if it dies first.
+    /// (received by its node, in order). Fails with the session's error if it dies first, and
+    /// with [`Error::ChannelRefused`] if the peer refused the channel before taking them all
+    /// (what it had not taken was dropped).
     pub async fn flush(&self) -> Result<()> {
         poll_fn(|cx| {
             let mut st = self.peer.shared.state();
@@ -471,6 +630,12 @@ impl Channel {
     /// discarded), [`Error::Remote`] when the peer's handler reports a failure, or the session's
     /// error if it dies. Dropping the future cancels the wait. Requests on one channel are sent in
     /// order; responses may come back in any order.
+    ///
+    /// Fails fast when nobody serves the channel: if the peer's application dropped the channel
+    /// (or never took it because it dropped every handle of the session, or refused it), the
+    /// request fails with [`Error::ChannelRefused`] within about a round trip, not at its
+    /// deadline; a response the peer queued before refusing still arrives first. A slow service
+    /// is the only thing left that looks like [`Error::DeadlineExceeded`].
     pub async fn request(&self, body: impl Into<Bytes>, deadline: Duration) -> Result<Bytes> {
         let start = Instant::now();
         let result =
@@ -507,7 +672,7 @@ impl Channel {
             let mut st = self.peer.shared.state();
             let tag = st.next_tag;
             st.next_tag += 1;
-            st.responses.insert(tag, tx);
+            st.responses.insert(tag, (self.id, tx));
             tag
         };
         // Forget the slot if this future is dropped.

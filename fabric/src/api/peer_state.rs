@@ -7,6 +7,7 @@
 //! (`rx.rs`), frames to send are staged under it and written after it is released (`tx.rs`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -121,7 +122,11 @@ pub(crate) struct PeerState {
     pub(crate) system_accept_waker: Option<Waker>,
     /// This side's system channel for bulk transfers, opened on first use.
     pub(crate) transfer_channel: Option<u32>,
-    pub(crate) responses: HashMap<u64, ResponseSlot>,
+    /// Pending requests: tag → (channel, where the response goes).
+    pub(crate) responses: HashMap<u64, (u32, ResponseSlot)>,
+    /// The application refused the session's new channels (`Peer::refuse_channels`), with
+    /// this reason: kept while application handles come and go.
+    pub(crate) refuse_channels: Option<String>,
     pub(crate) next_tag: u64,
     pub(crate) request_rtt: HashMap<u32, Box<Histogram<u64>>>,
     /// Per channel, the messages taken by `Channel::recv`s that were dropped while joining
@@ -245,6 +250,7 @@ impl PeerState {
             system_accept_waker: None,
             transfer_channel: None,
             responses: HashMap::new(),
+            refuse_channels: None,
             next_tag: 1,
             request_rtt: HashMap::new(),
             unjoined: HashMap::new(),
@@ -327,9 +333,30 @@ impl PeerState {
                 Event::Flushed(ch) => self.flush_wakers.wake(ch, &mut self.wakes),
                 Event::Response { tag, result, .. } => {
                     // A response nobody waits for (deadline passed, cancelled) is dropped.
-                    if let Some(slot) = self.responses.remove(&tag) {
+                    if let Some((_, slot)) = self.responses.remove(&tag) {
                         let _ = slot.send(result.map_err(Error::Remote));
                     }
+                }
+                Event::ChannelRefused { channel, reason } => {
+                    // Responses that came before the refusal were delivered above; the other
+                    // requests on the channel fail now.
+                    let tags: Vec<u64> = self
+                        .responses
+                        .iter()
+                        .filter(|(_, (ch, _))| *ch == channel)
+                        .map(|(&tag, _)| tag)
+                        .collect();
+                    for tag in tags {
+                        if let Some((_, slot)) = self.responses.remove(&tag) {
+                            let _ = slot.send(Err(Error::ChannelRefused {
+                                channel,
+                                reason: reason.clone(),
+                            }));
+                        }
+                    }
+                    self.recv_wakers.wake(channel, &mut self.wakes);
+                    self.send_wakers.wake(channel, &mut self.wakes);
+                    self.flush_wakers.wake(channel, &mut self.wakes);
                 }
                 Event::Dead(err) => {
                     tracing::debug!(error = %err, "session dead");
@@ -350,7 +377,7 @@ impl PeerState {
         {
             self.wakes.push(w);
         }
-        for (_, slot) in self.responses.drain() {
+        for (_, (_, slot)) in self.responses.drain() {
             let _ = slot.send(Err(err.clone()));
         }
         self.wake_driver();
@@ -384,7 +411,15 @@ pub(crate) struct PeerShared {
     pub(crate) tx: Arc<TxHalf>,
     /// Notifications of transfers into this node that ride on the peer's last write.
     pub(crate) notes: Arc<PendingNotes>,
+    /// Application handles of the session alive ([`Peer`](super::peer::Peer)s the
+    /// application holds, or its channels hold): with none, nobody can take the channels the
+    /// peer opens, so they are refused as they arrive. The node's own tasks hold handles that
+    /// do not count.
+    app_handles: AtomicUsize,
 }
+
+/// Why channels are refused when the application holds no handle of their session.
+const NO_APP_HANDLE: &str = "the application dropped every handle of the session";
 
 /// Bytes a task waiting in `recv` reads from the connection in one go before it leaves the rest
 /// to the driver (a bulk flood is the driver's work, not a coordination reader's).
@@ -409,7 +444,40 @@ impl PeerShared {
             rx_waker: Waker::from(rx_wake.clone()),
             rx_wake,
             notes: Arc::default(),
+            app_handles: AtomicUsize::new(0),
         }
+    }
+
+    /// An application handle of the session was made (see `PeerShared::app_handles`).
+    pub(crate) fn app_handle_added(&self) {
+        if self.app_handles.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.update_refusing();
+        }
+    }
+
+    /// An application handle of the session was dropped.
+    pub(crate) fn app_handle_dropped(&self) {
+        if self.app_handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.update_refusing();
+        }
+    }
+
+    /// Makes the session refuse new channels while no application handle is alive or the
+    /// application asked for it (`Peer::refuse_channels`), and take them otherwise. The count
+    /// is read again under the lock, so racing handles settle on the right state.
+    pub(crate) fn update_refusing(&self) {
+        let mut st = self.state();
+        let reason = match (&st.refuse_channels, self.app_handles.load(Ordering::SeqCst)) {
+            (Some(r), _) => Some(r.clone()),
+            (None, 0) => Some(NO_APP_HANDLE.to_owned()),
+            (None, _) => None,
+        };
+        if reason.is_none() && !st.session.refusing_new_channels() {
+            return;
+        }
+        st.session
+            .refuse_new_channels(Instant::now(), reason.as_deref());
+        st.kick();
     }
 
     /// Locks the receiving half.

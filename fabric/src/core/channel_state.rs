@@ -152,6 +152,23 @@ pub(crate) struct Chan {
     pub(crate) ack_queued: bool,
     pub(crate) rx_since_ack: u64,
     pub(crate) counters: ChanCounters,
+    // --- name and refusal ---
+    /// The channel's name (given by its opener), once known.
+    pub(crate) name: Option<String>,
+    /// Opener of a named channel: the `[len][name]` prefix still to go in front of the
+    /// channel's first chunk (taken when that chunk is cut).
+    pub(crate) name_prefix: Option<Bytes>,
+    /// Receive side: the channel's first chunk came in order, so it was offered to the
+    /// application (or refused).
+    pub(crate) announced: bool,
+    /// This side refused the channel (the peer opened it), with this reason: what arrives is
+    /// acknowledged and discarded; the refusal is the last message this side sends on it.
+    pub(crate) refused_here: Option<String>,
+    /// The peer refused the channel (this side opened it), with this reason: nothing more is
+    /// sent, and receives fail once the messages before the refusal are read.
+    pub(crate) refused_by_peer: Option<String>,
+    /// The refusal dropped messages (or chunks) the peer never took: a flush fails.
+    pub(crate) refusal_dropped: bool,
 }
 
 impl Chan {
@@ -182,7 +199,25 @@ impl Chan {
             ack_queued: false,
             rx_since_ack: 0,
             counters: ChanCounters::default(),
+            name: None,
+            name_prefix: None,
+            announced: false,
+            refused_here: None,
+            refused_by_peer: None,
+            refusal_dropped: false,
         }
+    }
+
+    /// Bytes the next chunk carries in front of the message's (the name prefix, if still due).
+    pub(crate) fn prefix_len(&self) -> u64 {
+        self.name_prefix.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
+    /// Why operations on this channel fail, if it was refused (by either side).
+    pub(crate) fn refusal(&self) -> Option<&str> {
+        self.refused_by_peer
+            .as_deref()
+            .or(self.refused_here.as_deref())
     }
 
     /// Credit to advertise: the peer may send up to this byte offset.
@@ -192,10 +227,11 @@ impl Chan {
 
     /// Whether the next chunk can go out now (something queued and credit for it).
     pub(crate) fn can_send(&self) -> bool {
+        let next = self.next_offset + self.prefix_len();
         match self.queue.front() {
             None => false,
-            Some(m) if m.body.len() == self.front_pos => self.next_offset <= self.peer_credit,
-            Some(_) => self.next_offset < self.peer_credit,
+            Some(m) if m.body.len() == self.front_pos => next <= self.peer_credit,
+            Some(_) => next < self.peer_credit,
         }
     }
 

@@ -142,6 +142,15 @@ impl Scheduler {
         }
     }
 
+    /// `ch` will never send again (its peer refused it): take it out of its ring, and in FIFO
+    /// mode drop its queued messages' turns.
+    pub(crate) fn forget(&mut self, ch: u32, class: Class) {
+        self.remove(ch, class);
+        if !self.priorities {
+            self.fifo.retain(|&c| c != ch);
+        }
+    }
+
     /// Forgets everything (the session is dead).
     pub(crate) fn clear(&mut self) {
         for r in &mut self.classes {

@@ -26,7 +26,9 @@ pub enum ToolError {
     Failed(String),
     /// The server has no tool of that name.
     UnknownTool(String),
-    /// The server refused the call (malformed request, overloaded…).
+    /// The server refused the call (malformed request, overloaded…), or the node serves no
+    /// tool calls: its application refused or dropped the channel, or serves no session
+    /// (`Error::ChannelRefused`; retrying on the same channel cannot succeed).
     Refused(String),
     /// The session to the server died (peer dead, closed, connection failed); the call may or
     /// may not have run: retry with the same idempotency key.
@@ -58,6 +60,9 @@ impl From<Error> for ToolError {
             Error::DeadlineExceeded => ToolError::DeadlineExceeded,
             Error::Cancelled => ToolError::Cancelled,
             Error::Remote(reason) => parse_remote(&reason),
+            Error::ChannelRefused { reason, .. } => ToolError::Refused(format!(
+                "the node serves no tool calls (channel refused: {reason})"
+            )),
             e @ (Error::PeerDead { .. }
             | Error::PeerRestarted
             | Error::Closed

@@ -15,7 +15,7 @@ use crate::tls::{self, load_certs, load_key, TlsParts};
 pub const SCHEME: &str = "quic";
 
 /// ALPN protocol name: the fabric protocol and its wire version.
-pub const ALPN: &str = "agentfabric/2";
+pub const ALPN: &str = "agentfabric/3";
 
 /// QUIC congestion controller (quinn's implementations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

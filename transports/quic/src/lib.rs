@@ -6,8 +6,9 @@
 //!
 //! # Security
 //!
-//! - **TLS 1.3 only**, ALPN [`ALPN`] (`agentfabric/2`: the fabric protocol and its wire version).
-//!   A peer that offers another ALPN is refused (`no_application_protocol`).
+//! - **TLS 1.3 only**, ALPN [`ALPN`] (`agentfabric/3`: the fabric protocol and its wire
+//!   version, `agentfabric::frame::VERSION`). A peer that offers another ALPN is refused
+//!   (`no_application_protocol`).
 //! - **Mutual TLS by default.** Both sides present a certificate chain signed by the CA the
 //!   operator names in [`QuicConfig::ca_cert`]; a client without a certificate, or with one from
 //!   another CA, expired, or not valid for TLS client use, is refused during the handshake. The

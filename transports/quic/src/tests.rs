@@ -264,11 +264,19 @@ async fn expired_server_certificate_is_refused_by_the_client() {
     assert_refused(res, &["certificate expired"]);
 }
 
+#[test]
+fn the_alpn_names_the_wire_version() {
+    assert_eq!(
+        crate::ALPN,
+        format!("agentfabric/{}", agentfabric::frame::VERSION)
+    );
+}
+
 #[tokio::test]
 async fn wrong_alpn_is_refused() {
     let ca = DevCa::new("ca").unwrap();
     let mut client = ca.node_config("client").unwrap();
-    client.alpn = "agentfabric/1".into(); // the previous wire version
+    client.alpn = "agentfabric/2".into(); // the previous wire version
     let (res, _) = connect(ca.node_config("server").unwrap(), client).await;
     assert_refused(res, &["no application protocol"]);
 }

@@ -24,12 +24,26 @@
 //!   retransmissions, new chunks by priority within the congestion window, acks, and the
 //!   timestamps every frame carries;
 //! - `timers.rs`: [`Session::handle_timeout`] and [`Session::poll_timeout`]: peer timeout,
-//!   keepalive, retransmission timeout with backoff, and credit probes.
+//!   keepalive, retransmission timeout with backoff, and credit probes;
+//! - `refusal.rs`: refusing a channel the peer opened ([`Session::refuse_channel`],
+//!   [`Session::refuse_new_channels`]), and what a refusal from the peer tears down.
 //!
-//! Imports: the three children use this file (`super::`) and the rest of the crate's sans-IO
+//! Imports: the children use this file (`super::`) and the rest of the crate's sans-IO
 //! layers (`core`, `frame`, `class`, `config`, `error`); `recv.rs` and `timers.rs` also call
 //! helpers of `send.rs` (timestamps, acks on outgoing frames, the ready list, queueing chunks
-//! again), while `send.rs` calls neither. This file imports nothing from its children (it only
+//! again), while `send.rs` calls neither; `recv.rs` calls `refusal.rs` (a channel is refused as
+//! it arrives, a refusal arrives), which calls only `send.rs`'s ready list.
+//!
+//! # Names and refusals on the wire
+//!
+//! A named channel's name rides in front of its first chunk ([`crate::frame::MSG_NAMED`]); the
+//! receiver offers a channel to the application once that chunk is in, in order, so the name is
+//! known when the channel is accepted. A refusal is a message ([`crate::frame::MSG_REFUSE`],
+//! the reason as its body) that the refusing side queues behind what it already queued on the
+//! channel: it travels in the channel's order, on its lane and stream, and is retransmitted
+//! and resumed like any chunk, so responses sent before it arrive before it, and a lost
+//! refusal is sent again by the retransmission timer with no timer of its own. The refusing
+//! side acknowledges and discards what still arrives on the channel. This file imports nothing from its children (it only
 //! calls their methods). Nothing here touches a socket, a thread or a clock: time is an argument.
 
 use std::collections::VecDeque;
@@ -44,9 +58,10 @@ use super::scheduler::Scheduler;
 use crate::class::{Class, Priority};
 use crate::config::{Config, PerClass};
 use crate::error::Error;
-use crate::frame::{Header, Kind, OutFrame};
+use crate::frame::{check_channel_name, name_prefix, Header, Kind, OutFrame};
 
 mod recv;
+mod refusal;
 mod send;
 mod timers;
 
@@ -80,6 +95,15 @@ pub enum Event {
     Writable(u32),
     /// Everything sent on the channel was acknowledged (after [`Session::want_flush`]).
     Flushed(u32),
+    /// The channel was refused, by the peer (a refusal arrived, after every message sent
+    /// before it) or by this side ([`Session::refuse_channel`]): pending operations on it fail
+    /// with [`Error::ChannelRefused`] (see [`Session::channel_error`]).
+    ChannelRefused {
+        /// The channel.
+        channel: u32,
+        /// The reason.
+        reason: String,
+    },
     /// A response to the request with this tag arrived.
     Response {
         /// Channel it arrived on.
@@ -159,6 +183,14 @@ enum State {
     Dead(Error),
 }
 
+/// The error of an operation on channel `ch`, refused with `reason`.
+fn refused(ch: u32, reason: &str) -> Error {
+    Error::ChannelRefused {
+        channel: ch,
+        reason: reason.to_owned(),
+    }
+}
+
 /// Channel ids with this bit set are system channels: opened by the fabric itself (bulk
 /// transfers between regions), served by the node, never offered to the application.
 pub const SYSTEM_CHANNEL: u32 = 1 << 31;
@@ -176,6 +208,9 @@ pub struct Session {
     next_system: u32,
     accept_queue: VecDeque<u32>,
     system_accept_queue: VecDeque<u32>,
+    /// Channels the peer opens are refused as they arrive, with this reason (see
+    /// [`Session::refuse_new_channels`]).
+    refuse_new: Option<String>,
     sched: Scheduler,
     /// Chunks to send again (channel, sequence), each channel's in order: of channels of every
     /// class but bulk, which go first...
@@ -234,6 +269,7 @@ impl Session {
                 },
             accept_queue: VecDeque::new(),
             system_accept_queue: VecDeque::new(),
+            refuse_new: None,
             sched,
             retx: VecDeque::new(),
             retx_bulk: VecDeque::new(),
@@ -299,6 +335,31 @@ impl Session {
         self.open(class, priority, false)
     }
 
+    /// As [`Session::open_channel`], with a name the peer sees when it accepts the channel
+    /// ([`Session::channel_name`]): 1 to [`MAX_CHANNEL_NAME`](crate::frame::MAX_CHANNEL_NAME)
+    /// bytes, else [`Error::InvalidChannelName`]. It travels in front of the channel's first
+    /// chunk.
+    pub fn open_named_channel(
+        &mut self,
+        class: Class,
+        priority: Priority,
+        name: &str,
+    ) -> Result<u32, Error> {
+        check_channel_name(name).map_err(Error::InvalidChannelName)?;
+        let id = self.open(class, priority, false)?;
+        let c = self.channels.get_mut(&id).expect("just opened");
+        c.name = Some(name.to_owned());
+        c.name_prefix = Some(name_prefix(name));
+        Ok(id)
+    }
+
+    /// The channel's name: the one given to [`Session::open_named_channel`] on the side that
+    /// opened it, the one it carried on the side that accepted it; `None` for an unnamed
+    /// channel.
+    pub fn channel_name(&self, ch: u32) -> Option<&str> {
+        self.channels.get(&ch)?.name.as_deref()
+    }
+
     /// Opens a system channel (see [`SYSTEM_CHANNEL`]); the peer's node takes it with
     /// [`Session::accept_system_channel`].
     pub fn open_system_channel(&mut self, class: Class, priority: Priority) -> Result<u32, Error> {
@@ -351,7 +412,8 @@ impl Session {
 
     /// Queues a message. Ordering: after every message queued earlier on this channel.
     /// Fails with [`Error::WouldBlock`] when the channel's send queue is full (nothing queued),
-    /// [`Error::MessageTooLarge`] over the limit, or the session's error when it is dead.
+    /// [`Error::MessageTooLarge`] over the limit, [`Error::ChannelRefused`] once the channel was
+    /// refused (by either side), or the session's error when it is dead.
     pub fn send(
         &mut self,
         now: Instant,
@@ -372,6 +434,9 @@ impl Session {
             .channels
             .get_mut(&ch)
             .ok_or(Error::UnknownChannel(ch))?;
+        if let Some(reason) = c.refusal() {
+            return Err(refused(ch, reason));
+        }
         let limit_bytes = self.cfg.send_queue_bytes.get(c.class);
         if !c.queue.is_empty()
             && (c.queued_bytes + body.len() > limit_bytes || c.queue.len() >= limit_msgs)
@@ -403,6 +468,9 @@ impl Session {
     pub fn poll_capacity_for(&mut self, ch: u32, len: usize, count: usize) -> Result<bool, Error> {
         self.check_open()?;
         let (limit_bytes, limit_msgs) = match self.channels.get(&ch) {
+            Some(c) if c.refusal().is_some() => {
+                return Err(refused(ch, c.refusal().unwrap_or_default()))
+            }
             Some(c) => (
                 self.cfg.send_queue_bytes.get(c.class),
                 self.cfg.send_queue_messages,
@@ -419,15 +487,21 @@ impl Session {
     }
 
     /// Asks for an [`Event::Flushed`] once everything queued on `ch` has been acknowledged.
-    /// Returns `true` if that is already the case (no event follows then).
+    /// Returns `true` if that is already the case (no event follows then). Fails with
+    /// [`Error::ChannelRefused`] once the peer refused the channel with messages of this side
+    /// not taken (queued or unacknowledged: they were dropped).
     pub fn want_flush(&mut self, ch: u32) -> Result<bool, Error> {
         self.check_open()?;
         let c = self
             .channels
             .get_mut(&ch)
             .ok_or(Error::UnknownChannel(ch))?;
-        if c.is_flushed() {
+        if c.is_flushed() && !c.refusal_dropped {
+            // (Also after a refusal that dropped nothing: everything arrived before it.)
             return Ok(true);
+        }
+        if let Some(reason) = c.refusal() {
+            return Err(refused(ch, reason));
         }
         c.want_flush = true;
         Ok(false)
@@ -602,7 +676,9 @@ impl Session {
     pub fn buffered_bytes(&self, ch: u32) -> usize {
         self.channels.get(&ch).map_or(0, |c| {
             c.delivered.iter().map(Delivered::len).sum::<usize>()
-                + c.partial.as_ref().map_or(0, |p| p.len)
+                + c.partial
+                    .as_ref()
+                    .map_or(0, |p| p.chunks.iter().map(Bytes::len).sum())
                 + c.reorder.values().map(|f| f.payload.len()).sum::<usize>()
         })
     }

@@ -17,7 +17,8 @@ use super::{Event, Role, Session, SYSTEM_CHANNEL};
 use crate::core::channel_state::{Chan, Delivered, Partial};
 use crate::error::{Error, ProtocolError};
 use crate::frame::{
-    Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, HEADER_LEN, MSG_ERROR, MSG_RESPONSE,
+    split_name, Frame, Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, HEADER_LEN,
+    MAX_REFUSAL_REASON, MSG_ERROR, MSG_NAMED, MSG_REFUSE, MSG_RESPONSE,
 };
 
 /// Largest gap tolerated in a channel's sequence on a lossy transport before it is a violation.
@@ -161,14 +162,8 @@ impl Session {
                     u64::from(self.cfg.recv_window.get(h.class)),
                     u64::from(self.peer.recv_window.get(h.class)),
                 );
+                // Offered to the application once its first chunk is in (`announce`).
                 self.channels.insert(id, chan);
-                if id & SYSTEM_CHANNEL != 0 {
-                    self.system_accept_queue.push_back(id);
-                    self.events.push_back(Event::SystemChannelOpened(id));
-                } else {
-                    self.accept_queue.push_back(id);
-                    self.events.push_back(Event::ChannelOpened(id));
-                }
             }
         }
         self.on_ack_fields(now, id, h.ack, h.credit, true)?;
@@ -224,8 +219,11 @@ impl Session {
         frame: Frame,
     ) -> Result<(), ProtocolError> {
         let max_message = self.cfg.max_message;
-        let c = self.channels.get_mut(&id).expect("caller checked");
+        let local = self.is_local(id);
         let h = frame.header;
+        let mut payload = frame.payload;
+        let mut msg_flags = h.msg_flags;
+        let c = self.channels.get_mut(&id).expect("caller checked");
         if h.offset != c.expected_offset {
             return Err(ProtocolError::OffsetMismatch {
                 channel: id,
@@ -233,13 +231,40 @@ impl Session {
                 got: h.offset,
             });
         }
+        if c.refused_by_peer.is_some() {
+            // The refusal is the last message of the peer's direction.
+            return Err(ProtocolError::BadRefusal { channel: id });
+        }
         c.expected_seq += 1;
         c.expected_offset += u64::from(h.len);
-        c.rx_since_ack += (HEADER_LEN + frame.payload.len()) as u64;
+        c.rx_since_ack += (HEADER_LEN + payload.len()) as u64;
         c.ack_pending = true;
         let first = h.flags & FLAG_FIRST != 0;
         let last = h.flags & FLAG_LAST != 0;
-        let len = frame.payload.len();
+        if msg_flags & MSG_NAMED != 0 {
+            // Only the opener names a channel, in front of its very first chunk.
+            if local || h.offset != 0 || !first {
+                return Err(ProtocolError::BadChannelName { channel: id });
+            }
+            let (name, rest) =
+                split_name(&payload).ok_or(ProtocolError::BadChannelName { channel: id })?;
+            // The prefix's bytes go back as credit at once: they are never read.
+            c.released += (payload.len() - rest.len()) as u64;
+            c.name = Some(name);
+            payload = rest;
+            msg_flags &= !MSG_NAMED;
+        }
+        if first && msg_flags & MSG_REFUSE != 0 && (!local || msg_flags != MSG_REFUSE) {
+            // Only the side that accepted a channel refuses it, with a plain message.
+            return Err(ProtocolError::BadRefusal { channel: id });
+        }
+        if !local && !c.announced {
+            // The channel's first chunk is in: offer the channel, named, to the application.
+            c.announced = true;
+            self.announce(now, id);
+        }
+        let c = self.channels.get_mut(&id).expect("caller checked");
+        let len = payload.len();
         if first && len > max_message {
             // (Continuations are checked as they add up, below.)
             return Err(ProtocolError::MessageTooLarge {
@@ -252,17 +277,17 @@ impl Session {
             (true, Some(_)) => return Err(ProtocolError::BadFragment { channel: id }),
             (false, None) => return Err(ProtocolError::BadFragment { channel: id }),
             (true, None) if last => Some(Delivered {
-                body: frame.payload,
+                body: payload,
                 tag: h.tag,
-                msg_flags: h.msg_flags,
+                msg_flags,
                 credit: len as u64,
                 parts: Vec::new(),
             }),
             (true, None) => {
                 c.partial = Some(Partial {
                     tag: h.tag,
-                    msg_flags: h.msg_flags,
-                    chunks: vec![frame.payload],
+                    msg_flags,
+                    chunks: vec![payload],
                     len,
                     prereleased: 0,
                 });
@@ -270,7 +295,7 @@ impl Session {
             }
             (false, Some(mut p)) => {
                 p.len += len;
-                p.chunks.push(frame.payload);
+                p.chunks.push(payload);
                 if p.len > max_message {
                     return Err(ProtocolError::MessageTooLarge {
                         channel: id,
@@ -294,36 +319,63 @@ impl Session {
                 }
             }
         };
-        // Let a message larger than the window complete when the application keeps up.
-        if let Some(p) = c.partial.as_mut() {
-            if c.delivered.is_empty() {
+        if c.partial
+            .as_ref()
+            .is_some_and(|p| p.msg_flags & MSG_REFUSE != 0 && p.len > MAX_REFUSAL_REASON)
+        {
+            return Err(ProtocolError::BadRefusal { channel: id });
+        }
+        let mut refusal = None;
+        if c.refused_here.is_some() {
+            // Refused here: acknowledged and discarded, the bytes given back at once.
+            if let Some(p) = c.partial.as_mut() {
                 let give = p.len as u64 - p.prereleased;
                 p.prereleased += give;
                 c.released += give;
+                p.chunks.clear();
             }
-        }
-        if let Some(msg) = delivered {
-            c.counters.messages_received += 1;
-            c.counters.bytes_received += msg.len() as u64;
-            if msg.msg_flags & MSG_RESPONSE != 0 {
-                let mut msg = msg;
-                msg.assemble();
+            if let Some(msg) = delivered {
                 c.released += msg.credit;
-                let result = if msg.msg_flags & MSG_ERROR != 0 {
-                    Err(String::from_utf8_lossy(&msg.body).into_owned())
-                } else {
-                    Ok(msg.body)
-                };
-                self.events.push_back(Event::Response {
-                    channel: id,
-                    tag: msg.tag,
-                    result,
-                });
-            } else {
+            }
+        } else {
+            // Let a message larger than the window complete when the application keeps up.
+            if let Some(p) = c.partial.as_mut() {
                 if c.delivered.is_empty() {
-                    self.events.push_back(Event::Readable(id));
+                    let give = p.len as u64 - p.prereleased;
+                    p.prereleased += give;
+                    c.released += give;
                 }
-                c.delivered.push_back(msg);
+            }
+            if let Some(mut msg) = delivered {
+                c.counters.messages_received += 1;
+                c.counters.bytes_received += msg.len() as u64;
+                if msg.msg_flags & MSG_REFUSE != 0 {
+                    msg.assemble();
+                    c.released += msg.credit;
+                    let reason = (msg.body.len() <= MAX_REFUSAL_REASON)
+                        .then(|| std::str::from_utf8(&msg.body).ok())
+                        .flatten()
+                        .ok_or(ProtocolError::BadRefusal { channel: id })?;
+                    refusal = Some(reason.to_owned());
+                } else if msg.msg_flags & MSG_RESPONSE != 0 {
+                    msg.assemble();
+                    c.released += msg.credit;
+                    let result = if msg.msg_flags & MSG_ERROR != 0 {
+                        Err(String::from_utf8_lossy(&msg.body).into_owned())
+                    } else {
+                        Ok(msg.body)
+                    };
+                    self.events.push_back(Event::Response {
+                        channel: id,
+                        tag: msg.tag,
+                        result,
+                    });
+                } else {
+                    if c.delivered.is_empty() {
+                        self.events.push_back(Event::Readable(id));
+                    }
+                    c.delivered.push_back(msg);
+                }
             }
         }
         Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, id, c);
@@ -335,7 +387,24 @@ impl Session {
         } else if self.ack_deadline.is_none() {
             self.ack_deadline = Some(now + self.cfg.ack_delay);
         }
+        if let Some(reason) = refusal {
+            self.on_refused_by_peer(id, reason);
+        }
         Ok(())
+    }
+
+    /// The first chunk of channel `id`, opened by the peer, came in order: queue the channel
+    /// for the application, or refuse it when the application takes no more channels.
+    fn announce(&mut self, now: Instant, id: u32) {
+        if id & SYSTEM_CHANNEL != 0 {
+            self.system_accept_queue.push_back(id);
+            self.events.push_back(Event::SystemChannelOpened(id));
+        } else if let Some(reason) = self.refuse_new.clone() {
+            self.refuse(now, id, &reason);
+        } else {
+            self.accept_queue.push_back(id);
+            self.events.push_back(Event::ChannelOpened(id));
+        }
     }
 
     /// Marks `c` (channel `id`) as owing the peer an ack, and queues it for `send.rs` once.

@@ -14,9 +14,11 @@ use bytes::Bytes;
 
 use super::{Event, Session, State};
 use crate::class::Class;
-use crate::core::channel_state::{new_histogram, Sent};
+use crate::core::channel_state::{concat, new_histogram, Sent};
 use crate::error::Error;
-use crate::frame::{Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, FLAG_RETRANSMIT, HEADER_LEN};
+use crate::frame::{
+    Header, Kind, OutFrame, FLAG_FIRST, FLAG_LAST, FLAG_RETRANSMIT, HEADER_LEN, MSG_NAMED,
+};
 
 impl Session {
     /// This end's timestamp at `now`: microseconds since the session began, never 0 (0 means
@@ -167,13 +169,27 @@ impl Session {
         };
         let record = self.cfg.channel_histograms;
         let c = self.channels.get_mut(&id).expect("checked");
+        // A named channel's very first chunk carries the name in front of the message's bytes.
+        let prefix = if c.next_seq == 0 {
+            c.name_prefix.take()
+        } else {
+            None
+        };
+        let plen = prefix.as_ref().map_or(0, Bytes::len);
         let msg = c.queue.front().expect("can_send implies a message");
         let remaining = msg.body.len() - c.front_pos;
         let avail = (c.peer_credit - c.next_offset) as usize;
-        let len = remaining.min(chunk_size).min(avail);
+        let len = remaining
+            .min(chunk_size.saturating_sub(plen))
+            .min(avail.saturating_sub(plen));
         let first = c.front_pos == 0;
         let last = c.front_pos + len == msg.body.len();
-        let payload = msg.body.slice(c.front_pos..c.front_pos + len);
+        let body = msg.body.slice(c.front_pos..c.front_pos + len);
+        let (payload, msg_flags) = match prefix {
+            // One copy of one chunk, once per channel.
+            Some(p) => (concat(vec![p, body]), msg.msg_flags | MSG_NAMED),
+            None => (body, msg.msg_flags),
+        };
         let mut flags = 0;
         if first {
             flags |= FLAG_FIRST;
@@ -192,12 +208,12 @@ impl Session {
             seq: c.next_seq,
             offset: c.next_offset,
             flags,
-            msg_flags: msg.msg_flags,
+            msg_flags,
             tag: msg.tag,
             payload,
         };
         c.next_seq += 1;
-        c.next_offset += len as u64;
+        c.next_offset += (plen + len) as u64;
         c.front_pos += len;
         let class = c.class;
         if last {
@@ -223,7 +239,7 @@ impl Session {
         if self.inflight == 0 {
             self.progress_at = now;
         }
-        self.inflight += (HEADER_LEN + len) as u64;
+        self.inflight += (HEADER_LEN + plen + len) as u64;
         self.sched.after_send(id, class, still, last);
         Some(self.data_frame(now, id, &sent, false))
     }
