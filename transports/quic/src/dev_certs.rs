@@ -309,6 +309,14 @@ impl From<DevCertError> for io::Error {
     }
 }
 
+/// So that `?` takes a [`DevCertError`] in a function returning [`agentfabric::Result`], as it
+/// takes the transport's other (`io::Error`) set-up errors.
+impl From<DevCertError> for agentfabric::Error {
+    fn from(e: DevCertError) -> agentfabric::Error {
+        io::Error::from(e).into()
+    }
+}
+
 /// [`write_dev_certs_with`] without `force`: an existing node's files are refused.
 pub fn write_dev_certs(dir: &Path, nodes: &[&str]) -> Result<DevCertFiles, DevCertError> {
     write_dev_certs_with(dir, nodes, DevCertOptions::default())
