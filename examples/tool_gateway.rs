@@ -517,7 +517,7 @@ mod tests {
         let Err(err) = agent(&other, "agent", &addr).await else {
             panic!("an agent with a certificate from another CA was accepted")
         };
-        // (Both development CAs have the same name: the signature check is what fails.)
+        // (Each development CA has a name of its own, so the peer's chain has an unknown issuer.)
         let text = err.to_string();
         assert!(
             text.contains("refused the TLS handshake") && text.contains("invalid peer certificate"),

@@ -1,4 +1,4 @@
-//! TCP transport for [agentfabric]: moves fabric frames over TCP, with two TCP connections
+//! TCP transport for [agentfabric]: moves fabric frames over TCP, with three TCP connections
 //! ("lanes") per fabric connection so that coordination never waits behind bulk bytes.
 //!
 //! Addresses are `host:port` (the part after `tcp://`), e.g. `tcp://127.0.0.1:7000` or
