@@ -15,23 +15,17 @@
 //! the whole run: with `--busy-poll` over verbs the idle pair's connections spin too, so both
 //! sides' figures include the other pair's pollers.
 
-use std::time::{Duration, Instant};
-
 use agentfabric::Config;
 use hdrhistogram::Histogram;
-use serde_json::json;
 
 use crate::args::Workload;
-use crate::devices::Devices;
 use crate::error::BenchResult;
-use crate::pair::{fabric_stats_json, fabric_stats_words, FabricPair};
-use crate::pinger::Pinger;
+use crate::pair::{fabric_stats_json, FabricPair};
+use crate::pinger::{interleave, Pinger};
 use crate::raw_frames::{echo_note, RawFrames};
-use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
+use crate::report::{Output, Summary};
+use crate::round_trips::{report, Against};
 use crate::settings::Settings;
-
-/// Longest measured slice before switching to the other side.
-const SLICE: Duration = Duration::from_millis(500);
 
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
@@ -41,36 +35,13 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     let echo_error = raw_frames.echo_error();
     let mut raw = Pinger::Frames(Box::new(raw_frames));
 
-    let work = async {
-        let mut hf = new_histogram();
-        let mut hr = new_histogram();
-        progress("warming up fabric and raw transport frames");
-        fabric.run_until(Instant::now() + s.warmup, None).await?;
-        raw.run_until(Instant::now() + s.warmup, None).await?;
-
-        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64())
-            .ceil()
-            .max(1.0) as u32;
-        let slice = s.duration / slices;
-        progress(&format!(
-            "measuring {slices} interleaved slices of {:.3} s each",
-            slice.as_secs_f64()
-        ));
-        for i in 0..slices {
-            if i % 2 == 0 {
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-                raw.run_until(Instant::now() + slice, Some(&mut hr)).await?;
-            } else {
-                raw.run_until(Instant::now() + slice, Some(&mut hr)).await?;
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-            }
-        }
-        BenchResult::Ok((hf, hr))
-    };
+    let work = interleave(
+        &mut fabric,
+        &mut raw,
+        "raw transport frames",
+        s.warmup,
+        s.duration,
+    );
     let limit = s.phase_limit() * 2;
     let (hf, hr): (Histogram<u64>, Histogram<u64>) =
         tokio::time::timeout(limit, work).await.map_err(|_| {
@@ -86,58 +57,18 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         Some(f) => fabric_stats_json(&pair, f),
         None => serde_json::Value::Null,
     };
-    let r = |f: fn(&Summary) -> f64| ratio(f(&fabric_sum), f(&frames_sum));
-    let r50 = r(|x| x.p50_us);
-    let r99 = r(|x| x.p99_us);
-    let r999 = r(|x| x.p999_us);
-
-    let json = json!({
-        "transport": s.transport.name(),
-        "workload": Workload::Frames.name(),
-        "size_bytes": s.size,
-        "duration_s": s.duration.as_secs_f64(),
-        "warmup_s": s.warmup.as_secs_f64(),
-        "threads": s.threads,
-        "busy_poll": s.busy_poll,
-        "spin_us": s.spin_us(),
-        "devices": s.devices.as_ref().map(Devices::to_json),
-        "version": env!("CARGO_PKG_VERSION"),
-        "fabric": fabric_sum.to_json(None),
-        "frames": frames_sum.to_json(None),
-        "ratio_p50": r50,
-        "ratio_p99": r99,
-        "ratio_p999": r999,
-        "fabric_stats": stats,
-    });
-
-    let mut t = Table::new(&format!(
-        "agentfabric {} bench: transport={} workload=frames size={} B duration={:.2} s \
-         warmup={:.2} s threads={}",
-        env!("CARGO_PKG_VERSION"),
-        s.transport,
-        s.size,
-        s.duration.as_secs_f64(),
-        s.warmup.as_secs_f64(),
-        s.threads
-    ));
-    t.row(
-        "fabric",
-        &fabric_sum,
-        &format!(
-            "fabric/frames: p50 {} p99 {} p99.9 {}",
-            fmt_ratio(r50),
-            fmt_ratio(r99),
-            fmt_ratio(r999)
-        ),
-    );
-    t.row(
-        &format!("{} frames", s.transport),
-        &frames_sum,
-        "no session",
-    );
-    t.line(&format!("session: {}", fabric_stats_words(&stats)));
-    Ok(Output {
-        json,
-        table: t.finish(),
-    })
+    let against = Against {
+        key: "frames",
+        json_name: None,
+        label: format!("{} frames", s.transport),
+        note: "no session",
+        summary: Some(frames_sum),
+    };
+    Ok(report(
+        s,
+        Workload::Frames.name(),
+        fabric_sum,
+        against,
+        stats,
+    ))
 }

@@ -48,6 +48,7 @@ pub mod rate;
 pub mod raw_frames;
 pub mod register;
 pub mod report;
+pub mod round_trips;
 pub mod settings;
 pub mod toolcall;
 #[cfg(feature = "verbs")]

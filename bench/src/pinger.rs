@@ -10,6 +10,7 @@ use crate::error::BenchResult;
 use crate::pacer::Pacer;
 use crate::quic::RawQuinn;
 use crate::raw_frames::RawFrames;
+use crate::report::{new_histogram, progress};
 
 /// Something that performs one round trip at a time.
 pub enum Pinger {
@@ -128,4 +129,44 @@ impl FabricPinger {
         }
         Ok(())
     }
+}
+
+/// Longest measured slice before switching to the other side in [`interleave`].
+const SLICE: Duration = Duration::from_millis(500);
+
+/// Warms `a` and then `b` up for `warmup`, then measures them in alternating slices of about
+/// half a second (a first, then b, then b first…) until each has been measured for `duration`,
+/// so slow drifts of a shared machine hit both alike. Returns their histograms (a, b).
+pub async fn interleave(
+    a: &mut Pinger,
+    b: &mut Pinger,
+    b_name: &str,
+    warmup: Duration,
+    duration: Duration,
+) -> BenchResult<(Histogram<u64>, Histogram<u64>)> {
+    let (mut ha, mut hb) = (new_histogram(), new_histogram());
+    progress(&format!("warming up fabric and {b_name}"));
+    a.run_until(Instant::now() + warmup, None).await?;
+    b.run_until(Instant::now() + warmup, None).await?;
+    let slices = (duration.as_secs_f64() / SLICE.as_secs_f64())
+        .ceil()
+        .max(1.0) as u32;
+    let slice = duration / slices;
+    progress(&format!(
+        "measuring {slices} interleaved slices of {:.3} s each",
+        slice.as_secs_f64()
+    ));
+    for i in 0..slices {
+        let (first, hfirst, second, hsecond) = match i % 2 {
+            0 => (&mut *a, &mut ha, &mut *b, &mut hb),
+            _ => (&mut *b, &mut hb, &mut *a, &mut ha),
+        };
+        first
+            .run_until(Instant::now() + slice, Some(hfirst))
+            .await?;
+        second
+            .run_until(Instant::now() + slice, Some(hsecond))
+            .await?;
+    }
+    Ok((ha, hb))
 }

@@ -11,26 +11,20 @@
 //! `duration`, so slow drifts of a shared machine hit both alike. Every round trip after the
 //! warm-up is recorded.
 
-use std::time::{Duration, Instant};
-
 use agentfabric::Config;
 use hdrhistogram::Histogram;
-use serde_json::json;
 
 use crate::args::TransportKind;
 use crate::baseline::BaselinePinger;
-use crate::devices::Devices;
 use crate::error::BenchResult;
 use crate::pacer::Pacer;
-use crate::pair::{fabric_stats_json, fabric_stats_words, FabricPair};
+use crate::pair::{fabric_stats_json, FabricPair};
 use crate::perftest::Perftest;
-use crate::pinger::Pinger;
+use crate::pinger::{interleave, Pinger};
 use crate::quic::RawQuinn;
-use crate::report::{fmt_ratio, new_histogram, progress, ratio, Output, Summary, Table};
+use crate::report::{new_histogram, progress, Output, Summary};
+use crate::round_trips::{report, Against};
 use crate::settings::Settings;
-
-/// Longest measured slice before switching to the other side.
-const SLICE: Duration = Duration::from_millis(500);
 
 /// Runs the workload and builds its report.
 pub async fn run(s: &Settings) -> BenchResult<Output> {
@@ -56,45 +50,15 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
     };
 
     let work = async {
-        let mut hf = new_histogram();
-        let mut hb = new_histogram();
         let Some(base) = base.as_mut() else {
             progress("measuring the fabric (the baseline is perftest's, from --perftest)");
+            let mut hf = new_histogram();
             fabric
                 .warm_then_record(s.warmup, s.duration, &mut hf, &mut Pacer::back_to_back())
                 .await?;
-            return BenchResult::Ok((hf, hb));
+            return BenchResult::Ok((hf, new_histogram()));
         };
-        progress(&format!("warming up fabric and {base_name}"));
-        let t = Instant::now() + s.warmup;
-        fabric.run_until(t, None).await?;
-        let t = Instant::now() + s.warmup;
-        base.run_until(t, None).await?;
-
-        let slices = (s.duration.as_secs_f64() / SLICE.as_secs_f64())
-            .ceil()
-            .max(1.0) as u32;
-        let slice = s.duration / slices;
-        progress(&format!(
-            "measuring {slices} interleaved slices of {:.3} s each",
-            slice.as_secs_f64()
-        ));
-        for i in 0..slices {
-            if i % 2 == 0 {
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-                base.run_until(Instant::now() + slice, Some(&mut hb))
-                    .await?;
-            } else {
-                base.run_until(Instant::now() + slice, Some(&mut hb))
-                    .await?;
-                fabric
-                    .run_until(Instant::now() + slice, Some(&mut hf))
-                    .await?;
-            }
-        }
-        BenchResult::Ok((hf, hb))
+        interleave(&mut fabric, base, base_name, s.warmup, s.duration).await
     };
     let limit = s.phase_limit() * 2;
     let (hf, hb): (Histogram<u64>, Histogram<u64>) = tokio::time::timeout(limit, work)
@@ -116,57 +80,12 @@ pub async fn run(s: &Settings) -> BenchResult<Output> {
         Some(f) => fabric_stats_json(&pair, f),
         None => serde_json::Value::Null,
     };
-    let r = |f: fn(&Summary) -> f64| base_sum.and_then(|b| ratio(f(&fabric_sum), f(&b)));
-    let r50 = r(|x| x.p50_us);
-    let r99 = r(|x| x.p99_us);
-    let r999 = r(|x| x.p999_us);
-
-    let json = json!({
-        "transport": s.transport.name(),
-        "workload": "pingpong",
-        "size_bytes": s.size,
-        "duration_s": s.duration.as_secs_f64(),
-        "warmup_s": s.warmup.as_secs_f64(),
-        "threads": s.threads,
-        "busy_poll": s.busy_poll,
-        "spin_us": s.spin_us(),
-        "devices": s.devices.as_ref().map(Devices::to_json),
-        "version": env!("CARGO_PKG_VERSION"),
-        "fabric": fabric_sum.to_json(None),
-        "baseline": base_sum.map(|b| b.to_json(Some(base_name))),
-        "ratio_p50": r50,
-        "ratio_p99": r99,
-        "ratio_p999": r999,
-        "fabric_stats": stats,
-    });
-
-    let mut t = Table::new(&format!(
-        "agentfabric {} bench: transport={} workload=pingpong size={} B duration={:.2} s \
-         warmup={:.2} s threads={}",
-        env!("CARGO_PKG_VERSION"),
-        s.transport,
-        s.size,
-        s.duration.as_secs_f64(),
-        s.warmup.as_secs_f64(),
-        s.threads
-    ));
-    t.row(
-        "fabric",
-        &fabric_sum,
-        &format!(
-            "fabric/baseline: p50 {} p99 {} p99.9 {}",
-            fmt_ratio(r50),
-            fmt_ratio(r99),
-            fmt_ratio(r999)
-        ),
-    );
-    match &base_sum {
-        Some(b) => t.row(&format!("baseline {base_name}"), b, ""),
-        None => t.line(&format!("baseline {base_name}: not given")),
-    }
-    t.line(&format!("session: {}", fabric_stats_words(&stats)));
-    Ok(Output {
-        json,
-        table: t.finish(),
-    })
+    let against = Against {
+        key: "baseline",
+        json_name: Some(base_name),
+        label: format!("baseline {base_name}"),
+        note: "",
+        summary: base_sum,
+    };
+    Ok(report(s, "pingpong", fabric_sum, against, stats))
 }

@@ -48,19 +48,16 @@ pub struct Summary {
 impl Summary {
     /// Summarises a histogram of nanosecond samples.
     pub fn from_histogram(h: &Histogram<u64>) -> Summary {
-        let us = |ns: u64| round2(ns as f64 / 1000.0);
-        Summary {
-            count: h.len(),
-            p50_us: us(h.value_at_quantile(0.5)),
-            p99_us: us(h.value_at_quantile(0.99)),
-            p999_us: us(h.value_at_quantile(0.999)),
-            max_us: us(h.max()),
-        }
+        Summary::with_unit(h, |ns| round2(ns as f64 / 1000.0))
     }
 
     /// Summarises a histogram of whole-microsecond samples (the fabric's own histograms).
     pub fn from_histogram_us(h: &Histogram<u64>) -> Summary {
-        let us = |v: u64| v as f64;
+        Summary::with_unit(h, |v| v as f64)
+    }
+
+    /// The summary of `h`, each recorded value turned into microseconds by `us`.
+    fn with_unit(h: &Histogram<u64>, us: impl Fn(u64) -> f64) -> Summary {
         Summary {
             count: h.len(),
             p50_us: us(h.value_at_quantile(0.5)),
