@@ -117,9 +117,10 @@ pub fn check_channel_name(name: &str) -> Result<(), String> {
 /// The prefix a named channel's first chunk starts with: `[u8 len][name]`. `name` must pass
 /// [`check_channel_name`].
 pub fn name_prefix(name: &str) -> Bytes {
+    debug_assert!(check_channel_name(name).is_ok(), "{name:?} was not checked");
     let mut v = Vec::with_capacity(1 + name.len());
-    v.push(name.len().min(MAX_CHANNEL_NAME) as u8);
-    v.extend_from_slice(&name.as_bytes()[..name.len().min(MAX_CHANNEL_NAME)]);
+    v.push(name.len() as u8);
+    v.extend_from_slice(name.as_bytes());
     Bytes::from(v)
 }
 

@@ -102,6 +102,15 @@ pub(crate) struct Partial {
     pub(crate) prereleased: u64,
 }
 
+impl Partial {
+    /// Gives back as credit every byte of the message not given back yet; returns how many.
+    pub(crate) fn release_rest(&mut self) -> u64 {
+        let give = self.len as u64 - self.prereleased;
+        self.prereleased += give;
+        give
+    }
+}
+
 /// Counters and histograms of one channel.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct ChanCounters {

@@ -467,17 +467,15 @@ impl Session {
     /// together.
     pub fn poll_capacity_for(&mut self, ch: u32, len: usize, count: usize) -> Result<bool, Error> {
         self.check_open()?;
-        let (limit_bytes, limit_msgs) = match self.channels.get(&ch) {
-            Some(c) if c.refusal().is_some() => {
-                return Err(refused(ch, c.refusal().unwrap_or_default()))
-            }
-            Some(c) => (
-                self.cfg.send_queue_bytes.get(c.class),
-                self.cfg.send_queue_messages,
-            ),
-            None => return Err(Error::UnknownChannel(ch)),
+        let limit_bytes = &self.cfg.send_queue_bytes;
+        let limit_msgs = self.cfg.send_queue_messages;
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return Err(Error::UnknownChannel(ch));
         };
-        let c = self.channels.get_mut(&ch).expect("checked");
+        if let Some(reason) = c.refusal() {
+            return Err(refused(ch, reason));
+        }
+        let limit_bytes = limit_bytes.get(c.class);
         let fits = c.queue.is_empty()
             || (c.queued_bytes + len <= limit_bytes && c.queue.len() + count <= limit_msgs);
         if !fits {

@@ -258,12 +258,15 @@ impl Session {
             // Only the side that accepted a channel refuses it, with a plain message.
             return Err(ProtocolError::BadRefusal { channel: id });
         }
-        if !local && !c.announced {
-            // The channel's first chunk is in: offer the channel, named, to the application.
+        let c = if !local && !c.announced {
+            // The channel's first chunk is in: offer the channel, named, to the application
+            // (the map is looked up again only then, not for every chunk).
             c.announced = true;
             self.announce(now, id);
-        }
-        let c = self.channels.get_mut(&id).expect("caller checked");
+            self.channels.get_mut(&id).expect("caller checked")
+        } else {
+            c
+        };
         let len = payload.len();
         if first && len > max_message {
             // (Continuations are checked as they add up, below.)
@@ -329,9 +332,7 @@ impl Session {
         if c.refused_here.is_some() {
             // Refused here: acknowledged and discarded, the bytes given back at once.
             if let Some(p) = c.partial.as_mut() {
-                let give = p.len as u64 - p.prereleased;
-                p.prereleased += give;
-                c.released += give;
+                c.released += p.release_rest();
                 p.chunks.clear();
             }
             if let Some(msg) = delivered {
@@ -341,9 +342,7 @@ impl Session {
             // Let a message larger than the window complete when the application keeps up.
             if let Some(p) = c.partial.as_mut() {
                 if c.delivered.is_empty() {
-                    let give = p.len as u64 - p.prereleased;
-                    p.prereleased += give;
-                    c.released += give;
+                    c.released += p.release_rest();
                 }
             }
             if let Some(mut msg) = delivered {

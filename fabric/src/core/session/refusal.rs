@@ -96,9 +96,7 @@ impl Session {
             c.released += m.credit;
         }
         if let Some(p) = c.partial.as_mut() {
-            let give = p.len as u64 - p.prereleased;
-            p.prereleased += give;
-            c.released += give;
+            c.released += p.release_rest();
             p.chunks.clear();
         }
         let body = Bytes::copy_from_slice(reason.as_bytes());
