@@ -76,10 +76,9 @@ pub fn main(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let rt = match agentfabric::runtime::builder()
         .worker_threads(settings.threads)
         .thread_name("bench-worker")
-        .enable_all()
         .build()
     {
         Ok(rt) => rt,

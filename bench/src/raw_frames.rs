@@ -27,7 +27,7 @@ use crate::settings::Settings;
 /// Generous: under emulation (Soft-RoCE in a TCG VM) rxe can stall for over a second.
 const SETUP_LIMIT: Duration = Duration::from_secs(30);
 
-/// The channel number the raw frames carry (the one the fabric's coordination pinger opens).
+/// The channel id the raw frames carry: any id does, with no session to open channels.
 const CHANNEL: u32 = 7;
 
 /// The part of `url` after `scheme://`, which [`Transport::listen`] and [`Transport::connect`]

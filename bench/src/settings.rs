@@ -100,7 +100,14 @@ impl Settings {
             size: a.size.unwrap_or(size),
             duration: a.duration.unwrap_or(duration),
             warmup: a.warmup,
-            threads: a.threads.map_or_else(default_threads, usize::from),
+            // Without --threads, agentfabric::runtime's count: one fewer than the cores (at least
+            // one). The workers are not all the fabric's threads (tcp's bulk lane has two per
+            // connection, and the kernel's copies run on the cores too); measured on 2 cores
+            // (`bench --transport tcp --workload mixed`): loaded p99 108–116 µs with 2 workers,
+            // 57–63 µs with 1, bulk near or above its solo rate either way.
+            threads: a
+                .threads
+                .map_or_else(agentfabric::runtime::worker_threads, usize::from),
             perftest: a.perftest.clone(),
             bulk_api: a.bulk_api.unwrap_or(BulkApi::Channel),
             coord_interval: Duration::from_micros(
@@ -122,19 +129,6 @@ impl Settings {
     pub fn phase_limit(&self) -> Duration {
         (self.warmup + self.duration) * 3 + Duration::from_secs(30)
     }
-}
-
-/// The runtime's worker count when `--threads` is not given: one fewer than the machine's cores
-/// (at least one). The workers are not all the fabric's threads: the tcp transport's bulk lane
-/// has two threads per connection, and the kernel's copies for every socket run on the cores
-/// too. With as many workers as cores, a coordination task woken while bulk runs often lands
-/// on a core another worker holds and waits its turn there; measured on 2 cores (`agentfabric
-/// bench --transport tcp --workload mixed`): loaded p99 108–116 µs with 2 workers, 57–63 µs
-/// with 1, bulk near or above its solo rate either way; pingpong ratios alike with 1 or 2.
-fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get().saturating_sub(1))
-        .max(1)
 }
 
 /// The verbs nodes' default spin after a completion (`--spin-us` when not given).

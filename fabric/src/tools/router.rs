@@ -41,7 +41,8 @@ pub enum Accepted {
 /// - **Nothing is kept that nobody handles.** A channel is in the queue or in the
 ///   application's hands, never held elsewhere: a channel the application drops, or leaves in
 ///   the queue when it drops the `Incoming`, is dropped (the router keeps no handle on it), so
-///   its opener is treated as for any channel nobody reads: no request on it is answered.
+///   it is refused, as any channel the application drops: its opener's requests on it fail
+///   at once with `Error::ChannelRefused`.
 /// - **Dropping it stops everything it started**: the accepting task, the tool-call channels'
 ///   tasks and the handlers still running are aborted (they stop at their next poll; a keyed
 ///   call stopped so is forgotten, as a cancelled one, so a retry runs it again). It holds a

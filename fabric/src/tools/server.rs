@@ -228,7 +228,8 @@ impl ToolServer {
     /// Serves every tool-call channel the peer opens, until the session dies.
     ///
     /// Channels of **other classes are dropped unread**: nobody answers a coordination or bulk
-    /// channel the peer opens on this session (its requests get no answer). Use it only on a
+    /// channel the peer opens on this session (dropped, the channel is refused: its requests fail
+    /// with `Error::ChannelRefused` at the caller). Use it only on a
     /// session that carries nothing but tool calls; to serve tools beside the application's own
     /// channels, use [`ToolServer::serve_beside`] (or accept the channels yourself and give the
     /// tool-call ones to [`ToolServer::serve_channel`]). It must be the session's only
