@@ -111,7 +111,7 @@ impl Peer {
     pub fn channel(&self, class: Class, priority: u8) -> Result<Channel> {
         let prio = Priority::new(priority).ok_or(Error::InvalidPriority(priority))?;
         let id = self.shared.state().session.open_channel(class, prio)?;
-        Ok(Channel::new(self.clone(), id, class, prio, None))
+        Ok(Channel::new(self.clone(), id, class, prio, None, false))
     }
 
     /// As [`Peer::channel`], with a name: free-form UTF-8 of 1 to
@@ -131,6 +131,7 @@ impl Peer {
             class,
             prio,
             Some(name.into()),
+            false,
         ))
     }
 
@@ -178,14 +179,9 @@ impl Peer {
                     .expect("accepted channel exists");
                 let name = st.session.channel_name(id).map(Arc::from);
                 drop(st);
-                let mut ch = Channel::new(self.clone(), id, class, priority, name);
-                if !system {
-                    // The application's to serve: refused when its last handle is dropped.
-                    ch.accepted = Some(Arc::new(RefuseOnDrop {
-                        shared: self.shared.clone(),
-                        id,
-                    }));
-                }
+                // An application's channel is its to serve: refused when its last handle is
+                // dropped.
+                let ch = Channel::new(self.clone(), id, class, priority, name, !system);
                 return Poll::Ready(Ok(ch));
             }
             if let Some(e) = st.session.dead() {
@@ -222,6 +218,7 @@ impl Peer {
             Class::Bulk,
             Priority::DEFAULT,
             None,
+            false,
         ))
     }
 
@@ -316,27 +313,31 @@ impl MessageParts {
 /// the handles of a channel this side opened changes nothing on the wire.
 #[derive(Clone)]
 pub struct Channel {
+    /// Shared by the clones, so that a clone costs one reference count (a tool call, a
+    /// transfer's block clones its channel) and the last one's drop is known.
+    inner: Arc<ChannelInner>,
+}
+
+/// What a [`Channel`]'s handles share.
+struct ChannelInner {
     peer: Peer,
     id: u32,
     class: Class,
     priority: Priority,
     name: Option<Arc<str>>,
-    /// For a channel the application accepted: refuses it when the last handle is dropped.
-    accepted: Option<Arc<RefuseOnDrop>>,
+    /// The application accepted it: refused when its last handle is dropped.
+    accepted: bool,
 }
 
 /// Why a channel is refused when the application drops it.
 const DROPPED: &str = "the application dropped the channel";
 
-/// Refuses an accepted channel when the last handle of it is dropped (see [`Channel`]).
-struct RefuseOnDrop {
-    shared: Arc<PeerShared>,
-    id: u32,
-}
-
-impl Drop for RefuseOnDrop {
+impl Drop for ChannelInner {
     fn drop(&mut self) {
-        let mut st = self.shared.state();
+        if !self.accepted {
+            return;
+        }
+        let mut st = self.peer.shared.state();
         if st
             .session
             .refuse_channel(Instant::now(), self.id, DROPPED)
@@ -351,10 +352,10 @@ impl Drop for RefuseOnDrop {
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("class", &self.class)
-            .field("priority", &self.priority)
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.name)
+            .field("class", &self.inner.class)
+            .field("priority", &self.inner.priority)
             .finish()
     }
 }
@@ -366,14 +367,17 @@ impl Channel {
         class: Class,
         priority: Priority,
         name: Option<Arc<str>>,
+        accepted: bool,
     ) -> Channel {
         Channel {
-            peer,
-            id,
-            class,
-            priority,
-            name,
-            accepted: None,
+            inner: Arc::new(ChannelInner {
+                peer,
+                id,
+                class,
+                priority,
+                name,
+                accepted,
+            }),
         }
     }
 
@@ -381,7 +385,7 @@ impl Channel {
     /// that accepted the channel sees the name its opener gave); `None` for a channel opened
     /// with [`Peer::channel`].
     pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+        self.inner.name.as_deref()
     }
 
     /// Refuses this channel, which the peer opened: the peer's pending and later operations on
@@ -394,35 +398,36 @@ impl Channel {
     /// nothing; a channel this side opened cannot be refused ([`Error::Config`]), and a dead
     /// session's error is returned as is.
     pub fn refuse(&self, reason: &str) -> Result<()> {
-        let mut st = self.peer.shared.state();
-        st.session.refuse_channel(Instant::now(), self.id, reason)?;
+        let mut st = self.inner.peer.shared.state();
+        st.session
+            .refuse_channel(Instant::now(), self.inner.id, reason)?;
         st.dispatch();
         st.kick();
         Ok(())
     }
     /// The memory domain the current connection's one-sided operations reach, if it has them.
     pub(crate) fn connection_domain(&self) -> Option<u64> {
-        self.peer.shared.tx.one_sided().map(|o| o.domain())
+        self.inner.peer.shared.tx.one_sided().map(|o| o.domain())
     }
 
     /// The channel id within its session.
     pub fn id(&self) -> u32 {
-        self.id
+        self.inner.id
     }
 
     /// The channel's class.
     pub fn class(&self) -> Class {
-        self.class
+        self.inner.class
     }
 
     /// The channel's priority within its class.
     pub fn priority(&self) -> Priority {
-        self.priority
+        self.inner.priority
     }
 
     /// The peer this channel leads to.
     pub fn peer(&self) -> &Peer {
-        &self.peer
+        &self.inner.peer
     }
 
     /// Queues `items` (body, message flags, tag) together, all or none: nothing of another task
@@ -432,9 +437,12 @@ impl Channel {
         cx: Option<&mut std::task::Context<'_>>,
         items: &[(&Bytes, u8, u64)],
     ) -> Poll<Result<()>> {
-        let mut st = self.peer.shared.state();
+        let mut st = self.inner.peer.shared.state();
         let len = items.iter().map(|i| i.0.len()).sum();
-        match st.session.poll_capacity_for(self.id, len, items.len()) {
+        match st
+            .session
+            .poll_capacity_for(self.inner.id, len, items.len())
+        {
             Err(e) => Poll::Ready(Err(e)),
             Ok(true) => {
                 let now = Instant::now();
@@ -442,7 +450,7 @@ impl Channel {
                 for (body, flags, tag) in items {
                     r = st
                         .session
-                        .send(now, self.id, Bytes::clone(body), *flags, *tag);
+                        .send(now, self.inner.id, Bytes::clone(body), *flags, *tag);
                     if r.is_err() {
                         break;
                     }
@@ -452,7 +460,7 @@ impl Channel {
             }
             Ok(false) => match cx {
                 Some(cx) => {
-                    st.send_wakers.register(self.id, cx.waker());
+                    st.send_wakers.register(self.inner.id, cx.waker());
                     Poll::Pending
                 }
                 None => Poll::Ready(Err(Error::WouldBlock)),
@@ -545,19 +553,19 @@ impl Channel {
     /// As [`Channel::recv`], leaving a fragmented message in its pieces (the fabric's own bulk
     /// service copies them straight into a region).
     pub(crate) async fn recv_unassembled(&self) -> Result<crate::core::Delivered> {
-        let shared = &*self.peer.shared;
+        let shared = &*self.inner.peer.shared;
         let take = |st: &mut PeerState| -> Option<Result<crate::core::Delivered>> {
             // A message a dropped `recv` put back comes before the session's next one.
-            if let Some(m) = st.take_unjoined(self.id) {
+            if let Some(m) = st.take_unjoined(self.inner.id) {
                 return Some(Ok(m));
             }
-            if let Some(m) = st.session.recv_unassembled(self.id) {
+            if let Some(m) = st.session.recv_unassembled(self.inner.id) {
                 if st.session.has_urgent_output() {
                     st.kick();
                 }
                 return Some(Ok(m));
             }
-            st.session.channel_error(self.id).map(Err)
+            st.session.channel_error(self.inner.id).map(Err)
         };
         // While it waits, this task reads the connection itself (see `rx.rs`).
         let mut reader = ReaderSlot::new(&shared.rx_wake);
@@ -571,16 +579,16 @@ impl Channel {
                     coop.made_progress();
                     return Poll::Ready(r);
                 }
-                st.recv_wakers.unregister(self.id, cx.waker());
+                st.recv_wakers.unregister(self.inner.id, cx.waker());
             }
-            reader.register(self.class as u8, cx.waker());
-            shared.read_inline(self.id, self.class);
+            reader.register(self.inner.class as u8, cx.waker());
+            shared.read_inline(self.inner.id, self.inner.class);
             let mut st = shared.state();
             if let Some(r) = take(&mut st) {
                 coop.made_progress();
                 return Poll::Ready(r);
             }
-            st.recv_wakers.register(self.id, cx.waker());
+            st.recv_wakers.register(self.inner.id, cx.waker());
             st.idle();
             Poll::Pending
         })
@@ -589,17 +597,17 @@ impl Channel {
 
     /// The next message if one is ready.
     pub fn try_recv(&self) -> Result<Option<Message>> {
-        let mut st = self.peer.shared.state();
-        if let Some(m) = st.take_unjoined(self.id) {
+        let mut st = self.inner.peer.shared.state();
+        if let Some(m) = st.take_unjoined(self.inner.id) {
             drop(st);
             return Ok(Some(message(m)));
         }
-        if let Some(m) = st.session.recv_unassembled(self.id) {
+        if let Some(m) = st.session.recv_unassembled(self.inner.id) {
             st.kick();
             drop(st);
             return Ok(Some(message(m)));
         }
-        match st.session.channel_error(self.id) {
+        match st.session.channel_error(self.inner.id) {
             Some(e) => Err(e),
             None => Ok(None),
         }
@@ -611,11 +619,11 @@ impl Channel {
     /// (what it had not taken was dropped).
     pub async fn flush(&self) -> Result<()> {
         poll_fn(|cx| {
-            let mut st = self.peer.shared.state();
-            match st.session.want_flush(self.id) {
+            let mut st = self.inner.peer.shared.state();
+            match st.session.want_flush(self.inner.id) {
                 Ok(true) => Poll::Ready(Ok(())),
                 Ok(false) => {
-                    st.flush_wakers.register(self.id, cx.waker());
+                    st.flush_wakers.register(self.inner.id, cx.waker());
                     Poll::Pending
                 }
                 Err(e) => Poll::Ready(Err(e)),
@@ -643,11 +651,20 @@ impl Channel {
                 Ok(r) => r,
                 Err(_) => Err(Error::DeadlineExceeded),
             };
-        if result.is_ok() && self.peer.shared.state().session.config().channel_histograms {
+        if result.is_ok()
+            && self
+                .inner
+                .peer
+                .shared
+                .state()
+                .session
+                .config()
+                .channel_histograms
+        {
             let us = start.elapsed().as_micros() as u64;
-            let mut st = self.peer.shared.state();
+            let mut st = self.inner.peer.shared.state();
             st.request_rtt
-                .entry(self.id)
+                .entry(self.inner.id)
                 .or_insert_with(|| {
                     Box::new(
                         Histogram::new_with_bounds(1, 100_000_000, 2)
@@ -669,15 +686,15 @@ impl Channel {
     ) -> Result<Bytes> {
         let (tx, rx) = oneshot::channel();
         let tag = {
-            let mut st = self.peer.shared.state();
+            let mut st = self.inner.peer.shared.state();
             let tag = st.next_tag;
             st.next_tag += 1;
-            st.responses.insert(tag, (self.id, tx));
+            st.responses.insert(tag, (self.inner.id, tx));
             tag
         };
         // Forget the slot if this future is dropped.
         let _guard = SlotGuard {
-            shared: &self.peer.shared,
+            shared: &self.inner.peer.shared,
             tag,
         };
         poll_fn(|cx| match &head {
@@ -708,11 +725,11 @@ impl Channel {
 
     /// A snapshot of the channel's counters and latency histograms.
     pub fn stats(&self) -> Option<ChannelSnapshot> {
-        let st = self.peer.shared.state();
-        let stats = st.session.channel_stats(self.id)?;
+        let st = self.inner.peer.shared.state();
+        let stats = st.session.channel_stats(self.inner.id)?;
         Some(ChannelSnapshot {
             stats,
-            request_rtt_us: st.request_rtt.get(&self.id).map(|h| (**h).clone()),
+            request_rtt_us: st.request_rtt.get(&self.inner.id).map(|h| (**h).clone()),
         })
     }
 }
@@ -761,10 +778,11 @@ impl Drop for KeepUnjoined<'_> {
     fn drop(&mut self) {
         if let Some(msg) = self.msg.take() {
             self.channel
+                .inner
                 .peer
                 .shared
                 .state()
-                .put_back_unjoined(self.channel.id, msg);
+                .put_back_unjoined(self.channel.inner.id, msg);
         }
     }
 }
