@@ -7,8 +7,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -106,22 +106,25 @@ impl DevCa {
             ))
         })?;
         let bad_cert = |why: &str| invalid(format!("{}: {why}", cert.display()));
-        let parts = der::certificate(&der)
-            .ok_or_else(|| bad_cert("not an X.509 certificate this module can read"))?;
-        if parts.spki != key_pair.public_key_der().as_slice() {
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| bad_cert(&format!("not an X.509 certificate: {e}")))?;
+        if parsed.public_key().raw != key_pair.public_key_der().as_slice() {
             return Err(invalid(format!(
                 "{} is not the key of the certificate in {}",
                 key.display(),
                 cert.display()
             )));
         }
-        let dn = der::distinguished_name(parts.subject_content).ok_or_else(|| {
-            bad_cert("its subject name has parts this module cannot issue certificates under")
-        })?;
-        let issuer = ca_params(dn).self_signed(&key_pair).map_err(rc)?;
+        let params = CertificateParams::from_ca_cert_der(&der)
+            .map_err(|e| bad_cert(&format!("not a CA certificate rcgen can issue under: {e}")))?;
+        let issuer = ca_params(params.distinguished_name)
+            .self_signed(&key_pair)
+            .map_err(rc)?;
         // The issued certificates' issuer name must be the CA's subject name byte for byte.
-        let again = der::certificate(issuer.der()).map(|p| p.subject);
-        if again != Some(parts.subject) {
+        let again = x509_parser::parse_x509_certificate(issuer.der())
+            .map(|(_, c)| c.subject().as_raw().to_vec())
+            .ok();
+        if again.as_deref() != Some(parsed.subject().as_raw()) {
             return Err(bad_cert(
                 "its subject name cannot be reproduced exactly (not made by agentfabric certs dev?)",
             ));
@@ -449,162 +452,4 @@ fn write_file(path: &Path, data: &[u8], private: bool, replace: bool) -> io::Res
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
     file.write_all(data)
-}
-
-/// Just enough DER to read a CA certificate back: its subject name and public key.
-mod der {
-    use super::{DistinguishedName, DnType, DnValue};
-
-    /// The parts of a certificate [`super::DevCa::from_pem_files`] needs.
-    pub(super) struct CertParts<'a> {
-        /// The subject Name, tag and length included.
-        pub(super) subject: &'a [u8],
-        /// The subject Name's content (its RDNs).
-        pub(super) subject_content: &'a [u8],
-        /// The SubjectPublicKeyInfo, tag and length included.
-        pub(super) spki: &'a [u8],
-    }
-
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const OID: u8 = 0x06;
-    const VERSION: u8 = 0xa0;
-
-    /// One DER element, and what follows it.
-    struct Element<'a> {
-        tag: u8,
-        content: &'a [u8],
-        /// The element, tag and length included.
-        whole: &'a [u8],
-        rest: &'a [u8],
-    }
-
-    /// The first DER element of `input`.
-    fn next(input: &[u8]) -> Option<Element<'_>> {
-        let (&tag, rest) = input.split_first()?;
-        if tag & 0x1f == 0x1f {
-            return None; // multi-byte tags: none in the fields read here
-        }
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |len, &b| len << 8 | usize::from(b));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        let header = input.len() - rest.len();
-        Some(Element {
-            tag,
-            content: &rest[..len],
-            whole: &input[..header + len],
-            rest: &rest[len..],
-        })
-    }
-
-    /// `next`, when the element has tag `want`.
-    fn expect(input: &[u8], want: u8) -> Option<Element<'_>> {
-        next(input).filter(|e| e.tag == want)
-    }
-
-    /// The subject and public key of a DER X.509 certificate.
-    pub(super) fn certificate(der: &[u8]) -> Option<CertParts<'_>> {
-        let cert = expect(der, SEQUENCE)?.content;
-        let tbs = expect(cert, SEQUENCE)?.content;
-        let mut rest = tbs;
-        if let Some(version) = expect(rest, VERSION) {
-            rest = version.rest;
-        }
-        // serialNumber, signature, issuer, validity
-        for _ in 0..4 {
-            rest = next(rest)?.rest;
-        }
-        let subject = expect(rest, SEQUENCE)?;
-        let spki = expect(subject.rest, SEQUENCE)?;
-        Some(CertParts {
-            subject: subject.whole,
-            subject_content: subject.content,
-            spki: spki.whole,
-        })
-    }
-
-    /// An object identifier's arcs.
-    fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
-        let mut arcs = Vec::new();
-        let mut value = 0u64;
-        for (i, &b) in content.iter().enumerate() {
-            value = value.checked_mul(128)? | u64::from(b & 0x7f);
-            if b & 0x80 != 0 {
-                continue;
-            }
-            if arcs.is_empty() {
-                let first = (value / 40).min(2);
-                arcs.push(first);
-                arcs.push(value - first * 40);
-            } else {
-                arcs.push(value);
-            }
-            value = 0;
-            if i + 1 == content.len() {
-                return Some(arcs);
-            }
-        }
-        None
-    }
-
-    /// A Name's RDNs (one attribute each) as rcgen's [`DistinguishedName`]; `None` for what
-    /// rcgen cannot write back (several attributes in one RDN, one type twice, other string
-    /// types than UTF8String, PrintableString and IA5String).
-    pub(super) fn distinguished_name(mut rdns: &[u8]) -> Option<DistinguishedName> {
-        let mut dn = DistinguishedName::new();
-        while !rdns.is_empty() {
-            let set = expect(rdns, SET)?;
-            rdns = set.rest;
-            let attribute = expect(set.content, SEQUENCE)?;
-            if !attribute.rest.is_empty() {
-                return None;
-            }
-            let oid = expect(attribute.content, OID)?;
-            let value = next(oid.rest)?;
-            if !value.rest.is_empty() {
-                return None;
-            }
-            let (tag, value, oid) = (value.tag, value.content, oid.content);
-            let text = std::str::from_utf8(value).ok()?;
-            let value = match tag {
-                0x0c => DnValue::Utf8String(text.to_owned()),
-                0x13 => DnValue::PrintableString(text.try_into().ok()?),
-                0x16 => DnValue::Ia5String(text.try_into().ok()?),
-                _ => return None,
-            };
-            let ty = DnType::from_oid(&oid_arcs(oid)?);
-            if dn.get(&ty).is_some() {
-                return None;
-            }
-            dn.push(ty, value);
-        }
-        Some(dn)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn oids_decode() {
-            // 2.5.4.3 (commonName), 1.2.840.113549.1.1.11
-            assert_eq!(super::oid_arcs(&[0x55, 0x04, 0x03]), Some(vec![2, 5, 4, 3]));
-            assert_eq!(
-                super::oid_arcs(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b]),
-                Some(vec![1, 2, 840, 113549, 1, 1, 11])
-            );
-            assert_eq!(super::oid_arcs(&[0x55, 0x84]), None);
-        }
-    }
 }
