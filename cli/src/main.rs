@@ -5,7 +5,9 @@
 //! - `bench`: measures the fabric against a raw baseline in the same process and prints latency
 //!   summaries (a table, or one JSON object with `--json`; see `bench/JSON.md`); the harness and
 //!   workloads are the `agentfabric-bench` crate (`bench/`);
-//! - `certs`: writes development certificates for the QUIC transport.
+//! - `certs`: writes development certificates for the QUIC transport;
+//! - `sidecar`: serves the host's agents in any language over a Unix socket (the
+//!   `agentfabric-sidecar` crate, `sidecar/`; its protocol is `sidecar/PROTOCOL.md`).
 //!
 //! Everything here uses the public API of the agentfabric crates only.
 //! Standard output carries results only; progress and logs go to standard error.
@@ -40,6 +42,8 @@ enum Command {
     Bench(agentfabric_bench::BenchArgs),
     /// Write certificates for the QUIC transport (`certs dev DIR [NODE...]`).
     Certs(certs::CertsArgs),
+    /// Serve this host's agents (any language) over a Unix socket, on one fabric node.
+    Sidecar(agentfabric_sidecar::SidecarArgs),
 }
 
 /// Sends `tracing` output (the library's warnings, `RUST_LOG` for more) to standard error, so
@@ -60,5 +64,6 @@ fn main() -> ExitCode {
         Command::Info => info::main(),
         Command::Bench(args) => agentfabric_bench::main(args),
         Command::Certs(args) => certs::main(args),
+        Command::Sidecar(args) => agentfabric_sidecar::main(args),
     }
 }

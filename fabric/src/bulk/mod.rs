@@ -20,6 +20,6 @@ pub(crate) use notify::PendingNotes;
 
 pub use crate::error::RegionError;
 pub(crate) use region::RegionTable;
-pub use region::{AlignedBuf, RdmaAccess, Region, RegionDescriptor, REGION_ALIGN};
+pub use region::{AlignedBuf, ExternalMemory, RdmaAccess, Region, RegionDescriptor, REGION_ALIGN};
 pub(crate) use transfer::serve_transfers;
 pub use transfer::{Block, Notification, TransferReport, MAX_INFLIGHT_BLOCKS, MAX_INFLIGHT_BYTES};

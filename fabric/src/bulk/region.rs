@@ -23,7 +23,8 @@ use crate::transport::{MemoryDomain, MemoryRegistration, RailKeys, MAX_RAILS};
 /// Alignment of region memory: a page, as RDMA registration and DMA prefer.
 pub const REGION_ALIGN: usize = 4096;
 
-/// A zeroed, page-aligned heap buffer.
+/// A page-aligned buffer: zeroed heap memory ([`AlignedBuf::new`]), or memory the application
+/// mapped itself ([`AlignedBuf::from_external`], e.g. a `memfd` another process shares).
 ///
 /// A buffer handed back by [`Region::reclaim`] may keep its registration with the RDMA device
 /// (with no remote key: no peer can reach it): registering it again with the same node then
@@ -35,9 +36,34 @@ pub struct AlignedBuf {
     /// The registration a revoked region left with its memory, key withdrawn
     /// ([`MemoryRegistration::withdraw`]).
     kept: Option<Registered>,
+    /// The owner of external memory, dropped (unmapping it) instead of freeing a heap block.
+    external: Option<Box<dyn ExternalMemory>>,
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+/// Memory the application owns (a shared mapping, say) that a [`Region`] can use in place of a
+/// heap buffer: the sidecar maps a client's `memfd` and registers the mapping, so transfers move
+/// the client's own pages.
+///
+/// # Safety
+/// The implementor promises that [`ExternalMemory::as_ptr`] is valid for reads and writes of
+/// [`ExternalMemory::len`] bytes, page-aligned, from the value's creation until it is dropped,
+/// and that the memory is not unmapped or freed before then. Memory that another process also
+/// maps can change under the fabric's feet: a region over it gives no more than that process's
+/// discipline (the sidecar's protocol says a client must not write a range a transfer is
+/// reading).
+pub unsafe trait ExternalMemory: Send + Sync + 'static {
+    /// Start of the memory.
+    fn as_ptr(&self) -> *mut u8;
+    /// Its length in bytes.
+    fn len(&self) -> usize;
+    /// Whether it has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]> (external memory is
+// Send + Sync by its trait's bounds and contract).
 unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access only hands out `&[u8]`, like a Box<[u8]>.
 unsafe impl Sync for AlignedBuf {}
@@ -59,6 +85,29 @@ impl AlignedBuf {
             ptr,
             len,
             kept: None,
+            external: None,
+        })
+    }
+
+    /// Wraps memory the application mapped itself; dropping the buffer (after the region that
+    /// holds it is gone) drops `mem`. Fails when the memory is empty or not page-aligned.
+    pub fn from_external(mem: Box<dyn ExternalMemory>) -> Result<AlignedBuf> {
+        let len = mem.len();
+        let ptr = std::ptr::NonNull::new(mem.as_ptr())
+            .ok_or_else(|| Error::Config("external memory at address 0".into()))?;
+        if len == 0 {
+            return Err(Error::Config("a region needs at least one byte".into()));
+        }
+        if !(ptr.as_ptr() as usize).is_multiple_of(REGION_ALIGN) {
+            return Err(Error::Config(format!(
+                "external memory must be aligned to {REGION_ALIGN} bytes"
+            )));
+        }
+        Ok(AlignedBuf {
+            ptr,
+            len,
+            kept: None,
+            external: Some(mem),
         })
     }
 
@@ -88,6 +137,11 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // The device lets go of the memory before it is freed.
         drop(self.kept.take());
+        if let Some(mem) = self.external.take() {
+            // The owner unmaps (or keeps) its memory; none of it came from the heap.
+            drop(mem);
+            return;
+        }
         let layout =
             Layout::from_size_align(self.len, REGION_ALIGN).expect("checked at allocation");
         // SAFETY: allocated in `new` with this layout.

@@ -112,8 +112,15 @@ pub struct ServerStats {
     pub deadline_exceeded: u64,
 }
 
+/// Tools known only when they are called: whether a name is served, and the one handler for them.
+struct Dynamic {
+    serves: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    handler: BoxedHandler,
+}
+
 struct ServerInner {
     tools: HashMap<String, BoxedHandler>,
+    dynamic: Option<Dynamic>,
     cfg: ServerConfig,
     keys: Mutex<KeyWindow>,
     executions: AtomicU64,
@@ -162,6 +169,7 @@ impl ToolServer {
         ToolServer {
             inner: Arc::new(ServerInner {
                 tools: HashMap::new(),
+                dynamic: None,
                 cfg,
                 keys: Mutex::new(KeyWindow::default()),
                 executions: AtomicU64::new(0),
@@ -185,6 +193,36 @@ impl ToolServer {
             .tools
             .insert(name.to_owned(), h);
         self
+    }
+
+    /// Serves every tool `serves` accepts (and no tool of that name is registered) with the one
+    /// `handler`, which finds the tool's name in [`ToolRequest::tool`]: for a server whose tools
+    /// come and go while it serves, such as the sidecar forwarding calls to its clients. A name
+    /// `serves` refuses fails as an unknown tool. Set before serving, as with
+    /// [`ToolServer::register`] (same panic).
+    pub fn register_dynamic<S, F, Fut>(&mut self, serves: S, handler: F) -> &mut Self
+    where
+        S: Fn(&str) -> bool + Send + Sync + 'static,
+        F: Fn(ToolRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ToolResult> + Send + 'static,
+    {
+        let h: BoxedHandler = Arc::new(move |req| Box::pin(handler(req)));
+        Arc::get_mut(&mut self.inner)
+            .expect("register tools before the server is cloned or serving")
+            .dynamic = Some(Dynamic {
+            serves: Box::new(serves),
+            handler: h,
+        });
+        self
+    }
+
+    /// The handler for `tool`: registered by name, else the dynamic one if it serves the name.
+    fn handler(&self, tool: &str) -> Option<BoxedHandler> {
+        if let Some(h) = self.inner.tools.get(tool) {
+            return Some(h.clone());
+        }
+        let d = self.inner.dynamic.as_ref()?;
+        (d.serves)(tool).then(|| d.handler.clone())
     }
 
     /// Counters.
@@ -303,7 +341,7 @@ impl ToolServer {
         received: Instant,
         caller: String,
     ) -> Result<Bytes, String> {
-        let Some(handler) = self.inner.tools.get(&env.tool).cloned() else {
+        let Some(handler) = self.handler(&env.tool) else {
             return Err(format!("unknown_tool: {}", env.tool));
         };
         let deadline = received + env.budget;

@@ -1,0 +1,119 @@
+//! The sidecar's shared state: its fabric node, the endpoints of its connected clients, the
+//! sessions to other nodes (shared by every client), and who owns each registered region.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use agentfabric::sync::lock;
+use agentfabric::{Node, Peer};
+
+use crate::config::Limits;
+use crate::endpoint::Endpoint;
+use crate::errors::OpError;
+use crate::wire::ErrorCode;
+
+/// State every client connection shares.
+pub struct Hub {
+    /// The fabric node.
+    pub node: Node,
+    /// Per-client limits.
+    pub limits: Limits,
+    /// Uids allowed to connect (the sidecar's own among them).
+    pub allowed_uids: Vec<u32>,
+    /// The node's in-process address, for endpoints on this host.
+    self_url: String,
+    endpoints: Mutex<HashMap<String, Arc<dyn Endpoint>>>,
+    /// Sessions by the address a client gave (`""`: this node itself).
+    peers: tokio::sync::Mutex<HashMap<String, Peer>>,
+    /// Region id → its owner and the owner's handle, for notifications.
+    regions: Mutex<HashMap<u64, (Weak<dyn Endpoint>, u32)>>,
+    /// Called with every session this sidecar opens, so that channels the far side opens on it
+    /// are routed too.
+    on_peer: Box<dyn Fn(Peer) + Send + Sync>,
+}
+
+impl Hub {
+    /// A hub over `node`, whose in-process address is `self_url`; `on_peer` sees every session
+    /// the hub opens.
+    pub fn new(
+        node: Node,
+        limits: Limits,
+        allowed_uids: Vec<u32>,
+        self_url: String,
+        on_peer: Box<dyn Fn(Peer) + Send + Sync>,
+    ) -> Hub {
+        Hub {
+            node,
+            limits,
+            allowed_uids,
+            self_url,
+            endpoints: Mutex::default(),
+            peers: tokio::sync::Mutex::default(),
+            regions: Mutex::default(),
+            on_peer,
+        }
+    }
+
+    /// Claims `name` for `ep`; `false` when another client holds it.
+    pub fn claim(&self, name: &str, ep: Arc<dyn Endpoint>) -> bool {
+        let mut eps = lock(&self.endpoints);
+        if eps.contains_key(name) {
+            return false;
+        }
+        eps.insert(name.to_owned(), ep);
+        true
+    }
+
+    /// Gives `name` up.
+    pub fn release(&self, name: &str) {
+        lock(&self.endpoints).remove(name);
+    }
+
+    /// The endpoint called `name`, if a client holds it.
+    pub fn endpoint(&self, name: &str) -> Option<Arc<dyn Endpoint>> {
+        lock(&self.endpoints).get(name).cloned()
+    }
+
+    /// The session to the node at `url` (`""`: this node, in-process), opened on first use and
+    /// again when the last one died.
+    pub async fn peer(&self, url: &str) -> Result<Peer, OpError> {
+        let mut peers = self.peers.lock().await;
+        if let Some(p) = peers.get(url) {
+            if p.error().is_none() {
+                return Ok(p.clone());
+            }
+        }
+        let target = if url.is_empty() { &self.self_url } else { url };
+        if url.starts_with("mem:") {
+            return Err(OpError::new(
+                ErrorCode::ConnectFailed,
+                "mem:// is the sidecar's own; use the empty url for this node",
+            ));
+        }
+        let p = self.node.connect(target).await.map_err(|e| {
+            let mut e = OpError::from(e);
+            e.message = format!("{target}: {}", e.message);
+            e
+        })?;
+        (self.on_peer)(p.clone());
+        peers.insert(url.to_owned(), p.clone());
+        Ok(p)
+    }
+
+    /// Records that region `id` of the node is `owner`'s region `handle`.
+    pub fn own_region(&self, id: u64, owner: Weak<dyn Endpoint>, handle: u32) {
+        lock(&self.regions).insert(id, (owner, handle));
+    }
+
+    /// Forgets region `id`.
+    pub fn disown_region(&self, id: u64) {
+        lock(&self.regions).remove(&id);
+    }
+
+    /// The owner of region `id` and its handle there.
+    pub fn region_owner(&self, id: u64) -> Option<(Arc<dyn Endpoint>, u32)> {
+        let regions = lock(&self.regions);
+        let (owner, handle) = regions.get(&id)?;
+        Some((owner.upgrade()?, *handle))
+    }
+}
