@@ -27,4 +27,4 @@ pub mod wire;
 mod writer;
 
 pub use config::{Limits, SidecarConfig};
-pub use run::{main, run, SidecarArgs};
+pub use run::{main, run, Sidecar, SidecarArgs};

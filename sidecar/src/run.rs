@@ -99,48 +99,13 @@ pub fn main(args: SidecarArgs) -> ExitCode {
 /// Runs the sidecar `config` describes until SIGINT or SIGTERM. Prints one line of JSON on
 /// standard output once it serves: `{"node", "socket", "listen": [...]}`.
 pub async fn run(config: SidecarConfig) -> Result<(), String> {
-    let node = build_node(&config).map_err(|e| format!("cannot build the node: {e}"))?;
-    let self_url = node
-        .listen(&format!("mem://{}", config.node))
-        .await
-        .map_err(|e| format!("cannot listen in-process: {e}"))?;
-    let mut listening = Vec::new();
-    for url in &config.listen {
-        let at = node
-            .listen(url)
-            .await
-            .map_err(|e| format!("cannot listen on {url}: {e}"))?;
-        listening.push(at);
-    }
-    let listener = bind_private(&config.socket_dir).map_err(|e| {
-        format!(
-            "cannot make the socket in {}: {e}",
-            config.socket_dir.display()
-        )
-    })?;
-    let mut allowed = vec![nix::unistd::getuid().as_raw()];
-    allowed.extend(&config.allow_uids);
-    let hub = Arc::new_cyclic(|me: &std::sync::Weak<Hub>| {
-        let me = me.clone();
-        Hub::new(
-            node.clone(),
-            config.limits.clone(),
-            allowed,
-            self_url,
-            Box::new(move |peer| {
-                if let Some(hub) = me.upgrade() {
-                    tokio::spawn(route_channels(hub, peer));
-                }
-            }),
-        )
-    });
-    tokio::spawn(accept_sessions(hub.clone()));
-    tokio::spawn(deliver_notifications(hub.clone()));
+    let sidecar = Sidecar::start(config).await?;
     let ready = format!(
         "{{\"node\": {}, \"socket\": {}, \"listen\": [{}]}}",
-        json_str(&config.node),
-        json_str(&config.socket_path().to_string_lossy()),
-        listening
+        json_str(sidecar.node()),
+        json_str(&sidecar.socket().to_string_lossy()),
+        sidecar
+            .listening()
             .iter()
             .map(|u| json_str(u))
             .collect::<Vec<_>>()
@@ -151,30 +116,114 @@ pub async fn run(config: SidecarConfig) -> Result<(), String> {
         let _ = writeln!(stdout, "{ready}");
         let _ = stdout.flush();
     }
-    tracing::info!(node = %config.node, socket = %config.socket_path().display(), "sidecar ready");
-    let serving = async {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => match peer_credentials(&stream) {
-                    Ok(creds) => {
-                        tokio::spawn(crate::client::serve(hub.clone(), stream, creds));
+    tracing::info!(node = %sidecar.node(), socket = %sidecar.socket().display(), "sidecar ready");
+    stop_signal().await;
+    sidecar.stop().await;
+    Ok(())
+}
+
+/// A running sidecar (the process's, or one a test started in its own runtime).
+pub struct Sidecar {
+    hub: Arc<Hub>,
+    config: SidecarConfig,
+    listening: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Builds the node, listens on the configured addresses and the socket, and serves clients
+    /// on tasks of the current runtime until [`Sidecar::stop`].
+    pub async fn start(config: SidecarConfig) -> Result<Sidecar, String> {
+        let node = build_node(&config).map_err(|e| format!("cannot build the node: {e}"))?;
+        let self_url = node
+            .listen(&format!("mem://{}", config.node))
+            .await
+            .map_err(|e| format!("cannot listen in-process: {e}"))?;
+        let mut listening = Vec::new();
+        for url in &config.listen {
+            let at = node
+                .listen(url)
+                .await
+                .map_err(|e| format!("cannot listen on {url}: {e}"))?;
+            listening.push(at);
+        }
+        let listener = bind_private(&config.socket_dir).map_err(|e| {
+            format!(
+                "cannot make the socket in {}: {e}",
+                config.socket_dir.display()
+            )
+        })?;
+        let mut allowed = vec![nix::unistd::getuid().as_raw()];
+        allowed.extend(&config.allow_uids);
+        let hub = Arc::new_cyclic(|me: &std::sync::Weak<Hub>| {
+            let me = me.clone();
+            Hub::new(
+                node.clone(),
+                config.limits.clone(),
+                allowed,
+                self_url,
+                Box::new(move |peer| {
+                    if let Some(hub) = me.upgrade() {
+                        tokio::spawn(route_channels(hub, peer));
                     }
-                    Err(e) => tracing::warn!(error = %e, "no credentials for a connection"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }),
+            )
+        });
+        let tasks = vec![
+            tokio::spawn(accept_sessions(hub.clone())),
+            tokio::spawn(deliver_notifications(hub.clone())),
+            tokio::spawn(serve_socket(hub.clone(), listener)),
+        ];
+        Ok(Sidecar {
+            hub,
+            config,
+            listening,
+            tasks,
+        })
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// The socket clients connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.config.socket_path()
+    }
+
+    /// The addresses the node listens on for other nodes (ports resolved).
+    pub fn listening(&self) -> &[String] {
+        &self.listening
+    }
+
+    /// Stops serving: the node's sessions are closed and the socket removed. Connected
+    /// clients see their socket end once their connections' tasks notice.
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.hub.node.close("the sidecar is stopping").await;
+        let _ = std::fs::remove_file(self.config.socket_path());
+    }
+}
+
+/// Accepts clients on the socket; each is served on a task of its own.
+async fn serve_socket(hub: Arc<Hub>, listener: tokio::net::UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => match peer_credentials(&stream) {
+                Ok(creds) => {
+                    tokio::spawn(crate::client::serve(hub.clone(), stream, creds));
                 }
+                Err(e) => tracing::warn!(error = %e, "no credentials for a connection"),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
-    };
-    tokio::select! {
-        _ = serving => {}
-        _ = stop_signal() => {}
     }
-    node.close("the sidecar is stopping").await;
-    let _ = std::fs::remove_file(config.socket_path());
-    Ok(())
 }
 
 async fn stop_signal() {
