@@ -2,8 +2,8 @@
 //! incoming channel, a tool call or a notification. Clients implement it; the hub and the
 //! routing hold it as a trait object, so neither depends on the client's code.
 
-use agentfabric::tools::ToolServer;
 use agentfabric::bulk::Notification;
+use agentfabric::tools::ToolServer;
 use agentfabric::Channel;
 
 use crate::link::Intro;

@@ -79,9 +79,10 @@ impl From<ToolError> for OpError {
             }
             ToolError::Cancelled => OpError::new(ErrorCode::Cancelled, "the call was cancelled"),
             ToolError::Failed(reason) => OpError::new(ErrorCode::ToolFailed, reason),
-            ToolError::UnknownTool(tool) => {
-                OpError::new(ErrorCode::NoSuchTool, format!("no endpoint serves tool {tool}"))
-            }
+            ToolError::UnknownTool(tool) => OpError::new(
+                ErrorCode::NoSuchTool,
+                format!("no endpoint serves tool {tool}"),
+            ),
             ToolError::Refused(reason) => OpError::new(ErrorCode::Refused, reason),
             ToolError::PeerGone(e) | ToolError::Fabric(e) => OpError::from(e),
         }

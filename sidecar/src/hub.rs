@@ -12,6 +12,9 @@ use crate::endpoint::Endpoint;
 use crate::errors::OpError;
 use crate::wire::ErrorCode;
 
+/// Who holds a region: the client's endpoint and its handle for the region.
+type RegionOwner = (Weak<dyn Endpoint>, u32);
+
 /// State every client connection shares.
 pub struct Hub {
     /// The fabric node.
@@ -26,7 +29,7 @@ pub struct Hub {
     /// Sessions by the address a client gave (`""`: this node itself).
     peers: tokio::sync::Mutex<HashMap<String, Peer>>,
     /// Region id → its owner and the owner's handle, for notifications.
-    regions: Mutex<HashMap<u64, (Weak<dyn Endpoint>, u32)>>,
+    regions: Mutex<HashMap<u64, RegionOwner>>,
     /// Called with every session this sidecar opens, so that channels the far side opens on it
     /// are routed too.
     on_peer: Box<dyn Fn(Peer) + Send + Sync>,

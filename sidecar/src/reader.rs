@@ -145,7 +145,10 @@ impl FrameReader {
             }
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "control data truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "control data truncated",
+            ));
         }
         let n = n as usize;
         // SAFETY: recvmsg initialised the first n bytes of the spare capacity.

@@ -20,7 +20,10 @@ pub async fn deliver_notifications(hub: Arc<Hub>) {
     while let Ok(n) = hub.node.notification().await {
         match hub.region_owner(n.region) {
             Some((owner, handle)) => owner.notify(handle, n),
-            None => tracing::debug!(region = n.region, "notification for a region no client holds"),
+            None => tracing::debug!(
+                region = n.region,
+                "notification for a region no client holds"
+            ),
         }
     }
 }
@@ -39,16 +42,25 @@ async fn route(hub: &Hub, ch: Channel) {
     if let Some(ep) = name.strip_prefix(TOOL_PREFIX) {
         match hub.endpoint(ep) {
             Some(e) => e.tools().serve_channel(ch).await,
-            None => refuse(&ch, &format!("no endpoint {ep} on node {}", hub.node.name())),
+            None => refuse(
+                &ch,
+                &format!("no endpoint {ep} on node {}", hub.node.name()),
+            ),
         }
         return;
     }
     let Some(ep) = name.strip_prefix(ENDPOINT_PREFIX) else {
-        refuse(&ch, "not a sidecar channel (names are ep:ENDPOINT or tool:ENDPOINT)");
+        refuse(
+            &ch,
+            "not a sidecar channel (names are ep:ENDPOINT or tool:ENDPOINT)",
+        );
         return;
     };
     let Some(endpoint) = hub.endpoint(ep) else {
-        refuse(&ch, &format!("no endpoint {ep} on node {}", hub.node.name()));
+        refuse(
+            &ch,
+            &format!("no endpoint {ep} on node {}", hub.node.name()),
+        );
         return;
     };
     // The opener's first request introduces it; nothing else is read before.

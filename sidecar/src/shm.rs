@@ -51,7 +51,9 @@ pub fn map_sealed(fd: OwnedFd, len: u64) -> Result<SharedMapping, String> {
         .map_err(|e| format!("cannot stat the descriptor: {e}"))?
         .len();
     if size < len {
-        return Err(format!("the memfd holds {size} bytes, fewer than the {len} asked"));
+        return Err(format!(
+            "the memfd holds {size} bytes, fewer than the {len} asked"
+        ));
     }
     let len = usize::try_from(len).map_err(|_| "length beyond the address space".to_owned())?;
     // SAFETY: a shared mapping of a file that cannot shrink (checked above); the client may

@@ -57,9 +57,6 @@ pub fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
     let cred = stream.peer_cred()?;
     Ok(Credentials {
         uid: cred.uid(),
-        pid: cred
-            .pid()
-            .and_then(|p| u32::try_from(p).ok())
-            .unwrap_or(0),
+        pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
     })
 }

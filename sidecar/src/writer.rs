@@ -48,7 +48,10 @@ pub struct Outbound {
 impl Outbound {
     /// A queue with `budget_bytes` for events, and the task that writes it to `sink`. The task
     /// ends when every `Outbound` is dropped (after writing what is queued) or the socket fails.
-    pub fn start(sink: OwnedWriteHalf, budget_bytes: usize) -> (Outbound, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        sink: OwnedWriteHalf,
+        budget_bytes: usize,
+    ) -> (Outbound, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(budget_bytes));
         let task = tokio::spawn(write_loop(sink, rx, budget.clone()));

@@ -123,11 +123,8 @@ fn adopt(conn: &Arc<Conn>, ch: Channel, opened: bool) -> Result<u32, OpError> {
     if conn.is_closed() {
         return Err(OpError::new(ErrorCode::Closed, "the client is gone"));
     }
-    let handle = lock(&conn.channels).insert(
-        entry.clone(),
-        conn.hub.limits.max_channels,
-        "channels",
-    )?;
+    let handle =
+        lock(&conn.channels).insert(entry.clone(), conn.hub.limits.max_channels, "channels")?;
     let sender = tokio::spawn(sender(conn.clone(), entry.clone(), rx));
     lock(&entry.tasks).push(sender.abort_handle());
     Ok(handle)
@@ -144,7 +141,13 @@ fn start_pump(conn: &Arc<Conn>, handle: u32, hello: Option<SidecarMsg>) {
 
 /// `SEND`: inline when nothing of the channel is queued (the common case: one `try_send`, no
 /// task hop), else behind the queued sends.
-pub fn send(conn: &Conn, id: u64, channel: u32, body: Bytes, permit: OpPermit) -> Result<(), OpError> {
+pub fn send(
+    conn: &Conn,
+    id: u64,
+    channel: u32,
+    body: Bytes,
+    permit: OpPermit,
+) -> Result<(), OpError> {
     let e = match conn.channel(channel) {
         Ok(e) => e,
         Err(err) => {
@@ -329,10 +332,9 @@ pub async fn close(conn: Arc<Conn>, channel: u32, reason: String) -> Result<Side
 /// Ends a channel that left the client's table (a `CLOSE`, or the client's exit).
 pub async fn shut(e: &ChanEntry, reason: &str) {
     if e.opened {
-        let _ = e
-            .ch
-            .request(tagged(TAG_CLOSE, reason.as_bytes()), CLOSE_DEADLINE)
-            .await;
+        let _ =
+            e.ch.request(tagged(TAG_CLOSE, reason.as_bytes()), CLOSE_DEADLINE)
+                .await;
     } else {
         let _ = e.ch.refuse(reason);
     }

@@ -28,7 +28,10 @@ pub fn dispatch(
     let c = conn.clone();
     match msg {
         ClientMsg::Hello { .. } => {
-            return Err(OpError::new(ErrorCode::Malformed, "HELLO after the first frame"))
+            return Err(OpError::new(
+                ErrorCode::Malformed,
+                "HELLO after the first frame",
+            ))
         }
         ClientMsg::Ping => conn.answer(id, Ok(SidecarMsg::Done), permit),
         ClientMsg::Send { channel, body } => channels::send(conn, id, channel, body, permit)?,

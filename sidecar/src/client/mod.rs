@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentfabric::bulk::Notification;
 use agentfabric::sync::lock;
 use agentfabric::tools::ToolServer;
-use agentfabric::bulk::Notification;
 use agentfabric::Channel;
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;

@@ -20,7 +20,10 @@ const MAX_BLOCKS: usize = 65_536;
 /// `REGION_ADD`: maps the client's memfd and registers the mapping with the node.
 pub async fn add(conn: Arc<Conn>, fd: Option<OwnedFd>, len: u64) -> Result<SidecarMsg, OpError> {
     let fd = fd.ok_or_else(|| {
-        OpError::new(ErrorCode::BadFd, "REGION_ADD came without a file descriptor")
+        OpError::new(
+            ErrorCode::BadFd,
+            "REGION_ADD came without a file descriptor",
+        )
     })?;
     let node = conn.hub.node.clone();
     // Mapping and registering (pinning, on verbs) take a while for a large region: off the
@@ -82,9 +85,8 @@ pub async fn transfer(
     }
     let ch = conn.channel(t.channel)?;
     let local = conn.region(t.region)?;
-    let remote = RegionDescriptor::decode(&t.descriptor).ok_or_else(|| {
-        OpError::new(ErrorCode::InvalidArgument, "not a region descriptor")
-    })?;
+    let remote = RegionDescriptor::decode(&t.descriptor)
+        .ok_or_else(|| OpError::new(ErrorCode::InvalidArgument, "not a region descriptor"))?;
     let blocks: Vec<Block> = t
         .blocks
         .iter()
@@ -106,9 +108,12 @@ pub async fn transfer(
             peer.read(&local.region, &remote, &blocks, t.notify).await
         }
     };
-    let report = tokio::time::timeout(deadline, run)
-        .await
-        .map_err(|_| OpError::new(ErrorCode::DeadlineExceeded, "the transfer's deadline passed"))??;
+    let report = tokio::time::timeout(deadline, run).await.map_err(|_| {
+        OpError::new(
+            ErrorCode::DeadlineExceeded,
+            "the transfer's deadline passed",
+        )
+    })??;
     Ok(SidecarMsg::Transferred {
         bytes: report.bytes,
         blocks: u32::try_from(report.blocks).unwrap_or(u32::MAX),

@@ -79,9 +79,10 @@ impl<T> Table<T> {
             ));
         }
         let h = self.next;
-        self.next = self.next.checked_add(1).ok_or_else(|| {
-            OpError::new(ErrorCode::Limit, format!("{what}: handles exhausted"))
-        })?;
+        self.next = self
+            .next
+            .checked_add(1)
+            .ok_or_else(|| OpError::new(ErrorCode::Limit, format!("{what}: handles exhausted")))?;
         self.map.insert(h, v);
         Ok(h)
     }

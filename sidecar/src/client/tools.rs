@@ -101,7 +101,10 @@ pub fn serve(conn: &Conn, tool: String, on: bool) -> Result<SidecarMsg, OpError>
         if !served.contains(&tool) && served.len() >= conn.hub.limits.max_tools {
             return Err(OpError::new(
                 ErrorCode::Limit,
-                format!("this client serves {} tools, the most allowed", served.len()),
+                format!(
+                    "this client serves {} tools, the most allowed",
+                    served.len()
+                ),
             ));
         }
         served.insert(tool);
@@ -161,7 +164,8 @@ pub async fn call(
     cancel: oneshot::Receiver<()>,
 ) -> Result<SidecarMsg, OpError> {
     let client = tool_client(&conn, &c.targets).await?;
-    let mut call = Call::new(&c.tool, c.args, deadline(c.deadline_ms)?).retries(u32::from(c.retries));
+    let mut call =
+        Call::new(&c.tool, c.args, deadline(c.deadline_ms)?).retries(u32::from(c.retries));
     if let Some(k) = c.key {
         call = call.key(k);
     }
