@@ -57,7 +57,7 @@ def _exit_on_stdin_eof() -> None:
 
     def watch() -> None:
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(0, 65536):  # the raw descriptor: no lock for interpreter shutdown
                 pass
         except Exception:
             pass

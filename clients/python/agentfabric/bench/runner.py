@@ -88,8 +88,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="the agentfabric binary (default: $AGENTFABRIC_BIN, else "
                     "target/release/agentfabric, else agentfabric on PATH)")
     ap.add_argument("--sidecar-arg", action="append", default=[], metavar="ARG",
-                    help="an extra argument for both sidecars (repeatable), e.g. certificates "
-                    "for quic")
+                    help="an extra argument for both sidecars (repeatable); quic without "
+                    "--quic-ca among them gets development certificates made for the run")
     ap.add_argument("--listen-addr", metavar="IP",
                     help="verbs: the RDMA netdev's address (default $AGENTFABRIC_LAB_ADDR_A)")
     ap.add_argument("--no-rust", action="store_true",
@@ -303,7 +303,7 @@ def table(o: Dict[str, object]) -> str:
         lines += [f"python fabric  {str(o['fabric_mb_s']):>10} MB/s ({o['batches']} writes of "
                   f"64 MiB in {o['blocks_per_batch']} blocks; sidecar-timed {o['sidecar_mb_s']} "
                   "MB/s)",
-                  f"rust fabric    {str(o['rust_mb_s']):>10} MB/s"
+                  f"rust fabric    {'-' if o['rust_mb_s'] is None else o['rust_mb_s']:>10} MB/s"
                   + (f" ({o['rust_error']})" if o["rust_error"] else ""),
                   f"python/rust    {fr(o['ratio_rust']):>10}"]
     return "\n".join(lines) + "\n"
@@ -329,11 +329,21 @@ async def run(a: argparse.Namespace) -> int:
     try:
         listen = listen_url(a)
         tag = os.getpid()
-        r.near = await Sidecar.start(binary, f"pybench-a-{tag}", listen,
-                                     os.path.join(tmp, "a"), a.sidecar_arg)
+        names = (f"pybench-a-{tag}", f"pybench-b-{tag}")
+        extra = {n: list(a.sidecar_arg) for n in names}
+        if a.transport == "quic" and "--quic-ca" not in a.sidecar_arg:
+            # Development certificates for both nodes, from a CA made for this run.
+            certs = os.path.join(tmp, "certs")
+            await run_command([binary, "certs", "dev", certs, *names], 60)
+            for n in names:
+                extra[n] += ["--quic-ca", os.path.join(certs, "ca.pem"),
+                             "--quic-cert", os.path.join(certs, f"{n}.pem"),
+                             "--quic-key", os.path.join(certs, f"{n}.key")]
+        r.near = await Sidecar.start(binary, names[0], listen, os.path.join(tmp, "a"),
+                                     extra[names[0]])
         sidecars.append(r.near)
-        r.far = await Sidecar.start(binary, f"pybench-b-{tag}", listen,
-                                    os.path.join(tmp, "b"), a.sidecar_arg)
+        r.far = await Sidecar.start(binary, names[1], listen, os.path.join(tmp, "b"),
+                                    extra[names[1]])
         sidecars.append(r.far)
         r.far_url = r.far.url(a.transport)
         for w in workloads:
