@@ -60,7 +60,7 @@ def exit_with_parent() -> None:
 
     def watch():
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):  # the raw descriptor: no lock for interpreter shutdown
                 pass
         finally:
             os._exit(0)
