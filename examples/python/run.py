@@ -22,7 +22,10 @@ REPO = HERE.parents[1]
 
 
 def find_binary(explicit):
-    for path in (explicit, os.environ.get("AGENTFABRIC_BIN"),
+    given = explicit or os.environ.get("AGENTFABRIC_BIN")
+    if given and not os.access(given, os.X_OK):
+        sys.exit(f"run.py: {given} is not an executable agentfabric binary")
+    for path in (given,
                  REPO / "target" / "release" / "agentfabric", shutil.which("agentfabric")):
         if path and os.access(path, os.X_OK):
             return str(path)
