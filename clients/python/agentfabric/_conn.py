@@ -118,7 +118,7 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self._drain_waiters: List["asyncio.Future[None]"] = []
         self._held: Optional[List[bytes]] = None
-        self._fd_lock = asyncio.Lock()
+        self._fd_lock: Optional[asyncio.Lock] = None  # made on the loop (Python 3.9)
         # The end.
         self.lost: Optional[str] = None
         self.fatal: Optional[FabricError] = None
@@ -218,6 +218,8 @@ class Connection(asyncio.Protocol):
         Frames of other operations are held back meanwhile; the transport's buffer is let
         drain first, so the frame goes out by ``sendmsg`` on the socket itself in its place in
         the byte stream."""
+        if self._fd_lock is None:
+            self._fd_lock = asyncio.Lock()
         async with self._fd_lock:
             self.check()
             self._held = []
