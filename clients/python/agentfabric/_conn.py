@@ -44,6 +44,8 @@ MAX_QUEUED_FRAMES = 4096
 #: The transport's write buffer above which operations await its drain.
 WRITE_HIGH = 1024 * 1024
 
+_DONE = w.Done()
+
 _ANC_LEVEL = socket.SOL_SOCKET
 _ANC_TYPE = socket.SCM_RIGHTS
 
@@ -297,6 +299,11 @@ class Connection(asyncio.Protocol):
                 c = channels.get(ch)
                 if c is not None:
                     c.push(data[pos + 28:end], req)
+            elif kind == w.DONE and ln == 12 and op:
+                # The other hot path: a SEND's DONE (w.decode_to_client's, shared instance).
+                target = self.ops.pop(op, None)
+                if target is not None:
+                    self._target_reply(target, _DONE)
             else:
                 handler = handlers.get(kind)
                 msg = w.decode_to_client(kind, op, mv[pos + 16:end])
@@ -337,8 +344,11 @@ class Connection(asyncio.Protocol):
 
     def _on_reply(self, op: int, msg: Any) -> None:
         target = self.ops.pop(op, None)
-        if target is None:
-            return
+        if target is not None:
+            self._target_reply(target, msg)
+
+    @staticmethod
+    def _target_reply(target: Any, msg: Any) -> None:
         if isinstance(target, asyncio.Future):
             if not target.done():
                 target.set_result(msg)

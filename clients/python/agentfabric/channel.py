@@ -344,3 +344,4 @@ class Channel:
         r = await self._conn.run(
             cls(self.handle, handle, ms, notify, bytes(descriptor), blks), w.Transferred)
         return TransferReport(r.bytes, r.blocks, r.elapsed_ns / 1e9)
+

@@ -222,7 +222,12 @@ class Client:
         for _call, task in list(conn.tool_tasks.values()):
             task.cancel()
         conn.close("the client closed the connection")
-        await asyncio.shield(conn.closed)
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.closed), 5.0)
+        except asyncio.TimeoutError:  # the sidecar does not take what is buffered: drop it
+            if conn.transport is not None:
+                conn.transport.abort()
+            await asyncio.shield(conn.closed)
         for region in list(conn.regions.values()):
             region._unmap()
         conn.regions.clear()

@@ -79,7 +79,7 @@ async def run_tool(conn: Connection, call: ToolCall, handler: Handler) -> None:
         ok, body = False, (str(e) or type(e).__name__).encode("utf-8", "replace")
     if call.cancelled.is_set() or conn.lost is not None:
         return
-    if len(body) + 29 > conn.max_frame:
+    if len(body) + 25 > conn.max_frame:  # header 16, call 8, ok 1
         ok, body = False, b"the tool's result (%d bytes) is larger than a frame" % len(body)
     conn.fire(w.ToolReply(call.id, ok, body))
     if conn.write_paused:
