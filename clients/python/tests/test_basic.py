@@ -91,7 +91,9 @@ def test_ordered_messages(two_sidecars: List[Sidecar], remote: bool,
             a.node, "sender", "ordered", af.Class.COORDINATION, 6)
         assert peer.incoming and not ch.incoming
 
-        sizes = [i % 7 * 100 for i in range(n)] + [1 << 20, 0, 5 << 20]
+        # Large ones amid small ones (a large one last: test_flow.py's own test).
+        sizes = [i % 7 * 100 for i in range(n)]
+        sizes[n // 2:n // 2] = [1 << 20, 0, 5 << 20]
 
         async def send() -> None:
             for i, size in enumerate(sizes):
