@@ -519,6 +519,15 @@ impl Session {
         let c = self.channels.get_mut(&ch)?;
         let msg = c.delivered.pop_front()?;
         c.released += msg.credit;
+        // The application has caught up: a message still arriving may take its bytes as credit
+        // now (as `recv.rs` lets it when its chunks come to an empty queue). Without this, a
+        // sender that ran out of credit mid-message while earlier messages waited unread
+        // sends nothing more, so no chunk comes to release the credit: it waits for ever.
+        if c.delivered.is_empty() {
+            if let Some(p) = c.partial.as_mut() {
+                c.released += p.release_rest();
+            }
+        }
         // Tell a sender that may be waiting for credit, without waiting for the ack timer.
         if c.credit_limit() - c.advertised >= c.window / 4 {
             Self::queue_ack(&mut self.ack_queue, &mut self.acks_owed, ch, c);
