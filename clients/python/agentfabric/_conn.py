@@ -54,15 +54,15 @@ class Sink:
     """A reply target that is not a plain future: ``op_reply`` gets the reply message, or
     ``None`` and the error."""
 
-    def op_reply(self, msg: Any, exc: Optional[FabricError]) -> None:  # pragma: no cover
-        """Take the reply of the operation (``msg``) or its failure (``exc``)."""
+    def op_reply(self, msg: Any, exc: Optional[FabricError], op: int = 0) -> None:  # pragma: no cover
+        """Take the reply of operation ``op`` (``msg``) or its failure (``exc``)."""
         raise NotImplementedError
 
 
 class _Ignore(Sink):
     """The target of operations whose reply nobody awaits (``TOOL_REPLY``, ``CANCEL``, …)."""
 
-    def op_reply(self, msg: Any, exc: Optional[FabricError]) -> None:
+    def op_reply(self, msg: Any, exc: Optional[FabricError], op: int = 0) -> None:
         pass
 
 
@@ -303,7 +303,7 @@ class Connection(asyncio.Protocol):
                 # The other hot path: a SEND's DONE (w.decode_to_client's, shared instance).
                 target = self.ops.pop(op, None)
                 if target is not None:
-                    self._target_reply(target, _DONE)
+                    self._target_reply(target, _DONE, op)
             else:
                 handler = handlers.get(kind)
                 msg = w.decode_to_client(kind, op, mv[pos + 16:end])
@@ -345,15 +345,15 @@ class Connection(asyncio.Protocol):
     def _on_reply(self, op: int, msg: Any) -> None:
         target = self.ops.pop(op, None)
         if target is not None:
-            self._target_reply(target, msg)
+            self._target_reply(target, msg, op)
 
     @staticmethod
-    def _target_reply(target: Any, msg: Any) -> None:
+    def _target_reply(target: Any, msg: Any, op: int) -> None:
         if isinstance(target, asyncio.Future):
             if not target.done():
                 target.set_result(msg)
         else:
-            target.op_reply(msg, None)
+            target.op_reply(msg, None, op)
 
     def _on_error(self, op: int, msg: w.Error) -> None:
         err = error_from_code(msg.code, msg.message)
@@ -369,7 +369,7 @@ class Connection(asyncio.Protocol):
             if not target.done():
                 target.set_exception(err)
         else:
-            target.op_reply(None, err)
+            target.op_reply(None, err, op)
 
     def _on_message(self, op: int, msg: w.Message) -> None:
         c = self.channels.get(msg.channel)
@@ -477,12 +477,12 @@ class Connection(asyncio.Protocol):
             self.hello.set_exception(self.fatal if self.fatal is not None
                                      else self.lost_error())
         ops, self.ops = self.ops, {}
-        for target in ops.values():
+        for op, target in ops.items():
             if isinstance(target, asyncio.Future):
                 if not target.done():
                     target.set_exception(self.lost_error())
             else:
-                target.op_reply(None, self.lost_error())
+                target.op_reply(None, self.lost_error(), op)
         for c in list(self.channels.values()):
             c.conn_lost()
         for _call, task in list(self.tool_tasks.values()):
@@ -495,11 +495,16 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def close(self, why: str) -> None:
-        """End the connection from this side."""
+        """End the connection from this side: the write side is shut, so the sidecar sees the
+        end, lets go of everything the client held (its endpoint name first), and then closes
+        its side, which ends the connection here (``closed``)."""
         if self.lost is None:
             self.lost = why
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
 
 
 def closed_error(reason: str) -> Closed:

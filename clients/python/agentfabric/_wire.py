@@ -51,6 +51,7 @@ REGION_ADD = 0x000E
 REGION_DROP = 0x000F
 WRITE = 0x0010
 READ = 0x0011
+FLUSH = 0x0012
 # Sidecar -> client kinds.
 HELLO_OK = 0x8001
 DONE = 0x8002
@@ -238,6 +239,12 @@ class Read(NamedTuple):
     blocks: Tuple[Tuple[int, int, int], ...]
 
 
+class Flush(NamedTuple):
+    """``FLUSH``: answered once every earlier ``SEND`` of ``channel`` is."""
+
+    channel: int
+
+
 # --------------------------------------------------------------------------------------------
 # Messages, sidecar -> client
 
@@ -355,7 +362,7 @@ class Notification(NamedTuple):
 
 ClientMsg = Union[
     Hello, Ping, Open, Close, Send, Request, Respond, RespondError, Serve, Unserve, Call,
-    Cancel, ToolReply, RegionAdd, RegionDrop, Write, Read,
+    Cancel, ToolReply, RegionAdd, RegionDrop, Write, Read, Flush,
 ]
 SidecarMsg = Union[
     HelloOk, Done, Error, Opened, Response, Result, Region, Transferred, Incoming, Message,
@@ -454,6 +461,7 @@ _ENCODERS: Dict[type, Tuple[int, Callable[[Any], bytes]]] = {
     RegionDrop: (REGION_DROP, lambda m: _U32.pack(m.region)),
     Write: (WRITE, _transfer_body),
     Read: (READ, _transfer_body),
+    Flush: (FLUSH, lambda m: _U32.pack(m.channel)),
     HelloOk: (HELLO_OK, _b_hello_ok),
     Done: (DONE, _empty),
     Error: (ERROR, lambda m: _U16.pack(m.code) + _str(m.message)),
@@ -732,6 +740,7 @@ _FROM_CLIENT: Dict[int, Tuple[str, Callable[[_Reader], Any], str]] = {
     REGION_DROP: ("REGION_DROP", lambda r: RegionDrop(r.u32()), "op"),
     WRITE: ("WRITE", _d_transfer(Write), "op"),
     READ: ("READ", _d_transfer(Read), "op"),
+    FLUSH: ("FLUSH", lambda r: Flush(_channel(r, r.u32())), "op"),
 }
 
 _TO_CLIENT: Dict[int, Tuple[str, Callable[[_Reader], Any], str]] = {

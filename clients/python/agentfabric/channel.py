@@ -56,13 +56,14 @@ class Channel:
         incoming: whether the peer opened it.
 
     Sends are windowed: :meth:`send` returns as soon as the frame is written unless
-    ``send_window`` sends of this channel are unanswered; a send the sidecar failed raises on
-    the next :meth:`send` or :meth:`flush` (and once on :meth:`recv`).
+    ``send_window`` sends of this channel are unanswered (the sidecar answers them together,
+    one ``DONE`` for every ``send_window / 2``); a send the sidecar failed raises on the next
+    :meth:`send` or :meth:`flush` (and once on :meth:`recv`).
     """
 
     __slots__ = (
         "_conn", "handle", "node", "endpoint", "label", "klass", "priority", "url", "incoming",
-        "_queue", "_waiters", "_end", "_inflight", "_slot_waiters", "_flush_waiters",
+        "_queue", "_waiters", "_end", "_inflight", "_sent", "_slot_waiters",
         "_send_error", "_send_error_seen", "_closing",
     )
 
@@ -81,8 +82,9 @@ class Channel:
         self._waiters: Deque["asyncio.Future[None]"] = collections.deque()
         self._end: Optional[Callable[[], FabricError]] = None
         self._inflight = 0
+        # Ids of the sends not answered yet, oldest first (one DONE answers every send up to it).
+        self._sent: Deque[int] = collections.deque()
         self._slot_waiters: Deque["asyncio.Future[None]"] = collections.deque()
-        self._flush_waiters: List["asyncio.Future[None]"] = []
         self._send_error: Optional[FabricError] = None
         self._send_error_seen = False
         self._closing = False
@@ -162,7 +164,7 @@ class Channel:
         self._wake_all()
 
     def _wake_all(self) -> None:
-        for waiters in (self._waiters, self._slot_waiters, self._flush_waiters):
+        for waiters in (self._waiters, self._slot_waiters):
             for f in waiters:
                 if not f.done():
                     f.set_result(None)
@@ -203,42 +205,46 @@ class Channel:
         op = conn.next_id()
         conn.ops[op] = self
         self._inflight += 1
+        self._sent.append(op)
         conn.write(w.send_frame(op, self.handle, data, n))
         if conn.write_paused:
             await conn.drain()
 
-    def op_reply(self, msg: Any, exc: Optional[FabricError]) -> None:
-        """A ``SEND``'s ``DONE`` or error (called by the connection)."""
-        self._inflight -= 1
+    def op_reply(self, msg: Any, exc: Optional[FabricError], op: int = 0) -> None:
+        """A ``SEND``'s ``DONE``, which answers every earlier send of the channel too, or one
+        send's error (called by the connection)."""
+        sent = self._sent
         if exc is not None:
+            try:
+                sent.remove(op)
+                self._inflight -= 1
+            except ValueError:
+                pass
             if self._send_error is None:
                 self._send_error = exc
             self._wake_all()
             return
+        ops = self._conn.ops
+        n = 0
+        while sent:
+            o = sent.popleft()
+            n += 1
+            if o == op:
+                break
+            ops.pop(o, None)
+        self._inflight -= n
         waiters = self._slot_waiters
         while waiters:
             f = waiters.popleft()
             if not f.done():
                 f.set_result(None)
                 break
-        if self._inflight == 0 and self._flush_waiters:
-            for f in self._flush_waiters:
-                if not f.done():
-                    f.set_result(None)
-            self._flush_waiters.clear()
 
     async def flush(self) -> None:
         """Wait until every send so far is answered; raise the first failure among them."""
-        while self._inflight > 0 and self._send_error is None:
-            fut = self._conn.loop.create_future()
-            self._flush_waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if not fut.done():
-                    fut.cancel()
-            if self._end is not None and self._conn.lost is not None:
-                break
+        if self._inflight > 0 and self._send_error is None and self._end is None:
+            # The sidecar answers the sends before the FLUSH first.
+            await self._conn.run(w.Flush(self.handle), w.Done)
         if self._send_error is not None:
             self._send_error_seen = True
             raise again(self._send_error)

@@ -45,7 +45,7 @@ class _OpenSink(Sink):
         self.fut = fut
         self.args = (url, endpoint, label, klass, priority)
 
-    def op_reply(self, msg: Any, exc: Optional[FabricError]) -> None:
+    def op_reply(self, msg: Any, exc: Optional[FabricError], op: int = 0) -> None:
         if exc is not None or type(msg) is not w.Opened:
             if not self.fut.done():
                 self.fut.set_exception(exc if exc is not None else InvalidArgument(

@@ -83,7 +83,7 @@ class _RegionSink(Sink):
         self.fut = fut
         self.mapping = mapping
 
-    def op_reply(self, msg: Any, exc: Optional[FabricError]) -> None:
+    def op_reply(self, msg: Any, exc: Optional[FabricError], op: int = 0) -> None:
         if exc is not None or type(msg) is not w.Region:
             if self.mapping is not None:
                 self.mapping.close()

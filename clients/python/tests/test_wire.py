@@ -43,6 +43,7 @@ CLIENT_SAMPLES: List[Tuple[int, Any]] = [
     (23, w.Write(1, 2, 0, None, b"desc", ((0, 0, 10), (10, 20, 30)))),
     (24, w.Write(1, 2, 100, 0, b"", ())),
     (25, w.Read(1, 2, 100, 2**64 - 1, b"\x00" * 40, ((2**64 - 1, 0, 1),))),
+    (26, w.Flush(7)),
     (2**64 - 1, w.Ping()),
 ]
 
@@ -74,7 +75,7 @@ SIDECAR_SAMPLES: List[Tuple[int, Any]] = [
 def test_samples_cover_every_kind() -> None:
     kinds = {w.kind_of(m) for _, m in CLIENT_SAMPLES + SIDECAR_SAMPLES}
     assert kinds == set(w._FROM_CLIENT) | set(w._TO_CLIENT)
-    assert len(kinds) == 17 + 14
+    assert len(kinds) == 18 + 14
 
 
 @pytest.mark.parametrize("op,msg", CLIENT_SAMPLES)
@@ -130,7 +131,7 @@ def test_header_errors() -> None:
     with pytest.raises(af.Malformed):  # trailing bytes after the frame
         w.decode_frame_from_client(good + b"\x00")
     with pytest.raises(af.Malformed):  # unknown kind
-        w.decode_frame_from_client(struct.pack("<IHHQ", 12, 0x0012, 0, 1))
+        w.decode_frame_from_client(struct.pack("<IHHQ", 12, 0x0013, 0, 1))
     with pytest.raises(af.Malformed):  # a sidecar kind sent by a client
         w.decode_frame_from_client(struct.pack("<IHHQ", 12, w.DONE, 0, 1))
     with pytest.raises(af.Malformed):  # bytes left after the last field
@@ -322,7 +323,7 @@ def test_fuzz_random_bodies_of_every_kind() -> None:
 
 def test_fuzz_random_frames() -> None:
     rng = random.Random(99)
-    kinds = list(w._FROM_CLIENT) + list(w._TO_CLIENT) + [0, 0x12, 0x8000, 0xFFFF]
+    kinds = list(w._FROM_CLIENT) + list(w._TO_CLIENT) + [0, 0x13, 0x8000, 0xFFFF]
     for _ in range(5000):
         if rng.random() < 0.3:
             data = _rand_bytes(rng, rng.randrange(0, 64))

@@ -10,7 +10,7 @@ use agentfabric::sync::lock;
 use agentfabric::{Bytes, Channel, Class, Error, Message};
 use tokio::sync::mpsc;
 
-use super::state::{ChanEntry, Conn, QueuedSend};
+use super::state::{ChanEntry, Conn, Queued, Unacked};
 use crate::errors::{close_code, OpError};
 use crate::link::{
     tagged, valid_endpoint, Intro, ENDPOINT_PREFIX, MAX_LABEL, TAG_CLIENT, TAG_CLOSE,
@@ -117,6 +117,7 @@ fn adopt(conn: &Arc<Conn>, ch: Channel, opened: bool) -> Result<u32, OpError> {
         opened,
         pending: AtomicU32::new(0),
         queue: tx,
+        unacked: Mutex::new(Unacked::default()),
         failed: Mutex::new(None),
         tasks: Mutex::new(Vec::new()),
     });
@@ -140,7 +141,9 @@ fn start_pump(conn: &Arc<Conn>, handle: u32, hello: Option<SidecarMsg>) {
 }
 
 /// `SEND`: inline when nothing of the channel is queued (the common case: one `try_send`, no
-/// task hop), else behind the queued sends.
+/// task hop), else behind the queued sends. Answered lazily (PROTOCOL.md): one `DONE` for every
+/// `send_window / 2` sends taken, so a client handles a reply per message only when it
+/// must — a failure at once, as an `ERROR` after the `DONE` of the sends before it.
 pub fn send(
     conn: &Conn,
     id: u64,
@@ -157,23 +160,45 @@ pub fn send(
     };
     if e.pending.load(Ordering::Acquire) == 0 {
         if let Some(err) = lock(&e.failed).clone() {
-            conn.answer(id, Err(err), permit);
+            fail(conn, &e, id, err, permit);
             return Ok(());
         }
         match e.ch.try_send(body.clone()) {
             Ok(()) => {
-                conn.answer(id, Ok(SidecarMsg::Done), permit);
+                taken(conn, &e, id);
                 return Ok(());
             }
             Err(Error::WouldBlock) => {}
             Err(err) => {
                 let err = OpError::from(err);
                 *lock(&e.failed) = Some(err.clone());
-                conn.answer(id, Err(err), permit);
+                fail(conn, &e, id, err, permit);
                 return Ok(());
             }
         }
     }
+    enqueue(conn, &e, channel, Queued::Send { id, body, permit })
+}
+
+/// `FLUSH`: answered once every earlier send of the channel is (after their `DONE`).
+pub fn flush(conn: &Conn, id: u64, channel: u32, permit: OpPermit) -> Result<(), OpError> {
+    let e = match conn.channel(channel) {
+        Ok(e) => e,
+        Err(err) => {
+            conn.answer(id, Err(err), permit);
+            return Ok(());
+        }
+    };
+    if e.pending.load(Ordering::Acquire) == 0 {
+        ack_now(conn, &e);
+        conn.answer(id, Ok(SidecarMsg::Done), permit);
+        return Ok(());
+    }
+    enqueue(conn, &e, channel, Queued::Flush { id, permit })
+}
+
+/// Queues behind the channel's pending sends; more than the window is the client's violation.
+fn enqueue(conn: &Conn, e: &ChanEntry, channel: u32, q: Queued) -> Result<(), OpError> {
     let window = conn.hub.limits.send_window;
     if e.pending.load(Ordering::Acquire) >= window {
         return Err(OpError::new(
@@ -184,24 +209,66 @@ pub fn send(
     e.pending.fetch_add(1, Ordering::AcqRel);
     // Capacity is the window, and at most `window` are pending: never full.
     e.queue
-        .try_send(QueuedSend { id, body, permit })
+        .try_send(q)
         .map_err(|_| OpError::new(ErrorCode::Internal, "send queue full"))
 }
 
-/// Sends what `SEND` queued, in order, answering each.
-async fn sender(conn: Arc<Conn>, e: Arc<ChanEntry>, mut rx: mpsc::Receiver<QueuedSend>) {
+/// The fabric took send `id`: answered with the next `DONE` (now, when half the window is
+/// unanswered).
+fn taken(conn: &Conn, e: &ChanEntry, id: u64) {
+    let every = (conn.hub.limits.send_window / 2).max(1);
+    let mut u = lock(&e.unacked);
+    u.count += 1;
+    u.last = id;
+    if u.count >= every {
+        u.count = 0;
+        let _ = conn.out.reply(id, SidecarMsg::Done, None);
+    }
+}
+
+/// Answers every taken send now.
+fn ack_now(conn: &Conn, e: &ChanEntry) {
+    let mut u = lock(&e.unacked);
+    if u.count > 0 {
+        u.count = 0;
+        let _ = conn.out.reply(u.last, SidecarMsg::Done, None);
+    }
+}
+
+/// Send `id` failed: the sends before it are answered first, so the `ERROR` answers only it.
+fn fail(conn: &Conn, e: &ChanEntry, id: u64, err: OpError, permit: OpPermit) {
+    ack_now(conn, e);
+    conn.answer(id, Err(err), permit);
+}
+
+/// Sends what `SEND` queued, in order; answers flushes after the sends before them.
+async fn sender(conn: Arc<Conn>, e: Arc<ChanEntry>, mut rx: mpsc::Receiver<Queued>) {
     while let Some(q) = rx.recv().await {
-        let failed = lock(&e.failed).clone();
-        let r = match failed {
-            Some(err) => Err(err),
-            None => e.ch.send(q.body).await.map_err(|err| {
-                let err = OpError::from(err);
-                *lock(&e.failed) = Some(err.clone());
-                err
-            }),
-        };
+        match q {
+            Queued::Send { id, body, permit } => {
+                let failed = lock(&e.failed).clone();
+                let r = match failed {
+                    Some(err) => Err(err),
+                    None => e.ch.send(body).await.map_err(|err| {
+                        let err = OpError::from(err);
+                        *lock(&e.failed) = Some(err.clone());
+                        err
+                    }),
+                };
+                match r {
+                    Ok(()) => {
+                        taken(&conn, &e, id);
+                        drop(permit);
+                    }
+                    Err(err) => fail(&conn, &e, id, err, permit),
+                }
+            }
+            Queued::Flush { id, permit } => {
+                ack_now(&conn, &e);
+                conn.answer(id, Ok(SidecarMsg::Done), permit);
+            }
+        }
         e.pending.fetch_sub(1, Ordering::AcqRel);
-        conn.answer(q.id, r.map(|()| SidecarMsg::Done), q.permit);
     }
 }
 
@@ -322,6 +389,7 @@ pub async fn close(conn: Arc<Conn>, channel: u32, reason: String) -> Result<Side
     while e.pending.load(Ordering::Acquire) > 0 && start.elapsed() < CLOSE_DEADLINE {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    ack_now(&conn, &e);
     let e = conn
         .forget_channel(channel)
         .ok_or_else(|| OpError::new(ErrorCode::UnknownChannel, format!("no channel {channel}")))?;

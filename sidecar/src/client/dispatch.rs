@@ -35,6 +35,7 @@ pub fn dispatch(
         }
         ClientMsg::Ping => conn.answer(id, Ok(SidecarMsg::Done), permit),
         ClientMsg::Send { channel, body } => channels::send(conn, id, channel, body, permit)?,
+        ClientMsg::Flush { channel } => channels::flush(conn, id, channel, permit)?,
         ClientMsg::Open {
             class,
             priority,

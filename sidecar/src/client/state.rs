@@ -16,11 +16,24 @@ use crate::hub::Hub;
 use crate::wire::{ErrorCode, SidecarMsg};
 use crate::writer::{OpPermit, Outbound};
 
-/// A `SEND` waiting for the channel's sender task.
-pub struct QueuedSend {
-    pub id: u64,
-    pub body: Bytes,
-    pub permit: OpPermit,
+/// What waits for the channel's sender task, in order.
+pub enum Queued {
+    /// A `SEND`.
+    Send {
+        id: u64,
+        body: Bytes,
+        permit: OpPermit,
+    },
+    /// A `FLUSH`: answered once every send before it is.
+    Flush { id: u64, permit: OpPermit },
+}
+
+/// Sends the fabric took and the client has not been told of: one `DONE` answers them all.
+#[derive(Default)]
+pub struct Unacked {
+    pub count: u32,
+    /// The last one's id.
+    pub last: u64,
 }
 
 /// One channel of the client.
@@ -31,7 +44,9 @@ pub struct ChanEntry {
     /// Sends handed to the sender task and not yet answered: while any is, a new send queues
     /// behind them instead of taking the inline path, so order holds.
     pub pending: AtomicU32,
-    pub queue: mpsc::Sender<QueuedSend>,
+    pub queue: mpsc::Sender<Queued>,
+    /// Completed sends not answered yet.
+    pub unacked: Mutex<Unacked>,
     /// The first send failure: every later send fails with it.
     pub failed: Mutex<Option<OpError>>,
     /// The receive pump and the sender task.

@@ -214,6 +214,7 @@ impl fmt::Display for KindName {
             kind::REGION_DROP => "REGION_DROP",
             kind::WRITE => "WRITE",
             kind::READ => "READ",
+            kind::FLUSH => "FLUSH",
             kind::HELLO_OK => "HELLO_OK",
             kind::DONE => "DONE",
             kind::ERROR => "ERROR",
@@ -412,7 +413,7 @@ impl Reader {
 
 /// Whether a client may send `k` (version 1: HELLO ..= READ).
 fn is_client_kind(k: u16) -> bool {
-    (kind::HELLO..=kind::READ).contains(&k)
+    (kind::HELLO..=kind::FLUSH).contains(&k)
 }
 
 /// Whether the sidecar may send `k` (version 1).
@@ -510,6 +511,9 @@ pub fn decode_from_client(h: &Header, body: Bytes) -> Result<FromClient, WireErr
         },
         kind::WRITE => ClientMsg::Write(decode_transfer(&mut r)?),
         kind::READ => ClientMsg::Read(decode_transfer(&mut r)?),
+        kind::FLUSH => ClientMsg::Flush {
+            channel: r.u32("channel")?,
+        },
         // `reader` admitted only client kinds; this arm keeps the match total without a panic.
         other => return Err(WireError::UnknownKind(other)),
     };
@@ -815,6 +819,7 @@ impl ClientMsg {
             ClientMsg::RegionDrop { .. } => kind::REGION_DROP,
             ClientMsg::Write(_) => kind::WRITE,
             ClientMsg::Read(_) => kind::READ,
+            ClientMsg::Flush { .. } => kind::FLUSH,
         }
     }
 
@@ -935,6 +940,10 @@ impl ClientMsg {
             }
             ClientMsg::RegionDrop { region } => {
                 put_u32(s, *region);
+                None
+            }
+            ClientMsg::Flush { channel } => {
+                put_u32(s, *channel);
                 None
             }
             ClientMsg::Write(t) | ClientMsg::Read(t) => {

@@ -29,6 +29,7 @@ pub mod kind {
     pub const REGION_DROP: u16 = 0x000F;
     pub const WRITE: u16 = 0x0010;
     pub const READ: u16 = 0x0011;
+    pub const FLUSH: u16 = 0x0012;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const DONE: u16 = 0x8002;
@@ -165,6 +166,9 @@ pub enum ClientMsg {
     },
     Write(TransferRequest),
     Read(TransferRequest),
+    Flush {
+        channel: u32,
+    },
 }
 
 /// A frame to a client: the operation id (or the call handle, or 0) and the message.

@@ -14,7 +14,7 @@ use crate::wire::messages::{
 /// A `max_frame` no test frame reaches, for tests not about the limit.
 const BIG: u32 = u32::MAX;
 
-const CLIENT_KINDS: [u16; 17] = [
+const CLIENT_KINDS: [u16; 18] = [
     kind::HELLO,
     kind::PING,
     kind::OPEN,
@@ -32,6 +32,7 @@ const CLIENT_KINDS: [u16; 17] = [
     kind::REGION_DROP,
     kind::WRITE,
     kind::READ,
+    kind::FLUSH,
 ];
 
 const SIDECAR_KINDS: [u16; 14] = [
@@ -229,6 +230,7 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         any::<u32>().prop_map(|region| ClientMsg::RegionDrop { region }),
         transfer().prop_map(ClientMsg::Write),
         transfer().prop_map(ClientMsg::Read),
+        any::<u32>().prop_map(|channel| ClientMsg::Flush { channel }),
     ]
 }
 
