@@ -24,6 +24,7 @@ const CRATES: &[&str] = &[
     "transports/verbs",
     "bench",
     "cli",
+    "sidecar",
     "tests",
 ];
 
