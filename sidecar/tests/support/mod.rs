@@ -132,14 +132,27 @@ impl TestSidecar {
 
 /// A protocol client on one Unix socket connection. Replies are kept by operation id; events
 /// (id-0 frames, `TOOL_CALL`, `TOOL_CANCELLED`) in a queue of their own, in arrival order.
+///
+/// `SEND`s made with [`Client::send_op`] (and [`Client::send`]) are tracked per channel as
+/// PROTOCOL.md answers them — cumulatively: a `DONE` answers its send and every earlier one of
+/// the channel, an `ERROR` only its own (and every earlier send must have been answered before
+/// it). Their replies are checked against those rules as they arrive, not filed.
 pub struct Client {
     stream: UnixStream,
     rbuf: BytesMut,
     next_id: u64,
     events: VecDeque<ToClient>,
     replies: HashMap<u64, SidecarMsg>,
-    /// `SEND`s per channel not yet answered, oldest first (to keep within `send_window`).
+    /// Tracked `SEND`s per channel not yet answered, oldest first.
     sends: HashMap<u32, VecDeque<u64>>,
+    /// The channel of each tracked, unanswered `SEND`.
+    send_channel: HashMap<u64, u32>,
+    /// Tracked `SEND`s answered so far, per channel (by `DONE` or `ERROR`).
+    answered: HashMap<u32, usize>,
+    /// Tracked `SEND`s that failed: (channel, id, code, message), in arrival order.
+    pub send_errors: Vec<(u32, u64, ErrorCode, String)>,
+    /// Reply frames received for tracked `SEND`s (each answers one or more).
+    pub send_replies: usize,
     /// The sidecar's `HELLO_OK`, once received.
     pub hello_ok: Option<SidecarMsg>,
     /// `send_window` from `HELLO_OK` (1 until then).
@@ -166,6 +179,10 @@ impl Client {
             events: VecDeque::new(),
             replies: HashMap::new(),
             sends: HashMap::new(),
+            send_channel: HashMap::new(),
+            answered: HashMap::new(),
+            send_errors: Vec::new(),
+            send_replies: 0,
             hello_ok: None,
             send_window: 1,
             eof: false,
@@ -331,7 +348,9 @@ impl Client {
                 true
             }
             Ok(Some(f)) => {
-                if let Some(old) = self.replies.insert(f.id, f.msg) {
+                if let Some(channel) = self.send_channel.remove(&f.id) {
+                    self.send_answered(channel, f);
+                } else if let Some(old) = self.replies.insert(f.id, f.msg) {
                     panic!("two replies to operation {}: {old:?}", f.id);
                 }
                 true
@@ -498,24 +517,40 @@ impl Client {
         .msg
     }
 
-    /// `SEND` on `channel`, as a client keeps within `send_window`: when the window is full, the
-    /// oldest send's `DONE` is awaited first.
-    pub async fn send(&mut self, channel: u32, body: impl Into<Bytes>) {
-        let window = self.send_window as usize;
-        let oldest = {
-            let q = self.sends.entry(channel).or_default();
-            if q.len() >= window {
-                q.pop_front()
-            } else {
-                None
+    /// Applies the reply `f` to tracked send `f.id` of `channel`, checking PROTOCOL.md's rules.
+    fn send_answered(&mut self, channel: u32, f: ToClient) {
+        let q = self.sends.get_mut(&channel).expect("a tracked channel");
+        let at = q
+            .iter()
+            .position(|&id| id == f.id)
+            .expect("a tracked send is in its channel's queue");
+        self.send_replies += 1;
+        match f.msg {
+            // A DONE answers its send and every earlier one.
+            SidecarMsg::Done => {
+                for id in q.drain(..=at) {
+                    self.send_channel.remove(&id);
+                }
+                *self.answered.entry(channel).or_default() += at + 1;
             }
-        };
-        if let Some(id) = oldest {
-            match self.reply(id).await {
-                SidecarMsg::Done => {}
-                other => panic!("SEND {id} on channel {channel} answered {other:?}"),
+            // An ERROR answers its own send only; the ones before it were answered first.
+            SidecarMsg::Error { code, message } => {
+                assert_eq!(
+                    at, 0,
+                    "ERROR for SEND {} of channel {channel} while earlier sends are unanswered \
+                     ({:?}): the DONE for them must come first",
+                    f.id, q
+                );
+                q.pop_front();
+                *self.answered.entry(channel).or_default() += 1;
+                self.send_errors.push((channel, f.id, code, message));
             }
+            other => panic!("SEND {} answered {other:?}", f.id),
         }
+    }
+
+    /// Sends a tracked `SEND` on `channel` without waiting for anything; its id.
+    pub async fn send_op(&mut self, channel: u32, body: impl Into<Bytes>) -> u64 {
         let id = self
             .op(ClientMsg::Send {
                 channel,
@@ -523,21 +558,82 @@ impl Client {
             })
             .await;
         self.sends.entry(channel).or_default().push_back(id);
+        self.send_channel.insert(id, channel);
+        id
     }
 
-    /// Waits for every `SEND` still unanswered and asserts each is `DONE`.
-    pub async fn flush_sends(&mut self) {
-        let ids: Vec<(u32, u64)> = self
-            .sends
-            .iter_mut()
-            .flat_map(|(c, q)| q.drain(..).map(move |id| (*c, id)))
-            .collect();
-        for (channel, id) in ids {
-            match self.reply(id).await {
-                SidecarMsg::Done => {}
-                other => panic!("SEND {id} on channel {channel} answered {other:?}"),
+    /// Tracked sends of `channel` not answered so far (reads nothing).
+    pub fn unanswered(&self, channel: u32) -> usize {
+        self.sends.get(&channel).map_or(0, VecDeque::len)
+    }
+
+    /// The oldest tracked, unanswered send of `channel`.
+    pub fn oldest_unanswered(&self, channel: u32) -> Option<u64> {
+        self.sends.get(&channel).and_then(|q| q.front().copied())
+    }
+
+    /// Tracked sends of `channel` answered so far (reads nothing).
+    pub fn answered(&self, channel: u32) -> usize {
+        self.answered.get(&channel).copied().unwrap_or(0)
+    }
+
+    /// Reads until some tracked send of `channel` is answered.
+    pub async fn await_send_reply(&mut self, channel: u32) {
+        let before = self.answered(channel);
+        while self.answered(channel) == before {
+            if !self
+                .pump(&format!("a reply to a SEND of channel {channel}"))
+                .await
+            {
+                panic!("the socket ended with sends of channel {channel} unanswered");
             }
         }
+    }
+
+    /// `SEND` on `channel`, as a client keeps within `send_window`: when the window is full, a
+    /// reply is awaited first. Panics if a send of the client failed.
+    pub async fn send(&mut self, channel: u32, body: impl Into<Bytes>) {
+        while self.unanswered(channel) >= self.send_window as usize {
+            self.await_send_reply(channel).await;
+        }
+        assert!(
+            self.send_errors.is_empty(),
+            "sends failed: {:?}",
+            self.send_errors
+        );
+        self.send_op(channel, body).await;
+    }
+
+    /// `FLUSH` of `channel`: its reply, after which (PROTOCOL.md) every earlier send of the
+    /// channel must have been answered — which is asserted.
+    pub async fn flush(&mut self, channel: u32) -> SidecarMsg {
+        let r = self.call(ClientMsg::Flush { channel }).await;
+        assert_eq!(
+            self.unanswered(channel),
+            0,
+            "FLUSH of channel {channel} answered ({r:?}) before the sends before it: {:?}",
+            self.sends.get(&channel)
+        );
+        r
+    }
+
+    /// `FLUSH`es every channel with unanswered sends; asserts each is `DONE` and no send failed.
+    pub async fn flush_sends(&mut self) {
+        let chans: Vec<u32> = self
+            .sends
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(c, _)| *c)
+            .collect();
+        for channel in chans {
+            let r = self.flush(channel).await;
+            assert_eq!(r, SidecarMsg::Done, "FLUSH of channel {channel}");
+        }
+        assert!(
+            self.send_errors.is_empty(),
+            "sends failed: {:?}",
+            self.send_errors
+        );
     }
 
     /// `REGION_ADD` of `mem` (its whole length): the region's handle and descriptor.
