@@ -48,6 +48,7 @@ pub mod transport;
 
 pub use api::{
     Channel, ChannelSnapshot, Message, MessageParts, Node, NodeBuilder, Peer, PeerStats,
+    PendingResponse,
 };
 pub use bulk::{AlignedBuf, Block, Region, RegionDescriptor};
 pub use bytes::Bytes;

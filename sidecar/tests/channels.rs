@@ -568,10 +568,6 @@ async fn sends_are_answered_cumulatively() {
 /// `SEND`s, they arrive in the order the client sent them (PROTOCOL.md: "`MESSAGE`s of one
 /// channel arrive in the order they were sent").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: REQUESTs of one channel arrive out of order, among themselves and with \
-            SENDs: client/dispatch.rs:60 runs each REQUEST as a task of its own \
-            (channels::request), so they reach the channel in the tasks' scheduling order, \
-            while SENDs go inline on the reading task or through the channel's sender task"]
 async fn requests_keep_their_order_among_sends() {
     let sc = TestSidecar::start("rq").await;
     let mut a = sc.client("asker").await;

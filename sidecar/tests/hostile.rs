@@ -171,8 +171,19 @@ async fn oversized_header_is_refused_before_the_body() {
         .unwrap();
     c.expect_fatal(ErrorCode::TooLarge).await;
 
-    // Exactly max_frame: a SEND whose body fills it (16 header bytes, 4 for the channel).
+    // Exactly max_frame: a SEND whose body fills it (16 header bytes, 4 for the channel) is an
+    // ordinary operation, refused with the non-fatal TOO_BIG (its MESSAGE would not fit); the
+    // largest body that fits a MESSAGE (8 more bytes of fields) arrives.
     let body = Bytes::from(vec![0x5a; max as usize - HEADER_LEN - 4]);
+    x.send_op(xc, body).await;
+    assert_eq!(x.flush(xc).await, SidecarMsg::Done);
+    assert!(
+        matches!(x.send_errors.as_slice(), [(_, _, ErrorCode::TooBig, _)]),
+        "{:?}",
+        x.send_errors
+    );
+    x.send_errors.clear();
+    let body = Bytes::from(vec![0x5b; max as usize - HEADER_LEN - 4 - 8]);
     x.send(xc, body.clone()).await;
     x.flush_sends().await;
     let (ch, _, got) = y.message().await;
@@ -188,11 +199,6 @@ async fn oversized_header_is_refused_before_the_body() {
 /// with `TOO_BIG`. Clients check incoming frames against `max_frame` (the Python client raises
 /// `TooLarge` and drops the connection), so a frame beyond it breaks the receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a SEND of max_frame bytes is accepted (client/channels.rs:147 send) and \
-            delivered as a MESSAGE of max_frame + 8 bytes (client/channels.rs:286 pump: MESSAGE \
-            has 12 bytes of fields, SEND 4), over the limit PROTOCOL.md sets for frames in both \
-            directions (the Python client drops such a frame as TooLarge); such a SEND (or a \
-            REQUEST, + 4) should fail with TOO_BIG"]
 async fn largest_send_is_delivered_within_max_frame() {
     let max = MIB as u32;
     let limits = Limits {
@@ -494,12 +500,15 @@ async fn stalled_reader_holds_back_only_its_own_traffic() {
     // Still stalled: none of the held-back sends has completed meanwhile.
     assert_eq!(s.answered(ch), done, "the stalled channel moved");
 
-    // The stalled client goes: its sender is told.
+    // The stalled client goes: its sender is told, and the sends held back are answered (with
+    // the channel's end).
     drop(stalled);
     match s.channel_event(ch).await {
         SidecarMsg::ChannelClosed { .. } => {}
         other => panic!("CHANNEL_CLOSED due, got {other:?}"),
     }
+    assert_eq!(left_unanswered(&mut s, ch).await, 0);
+    s.send_errors.retain(|e| e.0 != ch);
     s.ping().await;
     s.send(sv, Bytes::from_static(b"after")).await;
     assert_eq!(s.flush(sv).await, SidecarMsg::Done);
@@ -513,12 +522,6 @@ async fn stalled_reader_holds_back_only_its_own_traffic() {
 /// sidecar must each be answered (PROTOCOL.md: every operation gets exactly one reply), with an
 /// `ERROR` or `DONE`, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: when a channel ends (the receiver went) with SENDs unanswered, they are \
-            never answered: the pump (client/channels.rs:340) calls conn.forget_channel, whose \
-            ChanEntry::stop (client/state.rs:58) aborts the sender task, dropping the queued \
-            SENDs (and the one in ch.send) without a reply, and the sends the fabric had taken \
-            but not yet acknowledged (Unacked, fewer than send_window/2) get no DONE either (no \
-            ack_now on that path); each should be answered, DONE or ERROR, around CHANNEL_CLOSED"]
 async fn receiver_exit_answers_held_back_sends() {
     let limits = Limits {
         queued_bytes: 64 * KIB,
@@ -544,11 +547,6 @@ async fn receiver_exit_answers_held_back_sends() {
 /// still queued in the sidecar must be answered — with `DONE` or an `ERROR` — rather than left
 /// unanswered forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: CLOSE of a channel with SENDs held back waits CLOSE_DEADLINE (2 s) for them \
-            (client/channels.rs:389), acknowledges the taken ones (ack_now), then \
-            conn.forget_channel aborts the channel's sender task (ChanEntry::stop, \
-            client/state.rs:58): the SENDs still queued are dropped without a reply; they should \
-            be answered (ERROR CLOSED) before CLOSE's DONE"]
 async fn close_answers_held_back_sends() {
     let limits = Limits {
         queued_bytes: 64 * KIB,

@@ -189,8 +189,9 @@ class Channel:
             self._check_send()
         conn = self._conn
         n = len(data) if type(data) is bytes else memoryview(data).nbytes
-        if n + 20 > conn.max_frame:
-            raise TooBig("a message of %d bytes (at most %d)" % (n, conn.max_frame - 20))
+        # The MESSAGE it becomes at the other client: header, channel, request.
+        if n + 28 > conn.max_frame:
+            raise TooBig("a message of %d bytes (at most %d)" % (n, conn.max_frame - 28))
         while self._inflight >= conn.send_window:
             fut = conn.loop.create_future()
             self._slot_waiters.append(fut)
@@ -261,8 +262,9 @@ class Channel:
         conn = self._conn
         ms = deadline_ms(deadline)
         n = _nbytes(data)
-        if n + 24 > conn.max_frame:
-            raise TooBig("a request of %d bytes (at most %d)" % (n, conn.max_frame - 24))
+        # The MESSAGE it becomes, and the sidecars' one-byte tag of a request.
+        if n + 29 > conn.max_frame:
+            raise TooBig("a request of %d bytes (at most %d)" % (n, conn.max_frame - 29))
         conn.check()
         op = conn.next_id()
         fut = conn.loop.create_future()

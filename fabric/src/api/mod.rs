@@ -18,4 +18,4 @@ mod rx;
 mod tx;
 
 pub use node::{Node, NodeBuilder};
-pub use peer::{Channel, ChannelSnapshot, Message, MessageParts, Peer, PeerStats};
+pub use peer::{Channel, ChannelSnapshot, Message, MessageParts, Peer, PeerStats, PendingResponse};

@@ -676,6 +676,32 @@ impl Channel {
         result
     }
 
+    /// Queues `body` as a request, in order with the channel's messages (waiting for room as
+    /// [`Channel::send`] does), and returns its response to await: for a caller that must keep
+    /// a request in its place among the sends that follow it without waiting for the answer
+    /// first (a proxy such as the sidecar). Fails as `send` does; the response fails as
+    /// [`Channel::request`]'s does. Dropping the [`PendingResponse`] forgets the request.
+    pub async fn send_request(&self, body: impl Into<Bytes>) -> Result<PendingResponse> {
+        let body = body.into();
+        let (tx, rx) = oneshot::channel();
+        let tag = {
+            let mut st = self.inner.peer.shared.state();
+            let tag = st.next_tag;
+            st.next_tag += 1;
+            st.responses.insert(tag, (self.inner.id, tx));
+            tag
+        };
+        let pending = PendingResponse {
+            slot: OwnedSlot {
+                shared: self.inner.peer.shared.clone(),
+                tag,
+            },
+            rx,
+        };
+        poll_fn(|cx| self.enqueue(Some(cx), &[(&body, MSG_REQUEST, tag)])).await?;
+        Ok(pending)
+    }
+
     /// Sends `head` (if any) as a plain message immediately followed by `body` as a request, and
     /// waits for the response with no deadline of its own (the session's failure ends it).
     /// Dropping the future forgets the request.
@@ -799,6 +825,45 @@ fn message(mut m: crate::core::Delivered) -> Message {
 /// `Some(id)` when `m` is a request (its tag is the id to answer with).
 fn request_id(m: &crate::core::Delivered) -> Option<u64> {
     (m.msg_flags & MSG_REQUEST != 0).then_some(m.tag)
+}
+
+/// The response of a request queued with [`Channel::send_request`].
+#[derive(Debug)]
+pub struct PendingResponse {
+    slot: OwnedSlot,
+    rx: oneshot::Receiver<Result<Bytes>>,
+}
+
+impl PendingResponse {
+    /// Waits up to `deadline` for the response: its body, or the error
+    /// [`Channel::request`] would give ([`Error::DeadlineExceeded`], [`Error::Remote`]…).
+    pub async fn wait(self, deadline: Duration) -> Result<Bytes> {
+        let PendingResponse { slot, rx } = self;
+        let r = match tokio::time::timeout(deadline, rx).await {
+            Ok(r) => r.unwrap_or(Err(Error::Cancelled)),
+            Err(_) => Err(Error::DeadlineExceeded),
+        };
+        drop(slot);
+        r
+    }
+}
+
+/// Forgets a response slot when dropped (a [`PendingResponse`] not awaited to the end).
+struct OwnedSlot {
+    shared: Arc<PeerShared>,
+    tag: u64,
+}
+
+impl std::fmt::Debug for OwnedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedSlot").field("tag", &self.tag).finish()
+    }
+}
+
+impl Drop for OwnedSlot {
+    fn drop(&mut self) {
+        self.shared.state().responses.remove(&self.tag);
+    }
 }
 
 struct SlotGuard<'a> {

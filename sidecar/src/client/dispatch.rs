@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::state::Conn;
-use super::{channels, regions, tools};
+use super::{channels, regions, sends, tools};
 use crate::errors::OpError;
 use crate::wire::{ClientMsg, ErrorCode, SidecarMsg};
 use crate::writer::OpPermit;
@@ -34,8 +34,8 @@ pub fn dispatch(
             ))
         }
         ClientMsg::Ping => conn.answer(id, Ok(SidecarMsg::Done), permit),
-        ClientMsg::Send { channel, body } => channels::send(conn, id, channel, body, permit)?,
-        ClientMsg::Flush { channel } => channels::flush(conn, id, channel, permit)?,
+        ClientMsg::Send { channel, body } => sends::send(conn, id, channel, body, permit)?,
+        ClientMsg::Flush { channel } => sends::flush(conn, id, channel, permit),
         ClientMsg::Open {
             class,
             priority,
@@ -52,13 +52,7 @@ pub fn dispatch(
             channel,
             deadline_ms,
             body,
-        } => spawn(
-            ops,
-            conn,
-            id,
-            permit,
-            channels::request(c, channel, deadline_ms, body),
-        ),
+        } => sends::request(conn, id, channel, deadline_ms, body, permit),
         ClientMsg::Respond {
             channel,
             request,

@@ -3,8 +3,10 @@
 //! regions revoked and unmapped).
 
 mod channels;
+mod deadline;
 mod dispatch;
 mod regions;
+mod sends;
 mod state;
 mod tools;
 

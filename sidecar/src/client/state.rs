@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use agentfabric::sync::lock;
 use agentfabric::tools::{ToolClient, ToolResult, ToolServer};
@@ -24,6 +25,13 @@ pub enum Queued {
         body: Bytes,
         permit: OpPermit,
     },
+    /// A `REQUEST` (its body already tagged), answered when its response comes.
+    Request {
+        id: u64,
+        body: Bytes,
+        deadline: Instant,
+        permit: OpPermit,
+    },
     /// A `FLUSH`: answered once every send before it is.
     Flush { id: u64, permit: OpPermit },
 }
@@ -36,29 +44,48 @@ pub struct Unacked {
     pub last: u64,
 }
 
+/// The sending side of a channel, shared by the reading task (the inline path) and the
+/// channel's sender task, which holds it (not the entry: the entry's queue closes when the
+/// entry goes, and the sender ends once it has answered what was queued).
+pub struct SendSide {
+    pub ch: Channel,
+    /// Operations handed to the sender task and not yet through: while any is, a new one
+    /// queues behind them instead of taking the inline path, so order holds.
+    pub pending: AtomicU32,
+    /// Of those, the `SEND`s: the client's window bounds these.
+    pub queued_sends: AtomicU32,
+    /// Sends the fabric took, not answered yet.
+    pub unacked: Mutex<Unacked>,
+    /// The first failure (or the channel's end): every later send fails with it.
+    pub failed: Mutex<Option<OpError>>,
+    /// Set when the channel ends: a send waiting for room gives up.
+    pub ended: tokio::sync::watch::Sender<bool>,
+}
+
 /// One channel of the client.
 pub struct ChanEntry {
     pub ch: Channel,
     /// This client opened it (closing tells the far side in-band); else it was accepted.
     pub opened: bool,
-    /// Sends handed to the sender task and not yet answered: while any is, a new send queues
-    /// behind them instead of taking the inline path, so order holds.
-    pub pending: AtomicU32,
+    pub send: Arc<SendSide>,
     pub queue: mpsc::Sender<Queued>,
-    /// Completed sends not answered yet.
-    pub unacked: Mutex<Unacked>,
-    /// The first send failure: every later send fails with it.
-    pub failed: Mutex<Option<OpError>>,
-    /// The receive pump and the sender task.
-    pub tasks: Mutex<Vec<AbortHandle>>,
+    pub sender: AbortHandle,
+    /// The receive pump, once started.
+    pub pump: Mutex<Option<AbortHandle>>,
 }
 
 impl ChanEntry {
-    /// Stops the channel's tasks.
-    pub fn stop(&self) {
-        for t in lock(&self.tasks).drain(..) {
+    /// Stops the receive pump: nothing more of the channel goes to the client.
+    pub fn stop_pump(&self) {
+        if let Some(t) = lock(&self.pump).take() {
             t.abort();
         }
+    }
+
+    /// Stops the channel's tasks (the client is gone: nobody to answer).
+    pub fn stop(&self) {
+        self.stop_pump();
+        self.sender.abort();
     }
 }
 
@@ -146,11 +173,10 @@ impl Conn {
             .ok_or_else(|| OpError::new(ErrorCode::UnknownChannel, format!("no channel {h}")))
     }
 
-    /// Removes channel `h` and stops its tasks.
+    /// Removes channel `h` from the table (its sender task ends once it has answered what was
+    /// queued).
     pub fn forget_channel(&self, h: u32) -> Option<Arc<ChanEntry>> {
-        let e = lock(&self.channels).map.remove(&h)?;
-        e.stop();
-        Some(e)
+        lock(&self.channels).map.remove(&h)
     }
 
     /// The region with handle `h`.

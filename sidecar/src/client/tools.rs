@@ -10,7 +10,7 @@ use agentfabric::tools::{Call, HedgePolicy, ToolClient, ToolRequest, ToolResult,
 use agentfabric::{Bytes, Channel, Class};
 use tokio::sync::oneshot;
 
-use super::channels::deadline;
+use super::deadline::deadline;
 use super::state::Conn;
 use crate::errors::OpError;
 use crate::link::{valid_endpoint, TOOL_PREFIX};

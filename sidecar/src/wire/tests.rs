@@ -699,7 +699,7 @@ fn header_bad_flags() {
 
 #[test]
 fn unknown_kinds() {
-    for k in [0, 0x0012, 0x00FF, 0x8000, 0x8009, 0x8100, 0x8107, u16::MAX] {
+    for k in [0, 0x0013, 0x00FF, 0x8000, 0x8009, 0x8100, 0x8107, u16::MAX] {
         assert_eq!(from_client(k, &[]), Err(WireError::UnknownKind(k)));
         assert_eq!(to_client(k, &[]), Err(WireError::UnknownKind(k)));
     }
