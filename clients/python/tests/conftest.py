@@ -4,6 +4,22 @@ The binary is ``$AGENTFABRIC_BIN``, else ``target/release/agentfabric`` under th
 root, else ``target/debug/agentfabric``, else ``agentfabric`` on ``PATH``. Without one the tests
 that need it fail with a message saying how to build it, unless ``AGENTFABRIC_ALLOW_SKIP=1``,
 which makes them skip.
+
+Environment:
+
+- ``AGENTFABRIC_TEST_TRANSPORT``: what the sidecars listen on for each other. ``tcp`` (the
+  default): ``tcp://127.0.0.1:0``. ``verbs`` (the Soft-RoCE lab, ``soft-roce/tests.d``): the
+  first sidecar a test starts listens on ``verbs://$AGENTFABRIC_LAB_ADDR_A:0``, the second on
+  ``verbs://$AGENTFABRIC_LAB_ADDR_B:0``, and so on alternately.
+- ``AGENTFABRIC_TEST_TIME_SCALE`` (default 1): a factor for the time bounds and latency limits
+  of the tests that use :data:`TIME_SCALE` (the lab runs under emulation, many times slower).
+
+Markers: ``slow`` (a test of a minute or so; the default suite runs it), ``uid`` (runs
+processes as another user, uid 65534: needs root).
+
+Beside the sidecars: :class:`Agent` processes (``agent_proc.py``: an agent in its own process,
+to be stopped, killed or run as another user) and :class:`Bystanders` (two clients exchanging
+messages across two sidecars while a test misbehaves elsewhere, checked at the end).
 """
 
 from __future__ import annotations
@@ -11,21 +27,54 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, List, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 READY_TIMEOUT = 30.0
 T = TypeVar("T")
+
+#: What the sidecars listen on for each other (see the module's docstring).
+TRANSPORT = os.environ.get("AGENTFABRIC_TEST_TRANSPORT", "tcp") or "tcp"
+#: The factor for time bounds (see the module's docstring).
+TIME_SCALE = float(os.environ.get("AGENTFABRIC_TEST_TIME_SCALE", "1") or "1")
+#: The user the ``uid`` tests run processes as.
+NOBODY = 65534
+#: The helper processes' script.
+AGENT_PY = Path(__file__).resolve().parent / "agent_proc.py"
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "slow: a long test (a minute or so); still in the "
+                            "default suite")
+    config.addinivalue_line("markers", "uid: runs processes as uid 65534 (needs root)")
+
+
+def default_listen(index: int) -> str:
+    """The listen address of the ``index``-th sidecar (from 0) a test starts, as
+    ``AGENTFABRIC_TEST_TRANSPORT`` says."""
+    if TRANSPORT == "tcp":
+        return "tcp://127.0.0.1:0"
+    if TRANSPORT == "verbs":
+        var = "AGENTFABRIC_LAB_ADDR_A" if index % 2 == 0 else "AGENTFABRIC_LAB_ADDR_B"
+        addr = os.environ.get(var)
+        if not addr:
+            pytest.fail("AGENTFABRIC_TEST_TRANSPORT=verbs needs %s (the Soft-RoCE lab sets it)"
+                        % var, pytrace=False)
+        return "verbs://%s:0" % addr
+    pytest.fail("AGENTFABRIC_TEST_TRANSPORT=%r: tcp or verbs" % TRANSPORT, pytrace=False)
+    raise AssertionError  # unreachable
 
 
 def find_binary() -> Optional[str]:
@@ -58,6 +107,14 @@ class Sidecar:
         self.listen = listen
         self.proc = proc
         self.log = log
+
+    def rss(self) -> int:
+        """Its resident set size in bytes (``VmRSS`` of ``/proc/PID/status``)."""
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS for pid %d" % self.proc.pid)
 
     @property
     def url(self) -> str:
@@ -115,11 +172,14 @@ def _drain(stream: Any) -> None:
 
 
 def start_sidecar(binary: str, name: str, workdir: Path, *extra: str,
-                  listen: str = "tcp://127.0.0.1:0") -> Sidecar:
-    """Start ``agentfabric sidecar --name NAME`` and wait for its ready line."""
+                  listen: str = "tcp://127.0.0.1:0", socket_dir: Optional[Path] = None,
+                  prefix: Optional[List[str]] = None) -> Sidecar:
+    """Start ``agentfabric sidecar --name NAME`` and wait for its ready line (its socket
+    directory: ``socket_dir``, default ``workdir/NAME``; ``prefix``: a command it runs under,
+    such as ``setpriv``)."""
     log = workdir / ("%s.log" % name)
-    cmd = [binary, "sidecar", "--name", name, "--listen", listen,
-           "--socket-dir", str(workdir / name), *extra]
+    cmd = [*(prefix or []), binary, "sidecar", "--name", name, "--listen", listen,
+           "--socket-dir", str(socket_dir or workdir / name), *extra]
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     with open(log, "wb") as err:
@@ -156,15 +216,69 @@ def sidecar_binary() -> str:
     return b
 
 
+def setpriv(uid: int) -> List[str]:
+    """The command prefix that runs a program as ``uid`` (its own group, no others)."""
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups", "--"]
+
+
+@pytest.fixture(scope="session")
+def binary_for_uid(sidecar_binary: str) -> Iterator[Callable[[int], str]]:
+    """``binary_for_uid(uid)``: a path of the sidecar binary that ``uid`` can execute: the
+    binary itself when it can, else a copy in a temporary directory open to all (removed at
+    the end of the session)."""
+    copies: Dict[int, str] = {}
+    dirs: List[str] = []
+
+    def get(uid: int) -> str:
+        if uid in copies:
+            return copies[uid]
+        ok = subprocess.run([*setpriv(uid), sidecar_binary, "--version"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            timeout=30).returncode == 0
+        path = sidecar_binary
+        if not ok:  # some directory on the way (or the file) is closed to uid: a copy
+            d = tempfile.mkdtemp(prefix="af-bin-")
+            dirs.append(d)
+            os.chmod(d, 0o755)
+            path = os.path.join(d, "agentfabric")
+            shutil.copy(sidecar_binary, path)
+            os.chmod(path, 0o755)
+        copies[uid] = path
+        return path
+
+    yield get
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
-def sidecars(sidecar_binary: str) -> Iterator[Callable[..., Sidecar]]:
+def sidecars(sidecar_binary: str,
+             request: pytest.FixtureRequest) -> Iterator[Callable[..., Sidecar]]:
     """A factory: ``sidecars("a", *extra_args)`` starts a sidecar named "a"; every one started
-    is killed at the end of the test."""
+    is killed at the end of the test.
+
+    ``listen=`` overrides the address (default: :func:`default_listen`, by the order of
+    start). ``user=UID`` runs it as that user (through ``setpriv``; we must be root), with its
+    socket directory under a directory that user owns."""
     workdir = Path(tempfile.mkdtemp(prefix="af-"))  # short: a socket path has 107 bytes
+    # Other users may pass through (not list): what keeps them from a socket is its own
+    # directory (0700), as in a real deployment, and that is what the uid tests check.
+    os.chmod(workdir, 0o711)
     started: List[Sidecar] = []
 
-    def start(name: str, *extra: str, listen: str = "tcp://127.0.0.1:0") -> Sidecar:
-        sc = start_sidecar(sidecar_binary, name, workdir, *extra, listen=listen)
+    def start(name: str, *extra: str, listen: Optional[str] = None,
+              user: Optional[int] = None) -> Sidecar:
+        if listen is None:
+            listen = default_listen(len(started))
+        if user is None:
+            sc = start_sidecar(sidecar_binary, name, workdir, *extra, listen=listen)
+        else:
+            home = workdir / ("%s-home" % name)
+            home.mkdir(mode=0o755, exist_ok=True)  # exists when a sidecar is restarted
+            os.chown(home, user, user)
+            binary = request.getfixturevalue("binary_for_uid")(user)
+            sc = start_sidecar(binary, name, workdir, *extra, listen=listen,
+                               socket_dir=home / name, prefix=setpriv(user))
         started.append(sc)
         return sc
 
@@ -198,3 +312,249 @@ def arun() -> Callable[..., Any]:
         return asyncio.run(bounded())
 
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# Helper processes
+
+
+class Agent:
+    """A helper process (``agent_proc.py ROLE ARGS``): it prints one JSON object per line on
+    stdout (``{"event": ..., ...}``), read here by a thread, and takes commands on stdin.
+
+    Attributes:
+        role: what it runs.
+        proc: the process.
+        latest: the latest object of each event name.
+    """
+
+    def __init__(self, role: str, proc: Any, log: Path) -> None:
+        self.role = role
+        self.proc = proc
+        self.log = log
+        self.latest: Dict[str, Dict[str, Any]] = {}
+        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            self.latest[ev.get("event", "")] = ev
+            self.events.put(ev)
+        self.events.put(None)
+
+    def stderr_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def expect(self, event: str, timeout: float = 20.0) -> Dict[str, Any]:
+        """The next object with ``event`` (earlier others are skipped); fails the test after
+        ``timeout`` seconds or if the process ends first."""
+        deadline = time.monotonic() + timeout * TIME_SCALE
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                ev = self.events.get(timeout=max(0.0, left))
+            except queue.Empty:
+                pytest.fail("agent %s (pid %d): no %r within %.0fs; stderr:\n%s"
+                            % (self.role, self.pid, event, timeout * TIME_SCALE,
+                               self.stderr_tail()))
+            if ev is None:
+                self.events.put(None)
+                try:
+                    rc = self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                pytest.fail("agent %s (pid %d) ended (exit %s) before %r; stderr:\n%s"
+                            % (self.role, self.pid, rc, event, self.stderr_tail()))
+            if ev.get("event") == event:
+                return ev
+            if ev.get("event") == "error":
+                pytest.fail("agent %s (pid %d) failed: %s; stderr:\n%s"
+                            % (self.role, self.pid, ev.get("error"), self.stderr_tail()))
+
+    def output_ended(self, timeout: float = 20.0) -> None:
+        """Wait until its stdout has ended (it exited, or was killed) and all of it is read."""
+        self._reader.join(timeout * TIME_SCALE)
+        assert not self._reader.is_alive(), "agent %s: stdout still open" % self.role
+
+    def command(self, line: str) -> None:
+        """A line on its stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout * TIME_SCALE)
+
+    def kill(self) -> None:
+        """SIGKILL (after SIGCONT, for a stopped one) and reap."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class _Forked:
+    """An agent forked from this process that then becomes ``uid`` (no ``exec``: the
+    interpreter may live where that user cannot read, as under /root); the little of
+    :class:`subprocess.Popen` that :class:`Agent` uses. Fork only outside a running event
+    loop."""
+
+    def __init__(self, role: str, args: Dict[str, Any], uid: int, log: Path) -> None:
+        import agent_proc  # beside this file
+
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err, 2)
+                os.closerange(3, 65536)
+                sys.stdin = open(0, "r", closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                os.chdir("/")
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                code = agent_proc.run(role, args)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(in_r)
+        os.close(out_w)
+        os.close(err)
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self.stdin = os.fdopen(in_w, "wb")
+        self.stdout = os.fdopen(out_r, "rb")
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., Agent]]:
+    """A factory: ``agents(role, user=None, **args)`` starts ``agent_proc.py role`` (as
+    ``user``, a uid, if given) with ``args`` as JSON; every one is killed at the end of the
+    test."""
+    logdir = Path(tempfile.mkdtemp(prefix="af-agents-"))
+    started: List[Agent] = []
+
+    def start(role: str, user: Optional[int] = None, **args: Any) -> Agent:
+        log = logdir / ("%d-%s.err" % (len(started), role))
+        proc: Any
+        if user is None:
+            env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+            with open(log, "wb") as err:
+                proc = subprocess.Popen([sys.executable, str(AGENT_PY), role, json.dumps(args)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=err, env=env)
+        else:
+            proc = _Forked(role, args, user, log)
+        a = Agent(role, proc, log)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.kill()
+    shutil.rmtree(logdir, ignore_errors=True)
+
+
+class Bystanders:
+    """Two clients (an agent process) exchanging numbered messages on their own channel
+    across two sidecars, both ways, the whole time a test misbehaves elsewhere.
+
+    :meth:`progress` gives how many each has received so far; :meth:`finish` stops them and
+    checks that every message arrived, once, in order.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.ready = agent.expect("ready", 30)
+
+    def progress(self) -> int:
+        """Messages received so far by the side that receives the fewest."""
+        ev = self.agent.latest.get("progress") or {}
+        return min(int(ev.get("received", 0)), int(ev.get("acked", 0)))
+
+    def advancing(self, seconds: float = 2.0, at_least: int = 5) -> None:
+        """Assert that at least ``at_least`` more messages got through within ``seconds``."""
+        start = self.progress()
+        deadline = time.monotonic() + seconds * TIME_SCALE
+        while time.monotonic() < deadline:
+            if self.progress() - start >= at_least:
+                return
+            time.sleep(0.05)
+        pytest.fail("the bystanders stalled: %d messages in %.1fs (at %d); stderr:\n%s"
+                    % (self.progress() - start, seconds * TIME_SCALE, self.progress(),
+                       self.agent.stderr_tail()))
+
+    def finish(self, timeout: float = 30.0) -> Dict[str, Any]:
+        """Stop them; assert every message arrived once and in order both ways; the result."""
+        self.agent.command("stop")
+        r = self.agent.expect("result", timeout)
+        print("bystanders: %s" % json.dumps(r))
+        assert not r["errors"], "bystanders: %s" % r["errors"]
+        assert r["sent"] == r["received"] == r["acked"] > 0, r
+        assert self.agent.wait() == 0
+        return r
+
+
+@pytest.fixture
+def bystanders(agents: Callable[..., Agent]) -> Callable[..., Bystanders]:
+    """``bystanders(sa, sb, user=None, name="bys")``: :class:`Bystanders` from ``sa`` to
+    ``sb`` (clients ``NAME-src`` on ``sa`` and ``NAME-dst`` on ``sb``)."""
+
+    def start(sa: Sidecar, sb: Sidecar, user: Optional[int] = None,
+              name: str = "bys", interval: float = 0.005) -> Bystanders:
+        return Bystanders(agents("bystander", user=user, sock_a=sa.socket, sock_b=sb.socket,
+                                 url_b=sb.url, name=name, interval=interval))
+
+    return start
