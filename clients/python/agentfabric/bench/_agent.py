@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .hdr import Histogram
 
@@ -438,6 +438,18 @@ async def run_pinger(p: Dict[str, object]) -> None:
     emit({"result": result})
 
 
+def run_on_loop(coro: Any, loop: str) -> None:
+    """Runs ``coro`` on asyncio's own event loop, or on uvloop's (``loop == "uvloop"``)."""
+    if loop == "uvloop":
+        try:
+            import uvloop  # type: ignore[import-not-found]
+        except ImportError:
+            coro.close()
+            raise RuntimeError("--loop uvloop: uvloop is not installed (pip install uvloop)")
+        uvloop.install()
+    asyncio.run(coro)
+
+
 def main(argv: List[str]) -> int:
     global _role
     if len(argv) != 2:
@@ -447,11 +459,11 @@ def main(argv: List[str]) -> int:
     _exit_on_stdin_eof()
     try:
         if _role == "echo":
-            asyncio.run(run_echo(params))
+            run_on_loop(run_echo(params), str(params.get("loop", "asyncio")))
         elif _role == "zmq-echo":
             run_zmq_echo(params)
         elif _role == "pinger":
-            asyncio.run(run_pinger(params))
+            run_on_loop(run_pinger(params), str(params.get("loop", "asyncio")))
         else:
             raise ValueError(f"unknown role {_role!r}")
     except KeyboardInterrupt:

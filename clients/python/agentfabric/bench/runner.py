@@ -92,6 +92,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     "--quic-ca among them gets development certificates made for the run")
     ap.add_argument("--listen-addr", metavar="IP",
                     help="verbs: the RDMA netdev's address (default $AGENTFABRIC_LAB_ADDR_A)")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="the event loop of the fabric's agents: asyncio's own (what an "
+                         "application gets without installing anything, the default) or uvloop "
+                         "(pip install uvloop)")
     ap.add_argument("--no-rust", action="store_true",
                     help="bulk: do not run the Rust bench for rust_mb_s (then null)")
     a = ap.parse_args(argv)
@@ -138,6 +142,7 @@ class Run:
             "transport": self.a.transport,
             "workload": workload,
             "client": "python",
+            "event_loop": self.a.loop,
         }
 
     def tail(self) -> Dict[str, object]:
@@ -155,11 +160,12 @@ class Run:
         started: List[Agent] = []
         try:
             echo_ep = f"echo-{workload}"
-            echo = await Agent.start("echo", {"socket": self.far.socket, "endpoint": echo_ep})
+            echo = await Agent.start("echo", {"socket": self.far.socket, "endpoint": echo_ep,
+                                              "loop": self.a.loop})
             started.append(echo)
             await echo.expect("ready", 30)
             params = dict(params, socket=self.near.socket, endpoint=f"pinger-{workload}",
-                          url=self.far_url, peer=echo_ep, workload=workload)
+                          url=self.far_url, peer=echo_ep, workload=workload, loop=self.a.loop)
             if zmq:
                 z = await Agent.start("zmq-echo", {})
                 started.append(z)
