@@ -12,6 +12,9 @@ use crate::endpoint::Endpoint;
 use crate::errors::OpError;
 use crate::wire::ErrorCode;
 
+/// Addresses a sidecar keeps sessions to (clients choose them: bounded).
+const MAX_PEERS: usize = 4096;
+
 /// Who holds a region: the client's endpoint and its handle for the region.
 type RegionOwner = (Weak<dyn Endpoint>, u32);
 
@@ -26,8 +29,9 @@ pub struct Hub {
     /// The node's in-process address, for endpoints on this host.
     self_url: String,
     endpoints: Mutex<HashMap<String, Arc<dyn Endpoint>>>,
-    /// Sessions by the address a client gave (`""`: this node itself).
-    peers: tokio::sync::Mutex<HashMap<String, Peer>>,
+    /// Sessions by the address a client gave (`""`: this node itself), each behind its own
+    /// lock: a connect to an unreachable address holds up only the clients asking for it.
+    peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Peer>>>>>,
     /// Region id → its owner and the owner's handle, for notifications.
     regions: Mutex<HashMap<u64, RegionOwner>>,
     /// Called with every session this sidecar opens, so that channels the far side opens on it
@@ -51,7 +55,7 @@ impl Hub {
             allowed_uids,
             self_url,
             endpoints: Mutex::default(),
-            peers: tokio::sync::Mutex::default(),
+            peers: Mutex::default(),
             regions: Mutex::default(),
             on_peer,
         }
@@ -80,26 +84,43 @@ impl Hub {
     /// The session to the node at `url` (`""`: this node, in-process), opened on first use and
     /// again when the last one died.
     pub async fn peer(&self, url: &str) -> Result<Peer, OpError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(p) = peers.get(url) {
-            if p.error().is_none() {
-                return Ok(p.clone());
-            }
-        }
-        let target = if url.is_empty() { &self.self_url } else { url };
         if url.starts_with("mem:") {
             return Err(OpError::new(
                 ErrorCode::ConnectFailed,
                 "mem:// is the sidecar's own; use the empty url for this node",
             ));
         }
+        let slot = {
+            let mut peers = lock(&self.peers);
+            if peers.len() >= MAX_PEERS && !peers.contains_key(url) {
+                // Forget the addresses whose sessions died, before refusing a new one.
+                peers.retain(|_, s| {
+                    s.try_lock()
+                        .map_or(true, |p| p.as_ref().is_some_and(|p| p.error().is_none()))
+                });
+                if peers.len() >= MAX_PEERS {
+                    return Err(OpError::new(
+                        ErrorCode::Limit,
+                        format!("this sidecar holds sessions to {MAX_PEERS} addresses"),
+                    ));
+                }
+            }
+            peers.entry(url.to_owned()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(p) = slot.as_ref() {
+            if p.error().is_none() {
+                return Ok(p.clone());
+            }
+        }
+        let target = if url.is_empty() { &self.self_url } else { url };
         let p = self.node.connect(target).await.map_err(|e| {
             let mut e = OpError::from(e);
             e.message = format!("{target}: {}", e.message);
             e
         })?;
         (self.on_peer)(p.clone());
-        peers.insert(url.to_owned(), p.clone());
+        *slot = Some(p.clone());
         Ok(p)
     }
 

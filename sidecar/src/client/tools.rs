@@ -172,9 +172,32 @@ pub async fn call(
     if c.hedged {
         call = call.hedged();
     }
-    tokio::select! {
-        r = client.call_with(call) => Ok(SidecarMsg::Result { body: r? }),
+    let r = tokio::select! {
+        r = client.call_with(call) => r.map(|body| SidecarMsg::Result { body }).map_err(OpError::from),
         _ = cancel => Err(OpError::new(ErrorCode::Cancelled, "cancelled by the client")),
+    };
+    if let Err(e) = &r {
+        if matches!(
+            e.code,
+            ErrorCode::Refused | ErrorCode::PeerDead | ErrorCode::Closed
+        ) {
+            // A refused channel stays refused: the next call opens a new one.
+            forget(&conn, &c.targets);
+        }
+    }
+    r
+}
+
+/// Forgets the tool client and channels of `targets`.
+fn forget(conn: &Conn, targets: &[Target]) {
+    let key: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| (t.url.clone(), t.endpoint.clone()))
+        .collect();
+    lock(&conn.tool_clients).remove(&key);
+    let mut chans = lock(&conn.tool_channels);
+    for (url, ep) in key {
+        chans.remove(&(url, ep));
     }
 }
 
