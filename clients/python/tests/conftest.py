@@ -9,8 +9,11 @@ Environment:
 
 - ``AGENTFABRIC_TEST_TRANSPORT``: what the sidecars listen on for each other. ``tcp`` (the
   default): ``tcp://127.0.0.1:0``. ``verbs`` (the Soft-RoCE lab, ``soft-roce/tests.d``): the
-  first sidecar a test starts listens on ``verbs://$AGENTFABRIC_LAB_ADDR_A:0``, the second on
-  ``verbs://$AGENTFABRIC_LAB_ADDR_B:0``, and so on alternately.
+  first sidecar a test starts listens on ``verbs://$AGENTFABRIC_LAB_ADDR_A:0`` (device
+  ``$AGENTFABRIC_LAB_DEVICE``, GID index ``$AGENTFABRIC_LAB_GID_INDEX``), the second on
+  ``verbs://$AGENTFABRIC_LAB_ADDR_B:0`` (``$AGENTFABRIC_LAB_DEVICE_B`` and
+  ``$AGENTFABRIC_LAB_GID_INDEX_B`` when the lab has a second device, else the first's), and so
+  on alternately.
 - ``AGENTFABRIC_TEST_TIME_SCALE`` (default 1): a factor for the time bounds and latency limits
   of the tests that use :data:`TIME_SCALE` (the lab runs under emulation, many times slower).
 
@@ -59,6 +62,19 @@ def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "slow: a long test (a minute or so); still in the "
                             "default suite")
     config.addinivalue_line("markers", "uid: runs processes as uid 65534 (needs root)")
+
+
+def default_env(index: int) -> Dict[str, str]:
+    """Environment settings of the ``index``-th sidecar (from 0) a test starts: under verbs,
+    its device and GID index, the lab's second device for every other sidecar."""
+    if TRANSPORT != "verbs" or index % 2 == 0:
+        return {}
+    env = {}
+    for var in ("AGENTFABRIC_LAB_DEVICE", "AGENTFABRIC_LAB_GID_INDEX"):
+        second = os.environ.get(var + "_B")
+        if second:
+            env[var] = second
+    return env
 
 
 def default_listen(index: int) -> str:
@@ -173,18 +189,19 @@ def _drain(stream: Any) -> None:
 
 def start_sidecar(binary: str, name: str, workdir: Path, *extra: str,
                   listen: str = "tcp://127.0.0.1:0", socket_dir: Optional[Path] = None,
-                  prefix: Optional[List[str]] = None) -> Sidecar:
+                  prefix: Optional[List[str]] = None,
+                  env: Optional[Dict[str, str]] = None) -> Sidecar:
     """Start ``agentfabric sidecar --name NAME`` and wait for its ready line (its socket
     directory: ``socket_dir``, default ``workdir/NAME``; ``prefix``: a command it runs under,
-    such as ``setpriv``)."""
+    such as ``setpriv``; ``env``: settings added to the environment)."""
     log = workdir / ("%s.log" % name)
     cmd = [*(prefix or []), binary, "sidecar", "--name", name, "--listen", listen,
            "--socket-dir", str(socket_dir or workdir / name), *extra]
-    env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
+    environ = dict(os.environ, **(env or {}))
+    environ.setdefault("RUST_LOG", "info")
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err, env=env)
+                                stderr=err, env=environ)
     line = _read_ready_line(proc, READY_TIMEOUT)
     if line is None:
         proc.kill()
@@ -268,17 +285,18 @@ def sidecars(sidecar_binary: str,
 
     def start(name: str, *extra: str, listen: Optional[str] = None,
               user: Optional[int] = None) -> Sidecar:
+        env = default_env(len(started))
         if listen is None:
             listen = default_listen(len(started))
         if user is None:
-            sc = start_sidecar(sidecar_binary, name, workdir, *extra, listen=listen)
+            sc = start_sidecar(sidecar_binary, name, workdir, *extra, listen=listen, env=env)
         else:
             home = workdir / ("%s-home" % name)
             home.mkdir(mode=0o755, exist_ok=True)  # exists when a sidecar is restarted
             os.chown(home, user, user)
             binary = request.getfixturevalue("binary_for_uid")(user)
             sc = start_sidecar(binary, name, workdir, *extra, listen=listen,
-                               socket_dir=home / name, prefix=setpriv(user))
+                               socket_dir=home / name, prefix=setpriv(user), env=env)
         started.append(sc)
         return sc
 
