@@ -3,7 +3,10 @@
 //! routing hold it as a trait object, so neither depends on the client's code.
 
 use agentfabric::bulk::Notification;
-use agentfabric::tools::ToolServer;
+use std::future::Future;
+use std::pin::Pin;
+
+use agentfabric::tools::{ToolRequest, ToolResult};
 use agentfabric::Channel;
 
 use crate::link::Intro;
@@ -15,8 +18,11 @@ pub trait Endpoint: Send + Sync {
     /// (`INCOMING`) before any of the channel's messages.
     fn incoming(&self, ch: Channel, node: String, intro: Intro) -> Result<(), String>;
 
-    /// The endpoint's tool server, serving the tools its client serves.
-    fn tools(&self) -> ToolServer;
+    /// Whether the client serves `tool` now.
+    fn serves(&self, tool: &str) -> bool;
+
+    /// Runs a call of one of the client's tools: forwarded to the client, answered by it.
+    fn call(&self, req: ToolRequest) -> Pin<Box<dyn Future<Output = ToolResult> + Send>>;
 
     /// A peer's transfer into the client's region `region` completed with a notification. It
     /// waits for the client's budget on a task of its own, so that a client that does not read

@@ -5,12 +5,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use agentfabric::sync::lock;
+use agentfabric::tools::ToolServer;
 use agentfabric::{Node, Peer};
 
 use crate::config::Limits;
 use crate::endpoint::Endpoint;
 use crate::errors::OpError;
 use crate::wire::ErrorCode;
+
+/// Endpoint names whose tool servers are kept.
+const MAX_TOOL_SERVERS: usize = 4096;
 
 /// Addresses a sidecar keeps sessions to (clients choose them: bounded).
 const MAX_PEERS: usize = 4096;
@@ -34,6 +38,12 @@ pub struct Hub {
     peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Peer>>>>>,
     /// Region id → its owner and the owner's handle, for notifications.
     regions: Mutex<HashMap<u64, RegionOwner>>,
+    /// One tool server per endpoint name, kept across its clients' reconnections: a caller's
+    /// tool channel reaches whichever client holds the name at each call, and idempotency keys
+    /// outlive a serving client's restart.
+    tool_servers: Mutex<HashMap<String, ToolServer>>,
+    /// This hub, for the tool servers' handlers.
+    me: Weak<Hub>,
     /// Called with every session this sidecar opens, so that channels the far side opens on it
     /// are routed too.
     on_peer: Box<dyn Fn(Peer) + Send + Sync>,
@@ -43,6 +53,7 @@ impl Hub {
     /// A hub over `node`, whose in-process address is `self_url`; `on_peer` sees every session
     /// the hub opens.
     pub fn new(
+        me: Weak<Hub>,
         node: Node,
         limits: Limits,
         allowed_uids: Vec<u32>,
@@ -50,6 +61,8 @@ impl Hub {
         on_peer: Box<dyn Fn(Peer) + Send + Sync>,
     ) -> Hub {
         Hub {
+            tool_servers: Mutex::default(),
+            me,
             node,
             limits,
             allowed_uids,
@@ -122,6 +135,40 @@ impl Hub {
         (self.on_peer)(p.clone());
         *slot = Some(p.clone());
         Ok(p)
+    }
+
+    /// The tool server of endpoint `name`: it serves what the client holding the name serves
+    /// at the time of each call.
+    pub fn tool_server(&self, name: &str) -> ToolServer {
+        let mut servers = lock(&self.tool_servers);
+        if let Some(s) = servers.get(name) {
+            return s.clone();
+        }
+        if servers.len() >= MAX_TOOL_SERVERS {
+            // Names no client holds now go first (their keys with them).
+            servers.retain(|n, _| self.endpoint(n).is_some());
+        }
+        let (hub, n) = (self.me.clone(), name.to_owned());
+        let (hub2, n2) = (hub.clone(), n.clone());
+        let mut server = ToolServer::new();
+        server.register_dynamic(
+            move |tool| {
+                hub.upgrade()
+                    .and_then(|h| h.endpoint(&n))
+                    .is_some_and(|e| e.serves(tool))
+            },
+            move |req| {
+                let e = hub2.upgrade().and_then(|h| h.endpoint(&n2));
+                async move {
+                    match e {
+                        Some(e) => e.call(req).await,
+                        None => Err("the endpoint disconnected".into()),
+                    }
+                }
+            },
+        );
+        servers.insert(name.to_owned(), server.clone());
+        server
     }
 
     /// Records that region `id` of the node is `owner`'s region `handle`.

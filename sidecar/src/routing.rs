@@ -41,7 +41,8 @@ async fn route(hub: &Hub, ch: Channel) {
     let name = ch.name().unwrap_or("").to_owned();
     if let Some(ep) = name.strip_prefix(TOOL_PREFIX) {
         match hub.endpoint(ep) {
-            Some(e) => e.tools().serve_channel(ch).await,
+            // The name's server, not the client's: the channel outlives a client holding it.
+            Some(_) => hub.tool_server(ep).serve_channel(ch).await,
             None => refuse(
                 &ch,
                 &format!("no endpoint {ep} on node {}", hub.node.name()),

@@ -156,8 +156,10 @@ impl Sidecar {
         let mut allowed = vec![nix::unistd::getuid().as_raw()];
         allowed.extend(&config.allow_uids);
         let hub = Arc::new_cyclic(|me: &std::sync::Weak<Hub>| {
+            let weak = me.clone();
             let me = me.clone();
             Hub::new(
+                weak,
                 node.clone(),
                 config.limits.clone(),
                 allowed,

@@ -28,7 +28,8 @@ const SEPARATE_PAYLOAD: usize = 16 * 1024;
 pub struct Gone;
 
 struct Out {
-    frame: ToClient,
+    /// `None`: the end; the writer stops after what came before.
+    frame: Option<ToClient>,
     /// The operation's permit (a reply) or the bytes of budget (an event), given back once the
     /// frame is written.
     _permit: Option<OwnedSemaphorePermit>,
@@ -70,10 +71,19 @@ impl Outbound {
     pub fn reply(&self, id: u64, msg: SidecarMsg, op: Option<OpPermit>) -> Result<(), Gone> {
         self.tx
             .send(Out {
-                frame: ToClient { id, msg },
+                frame: Some(ToClient { id, msg }),
                 _permit: op,
             })
             .map_err(|_| Gone)
+    }
+
+    /// Ends the queue: the writer stops once what is queued before is written, whatever
+    /// handles of the queue (a task still finishing) are left; their frames are dropped.
+    pub fn end(&self) {
+        let _ = self.tx.send(Out {
+            frame: None,
+            _permit: None,
+        });
     }
 
     /// Queues an event once the client's budget has room for it (waits while it has not).
@@ -87,7 +97,7 @@ impl Outbound {
             .map_err(|_| Gone)?;
         self.tx
             .send(Out {
-                frame: ToClient { id, msg },
+                frame: Some(ToClient { id, msg }),
                 _permit: Some(permit),
             })
             .map_err(|_| Gone)
@@ -110,21 +120,30 @@ async fn write_loop(
     budget: Arc<Semaphore>,
 ) {
     let mut batch = BytesMut::with_capacity(BATCH_BYTES);
-    // Permits are released once their frames are written, not when queued for the syscall.
-    let mut written: Vec<Out> = Vec::new();
+    // The frames in `batch`: their permits go back once they are written, not when queued.
+    let mut held: Vec<Out> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(out) = next.take() {
-            if let Some(payload) = out.frame.encode_parts(&mut batch) {
+            let Some(frame) = &out.frame else {
+                let _ = write(&mut sink, &mut batch, None).await;
+                return close(&budget);
+            };
+            if let Some(payload) = frame.encode_parts(&mut batch) {
                 if payload.len() >= SEPARATE_PAYLOAD {
                     if write(&mut sink, &mut batch, Some(payload)).await.is_err() {
                         return close(&budget);
                     }
-                } else {
-                    batch.extend_from_slice(&payload);
+                    // The batch and this frame are written: their budget goes back now, not
+                    // when the queue is next empty (a slow reader's producers would wait).
+                    held.clear();
+                    drop(out);
+                    next = rx.try_recv().ok();
+                    continue;
                 }
+                batch.extend_from_slice(&payload);
             }
-            written.push(out);
+            held.push(out);
             if batch.len() < BATCH_BYTES {
                 next = rx.try_recv().ok();
             }
@@ -132,7 +151,7 @@ async fn write_loop(
         if write(&mut sink, &mut batch, None).await.is_err() {
             return close(&budget);
         }
-        written.clear();
+        held.clear();
     }
 }
 

@@ -261,14 +261,6 @@ def test_peer_credentials_refuse_a_uid_not_allowed(sidecars: Callable[..., Sidec
 
 
 @pytest.mark.uid
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a refused client gets ConnectionLost('... [Errno 32] Broken pipe'), not "
-    "PermissionDenied, when the sidecar has refused it before its HELLO is written: the "
-    "sidecar sends the fatal ERROR as soon as it accepts (client/mod.rs hello(), before "
-    "reading HELLO) and shuts the socket; af.connect() then writes HELLO, the write fails "
-    "with EPIPE, and asyncio's transport closes without reading the ERROR that waits in the "
-    "socket (seen in 2 to 91 of 100 plain connects here, depending on timing; always with a "
-    "50 ms pause between connect and HELLO)"))
 def test_client_reports_permission_denied(sidecars: Callable[..., Sidecar],
                                           arun: Callable[..., Any]) -> None:
     """A client of a uid the sidecar does not allow must learn why: PermissionDenied. The
@@ -603,13 +595,6 @@ def test_slow_reader_sidecar_memory_stays_flat(sidecars: Callable[..., Sidecar],
     bys.finish()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a slow reader's sidecar gives its queue budget back only when its write queue runs "
-    "empty, all at once: writer.rs write_loop keeps every frame it writes (and its budget "
-    "permit) in `written` until rx.try_recv() finds nothing, because payloads of 16 KiB or "
-    "more are written on their own and never fill `batch` to BATCH_BYTES; so a sender to a "
-    "reader that reads, slowly, waits until the whole --client-queue-bytes has been read (64 "
-    "MiB: 100 s at 640 KiB/s) before any send completes, then sends the whole queue at once"))
 def test_slow_reader_lets_its_sender_resume(sidecars: Callable[..., Sidecar],
                                             agents: Callable[..., Agent]) -> None:
     """The sender to a reader that stalled then reads again resumes before the reader has

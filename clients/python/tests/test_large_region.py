@@ -207,14 +207,6 @@ def test_serving_client_killed_mid_call(two_sidecars: List[Sidecar],
     arun(main(), 90 * TIME_SCALE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a caller that called a tool of an endpoint keeps getting NO_SUCH_TOOL from that "
-    "endpoint after its client went and a new client took the name and serves the tool, for "
-    "as long as the session between the two nodes lives: the caller's sidecar reuses its "
-    "cached tool channel (client/tools.rs tool_channel, cached per (url, endpoint) while the "
-    "session has no error), whose far end is still served by the old client's ToolServer, "
-    "which now serves nothing (clean_up cleared its `served`); a caller connected afterwards "
-    "reaches the new client"))
 def test_restarted_server_is_reached_by_an_earlier_caller(two_sidecars: List[Sidecar],
                                                           arun: Callable[..., Any]) -> None:
     sa, sb = two_sidecars
@@ -253,12 +245,6 @@ def test_restarted_server_is_reached_by_an_earlier_caller(two_sidecars: List[Sid
     arun(main(), 60 * TIME_SCALE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: close() of a client that has served a tool call takes 2.0 s, even after its caller "
-    "has gone: the sidecar logs the client's disconnection at once but shuts its socket only "
-    "after a 2 s timeout (2 s is both FLUSH_DEADLINE, client/mod.rs finish(), which waits for "
-    "the connection's writer to end, and CLOSE_DEADLINE, client/channels.rs shut()); a client "
-    "that only served a tool (no call), or only exchanged channel messages, closes at once"))
 def test_client_that_served_a_call_closes_promptly(two_sidecars: List[Sidecar],
                                                    arun: Callable[..., Any]) -> None:
     sa, sb = two_sidecars

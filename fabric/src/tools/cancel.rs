@@ -1,9 +1,9 @@
 //! [`CancelToken`]: how a handler learns that its call was cancelled or its deadline passed.
 //!
-//! Imports: nothing from the rest of the module or the crate.
+//! Imports: nothing from the rest of the module; `crate::sync` from the crate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -17,6 +17,8 @@ pub struct CancelToken {
 struct CancelInner {
     fired: AtomicBool,
     notify: Notify,
+    /// Set by [`CancelToken::abandon`]: why the server gave the call up.
+    abandoned: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for CancelToken {
@@ -38,6 +40,20 @@ impl CancelToken {
         if !self.inner.fired.swap(true, Ordering::AcqRel) {
             self.inner.notify.notify_waiters();
         }
+    }
+
+    /// Gives the call up on the server's side, as not run: the server stops the handler,
+    /// forgets the call's idempotency key (a retry with it runs the tool), and answers the
+    /// caller that the call was refused, with `reason`. For a handler that forwards calls
+    /// elsewhere (the sidecar) and finds the executor gone before it answered.
+    pub fn abandon(&self, reason: impl Into<String>) {
+        crate::sync::lock(&self.inner.abandoned).get_or_insert(reason.into());
+        self.cancel();
+    }
+
+    /// Why the call was abandoned ([`CancelToken::abandon`]), if it was.
+    pub fn abandoned(&self) -> Option<String> {
+        crate::sync::lock(&self.inner.abandoned).clone()
     }
 
     /// Whether the token fired.

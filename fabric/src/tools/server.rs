@@ -412,6 +412,11 @@ impl ToolServer {
         let outcome = tokio::select! {
             r = fut => Some(r),
             _ = cancel.cancelled() => {
+                if let Some(why) = cancel.abandoned() {
+                    // Not run, as far as the key goes: `publish` is dropped, the key forgotten.
+                    drop(publish);
+                    return Err(format!("refused: {why}"));
+                }
                 self.inner.cancelled.fetch_add(1, Ordering::Relaxed);
                 None
             }

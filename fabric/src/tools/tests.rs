@@ -199,6 +199,37 @@ async fn retried_call_with_the_same_key_executes_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_is_refused_and_its_key_forgotten() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut tools = ToolServer::new();
+    let r = runs.clone();
+    tools.register("forward", move |req| {
+        let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n == 1 {
+                // The executor went before answering: given up as not run.
+                req.cancel.abandon("the executor went");
+                std::future::pending::<()>().await;
+            }
+            Ok(Bytes::from(format!("run {n}")))
+        }
+    });
+    let s = setup(tools, 1, HedgePolicy::default()).await;
+    let call = Call::new("forward", "", Duration::from_secs(2)).key("k");
+    match s.client.call_with(call.clone()).await {
+        Err(ToolError::Refused(why)) => assert!(why.contains("the executor went"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The key was forgotten: the retry runs the tool (a recorded failure would answer it).
+    assert_eq!(&s.client.call_with(call).await.unwrap()[..], b"run 2");
+    assert_eq!(
+        s.server.stats().cancelled,
+        0,
+        "an abandoned call is not a cancelled one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_window_is_bounded() {
     let runs = Arc::new(AtomicU32::new(0));
     let mut tools = ToolServer::with_config(ServerConfig {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use agentfabric::bulk::Notification;
 use agentfabric::sync::lock;
-use agentfabric::tools::ToolServer;
+use agentfabric::tools::{ToolRequest, ToolResult};
 use agentfabric::Channel;
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
@@ -38,6 +38,9 @@ use state::Conn;
 /// How long a new connection has to say `HELLO`.
 const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a refused connection is read before it is shut.
+const LINGER: Duration = Duration::from_millis(500);
+
 /// How long the writer may take to flush a fatal `ERROR` before the socket is shut.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -52,7 +55,11 @@ pub async fn serve(hub: Arc<Hub>, stream: UnixStream, creds: Credentials) {
         Err(e) => {
             tracing::info!(uid = creds.uid, pid = creds.pid, error = %e.message, "client refused");
             let _ = out.reply(0, e.into_msg(), None);
+            out.end();
             drop(out);
+            // A client refused before its HELLO may still be writing it: read what it sends
+            // for a moment, so that its write does not fail (EPIPE) before it reads the answer.
+            let _ = tokio::time::timeout(LINGER, reader.next(rd.as_ref())).await;
             finish(writer, fd).await;
             return;
         }
@@ -71,6 +78,7 @@ pub async fn serve(hub: Arc<Hub>, stream: UnixStream, creds: Credentials) {
         let _ = conn.out.reply(0, e.into_msg(), None);
     }
     clean_up(&conn).await;
+    out.end();
     drop(out);
     drop(conn);
     while ops.join_next().await.is_some() {}
@@ -146,7 +154,6 @@ async fn hello(
         channels: Mutex::default(),
         regions: Mutex::default(),
         served: served.clone(),
-        tool_server: tools::tool_server(me.clone(), served),
         tool_calls: Mutex::default(),
         next_call: AtomicU64::new(1),
         calls: Mutex::default(),
@@ -254,8 +261,12 @@ impl Endpoint for Conn {
         channels::incoming(&me, ch, node, intro)
     }
 
-    fn tools(&self) -> ToolServer {
-        self.tool_server.clone()
+    fn serves(&self, tool: &str) -> bool {
+        lock(&self.served).contains(tool)
+    }
+
+    fn call(&self, req: ToolRequest) -> Pin<Box<dyn Future<Output = ToolResult> + Send>> {
+        Box::pin(tools::forward(self.me.clone(), req))
     }
 
     fn notify(&self, region: u32, n: Notification) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use agentfabric::sync::lock;
-use agentfabric::tools::{ToolClient, ToolResult, ToolServer};
+use agentfabric::tools::{ToolClient, ToolResult};
 use agentfabric::{Bytes, Channel, Region};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::AbortHandle;
@@ -143,8 +143,6 @@ pub struct Conn {
     pub regions: Mutex<Table<RegionEntry>>,
     /// Tools this client serves.
     pub served: Arc<Mutex<HashSet<String>>>,
-    /// The endpoint's tool server (forwards calls to the client).
-    pub tool_server: ToolServer,
     /// Tool calls forwarded to the client, by call handle, waiting for `TOOL_REPLY`.
     pub tool_calls: Mutex<HashMap<u64, oneshot::Sender<ToolResult>>>,
     pub next_call: AtomicU64,

@@ -1,12 +1,11 @@
 //! Tool calls: the endpoint's tool server (calls from the fabric forwarded to the client as
 //! `TOOL_CALL`, answered by `TOOL_REPLY`), and the client's own calls (`CALL`, `CANCEL`).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use agentfabric::sync::lock;
-use agentfabric::tools::{Call, HedgePolicy, ToolClient, ToolRequest, ToolResult, ToolServer};
+use agentfabric::tools::{Call, CancelToken, HedgePolicy, ToolClient, ToolRequest, ToolResult};
 use agentfabric::{Bytes, Channel, Class};
 use tokio::sync::oneshot;
 
@@ -27,16 +26,6 @@ const MAX_TOOL_CLIENTS: usize = 64;
 /// Priority of the tool-call channels the sidecar opens.
 const TOOL_PRIORITY: u8 = 4;
 
-/// The endpoint's tool server: it serves whatever `served` holds, by asking the client.
-pub fn tool_server(conn: Weak<Conn>, served: Arc<Mutex<HashSet<String>>>) -> ToolServer {
-    let mut server = ToolServer::new();
-    server.register_dynamic(
-        move |tool| lock(&served).contains(tool),
-        move |req| forward(conn.clone(), req),
-    );
-    server
-}
-
 /// Forgets a forwarded call when its future ends: a call still waiting for its reply (the
 /// caller cancelled, the deadline passed) is cancelled at the client.
 struct Pending<'a> {
@@ -55,16 +44,20 @@ impl Drop for Pending<'_> {
     }
 }
 
-async fn forward(conn: Weak<Conn>, req: ToolRequest) -> ToolResult {
+/// A call of one of the client's tools (from the endpoint's tool server): `TOOL_CALL` to the
+/// client, its `TOOL_REPLY` back; cancelled at the client when the caller gives up.
+pub async fn forward(conn: Weak<Conn>, req: ToolRequest) -> ToolResult {
+    let cancel = req.cancel.clone();
     let Some(conn) = conn.upgrade() else {
-        return Err("the endpoint disconnected".into());
+        return gone(&cancel, "the endpoint disconnected").await;
     };
+    let endpoint = conn.endpoint.clone();
     let call = conn
         .next_call
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = oneshot::channel();
     lock(&conn.tool_calls).insert(call, tx);
-    let _pending = Pending { conn: &conn, call };
+    let pending = Pending { conn: &conn, call };
     let left = req.deadline.saturating_duration_since(Instant::now());
     let msg = SidecarMsg::ToolCall {
         tool: req.tool,
@@ -74,18 +67,30 @@ async fn forward(conn: Weak<Conn>, req: ToolRequest) -> ToolResult {
         key: req.key.unwrap_or_default(),
         args: req.args,
     };
-    tokio::select! {
-        sent = conn.out.event(call, msg) => {
-            if sent.is_err() {
-                return Err("the endpoint disconnected".into());
-            }
+    if conn.out.event(call, msg).await.is_err() {
+        drop(pending);
+        return gone(&cancel, &format!("endpoint {endpoint} disconnected")).await;
+    }
+    match rx.await {
+        Ok(r) => r,
+        Err(_) => {
+            drop(pending);
+            drop(conn);
+            gone(
+                &cancel,
+                &format!("endpoint {endpoint} disconnected before it answered"),
+            )
+            .await
         }
-        _ = req.cancel.cancelled() => return Err("cancelled".into()),
     }
-    tokio::select! {
-        r = rx => r.unwrap_or_else(|_| Err("the endpoint disconnected".into())),
-        _ = req.cancel.cancelled() => Err("cancelled".into()),
-    }
+}
+
+/// The client went before answering: the call is given up as not run (its idempotency key is
+/// forgotten, so a retry runs it at whichever client serves the name next), and the caller is
+/// told it was refused. The tool server stops this future on the token.
+async fn gone(cancel: &CancelToken, why: &str) -> ToolResult {
+    cancel.abandon(why);
+    std::future::pending().await
 }
 
 /// `SERVE` / `UNSERVE`.
