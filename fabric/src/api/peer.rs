@@ -683,14 +683,7 @@ impl Channel {
     /// [`Channel::request`]'s does. Dropping the [`PendingResponse`] forgets the request.
     pub async fn send_request(&self, body: impl Into<Bytes>) -> Result<PendingResponse> {
         let body = body.into();
-        let (tx, rx) = oneshot::channel();
-        let tag = {
-            let mut st = self.inner.peer.shared.state();
-            let tag = st.next_tag;
-            st.next_tag += 1;
-            st.responses.insert(tag, (self.inner.id, tx));
-            tag
-        };
+        let (tag, rx) = self.response_slot();
         let pending = PendingResponse {
             slot: OwnedSlot {
                 shared: self.inner.peer.shared.clone(),
@@ -702,6 +695,16 @@ impl Channel {
         Ok(pending)
     }
 
+    /// A new request tag and where its response will come.
+    fn response_slot(&self) -> (u64, oneshot::Receiver<Result<Bytes>>) {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.inner.peer.shared.state();
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        st.responses.insert(tag, (self.inner.id, tx));
+        (tag, rx)
+    }
+
     /// Sends `head` (if any) as a plain message immediately followed by `body` as a request, and
     /// waits for the response with no deadline of its own (the session's failure ends it).
     /// Dropping the future forgets the request.
@@ -710,14 +713,7 @@ impl Channel {
         head: Option<Bytes>,
         body: Bytes,
     ) -> Result<Bytes> {
-        let (tx, rx) = oneshot::channel();
-        let tag = {
-            let mut st = self.inner.peer.shared.state();
-            let tag = st.next_tag;
-            st.next_tag += 1;
-            st.responses.insert(tag, (self.inner.id, tx));
-            tag
-        };
+        let (tag, rx) = self.response_slot();
         // Forget the slot if this future is dropped.
         let _guard = SlotGuard {
             shared: &self.inner.peer.shared,
