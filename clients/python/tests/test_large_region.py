@@ -15,7 +15,7 @@ import asyncio
 import os
 import random
 import signal
-from typing import TYPE_CHECKING, Any, Callable, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -170,38 +170,55 @@ def test_same_idempotency_key_runs_the_tool_once(two_sidecars: List[Sidecar],
 def test_serving_client_killed_mid_call(two_sidecars: List[Sidecar],
                                         agents: Callable[..., Agent],
                                         arun: Callable[..., Any]) -> None:
-    """A call with a key and retries=2 whose serving client (a process) is killed while the
-    handler runs: the call fails promptly (no retry runs it again: there is no server), the
-    handler ran once; a new client serving under the same name is reached by the next call."""
+    """At most once per key, with the serving client (a process) killed: a call with a key and
+    retries=2 whose server is killed while the handler runs fails promptly, the handler having
+    run once. A new client serving under the same name is reached by the same caller; a call
+    it answered is, after that client too is killed and replaced, answered again with the
+    same result without running (the key outlives the restart)."""
     sa, sb = two_sidecars
     server = agents("tool", sock=sb.socket, endpoint="tools", tool="slow", delay=60)
     server.expect("ready")
 
+    def execs(agent: Agent) -> List[Dict[str, Any]]:
+        """The calls a (dead) tool agent ran that no one has taken from its events."""
+        agent.output_ended()
+        return [ev for ev in list(agent.events.queue) if ev and ev.get("event") == "exec"]
+
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         caller = await af.connect(sa.socket, endpoint="caller")
         pending = caller.start_call("slow", b"once", url=sb.url, endpoint="tools", key=b"k",
                                     retries=2, deadline=30 * TIME_SCALE)
-        ran = await asyncio.get_running_loop().run_in_executor(None, server.expect, "exec")
+        ran = await loop.run_in_executor(None, server.expect, "exec")
         assert (ran["key"], ran["args"]) == ("k", "once")
         server.signal(signal.SIGKILL)
-        t0 = asyncio.get_running_loop().time()
+        t0 = loop.time()
         with pytest.raises(af.FabricError) as e:
             await asyncio.wait_for(pending, 10 * TIME_SCALE)
-        print("the call failed after %.2fs: %s: %s" % (
-            asyncio.get_running_loop().time() - t0, type(e.value).__name__, e.value))
-        await asyncio.get_running_loop().run_in_executor(None, server.output_ended)
-        execs = [ev for ev in list(server.events.queue) if ev and ev.get("event") == "exec"]
-        assert execs == [], "the killed server ran the call again: %r" % execs
+        print("the call failed after %.2fs: %s: %s" % (loop.time() - t0,
+                                                       type(e.value).__name__, e.value))
+        assert await loop.run_in_executor(None, execs, server) == [], "ran again"
 
-        # A new client serving under the same name is reached (by a caller that has not
-        # called the old one: see test_restarted_server_is_reached_by_an_earlier_caller).
-        again = agents("tool", sock=sb.socket, endpoint="tools", tool="slow", delay=0)
-        await asyncio.get_running_loop().run_in_executor(None, again.expect, "ready")
-        fresh = await af.connect(sa.socket, endpoint="fresh-caller")
-        got = await fresh.call("slow", b"next", url=sb.url, endpoint="tools", key=b"k",
-                               deadline=10 * TIME_SCALE)
-        assert got == b"done:next"  # a new server: the key is new to it
-        await fresh.close()
+        # A new client under the same name, reached by the same caller.
+        second = agents("tool", sock=sb.socket, endpoint="tools", tool="slow", delay=0)
+        await loop.run_in_executor(None, second.expect, "ready")
+        got = await caller.call("slow", b"twice", url=sb.url, endpoint="tools", key=b"k2",
+                                retries=2, deadline=10 * TIME_SCALE)
+        assert got == b"done:twice"
+        ran = await loop.run_in_executor(None, second.expect, "exec")
+        assert (ran["key"], ran["args"]) == ("k2", "twice")
+        second.signal(signal.SIGKILL)
+        assert await loop.run_in_executor(None, execs, second) == []
+
+        # And again: the retry of an answered key gets the first answer, no new execution.
+        third = agents("tool", sock=sb.socket, endpoint="tools", tool="slow", delay=0)
+        await loop.run_in_executor(None, third.expect, "ready")
+        got = await caller.call("slow", b"thrice", url=sb.url, endpoint="tools", key=b"k2",
+                                retries=2, deadline=10 * TIME_SCALE)
+        assert got == b"done:twice"
+        third.command("stop")
+        assert await loop.run_in_executor(None, third.wait) == 0
+        assert await loop.run_in_executor(None, execs, third) == [], "ran a key twice"
         await caller.close()
 
     arun(main(), 90 * TIME_SCALE)
@@ -265,6 +282,8 @@ def test_client_that_served_a_call_closes_promptly(two_sidecars: List[Sidecar],
         await server.close()
         took = loop.time() - t0
         print("close took %.3fs" % took)
-        assert took < 1.0 * TIME_SCALE, "close() took %.2fs" % took
+        # Not scaled by TIME_SCALE: a prompt close takes well under a second even in the
+        # emulated lab, and the bound must stay below the 2 s a stray handle cost.
+        assert took < 1.5, "close() took %.2fs" % took
 
     arun(main(), 60 * TIME_SCALE)
