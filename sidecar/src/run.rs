@@ -100,17 +100,11 @@ pub fn main(args: SidecarArgs) -> ExitCode {
 /// standard output once it serves: `{"node", "socket", "listen": [...]}`.
 pub async fn run(config: SidecarConfig) -> Result<(), String> {
     let sidecar = Sidecar::start(config).await?;
-    let ready = format!(
-        "{{\"node\": {}, \"socket\": {}, \"listen\": [{}]}}",
-        json_str(sidecar.node()),
-        json_str(&sidecar.socket().to_string_lossy()),
-        sidecar
-            .listening()
-            .iter()
-            .map(|u| json_str(u))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let ready = serde_json::json!({
+        "node": sidecar.node(),
+        "socket": sidecar.socket().to_string_lossy(),
+        "listen": sidecar.listening(),
+    });
     {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{ready}");
@@ -240,22 +234,6 @@ async fn stop_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }
 
 /// The node with the transports `config` asks for, and the in-process one.
