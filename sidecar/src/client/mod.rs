@@ -235,24 +235,17 @@ async fn clean_up(conn: &Arc<Conn>) {
     for e in &chans {
         e.stop();
     }
-    let closing = chans.iter().map(|e| channels::shut(e, &why));
-    let revoking = regions.iter().map(|e| regions::release(conn, e));
-    futures_join(closing).await;
-    futures_join(revoking).await;
-}
-
-/// Awaits every future of `it` together.
-async fn futures_join<F: Future<Output = ()>>(it: impl Iterator<Item = F>) {
-    let mut set: Vec<Pin<Box<F>>> = it.map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
+    // Together, on tasks of their own: one slow peer does not hold up the others.
+    let mut ends = JoinSet::new();
+    for e in chans {
+        let why = why.clone();
+        ends.spawn(async move { channels::shut(&e, &why).await });
+    }
+    for e in regions {
+        let conn = conn.clone();
+        ends.spawn(async move { regions::release(&conn, &e).await });
+    }
+    while ends.join_next().await.is_some() {}
 }
 
 impl Endpoint for Conn {
