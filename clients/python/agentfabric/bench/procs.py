@@ -39,7 +39,9 @@ class BenchError(Exception):
 
 def find_binary(explicit: Optional[str] = None) -> str:
     """The ``agentfabric`` binary: ``explicit`` (``--sidecar-bin``), else ``$AGENTFABRIC_BIN``,
-    else ``target/release/agentfabric`` at the repository root, else ``agentfabric`` on PATH."""
+    else ``target/release/agentfabric`` at the repository root (the package's, else the working
+    directory's: an installed package lives outside the checkout), else ``agentfabric`` on
+    PATH."""
     if explicit:
         if not os.access(explicit, os.X_OK):
             raise BenchError(f"--sidecar-bin {explicit}: not an executable file")
@@ -50,8 +52,9 @@ def find_binary(explicit: Optional[str] = None) -> str:
             raise BenchError(f"AGENTFABRIC_BIN={env}: not an executable file")
         return env
     built = REPO_ROOT / "target" / "release" / "agentfabric"
-    if os.access(built, os.X_OK):
-        return str(built)
+    for candidate in (built, Path.cwd() / "target" / "release" / "agentfabric"):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
     on_path = shutil.which("agentfabric")
     if on_path:
         return on_path
